@@ -1,0 +1,33 @@
+"""The result of sizing one model: bytes on its device, with a breakdown."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+EstimateSource = Literal["memory_gb", "safetensors", "config", "params_b", "name_guess"]
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """How much device memory one replica of a model needs, and why.
+
+    `source` says where the numbers came from; `is_guess` is true when they came
+    from the model's name alone, and the plan says so loudly.
+    """
+
+    source: EstimateSource
+    params: int  # logical parameter count (before quantization)
+    weights_bytes: int  # weights as held on the device (quantized where quantized)
+    quant_overhead_bytes: int  # bnb absmax / scales / quant maps
+    kv_cache_bytes: int  # KV cache for context_length × batch
+    runtime_bytes: int  # activations, workspace, allocator slack
+    quantization: str  # "nf4" | "int8" | "none"
+    context_length: int
+    batch_size: int
+    is_guess: bool = False
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.quant_overhead_bytes + self.kv_cache_bytes + self.runtime_bytes

@@ -1,0 +1,92 @@
+"""The plan: where each model runs, with its memory budget and the reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from placement.estimate import MemoryEstimate
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """Where one model (role) runs.
+
+    On a GPU: `gpu_indices` holds one index, or several when split; `fraction`
+    is the share of each of those GPUs that the model's replica holds (Ray
+    resource units); `max_memory` is accelerate's per-GPU budget for a split,
+    keyed by the index *inside* the replica (after CUDA_VISIBLE_DEVICES).
+    On CPU: `device == "cpu"`, no GPU indices.
+    """
+
+    role: str
+    model: str
+    device: Literal["gpu", "cpu"]
+    node_id: str
+    estimate: MemoryEstimate
+    memory_budget_bytes: int
+    reason: str
+    gpu_indices: tuple[int, ...] = ()
+    gpu_uuids: tuple[str | None, ...] = ()
+    fraction: float = 0.0
+    max_memory: dict[int, int] = field(default_factory=dict, hash=False, compare=False)
+    num_cpus: float = 0.5
+
+    @property
+    def is_split(self) -> bool:
+        return len(self.gpu_indices) > 1
+
+    @property
+    def device_label(self) -> str:
+        """'cuda:1', 'cuda:0+1' or 'cpu' as the user sees it on the host."""
+        if self.device == "cpu":
+            return "cpu"
+        return "cuda:" + "+".join(str(i) for i in self.gpu_indices)
+
+
+@dataclass(frozen=True)
+class GpuUsage:
+    """One GPU after planning: what it holds and what is left."""
+
+    node_id: str
+    index: int
+    name: str | None
+    uuid: str | None
+    total_bytes: int
+    usable_bytes: int
+    planned_bytes: int
+    roles: tuple[str, ...]
+    fraction_used: float
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.usable_bytes - self.planned_bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    entries: tuple[PlanEntry, ...]  # sorted by role
+    gpus: tuple[GpuUsage, ...]  # sorted by (node, index)
+    warnings: tuple[str, ...] = ()
+
+    def entry(self, role: str) -> PlanEntry:
+        for entry in self.entries:
+            if entry.role == role:
+                return entry
+        raise KeyError(f"no model {role!r} in the plan; roles: {', '.join(e.role for e in self.entries)}")
+
+
+@dataclass(frozen=True)
+class Unplaced:
+    role: str
+    needed_bytes: int
+    why: str
+
+
+class PlanError(RuntimeError):
+    """No feasible plan. The message names every model that does not fit,
+    what it needs, and what each GPU has free."""
+
+    def __init__(self, message: str, unplaced: tuple[Unplaced, ...]):
+        super().__init__(message)
+        self.unplaced = unplaced

@@ -1,0 +1,342 @@
+"""The planner: estimated sizes + an inventory → a deterministic plan.
+
+Largest model first, each onto a GPU with room, in the order its size rule
+prefers (big models to the last GPU, small ones to cuda:0 by default). Models
+that fit together share a GPU, each holding a fraction of it in proportion to
+its memory. With no GPU at all, models run on CPU if RAM allows. A model that
+fits no single GPU is split across GPUs of one node when allowed. Anything that
+does not fit is collected, and one error names every such model.
+
+Same inputs, same plan: nothing here depends on dict or config order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from placement.config import ModelSpec
+from placement.estimate import MemoryEstimate
+from placement.inventory import Gpu, Inventory, Node, Reserve, describe_gpu
+from placement.plan import GpuUsage, Plan, PlanEntry, PlanError, Unplaced
+from placement.rules import SizeRule, SizeRules, load_rules
+from placement.units import gib
+
+# CPUs Ray reserves per model replica unless the config says otherwise: a half
+# lets the HTTP ingress and two models schedule on a 2-core machine. Torch's
+# own thread count is separate from this scheduling figure.
+DEFAULT_REPLICA_CPUS = 0.5
+# Ray custom resources have 4 decimal places; fractions are rounded down to
+# that grain so the fractions on one GPU never sum past 1.
+FRACTION_GRAIN = 10_000
+
+
+@dataclass
+class _GpuState:
+    """A GPU while the plan is being filled (mutable working state, not exported)."""
+
+    node: Node
+    gpu: Gpu
+    order: int  # position in the global (node, index) order
+    usable_bytes: int
+    planned_bytes: int = 0
+    roles: list[str] = field(default_factory=list)
+    exclusive: bool = False  # holds a model that said `share: false`
+
+    @property
+    def free_bytes(self) -> int:
+        return self.usable_bytes - self.planned_bytes
+
+    def can_take(self, need: int, *, alone: bool) -> bool:
+        if self.exclusive or (alone and self.roles):
+            return False
+        return need <= self.free_bytes
+
+    def label(self) -> str:
+        return f"node {self.node.node_id} {describe_gpu(self.gpu)}"
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where one model landed, before fractions are known."""
+
+    node: Node
+    states: tuple[_GpuState, ...]  # empty on CPU
+    shares: tuple[int, ...]  # bytes on each of `states`
+    reason: str
+
+
+def make_plan(
+    models: Mapping[str, ModelSpec],
+    inventory: Inventory,
+    *,
+    rules: SizeRules | None = None,
+    reserve: Reserve | None = None,
+    estimates: Mapping[str, MemoryEstimate] | None = None,
+) -> Plan:
+    """Plan every model; raise PlanError naming each one that cannot be placed."""
+    rules = rules or load_rules()
+    reserve = reserve or Reserve()
+    if estimates is None:
+        from placement.sizing import estimate_memory  # heavy import (torch), only when sizing is needed
+
+        estimates = {role: estimate_memory(spec) for role, spec in models.items()}
+    missing = sorted(set(models) - set(estimates))
+    if missing:
+        raise ValueError(f"no memory estimate for: {', '.join(missing)}")
+
+    nodes = inventory.sorted_nodes()
+    gpu_states = [
+        _GpuState(node=node, gpu=gpu, order=0, usable_bytes=reserve.usable_bytes(gpu))
+        for node in nodes
+        for gpu in sorted(node.gpus, key=lambda g: g.index)
+    ]
+    for order, state in enumerate(gpu_states):
+        state.order = order
+    cpu_planned: dict[str, int] = {node.node_id: 0 for node in nodes}
+
+    placements: dict[str, _Placement] = {}
+    unplaced: list[Unplaced] = []
+    warnings: list[str] = []
+
+    for role in _placement_order(models, estimates):
+        spec, estimate = models[role], estimates[role]
+        need = estimate.total_bytes
+        if estimate.is_guess:
+            warnings.append(
+                f"{role}: size GUESSED from the name {spec.model!r} ({estimate.params / 1e9:.3g}B params); "
+                "set `params_b` or `memory_gb`, or make its config.json available"
+            )
+        rule = rules.rule_for(estimate)
+        candidate_nodes = _nodes_for(spec, nodes)
+        if not candidate_nodes:
+            unplaced.append(Unplaced(role, need, f"no node matches `node: {spec.node}`"))
+            continue
+        on_gpu = [s for s in gpu_states if s.node in candidate_nodes]
+        wants_cpu = spec.cpu or rule.prefer == "cpu"
+        if wants_cpu or not on_gpu:
+            placement, why_not = _place_on_cpu(role, need, candidate_nodes, cpu_planned, spec, rule, warnings)
+        else:
+            placement, why_not = _place_on_gpu(role, spec, need, rule, on_gpu)
+        if placement is None:
+            unplaced.append(Unplaced(role, need, why_not))
+            continue
+        for state, share in zip(placement.states, placement.shares, strict=True):
+            state.planned_bytes += share
+            state.roles.append(role)
+            state.exclusive = state.exclusive or not spec.share
+        placements[role] = placement
+
+    if unplaced:
+        raise PlanError(_infeasible_message(unplaced, gpu_states, nodes, cpu_planned), tuple(unplaced))
+
+    entries = tuple(_entry(role, models[role], estimates[role], placements[role]) for role in sorted(placements))
+    gpus = tuple(_usage(state, entries) for state in gpu_states)
+    return Plan(entries=entries, gpus=gpus, warnings=tuple(warnings))
+
+
+def _placement_order(models: Mapping[str, ModelSpec], estimates: Mapping[str, MemoryEstimate]) -> list[str]:
+    """Pinned models first (their GPU is not negotiable), then largest first; role name breaks ties."""
+    return sorted(models, key=lambda role: (models[role].gpu is None, -estimates[role].total_bytes, role))
+
+
+def _nodes_for(spec: ModelSpec, nodes: tuple[Node, ...]) -> tuple[Node, ...]:
+    """The nodes a model may use: all, or those its `node:` hint names (id, id prefix or address)."""
+    if spec.node is None:
+        return nodes
+    hint = spec.node
+    return tuple(n for n in nodes if n.node_id == hint or n.node_id.startswith(hint) or n.address == hint)
+
+
+def _ordered_by_preference(states: list[_GpuState], prefer: str) -> list[_GpuState]:
+    if prefer == "last_gpu":
+        return sorted(states, key=lambda s: -s.order)
+    if prefer == "most_free":
+        return sorted(states, key=lambda s: (-s.free_bytes, s.order))
+    return sorted(states, key=lambda s: s.order)
+
+
+def _place_on_gpu(
+    role: str, spec: ModelSpec, need: int, rule: SizeRule, states: list[_GpuState]
+) -> tuple[_Placement | None, str]:
+    alone = not spec.share
+    if spec.gpu is not None:
+        pinned = [s for s in states if s.gpu.index == spec.gpu]
+        if not pinned:
+            return None, f"`gpu: {spec.gpu}` names a GPU that does not exist"
+        for state in pinned:
+            if state.can_take(need, alone=alone):
+                return _single(state, need, f"pinned by `gpu: {spec.gpu}`"), ""
+        return None, f"`gpu: {spec.gpu}` has {gib(max(s.free_bytes for s in pinned))} free"
+
+    for state in _ordered_by_preference(states, rule.prefer):
+        if state.can_take(need, alone=alone):
+            return _single(state, need, f"{rule.prefer.replace('_', ' ')} with room (rule '{rule.name}')"), ""
+
+    most_free = max(states, key=lambda s: (s.free_bytes, -s.order))
+    if spec.split or rule.allow_split:
+        split = _split(need, states, alone=alone)
+        if split is not None:
+            return split, ""
+        return None, f"cannot be split either: no node's GPUs have {gib(need)} free together"
+    return None, (
+        f"fits no single GPU (most free: {gib(most_free.free_bytes)} on {most_free.label()}); "
+        "set `split: true` to split it across GPUs of one node"
+    )
+
+
+def _single(state: _GpuState, need: int, why: str) -> _Placement:
+    sharing = f", shares it with {', '.join(state.roles)}" if state.roles else ""
+    return _Placement(state.node, (state,), (need,), f"{why}: GPU {state.gpu.index}{sharing}")
+
+
+def _split(need: int, states: list[_GpuState], *, alone: bool) -> _Placement | None:
+    """Fewest GPUs of one node whose free memory holds the model, filled evenly.
+
+    Balanced like accelerate's get_balanced_memory: each GPU takes an equal
+    share, except that a GPU with less free than its share gives what it has
+    and the rest spread over the others.
+    """
+    best: tuple[int, int, list[_GpuState]] | None = None
+    for node in sorted({s.node.node_id for s in states}):
+        usable = [s for s in states if s.node.node_id == node and not s.exclusive and not (alone and s.roles)]
+        usable.sort(key=lambda s: (-s.free_bytes, s.order))
+        total = 0
+        for count, state in enumerate(usable, start=1):
+            total += state.free_bytes
+            if total >= need:
+                chosen = sorted(usable[:count], key=lambda s: s.order)
+                if best is None or count < best[0]:
+                    best = (count, chosen[0].order, chosen)
+                break
+    if best is None:
+        return None
+    chosen = best[2]
+    shares = _balanced_shares(need, [s.free_bytes for s in chosen])
+    indices = ", ".join(str(s.gpu.index) for s in chosen)
+    reason = f"fits no single GPU: split over GPUs {indices} of node {chosen[0].node.node_id}"
+    return _Placement(chosen[0].node, tuple(chosen), tuple(shares), reason)
+
+
+def _balanced_shares(need: int, free: list[int]) -> list[int]:
+    """Water-fill `need` bytes over GPUs with `free` bytes each, as evenly as room allows."""
+    shares = [0] * len(free)
+    remaining = need
+    open_slots = sorted(range(len(free)), key=lambda i: free[i])
+    while open_slots:
+        even = math.ceil(remaining / len(open_slots))
+        slot = open_slots.pop(0)
+        shares[slot] = min(free[slot], even)
+        remaining -= shares[slot]
+    return shares
+
+
+def _place_on_cpu(
+    role: str,
+    need: int,
+    nodes: tuple[Node, ...],
+    cpu_planned: dict[str, int],
+    spec: ModelSpec,
+    rule: SizeRule,
+    warnings: list[str],
+) -> tuple[_Placement | None, str]:
+    why = "`cpu: true`" if spec.cpu else f"rule '{rule.name}'" if rule.prefer == "cpu" else "no GPU available"
+
+    def ram_free(node: Node) -> int | None:
+        return None if node.cpu_memory_bytes is None else node.cpu_memory_bytes - cpu_planned[node.node_id]
+
+    # The node with the most free RAM; unknown RAM ranks last.
+    ranked = sorted(nodes, key=lambda n: (ram_free(n) is None, -(ram_free(n) or 0), n.node_id))
+    for node in ranked:
+        free = ram_free(node)
+        if free is None:
+            warnings.append(f"{role}: RAM on node {node.node_id} is unknown; {gib(need)} on CPU was not checked")
+        elif need > free:
+            continue
+        cpu_planned[node.node_id] += need
+        room = "" if free is None else f" ({gib(free)} RAM free)"
+        return _Placement(node, (), (), f"{why}: CPU on node {node.node_id}{room}"), ""
+    best = max((ram_free(n) or 0) for n in nodes)
+    return None, f"on CPU ({why}) but the most RAM free on any node is {gib(best)}"
+
+
+def _entry(role: str, spec: ModelSpec, estimate: MemoryEstimate, placement: _Placement) -> PlanEntry:
+    num_cpus = DEFAULT_REPLICA_CPUS if spec.num_cpus is None else spec.num_cpus
+    if not placement.states:
+        return PlanEntry(
+            role=role,
+            model=spec.model,
+            device="cpu",
+            node_id=placement.node.node_id,
+            estimate=estimate,
+            memory_budget_bytes=estimate.total_bytes,
+            reason=placement.reason,
+            num_cpus=num_cpus,
+        )
+    states = placement.states
+    # One fraction for every GPU the model holds: its share of the fullest of them.
+    fraction = max(_fraction(share, s.usable_bytes) for share, s in zip(placement.shares, states, strict=True))
+    return PlanEntry(
+        role=role,
+        model=spec.model,
+        device="gpu",
+        node_id=placement.node.node_id,
+        estimate=estimate,
+        memory_budget_bytes=estimate.total_bytes,
+        reason=placement.reason,
+        gpu_indices=tuple(s.gpu.index for s in states),
+        gpu_uuids=tuple(s.gpu.uuid for s in states),
+        fraction=fraction,
+        # Inside the replica, CUDA_VISIBLE_DEVICES renumbers the planned GPUs 0..k-1.
+        max_memory={local: share for local, share in enumerate(placement.shares)} if len(states) > 1 else {},
+        num_cpus=num_cpus,
+    )
+
+
+def _fraction(share_bytes: int, usable_bytes: int) -> float:
+    """The model's share of a GPU in Ray resource units, rounded down to Ray's grain."""
+    if usable_bytes <= 0:
+        return 1.0
+    grains = math.floor(share_bytes / usable_bytes * FRACTION_GRAIN)
+    return max(grains, 1) / FRACTION_GRAIN
+
+
+def _usage(state: _GpuState, entries: tuple[PlanEntry, ...]) -> GpuUsage:
+    holders = [
+        e for e in entries if e.device == "gpu" and e.node_id == state.node.node_id and state.gpu.index in e.gpu_indices
+    ]
+    return GpuUsage(
+        node_id=state.node.node_id,
+        index=state.gpu.index,
+        name=state.gpu.name,
+        uuid=state.gpu.uuid,
+        total_bytes=state.gpu.total_bytes,
+        usable_bytes=state.usable_bytes,
+        planned_bytes=state.planned_bytes,
+        roles=tuple(sorted(e.role for e in holders)),
+        fraction_used=round(sum(e.fraction for e in holders), 4),
+    )
+
+
+def _infeasible_message(
+    unplaced: list[Unplaced], states: list[_GpuState], nodes: tuple[Node, ...], cpu_planned: dict[str, int]
+) -> str:
+    count = len(unplaced)
+    lines = [f"No feasible plan: {count} model{'s' if count != 1 else ''} cannot be placed."]
+    for item in sorted(unplaced, key=lambda u: u.role):
+        lines.append(f"  - {item.role} needs {gib(item.needed_bytes)}: {item.why}")
+    if states:
+        lines.append("Free on each GPU after the models that fit:")
+        for state in states:
+            holding = f" (holds {', '.join(state.roles)})" if state.roles else ""
+            lines.append(
+                f"  - {state.label()}: {gib(state.free_bytes)} free of {gib(state.usable_bytes)} usable{holding}"
+            )
+    else:
+        lines.append("No GPUs in the inventory; RAM free per node:")
+        for node in nodes:
+            ram = "unknown" if node.cpu_memory_bytes is None else gib(node.cpu_memory_bytes - cpu_planned[node.node_id])
+            lines.append(f"  - node {node.node_id}: {ram}")
+    lines.append("Nothing was started.")
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""`python -m placement`: dry-run plans and cluster start-up arguments.
+
+Exit codes of `plan`: 0 a feasible plan, 1 no feasible plan (the message names
+every model that does not fit), 2 a bad config or argument.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from placement.config import ConfigError, load_model_configs
+from placement.inventory import DEFAULT_SAFETY_MARGIN, Inventory, Reserve, parse_gpu_spec
+from placement.plan import PlanError
+from placement.render import plan_to_dict, print_plan
+from placement.rules import load_rules
+from placement.units import parse_size
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="rayfit placement: which model goes on which GPU.")
+EXIT_INFEASIBLE = 1
+EXIT_BAD_INPUT = 2
+
+
+def _fail(console: Console, message: str, code: int) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    return typer.Exit(code)
+
+
+def _host_ram_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _inventory(gpus: str | None, address: str | None, gpu_memory: str | None) -> Inventory:
+    """From a spec, a running Ray cluster, or this machine's own GPUs, in that order."""
+    gpu_memory_bytes = parse_size(gpu_memory) if gpu_memory else None
+    if gpus is not None:
+        return parse_gpu_spec(gpus, cpu_memory_bytes=_host_ram_bytes())
+    if address is not None:
+        import ray
+
+        from placement.ray_inventory import inventory_from_ray
+
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        try:
+            return inventory_from_ray(gpu_memory_bytes=gpu_memory_bytes)
+        finally:
+            ray.shutdown()
+    from placement.ray_inventory import local_inventory
+
+    return local_inventory()
+
+
+@app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="model_configs.yaml")],
+    gpus: Annotated[
+        str | None, typer.Option(help="Declared GPUs: 2x24GB, 24GB,48GB or none. Default: this machine's GPUs.")
+    ] = None,
+    address: Annotated[str | None, typer.Option(help="Plan for a running Ray cluster (e.g. auto).")] = None,
+    gpu_memory: Annotated[
+        str | None, typer.Option(help="Memory of declared GPUs that cannot be measured (Ray nodes without NVML).")
+    ] = None,
+    rules: Annotated[Path | None, typer.Option(help="Size rules YAML (default: the shipped rules).")] = None,
+    margin: Annotated[
+        float, typer.Option(help="Share of each GPU kept free.", min=0.0, max=0.9)
+    ] = DEFAULT_SAFETY_MARGIN,
+    cuda_context: Annotated[str, typer.Option(help="Memory a CUDA context takes per GPU.")] = "512MiB",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Plan where each model of CONFIG runs, before anything loads."""
+    console = Console(stderr=as_json)
+    try:
+        configs = load_model_configs(config)
+        size_rules = load_rules(rules)
+        reserve = Reserve(cuda_context_bytes=parse_size(cuda_context), safety_margin=margin)
+        inventory = _inventory(gpus, address, gpu_memory)
+    except (ConfigError, ValueError) as exc:
+        raise _fail(console, str(exc), EXIT_BAD_INPUT) from exc
+
+    from placement.planner import make_plan
+    from placement.sizing import SizingError, estimate_memory
+
+    try:
+        estimates = {role: estimate_memory(spec) for role, spec in configs.models.items()}
+    except SizingError as exc:
+        raise _fail(console, f"{config}: {exc}", EXIT_BAD_INPUT) from exc
+    try:
+        result = make_plan(configs.models, inventory, rules=size_rules, reserve=reserve, estimates=estimates)
+    except PlanError as exc:
+        if as_json:
+            payload = {"error": str(exc), "unplaced": [u.__dict__ for u in exc.unplaced]}
+            print(json.dumps(payload, indent=2))
+        raise _fail(console, str(exc), EXIT_INFEASIBLE) from exc
+    if as_json:
+        print(json.dumps(plan_to_dict(result), indent=2))
+    else:
+        print_plan(result, console)
+
+
+@app.command("ray-start-args")
+def ray_start_args_command(
+    gpus: Annotated[int | None, typer.Option(help="GPU count (default: this machine's GPUs).", min=0)] = None,
+    label: Annotated[list[str] | None, typer.Option(help="Node label key=value (repeatable).")] = None,
+) -> None:
+    """Print the `ray start` arguments that declare this node's GPUs and per-GPU resources."""
+    from placement.ray_options import ray_start_args
+
+    console = Console(stderr=True)
+    if gpus is None:
+        from placement.ray_inventory import local_inventory
+
+        gpus = local_inventory().gpu_count
+    labels: dict[str, str] = {}
+    for item in label or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _fail(console, f"label {item!r} must look like key=value", EXIT_BAD_INPUT)
+        labels[key] = value
+    print(" ".join(ray_start_args(gpus, node_labels=labels or None)))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,77 @@
+"""Present a plan: a rich table for people, a JSON document for machines."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from placement.plan import Plan, PlanEntry
+from placement.units import GIB, gib
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    """The plan as plain JSON-ready data (bytes as integers, plus GiB for reading)."""
+    models = []
+    for entry in plan.entries:
+        data = asdict(entry)
+        data["estimate"]["total_bytes"] = entry.estimate.total_bytes
+        data["device_label"] = entry.device_label
+        data["memory_budget_gib"] = round(entry.memory_budget_bytes / GIB, 3)
+        data["max_memory"] = {str(k): v for k, v in entry.max_memory.items()}
+        models.append(data)
+    gpus = [{**asdict(g), "headroom_bytes": g.headroom_bytes} for g in plan.gpus]
+    return {"models": models, "gpus": gpus, "warnings": list(plan.warnings)}
+
+
+def _breakdown(entry: PlanEntry) -> str:
+    e = entry.estimate
+    parts = [f"weights {gib(e.weights_bytes)}"]
+    if e.quant_overhead_bytes:
+        parts.append(f"quant {gib(e.quant_overhead_bytes)}")
+    parts.append(f"KV {gib(e.kv_cache_bytes)} ({e.batch_size}×{e.context_length} tok)")
+    parts.append(f"runtime {gib(e.runtime_bytes)}")
+    return "\n".join(parts)
+
+
+def print_plan(plan: Plan, console: Console) -> None:
+    models = Table(title="rayfit plan: models", show_lines=True)
+    for column in ("model", "estimate source", "memory", "breakdown", "node", "device", "fraction", "reason"):
+        models.add_column(column, overflow="fold")
+    for entry in plan.entries:
+        e = entry.estimate
+        source = f"[bold red]{e.source} (GUESS)[/]" if e.is_guess else e.source
+        quant = "" if e.quantization == "none" else f" {e.quantization}"
+        models.add_row(
+            f"[bold]{entry.role}[/]\n{entry.model}",
+            f"{source}\n{e.params / 1e9:.2f}B params{quant}",
+            gib(entry.memory_budget_bytes),
+            _breakdown(entry),
+            entry.node_id,
+            entry.device_label,
+            f"{entry.fraction:.4f}" if entry.device == "gpu" else "-",
+            entry.reason,
+        )
+    console.print(models)
+
+    if plan.gpus:
+        gpus = Table(title="rayfit plan: GPUs")
+        for column in ("node", "GPU", "total", "usable", "planned", "headroom", "fraction", "models"):
+            gpus.add_column(column)
+        for usage in plan.gpus:
+            name = f" {usage.name}" if usage.name else ""
+            gpus.add_row(
+                usage.node_id,
+                f"{usage.index}{name}",
+                gib(usage.total_bytes),
+                gib(usage.usable_bytes),
+                gib(usage.planned_bytes),
+                gib(usage.headroom_bytes),
+                f"{usage.fraction_used:.4f}",
+                ", ".join(usage.roles) or "-",
+            )
+        console.print(gpus)
+    for warning in plan.warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}")

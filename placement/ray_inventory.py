@@ -1,0 +1,206 @@
+"""An `Inventory` read from a running Ray cluster, or from this machine.
+
+`inventory_from_ray` asks Ray which nodes are alive and what they declare
+(GPU count, `gpu_slot_*` resources, labels, memory), then reads each GPU node's
+real GPUs (name, total, free, uuid) with a tiny task run ON that node: only
+the node itself can see its GPUs. A node whose GPUs are declared but not
+visible (declared GPUs on a CPU machine, as in tests) gets `gpu_memory_bytes`
+as each GPU's total, or a clear error asking for `--gpu-memory`.
+
+`local_inventory` reads this machine's GPUs without Ray, for `ray-start-args`
+and a dry-run plan on a GPU box.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from placement.inventory import LOCAL_NODE, Gpu, Inventory, Node
+from placement.ray_options import CUDA_VISIBLE_DEVICES, gpu_slot_resource
+
+# A probe task only imports pynvml/torch; if it has not answered by then the node is stuck.
+PROBE_TIMEOUT_S = 120.0
+
+
+def _visible_selectors() -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES as a list of indices/UUIDs, or None when unset (all GPUs)."""
+    value = os.environ.get(CUDA_VISIBLE_DEVICES)
+    if value is None:
+        return None
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _gpus_from_nvml() -> list[Gpu] | None:
+    """GPUs in CUDA_VISIBLE_DEVICES order via NVML; None when NVML is unusable.
+
+    NVML ignores CUDA_VISIBLE_DEVICES and enumerates every physical GPU, so
+    the selection is applied here to match what CUDA (and the plan) will index.
+    """
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    try:
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        uuids = [_text(pynvml.nvmlDeviceGetUUID(h)) for h in handles]
+        selectors = _visible_selectors()
+        if selectors is None:
+            chosen = list(range(len(handles)))
+        else:
+            chosen = []
+            for sel in selectors:
+                if sel.isdigit() and int(sel) < len(handles):
+                    chosen.append(int(sel))
+                elif sel.startswith("GPU-"):
+                    matches = [i for i, uuid in enumerate(uuids) if uuid.startswith(sel)]
+                    if not matches:
+                        return None  # a selector NVML cannot resolve: let torch decide
+                    chosen.append(matches[0])
+                else:
+                    return None  # MIG ids and the like: let torch decide
+        gpus = []
+        for position, physical in enumerate(chosen):
+            mem = pynvml.nvmlDeviceGetMemoryInfo(handles[physical])
+            name = _text(pynvml.nvmlDeviceGetName(handles[physical]))
+            gpus.append(
+                Gpu(
+                    index=position,
+                    total_bytes=int(mem.total),
+                    free_bytes=int(mem.free),
+                    name=name,
+                    uuid=uuids[physical],
+                )
+            )
+        return gpus
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _text(value: str | bytes) -> str:
+    # Older nvidia-ml-py releases return bytes.
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _gpus_from_torch() -> list[Gpu]:
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        free, total = torch.cuda.mem_get_info(index)
+        uuid = getattr(props, "uuid", None)
+        gpus.append(
+            Gpu(
+                index=index,
+                total_bytes=int(total),
+                free_bytes=int(free),
+                name=props.name,
+                uuid=f"GPU-{uuid}" if uuid is not None else None,
+            )
+        )
+    return gpus
+
+
+def probe_gpus() -> list[Gpu]:
+    """This process's visible GPUs (NVML first, then torch.cuda); [] when none is seen."""
+    gpus = _gpus_from_nvml()
+    if gpus is None:
+        gpus = _gpus_from_torch()
+    return gpus
+
+
+def _available_ram_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def local_inventory() -> Inventory:
+    """This machine's GPUs as one node named LOCAL_NODE, read without Ray.
+
+    Like a `--gpus` spec, it assumes Ray will be started with the slot
+    resources (`ray_start_args`), so `has_gpu_slots` is True. A machine with no
+    visible GPU gives a node with no GPUs.
+    """
+    return Inventory(
+        nodes=(
+            Node(
+                node_id=LOCAL_NODE,
+                gpus=tuple(probe_gpus()),
+                cpu_memory_bytes=_available_ram_bytes(),
+                has_gpu_slots=True,
+            ),
+        )
+    )
+
+
+def _declared_gpus(node_id: str, count: int, seen: list[Gpu], gpu_memory_bytes: int | None) -> tuple[Gpu, ...]:
+    """Ray's declared GPU count is authoritative (the slots follow it); measure what the node sees."""
+    if len(seen) >= count:
+        return tuple(seen[:count])
+    if gpu_memory_bytes is None:
+        raise RuntimeError(
+            f"Ray node {node_id} declares {count} GPU(s) but only {len(seen)} can be seen on it "
+            f"(no NVML/CUDA device): pass --gpu-memory (e.g. --gpu-memory 24GB) to give each declared GPU's size"
+        )
+    if gpu_memory_bytes <= 0:
+        raise ValueError(f"gpu_memory_bytes must be positive, got {gpu_memory_bytes}")
+    declared = [Gpu(index=i, total_bytes=gpu_memory_bytes) for i in range(len(seen), count)]
+    return tuple(seen) + tuple(declared)
+
+
+def _has_gpu_slots(resources: dict[str, float], gpu_count: int) -> bool:
+    return gpu_count > 0 and all(resources.get(gpu_slot_resource(i), 0) >= 1 for i in range(gpu_count))
+
+
+def inventory_from_ray(*, gpu_memory_bytes: int | None = None) -> Inventory:
+    """The alive nodes of the Ray cluster this process is connected to.
+
+    Each GPU node is probed by a task pinned to it (NodeAffinitySchedulingStrategy,
+    num_cpus=0, so a busy node still answers). Raises RuntimeError when a node's
+    declared GPUs cannot be seen and `gpu_memory_bytes` is None.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not ray.is_initialized():
+        raise RuntimeError("inventory_from_ray needs a connected Ray: call ray.init(address=...) first")
+
+    alive: list[dict[str, Any]] = [n for n in ray.nodes() if n.get("Alive")]
+    probe = ray.remote(num_cpus=0, max_retries=0)(probe_gpus)
+    pending = {}
+    for info in alive:
+        if int(info["Resources"].get("GPU", 0)) > 0:
+            strategy = NodeAffinitySchedulingStrategy(node_id=info["NodeID"], soft=False)
+            pending[info["NodeID"]] = probe.options(scheduling_strategy=strategy).remote()
+    seen = dict(zip(pending, ray.get(list(pending.values()), timeout=PROBE_TIMEOUT_S), strict=True))
+
+    nodes = []
+    for info in alive:
+        resources: dict[str, float] = info["Resources"]
+        count = int(resources.get("GPU", 0))
+        node_id = info["NodeID"]
+        memory = resources.get("memory")
+        nodes.append(
+            Node(
+                node_id=node_id,
+                gpus=_declared_gpus(node_id, count, seen.get(node_id, []), gpu_memory_bytes) if count else (),
+                cpu_memory_bytes=int(memory) if memory is not None else None,
+                address=info.get("NodeManagerAddress"),
+                has_gpu_slots=_has_gpu_slots(resources, count),
+                labels=dict(info.get("Labels") or {}),
+            )
+        )
+    return Inventory(nodes=tuple(sorted(nodes, key=lambda node: node.node_id)))

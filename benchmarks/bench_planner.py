@@ -1,0 +1,58 @@
+"""Planner scale: 1,000 models onto 256 GPUs over 32 nodes (target: under 1 s).
+
+Run: .venv/bin/python benchmarks/bench_planner.py
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+from placement.config import ModelSpec
+from placement.estimate import MemoryEstimate
+from placement.inventory import Gpu, Inventory, Node
+from placement.planner import make_plan
+from placement.units import GIB
+
+NODES, GPUS_PER_NODE, MODELS, RUNS = 32, 8, 1000, 5
+
+
+def _workload(seed: int = 0) -> tuple[dict[str, ModelSpec], dict[str, MemoryEstimate], Inventory]:
+    rng = random.Random(seed)
+    inventory = Inventory(
+        nodes=tuple(
+            Node(
+                node_id=f"node-{n:02d}",
+                gpus=tuple(Gpu(i, rng.choice([24, 48, 80]) * GIB) for i in range(GPUS_PER_NODE)),
+            )
+            for n in range(NODES)
+        )
+    )
+    models = {f"model-{i:04d}": ModelSpec(model=f"org/model-{i}") for i in range(MODELS)}
+    estimates = {}
+    for role in models:
+        params_b = rng.choice([0.5, 1, 3, 4, 7, 8, 13, 27])
+        total = params_b * 0.6 * GIB + rng.uniform(0.2, 2) * GIB  # ~NF4 weights + KV
+        estimates[role] = MemoryEstimate("params_b", int(params_b * 1e9), int(total), 0, 0, 0, "nf4", 4096, 1)
+    return models, estimates, inventory
+
+
+def main() -> None:
+    models, estimates, inventory = _workload()
+    timings = []
+    for _ in range(RUNS):
+        start = time.perf_counter()
+        plan = make_plan(models, inventory, estimates=estimates)
+        timings.append(time.perf_counter() - start)
+    on_gpu = sum(1 for e in plan.entries if e.device == "gpu")
+    print("| benchmark | models | GPUs | median s | max s | target |")
+    print("|---|---|---|---|---|---|")
+    print(
+        f"| plan {MODELS} models / {NODES * GPUS_PER_NODE} GPUs / {NODES} nodes | {on_gpu} placed | "
+        f"{NODES * GPUS_PER_NODE} | {statistics.median(timings):.3f} | {max(timings):.3f} | < 1 s |"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""Load one model onto the device its plan entry names.
+
+Steps, each logged on one line: resolve the source (hub id, local dir, or a
+GGUF file), convert a GGUF once to a cached safetensors directory, pick the
+quantization and the device map from the spec and the plan entry, load, done.
+No Ray here: the Serve deployment calls `load_model` inside its replica, after
+Ray has pinned `CUDA_VISIBLE_DEVICES` to the planned GPU(s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+)
+
+from placement.config import ModelSpec
+from placement.plan import PlanEntry
+
+logger = logging.getLogger(__name__)
+
+# Used when neither the spec nor the model's config names a context length.
+DEFAULT_CONTEXT_LENGTH = 4096
+# Marks a finished GGUF conversion; written last, so a crash mid-save is redone.
+_CONVERSION_DONE = "rayfit-conversion.json"
+
+# dtype of the cached safetensors of a converted GGUF.
+CONVERSION_DTYPE = torch.bfloat16
+
+_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to generate, with what is needed to feed it.
+
+    `processor` is set for image+text models (it owns the image preprocessing
+    and the chat template); `tokenizer` is always set (the processor's own for
+    those). `source` says where the weights came from, for logs and /models.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    processor: ProcessorMixin | None
+    is_multimodal: bool
+    context_length: int
+    load_seconds: float
+    source: str
+    quantization: str  # "nf4" | "int8" | "none" | "pre-quantized"
+    device_map: str  # as passed to from_pretrained, for logs
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """What `from_pretrained` is called with."""
+
+    path: str  # hub id or local directory
+    gguf_file: Path | None  # the GGUF file, when the spec names one
+    revision: str | None
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message names the source and the cause."""
+
+
+def resolve_source(spec: ModelSpec) -> ResolvedSource:
+    """Hub id, local directory, or GGUF file (`model: x.gguf`, or a dir + `gguf_file`)."""
+    model = os.path.expanduser(spec.model)
+    if spec.gguf_file is not None:
+        gguf = Path(model) / spec.gguf_file
+        if not gguf.is_file():
+            raise ModelLoadError(f"gguf_file {spec.gguf_file!r} not found in {model!r} (looked for {gguf})")
+        return ResolvedSource(path=model, gguf_file=gguf.resolve(), revision=spec.revision)
+    if model.endswith(".gguf"):
+        gguf = Path(model)
+        if not gguf.is_file():
+            raise ModelLoadError(f"GGUF file {model!r} does not exist")
+        return ResolvedSource(path=str(gguf.parent), gguf_file=gguf.resolve(), revision=spec.revision)
+    return ResolvedSource(path=model, gguf_file=None, revision=spec.revision)
+
+
+def gguf_cache_dir(gguf_file: Path, cache_root: Path | None = None) -> Path:
+    """Conversion directory for one GGUF file, keyed by its path, size and mtime
+    (a replaced file gets a fresh conversion; an unchanged one reuses it)."""
+    if cache_root is None:
+        env = os.environ.get("RAYFIT_CACHE")
+        cache_root = Path(env) if env else Path.home() / ".cache" / "rayfit"
+    stat = gguf_file.stat()
+    key = hashlib.sha256(f"{gguf_file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root / "gguf" / f"{gguf_file.stem}-{key}"
+
+
+def convert_gguf(gguf_file: Path, cache_root: Path | None = None) -> tuple[Path, bool]:
+    """Return (safetensors dir, reused): convert the GGUF once, reuse it after.
+
+    transformers de-quantizes a GGUF at every load (15-40 s for the demo
+    models); the saved safetensors reload in about a second.
+    """
+    target = gguf_cache_dir(gguf_file, cache_root)
+    if (target / _CONVERSION_DONE).is_file():
+        return target, True
+    logger.info("converting %s to safetensors in %s (once; later loads reuse it)", gguf_file, target)
+    started = time.perf_counter()
+    directory, name = str(gguf_file.parent), gguf_file.name
+    # Store bfloat16: half the disk of float32, and 4-5 bit GGUF blocks lose
+    # nothing that matters in it; the spec's dtype is applied when loading.
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=CONVERSION_DTYPE, device_map="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        if getattr(quantizer, "packed_modules", None):
+            # Weights kept in GGUF blocks (a matmul kernel was available) cannot
+            # be written as plain tensors: de-quantize them first.
+            model = model.dequantize()
+        else:
+            # The weights are already plain tensors, but the GGUF quantizer's
+            # marks (hf_quantizer, config.quantization_config, is_quantized)
+            # make save_pretrained refuse; remove_quantization_config clears them.
+            quantizer.remove_quantization_config(model)
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    (partial / _CONVERSION_DONE).write_text(
+        json.dumps({"gguf_file": str(gguf_file), "seconds": round(time.perf_counter() - started, 2)})
+    )
+    # Rename is atomic: a concurrent converter of the same file loses the race harmlessly.
+    try:
+        partial.rename(target)
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (target / _CONVERSION_DONE).is_file():
+            raise
+    logger.info("converted %s in %.1f s", gguf_file.name, time.perf_counter() - started)
+    return target, False
+
+
+def _config_dict(config: PretrainedConfig) -> dict[str, Any]:
+    quant = getattr(config, "quantization_config", None)
+    if quant is None:
+        return {}
+    return quant if isinstance(quant, dict) else quant.to_dict()
+
+
+def is_prequantized(config: PretrainedConfig) -> bool:
+    """The checkpoint carries its own quantization (config.json `quantization_config`)."""
+    return bool(_config_dict(config))
+
+
+def effective_quantization(spec: ModelSpec, config: PretrainedConfig) -> str:
+    """'pre-quantized', 'nf4', 'int8' or 'none'.
+
+    A pre-quantized checkpoint loads as is whatever the spec says (re-quantizing
+    it is impossible). "auto" quantizes nothing unless the name says bnb-4bit:
+    the same rule placement.sizing uses for its estimate.
+    """
+    if is_prequantized(config):
+        return "pre-quantized"
+    if spec.quantization == "auto":
+        return "nf4" if "bnb-4bit" in spec.model.lower() else "none"
+    return spec.quantization
+
+
+def bnb_config(quantization: str) -> BitsAndBytesConfig | None:
+    """BitsAndBytesConfig for 'nf4' (double quant, bf16 compute) or 'int8'; None otherwise."""
+    if quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def device_map_for(entry: PlanEntry) -> tuple[str | dict[str, int], dict[int, int] | None]:
+    """(device_map, max_memory) for from_pretrained.
+
+    One GPU → {"": 0}: the replica's CUDA_VISIBLE_DEVICES is already pinned to
+    the planned GPU, so it is always local cuda:0. A split → "auto" bounded by
+    the plan's per-GPU budgets (local indices). CPU → "cpu".
+    """
+    if entry.device == "cpu":
+        return "cpu", None
+    if entry.is_split:
+        return "auto", dict(entry.max_memory) or None
+    return {"": 0}, None
+
+
+def context_length_of(spec: ModelSpec, config: PretrainedConfig) -> int:
+    """The spec's context length, else the model's (text config for image+text models)."""
+    if spec.context_length is not None:
+        return spec.context_length
+    text_config = getattr(config, "text_config", None) or config
+    value = getattr(text_config, "max_position_embeddings", None)
+    return int(value) if value else DEFAULT_CONTEXT_LENGTH
+
+
+def is_multimodal_config(config: PretrainedConfig) -> bool:
+    return getattr(config, "vision_config", None) is not None
+
+
+def load_model(spec: ModelSpec, entry: PlanEntry) -> LoadedModel:
+    """Load `spec` on the device `entry` names; see the module docstring for the steps."""
+    started = time.perf_counter()
+    source = resolve_source(spec)
+    logger.info("resolving %s (revision %s)", spec.model, source.revision or "default")
+    path, revision, description = source.path, source.revision, spec.model
+    if source.gguf_file is not None:
+        converted, reused = convert_gguf(source.gguf_file)
+        path, revision = str(converted), None
+        description = f"{source.gguf_file} (safetensors {'cache' if reused else 'conversion'} at {converted})"
+        if reused:
+            logger.info("reusing GGUF conversion %s", converted)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the config of {spec.model!r}: {exc}") from exc
+
+    quantization = effective_quantization(spec, config)
+    device_map, max_memory = device_map_for(entry)
+    multimodal = is_multimodal_config(config)
+    kwargs: dict[str, Any] = {
+        "revision": revision,
+        "trust_remote_code": spec.trust_remote_code,
+        "dtype": _DTYPES[spec.dtype],
+        "device_map": device_map,
+    }
+    if max_memory:
+        kwargs["max_memory"] = max_memory
+    quantization_config = bnb_config(quantization)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    logger.info(
+        "loading %s on %s (device_map=%s, quantization=%s, dtype=%s, %s)",
+        spec.model,
+        entry.device_label,
+        device_map,
+        quantization,
+        spec.dtype,
+        "image+text" if multimodal else "text",
+    )
+    auto_class = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    try:
+        model = auto_class.from_pretrained(path, **kwargs)
+        processor = None
+        if multimodal:
+            processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=spec.trust_remote_code)
+            tokenizer = processor.tokenizer
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelLoadError(f"cannot load {spec.model!r}: {exc}") from exc
+    model.eval()
+    seconds = time.perf_counter() - started
+    logger.info("loaded %s in %.1f s", spec.model, seconds)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        processor=processor,
+        is_multimodal=multimodal,
+        context_length=context_length_of(spec, config),
+        load_seconds=seconds,
+        source=description,
+        quantization=quantization,
+        device_map=str(device_map),
+    )

@@ -1,0 +1,125 @@
+"""Check, inside a replica at start-up, that it runs where the plan put it.
+
+Ray hands GPUs out by its own rules (DESIGN.md: lowest free index, first fit);
+rayfit pins `CUDA_VISIBLE_DEVICES` per replica. This module checks the pin
+took effect — the environment names the planned indices and, on a real GPU,
+the visible device is the planned physical one (by UUID, which survives index
+renumbering) — and reports memory for the logs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from placement.plan import PlanEntry
+
+_GIB = 1024**3
+
+
+class PlacementMismatch(RuntimeError):
+    """The replica is not on the device its plan entry names."""
+
+
+@dataclass(frozen=True)
+class ActualPlacement:
+    """Where the replica found itself."""
+
+    cuda_visible_devices: str  # as in the environment ("" when unset or blank)
+    device_uuids: tuple[str, ...]  # visible GPUs' UUIDs, when a GPU is visible and readable
+    cuda_available: bool
+
+
+def planned_visible_devices(entry: PlanEntry) -> str:
+    """The CUDA_VISIBLE_DEVICES value the plan implies: '1', '0,1', or '' on CPU."""
+    if entry.device == "cpu":
+        return ""
+    return ",".join(str(i) for i in entry.gpu_indices)
+
+
+def _normalize_uuid(uuid: str) -> str:
+    # torch gives a bare hex UUID, nvidia-smi/pynvml prefix 'GPU-'; compare the hex.
+    return re.sub(r"^(GPU|MIG)-", "", uuid.strip(), flags=re.IGNORECASE).lower()
+
+
+def visible_gpu_uuids() -> tuple[str, ...]:
+    """UUIDs of the GPUs this process sees, in local index order ('GPU-…' form)."""
+    if not torch.cuda.is_available():
+        return ()
+    uuids = []
+    for index in range(torch.cuda.device_count()):
+        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+        if uuid is None:
+            return ()
+        text = str(uuid)
+        uuids.append(text if text.upper().startswith(("GPU-", "MIG-")) else f"GPU-{text}")
+    return tuple(uuids)
+
+
+def check_placement(entry: PlanEntry) -> ActualPlacement:
+    """Raise PlacementMismatch unless the replica sees exactly the planned GPU(s) (or none, on CPU)."""
+    actual_env = os.environ.get("CUDA_VISIBLE_DEVICES", "").replace(" ", "")
+    planned_env = planned_visible_devices(entry)
+    if actual_env != planned_env:
+        raise PlacementMismatch(
+            f"{entry.role}: planned {entry.device_label} (CUDA_VISIBLE_DEVICES={planned_env!r}) "
+            f"but the replica has CUDA_VISIBLE_DEVICES={actual_env!r}; "
+            "was `ray_actor_options` overridden (e.g. in serve_config.yaml)?"
+        )
+    cuda = torch.cuda.is_available()
+    uuids = visible_gpu_uuids() if entry.device == "gpu" else ()
+    if entry.device == "gpu":
+        if not cuda:
+            raise PlacementMismatch(
+                f"{entry.role}: planned {entry.device_label} but CUDA is not available in the replica"
+            )
+        if torch.cuda.device_count() != len(entry.gpu_indices):
+            raise PlacementMismatch(
+                f"{entry.role}: planned {len(entry.gpu_indices)} GPU(s) ({entry.device_label}) "
+                f"but the replica sees {torch.cuda.device_count()}"
+            )
+        for local, (planned, seen) in enumerate(zip(entry.gpu_uuids, uuids, strict=False)):
+            if planned and _normalize_uuid(planned) != _normalize_uuid(seen):
+                raise PlacementMismatch(
+                    f"{entry.role}: planned GPU {entry.gpu_indices[local]} with UUID {planned} "
+                    f"but local cuda:{local} is {seen}"
+                )
+    return ActualPlacement(cuda_visible_devices=actual_env, device_uuids=uuids, cuda_available=cuda)
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; psutil elsewhere)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil  # Ray depends on it, so it is present wherever replicas run
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def memory_report(model: torch.nn.Module) -> dict[str, int | str]:
+    """Memory the loaded model holds: CUDA allocated/reserved per visible GPU, or process RSS on CPU."""
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    report: dict[str, int | str] = {"device": str(device)}
+    report["weights_bytes"] = int(model.get_memory_footprint()) if hasattr(model, "get_memory_footprint") else 0
+    if device.type == "cuda":
+        for index in range(torch.cuda.device_count()):
+            report[f"cuda:{index}_allocated_bytes"] = int(torch.cuda.memory_allocated(index))
+            report[f"cuda:{index}_reserved_bytes"] = int(torch.cuda.memory_reserved(index))
+    else:
+        report["rss_bytes"] = _rss_bytes()
+    return report
+
+
+def placement_log_line(role: str, node_id: str, entry: PlanEntry) -> str:
+    """'buffer_agent → node abc123, cuda:1 (planned 15.20 GiB)'."""
+    node = node_id[:12] if node_id else "?"
+    return f"{role} → node {node}, {entry.device_label} (planned {entry.memory_budget_bytes / _GIB:.2f} GiB)"

@@ -1,0 +1,151 @@
+"""The Serve application: config → plan → one deployment per role + the ingress.
+
+`serve run serve_config.yaml` calls `build_app` with the YAML's `args`, typed
+by `AppArgs` and validated once here. The builder plans before binding
+anything: an infeasible plan raises the planner's message and no replica
+starts. Each role's Ray options come from `placement.ray_options`, never from
+the serve YAML.
+
+Do not set `ray_actor_options` for a role in the serve YAML: Serve REPLACES the
+code's dict with it (no merge), which drops the GPU pin and the slot resources.
+A replica whose pin is missing refuses to start and says so
+(`deployments.model.check_pin_present`).
+"""
+
+import logging
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from ray.serve import Application
+
+from deployments.ingress import Ingress
+from deployments.model import ModelServer
+from placement.config import ModelSpec, load_model_configs
+from placement.inventory import CUDA_CONTEXT_BYTES, DEFAULT_SAFETY_MARGIN, Inventory, Reserve, parse_gpu_spec
+from placement.plan import Plan, PlanEntry
+from placement.units import GIB, gib
+
+logger = logging.getLogger("ray.serve")
+
+# `model: demo:<name>` names an offline demo model shipped as a PyPI package
+# (deployments.demo_models finds the file), so the demo config stays a plain
+# `model:` string that works on any machine with the packages installed.
+DEMO_SCHEME = "demo:"
+DEMO_MODELS = ("smollm2-135m-instruct", "gemma-3-270m")
+
+
+class AppArgs(BaseModel):
+    """The `args:` of the app in serve_config.yaml."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    # Named `model_config` in the YAML (the user's term); pydantic reserves that attribute name.
+    models_path: str = Field(alias="model_config", description="Path of model_configs.yaml")
+    gpus: str | None = Field(
+        default=None,
+        description="Declared GPUs, e.g. '2x24GB' or 'none'; default: read from the running Ray cluster",
+    )
+    gpu_memory_gb: float | None = Field(
+        default=None, gt=0, description="Size of each GPU Ray declares but cannot measure (CPU test boxes)"
+    )
+    rules: str | None = Field(default=None, description="Size rules YAML; default: placement's built-in rules")
+    reserve_gb: float = Field(
+        default=CUDA_CONTEXT_BYTES / GIB, ge=0, description="GiB held back per GPU for the CUDA context"
+    )
+    safety_margin: float = Field(
+        default=DEFAULT_SAFETY_MARGIN, ge=0, lt=1, description="Share of each GPU kept free for peaks"
+    )
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus_parse(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_gpu_spec(value)  # raises naming the bad spec and the expected form
+        return value
+
+    @property
+    def reserve(self) -> Reserve:
+        return Reserve(cuda_context_bytes=int(self.reserve_gb * GIB), safety_margin=self.safety_margin)
+
+
+def resolve_demo_model(spec: ModelSpec) -> ModelSpec:
+    """`demo:<name>` → the GGUF file of that demo package; any other spec unchanged."""
+    if not spec.model.startswith(DEMO_SCHEME):
+        return spec
+    from deployments import demo_models
+
+    name = spec.model[len(DEMO_SCHEME) :]
+    if name == "smollm2-135m-instruct":
+        directory, filename = demo_models.smollm2_gguf()
+        return spec.model_copy(update={"model": str(directory), "gguf_file": filename})
+    if name == "gemma-3-270m":
+        return spec.model_copy(update={"model": str(demo_models.gemma3_270m_gguf()), "gguf_file": None})
+    raise ValueError(f"unknown demo model {spec.model!r}; known: {', '.join(DEMO_SCHEME + n for n in DEMO_MODELS)}")
+
+
+def _inventory(args: AppArgs) -> Inventory:
+    if args.gpus is not None:
+        return parse_gpu_spec(args.gpus)
+    from placement.ray_inventory import inventory_from_ray
+
+    memory = int(args.gpu_memory_gb * GIB) if args.gpu_memory_gb else None
+    return inventory_from_ray(gpu_memory_bytes=memory)
+
+
+def entry_summary(entry: PlanEntry) -> dict[str, Any]:
+    """A plan entry as JSON for /v1/placement."""
+    return {
+        "model": entry.model,
+        "device": entry.device_label,
+        "node_id": entry.node_id,
+        "gpu_indices": list(entry.gpu_indices),
+        "fraction": entry.fraction,
+        "memory_budget_bytes": entry.memory_budget_bytes,
+        "memory_budget": gib(entry.memory_budget_bytes),
+        "estimate_source": entry.estimate.source,
+        "reason": entry.reason,
+    }
+
+
+def plan_app(args: AppArgs) -> tuple[dict[str, ModelSpec], dict[str, str], Inventory, Plan]:
+    """Read the config and plan it: (loadable specs, role → model id as written, inventory, plan).
+
+    Raises ConfigError / PlanError with their own messages; nothing is bound yet.
+    """
+    from placement.planner import make_plan
+    from placement.rules import load_rules
+
+    configs = load_model_configs(args.models_path)
+    model_ids = {role: spec.model for role, spec in configs.models.items()}
+    specs = {role: resolve_demo_model(spec) for role, spec in configs.models.items()}
+    inventory = _inventory(args)
+    rules = load_rules(args.rules) if args.rules else None
+    plan = make_plan(specs, inventory, rules=rules, reserve=args.reserve)
+    return specs, model_ids, inventory, plan
+
+
+# No `from __future__ import annotations` here: Serve reads this annotation as a
+# class to validate the YAML's `args` into AppArgs before calling the builder.
+def build_app(args: AppArgs) -> Application:
+    """Serve's app builder (`import_path: deployments.app:build_app`); a plain dict works too."""
+    from placement.ray_options import deployment_options, placement_warnings
+
+    if not isinstance(args, AppArgs):
+        args = AppArgs.model_validate(args)
+    specs, model_ids, inventory, plan = plan_app(args)
+    for warning in plan.warnings:
+        logger.warning("plan: %s", warning)
+
+    handles = {}
+    for entry in plan.entries:
+        options = deployment_options(entry, inventory)
+        for warning in placement_warnings(entry, inventory):
+            # The pin still holds; only Ray's guard against a second app filling the GPU is missing.
+            logger.warning("placement: %s", warning)
+        logger.info(
+            "plan: %s → %s (%s): %s", entry.role, entry.device_label, gib(entry.memory_budget_bytes), entry.reason
+        )
+        # The spec travels as a dict: plain data across the Ray boundary.
+        spec_dict = specs[entry.role].model_dump()
+        handles[entry.role] = ModelServer.options(name=entry.role, **options).bind(entry.role, spec_dict, entry)
+    return Ingress.bind(handles, model_ids, {entry.role: entry_summary(entry) for entry in plan.entries})

@@ -1,0 +1,220 @@
+"""The Serve deployment for one model role: load on the planned device, serve.
+
+One deployment per role, named by the role (`deployments.app` binds it with the
+Ray options derived from the plan). The replica never re-decides placement: it
+checks that Ray put it where the plan says, refuses to start otherwise, loads
+the model there and logs one line saying where it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from ray import serve
+
+from deployments.generation import GenerationInput, GenerationOutput, StreamDelta
+from placement.config import ModelSpec
+from placement.plan import PlanEntry
+
+logger = logging.getLogger("ray.serve")
+
+# Requests arriving within this window join one batch: long enough to gather
+# concurrent requests, short enough to be invisible next to a forward pass.
+BATCH_WAIT_TIMEOUT_S = 0.01
+# Dev/test switch: a GPU-planned replica on a machine without CUDA loads on CPU
+# instead of refusing. Never set in production: there it hides a broken pin.
+CPU_FALLBACK_ENV = "RAYFIT_ALLOW_CPU_FALLBACK"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_pin_only(entry: PlanEntry) -> None:
+    """On the CPU fallback, still check that the plan's pin reached the replica
+    (the GPU half of `check_placement` cannot run without CUDA)."""
+    from deployments.verify import PlacementMismatch, planned_visible_devices
+
+    actual = os.environ.get("CUDA_VISIBLE_DEVICES", "").replace(" ", "")
+    if actual != planned_visible_devices(entry):
+        raise PlacementMismatch(
+            f"{entry.role}: planned {entry.device_label} but the replica has CUDA_VISIBLE_DEVICES={actual!r}. "
+            f"Remove `ray_actor_options` for '{entry.role}' from the serve config: Serve replaces rayfit's "
+            "options (and its GPU pin) with them instead of merging."
+        )
+
+
+def _cpu_fallback_entry(entry: PlanEntry) -> PlanEntry | None:
+    """The entry to load with when a GPU plan meets a CUDA-less machine and the dev switch allows CPU."""
+    if entry.device != "gpu" or _cuda_available():
+        return None
+    if os.environ.get(CPU_FALLBACK_ENV) != "1":
+        return None
+    return dataclasses.replace(entry, device="cpu", gpu_indices=(), gpu_uuids=(), fraction=0.0, max_memory={})
+
+
+@serve.deployment(
+    # Batching needs several requests in flight per replica; the engine bounds
+    # the real concurrency (max_batch_size) below.
+    max_ongoing_requests=32,
+    health_check_period_s=10,
+)
+class ModelServer:
+    """One model role. Methods are called through DeploymentHandles (ingress, agent code)."""
+
+    def __init__(self, role: str, spec: ModelSpec | dict[str, Any], entry: PlanEntry):
+        # Heavy imports here, not at module import: the app builder imports this
+        # module on a process that never loads a model.
+        from deployments.engine import Engine
+        from deployments.loading import load_model
+        from deployments.verify import check_placement, placement_log_line
+
+        self.role = role
+        self.spec = spec if isinstance(spec, ModelSpec) else ModelSpec.model_validate(spec)
+        self.entry = entry
+        fallback = _cpu_fallback_entry(entry)
+        load_entry = fallback or entry
+        if fallback is not None:
+            check_pin_only(entry)
+            logger.warning(
+                "%s: planned on %s but CUDA is unavailable; loading on CPU because %s=1 (dev/test only)",
+                role,
+                entry.device_label,
+                CPU_FALLBACK_ENV,
+            )
+        else:
+            # Raises PlacementMismatch with the reason (a missing pin names the serve
+            # YAML's ray_actor_options); Serve then reports the deployment as failed.
+            check_placement(entry)
+        self.loaded = load_model(self.spec, load_entry)
+        self.engine = Engine(self.loaded)
+        self.cpu_fallback = fallback is not None
+        self._generate_batch.set_max_batch_size(self.spec.max_batch_size)
+        import ray
+
+        self.node_id = ray.get_runtime_context().get_node_id()
+        logger.info(placement_log_line(role, self.node_id, load_entry))
+
+    # ------------------------------------------------------------ generation
+
+    async def generate(self, request: GenerationInput) -> GenerationOutput:
+        """One request; concurrent calls are batched into one engine call."""
+        result = await self._generate_batch(request)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
+    async def _generate_batch(self, requests: list[GenerationInput]) -> list[GenerationOutput | BaseException]:
+        from deployments.engine import InvalidRequest
+
+        try:
+            # A thread: generate_batch holds the GIL-releasing forward passes for
+            # seconds, and the replica's event loop must keep serving meanwhile.
+            return list(await asyncio.to_thread(self.engine.generate_batch, requests))
+        except InvalidRequest as exc:
+            if len(requests) == 1:
+                return [exc]
+        # One bad request must not fail its batch mates: run them one by one.
+        results: list[GenerationOutput | BaseException] = []
+        for request in requests:
+            try:
+                results.extend(await asyncio.to_thread(self.engine.generate_batch, [request]))
+            except InvalidRequest as exc:
+                results.append(exc)
+        return results
+
+    async def stream(self, request: GenerationInput) -> AsyncIterator[StreamDelta]:
+        """Deltas as the engine produces them. A dedicated thread drains the
+        engine's blocking iterator (not the shared pool: blocked streams could
+        starve it); client disconnect → CancelledError → the thread stops."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        stop = threading.Event()
+
+        def put(kind: str, value: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+
+        def drain(deltas: Iterator[StreamDelta]) -> None:
+            try:
+                for delta in deltas:
+                    if stop.is_set():
+                        break
+                    put("delta", delta)
+            except BaseException as exc:  # re-raised on the event loop side, into the stream
+                put("error", exc)
+            finally:
+                close = getattr(deltas, "close", None)
+                if close is not None:
+                    close()  # lets the engine stop generating when we stopped early
+                put("end", None)
+
+        # Build the iterator on this side so request validation errors raise here, before any delta.
+        deltas = self.engine.stream(request)
+        thread = threading.Thread(target=drain, args=(deltas,), name=f"{self.role}-stream", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "delta":
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    return
+        finally:
+            stop.set()  # on CancelledError (client gone) or normal end
+
+    # ------------------------------------------------------------ reporting
+
+    def placement(self) -> dict[str, Any]:
+        """Planned vs actual, as this replica sees it."""
+        import ray
+
+        from deployments.verify import memory_report
+
+        planned = {
+            "device": self.entry.device_label,
+            "gpu_indices": list(self.entry.gpu_indices),
+            "fraction": self.entry.fraction,
+            "node_id": self.entry.node_id,
+            "memory_budget_bytes": self.entry.memory_budget_bytes,
+            "reason": self.entry.reason,
+        }
+        actual = {
+            "device": str(self.loaded.model.device),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "node_id": self.node_id,
+            "pid": os.getpid(),
+            "load_seconds": round(self.loaded.load_seconds, 3),
+            "quantization": self.loaded.quantization,
+            "cpu_fallback": self.cpu_fallback,
+            "memory": memory_report(self.loaded.model),
+        }
+        return {"role": self.role, "model": self.spec.model, "planned": planned, "actual": actual}
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "model": self.spec.model,
+            "context_length": self.loaded.context_length,
+            "multimodal": self.loaded.is_multimodal,
+            "max_batch_size": self.spec.max_batch_size,
+        }
+
+    def check_health(self) -> None:
+        # Serve restarts the replica when this raises. A dead CUDA context shows
+        # up as an error on the first device call, so touch the device cheaply.
+        if self.entry.device == "gpu" and not self.cpu_fallback:
+            import torch
+
+            torch.cuda.synchronize()

@@ -92,10 +92,10 @@ def _inventory(args: AppArgs) -> Inventory:
     return inventory_from_ray(gpu_memory_bytes=memory)
 
 
-def entry_summary(entry: PlanEntry) -> dict[str, Any]:
-    """A plan entry as JSON for /v1/placement."""
+def entry_summary(entry: PlanEntry, model_id: str | None = None) -> dict[str, Any]:
+    """A plan entry as JSON for /v1/placement; `model_id` as written in the config."""
     return {
-        "model": entry.model,
+        "model": model_id or entry.model,
         "device": entry.device_label,
         "node_id": entry.node_id,
         "gpu_indices": list(entry.gpu_indices),
@@ -148,4 +148,6 @@ def build_app(args: AppArgs) -> Application:
         # The spec travels as a dict: plain data across the Ray boundary.
         spec_dict = specs[entry.role].model_dump()
         handles[entry.role] = ModelServer.options(name=entry.role, **options).bind(entry.role, spec_dict, entry)
-    return Ingress.bind(handles, model_ids, {entry.role: entry_summary(entry) for entry in plan.entries})
+    return Ingress.bind(
+        handles, model_ids, {entry.role: entry_summary(entry, model_ids[entry.role]) for entry in plan.entries}
+    )

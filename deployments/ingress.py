@@ -6,8 +6,8 @@ name (`summarizer`) or the model id from the config; anything else is a 404 in
 OpenAI's error shape naming the models that exist.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see the request
+# models as classes on methods that @serve.ingress rewraps.
 import asyncio
 import json
 import logging

@@ -1,0 +1,319 @@
+"""Orchestration: try each source in order and assemble one `MemoryEstimate`.
+
+Sources, best first: the spec's `memory_gb` override; local safetensors
+headers (exact); config.json built on the meta device (exact shapes); the
+spec's `params_b`; the model's name (a guess, said loudly).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from placement.config import ModelSpec
+from placement.estimate import EstimateSource, MemoryEstimate
+from placement.sizing.errors import SizingError
+from placement.sizing.gguf_header import read_gguf_header
+from placement.sizing.kv_cache import (
+    DEFAULT_CONTEXT_CAP,
+    AttentionShape,
+    attention_shape,
+    default_context_length,
+    kv_cache_bytes,
+    kv_cache_bytes_from_params,
+)
+from placement.sizing.meta_model import build_meta_model, to_config, weight_tensors
+from placement.sizing.pricing import price
+from placement.sizing.quantization import (
+    ALWAYS_SKIPPED,
+    DEFAULT_NF4_DOUBLE_QUANT,
+    DTYPE_BYTES,
+    CheckpointQuantization,
+    Scheme,
+    read_checkpoint_quantization,
+    resolve_scheme,
+    scheme_from_name,
+)
+from placement.sizing.safetensors_header import scan_checkpoint
+from placement.sizing.sources import LocalFiles, find_local_files
+from placement.sizing.tensors import ParamCounts, WeightTensor
+from placement.units import GIB, MIB, gib
+
+# Activations of one forward pass, cuBLAS/attention workspaces and allocator
+# slack: a fixed floor plus a share of the weights (bigger layers, bigger buffers).
+RUNTIME_BASE_BYTES = 256 * MIB
+RUNTIME_WEIGHT_SHARE = 0.05
+# With only a parameter count, assume this share sits in quantizable nn.Linear
+# weights (Llama-3.1-8B: 93%, Gemma-3-27B text: 95%, Gemma-3-4B: 84%).
+PARAMS_B_LINEAR_SHARE = 0.90
+# A synthetic linear's row width when only a count is known (sets int8's per-row scales).
+_ASSUMED_ROW_WIDTH = 4096
+
+
+@dataclass(frozen=True)
+class _Sized:
+    """One source's findings, before KV and runtime are added."""
+
+    source: EstimateSource
+    tensors: tuple[WeightTensor, ...]
+    scheme: Scheme
+    double_quant: bool
+    attention: AttentionShape | None  # None: KV from the parameter count
+    notes: tuple[str, ...]
+    is_guess: bool = False
+
+
+def estimate_memory(spec: ModelSpec, *, cache_dir: Path | None = None) -> MemoryEstimate:
+    """Size one model from the best source available; raise SizingError when none works.
+
+    `cache_dir`: the Hugging Face hub cache to look in (default: huggingface_hub's own).
+    """
+    if spec.memory_gb is not None:
+        return _override(spec)
+    tried: list[str] = []
+    files, why = find_local_files(spec, cache_dir=cache_dir)
+    if files is None:
+        tried.append(why)
+    else:
+        sized = _from_files(spec, files, tried)
+        if sized is not None:
+            return _finish(sized, spec)
+    if spec.params_b is not None:
+        return _finish(_from_count(spec, int(spec.params_b * 1e9), "params_b"), spec)
+    tried.append("no `params_b` in the spec")
+    guessed = _guess_from_name(spec)
+    if guessed is not None:
+        return _finish(guessed, spec)
+    tried.append(f"no size like '27b' or '135m' in the name {spec.model!r}")
+    raise SizingError(
+        f"cannot size model {spec.model!r}: " + "; ".join(tried) + ". Set `params_b` or `memory_gb` for it."
+    )
+
+
+def estimate_from_config(
+    config: Mapping[str, Any] | PretrainedConfig,
+    *,
+    quantization: str,
+    dtype: str = "bfloat16",
+    context_length: int | None = None,
+    batch_size: int = 4,
+    skip_modules: Sequence[str] = (),
+) -> MemoryEstimate:
+    """Size a model from its config alone (meta-device build; no weights read).
+
+    `skip_modules` match module names as transformers' bnb integration does: a
+    prefix of the full name up to a dot ("model.vision_tower"), a regex, or a
+    suffix ("lm_head"). lm_head is always skipped.
+    """
+    data = config.to_dict() if isinstance(config, PretrainedConfig) else dict(config)
+    name = str(data.get("_name_or_path") or "")
+    sized = _from_config(data, quantization, name, skip_modules, origin="the given config")
+    return _finish(sized, None, dtype=dtype, context_length=context_length, batch_size=batch_size)
+
+
+def count_parameters(config: Mapping[str, Any] | PretrainedConfig, *, skip_modules: Sequence[str] = ()) -> ParamCounts:
+    """Logical parameter counts of a config's model, built on the meta device."""
+    return ParamCounts.of(weight_tensors(build_meta_model(config), skip_modules=skip_modules))
+
+
+def _override(spec: ModelSpec) -> MemoryEstimate:
+    assert spec.memory_gb is not None
+    return MemoryEstimate(
+        source="memory_gb",
+        params=int(spec.params_b * 1e9) if spec.params_b else 0,
+        weights_bytes=int(spec.memory_gb * GIB),
+        quant_overhead_bytes=0,
+        kv_cache_bytes=0,
+        runtime_bytes=0,
+        quantization=spec.quantization if spec.quantization != "auto" else scheme_from_name(spec.model),
+        context_length=spec.context_length or DEFAULT_CONTEXT_CAP,
+        batch_size=spec.max_batch_size,
+        notes=(f"`memory_gb: {spec.memory_gb}` override: the whole amount is booked as weights; nothing was computed",),
+    )
+
+
+def _from_files(spec: ModelSpec, files: LocalFiles, tried: list[str]) -> _Sized | None:
+    if files.gguf is not None:
+        return _from_gguf(spec, files.gguf, files)
+    if spec.gguf_file:
+        tried.append(f"GGUF file {spec.gguf_file!r} not found in {files.origin}")
+    if files.safetensors and not files.missing_shards:
+        return _from_safetensors(spec, files)
+    if files.missing_shards:
+        tried.append(f"{files.origin}: {len(files.missing_shards)} safetensors shard(s) missing (partial download)")
+    else:
+        tried.append(f"{files.origin}: no safetensors files")
+    if files.config is not None:
+        try:
+            return _from_config(
+                files.config, spec.quantization, spec.model, (), origin=f"config.json in {files.origin}"
+            )
+        except Exception as exc:  # unknown architecture, remote code, ...: fall back to cruder sources
+            tried.append(f"{files.origin}: config.json could not be built on the meta device ({exc})")
+    else:
+        tried.append(f"{files.origin}: no config.json")
+    return None
+
+
+def _from_safetensors(spec: ModelSpec, files: LocalFiles) -> _Sized:
+    checkpoint = read_checkpoint_quantization(files.config)
+    skips = (*ALWAYS_SKIPPED, *checkpoint.skip_modules)
+    scan = scan_checkpoint(files.safetensors, skip_modules=skips)
+    if scan.prequantized != "none" and checkpoint.scheme == "none":
+        # Side tensors say bnb even if config.json does not: trust the weights.
+        checkpoint = CheckpointQuantization(
+            scan.prequantized, "bitsandbytes", scan.double_quant, checkpoint.skip_modules
+        )
+    scheme, notes = resolve_scheme(spec.quantization, checkpoint, spec.model)
+    double_quant = scan.double_quant if scan.prequantized != "none" else DEFAULT_NF4_DOUBLE_QUANT
+    notes = (
+        f"{len(files.safetensors)} safetensors file(s) in {files.origin}: shapes from headers, "
+        f"{gib(scan.stored_bytes)} stored",
+        *notes,
+    )
+    if scan.prequantized != "none":
+        notes += ("quantized weights at their stored bytes; logical shapes from quant_state",)
+    elif scheme != "none":
+        notes += (_load_time_note(scheme, double_quant, skips, linear_rule="2-D *.weight tensors"),)
+    if checkpoint.method is not None and checkpoint.scheme == "none":
+        notes += (f"quantization_config says {checkpoint.method!r}: not bitsandbytes, tensors sized as stored",)
+    attention = _attention_or_none(files.config)
+    if attention is None:
+        notes += ("no usable config.json: KV cache estimated from the parameter count (rough)",)
+    return _Sized("safetensors", scan.tensors, scheme, double_quant, attention, notes)
+
+
+def _from_config(
+    config: Mapping[str, Any], quantization: str, name: str, skip_modules: Sequence[str], *, origin: str
+) -> _Sized:
+    checkpoint = read_checkpoint_quantization(config)
+    scheme, notes = resolve_scheme(quantization, checkpoint, name)
+    skips = (*ALWAYS_SKIPPED, *checkpoint.skip_modules, *skip_modules)
+    tensors = tuple(weight_tensors(build_meta_model(config), skip_modules=skips))
+    double_quant = checkpoint.double_quant if checkpoint.scheme != "none" else DEFAULT_NF4_DOUBLE_QUANT
+    notes = (f"shapes from {origin}, built on the meta device", *notes)
+    if scheme != "none":
+        notes += (_load_time_note(scheme, double_quant, skips, linear_rule="nn.Linear weights"),)
+    return _Sized("config", tensors, scheme, double_quant, attention_shape(to_config(config)), notes)
+
+
+def _from_gguf(spec: ModelSpec, path: Path, files: LocalFiles) -> _Sized:
+    header = read_gguf_header(path)
+    checkpoint = read_checkpoint_quantization(None)
+    scheme, notes = resolve_scheme(spec.quantization, checkpoint, spec.model)
+    notes = (
+        f"GGUF header {path.name} ({header.architecture}, {len(header.tensors)} tensors) in {files.origin}; "
+        f"rayfit converts GGUF to {spec.dtype} safetensors, so it is sized as {spec.dtype}"
+        + (f" quantized to {scheme} at load" if scheme != "none" else ""),
+        *notes,
+    )
+    attention = _attention_or_none(files.config) or _attention_or_none(header.attention_config)
+    return _Sized("config", header.tensors, scheme, DEFAULT_NF4_DOUBLE_QUANT, attention, notes)
+
+
+def _from_count(spec: ModelSpec, params: int, source: EstimateSource) -> _Sized:
+    checkpoint = read_checkpoint_quantization(None)
+    scheme, notes = resolve_scheme(spec.quantization, checkpoint, spec.model)
+    linear = int(params * PARAMS_B_LINEAR_SHARE)
+    tensors = (
+        WeightTensor("linear (assumed)", (max(1, linear // _ASSUMED_ROW_WIDTH), _ASSUMED_ROW_WIDTH), True),
+        WeightTensor("other (assumed)", (params - max(1, linear // _ASSUMED_ROW_WIDTH) * _ASSUMED_ROW_WIDTH,)),
+    )
+    notes = (
+        f"{params / 1e9:.2f}B params; assumed {PARAMS_B_LINEAR_SHARE:.0%} sit in quantizable linear layers",
+        *notes,
+        "no config: KV cache estimated from the parameter count (rough, on the high side)",
+    )
+    return _Sized(source, tensors, scheme, DEFAULT_NF4_DOUBLE_QUANT, None, notes)
+
+
+def _guess_from_name(spec: ModelSpec) -> _Sized | None:
+    from placement.sizing.name_guess import guess_params_from_name
+
+    params = guess_params_from_name(spec.model)
+    if params is None:
+        return None
+    sized = _from_count(spec, params, "name_guess")
+    loud = (
+        f"GUESS: no local files, config or params_b for {spec.model!r}; size read from its name "
+        f"({params / 1e9:.2f}B). Set `params_b` or `memory_gb` to be sure"
+    )
+    return _Sized(sized.source, sized.tensors, sized.scheme, sized.double_quant, None, (loud, *sized.notes), True)
+
+
+def _attention_or_none(config: Mapping[str, Any] | None) -> AttentionShape | None:
+    """The KV shape, read through transformers' config class when it knows the model type:
+    it fills in derived fields such as Gemma 3's `layer_types` that older config.json files lack."""
+    if config is None:
+        return None
+    try:
+        return attention_shape(to_config(config))
+    except Exception:  # unknown model type or no model_type (GGUF): read the dict as written
+        pass
+    try:
+        return attention_shape(config)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _load_time_note(scheme: Scheme, double_quant: bool, skips: Sequence[str], *, linear_rule: str) -> str:
+    detail = f"double quant {'on' if double_quant else 'off'}" if scheme == "nf4" else "fp32 scale per output row"
+    kept = ", ".join(sorted(set(skips)))
+    return f"{scheme} at load ({detail}) for {linear_rule}; embeddings, norms, biases and {kept} stay unquantized"
+
+
+def _finish(
+    sized: _Sized,
+    spec: ModelSpec | None,
+    *,
+    dtype: str | None = None,
+    context_length: int | None = None,
+    batch_size: int | None = None,
+) -> MemoryEstimate:
+    """Price the weights, add KV cache and runtime, and write the notes."""
+    dtype = dtype or (spec.dtype if spec else "bfloat16")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_BYTES)}")
+    dtype_bytes = DTYPE_BYTES[dtype]
+    context_length = context_length or (spec.context_length if spec else None)
+    batch = batch_size or (spec.max_batch_size if spec else 4)
+    counts = ParamCounts.of(sized.tensors)
+    cost = price(sized.tensors, scheme=sized.scheme, dtype_bytes=dtype_bytes, double_quant=sized.double_quant)
+    notes = list(sized.notes)
+    notes.append(
+        f"{counts.total / 1e9:.3f}B params: {counts.quantizable / 1e9:.3f}B in quantizable linears, "
+        f"{counts.other / 1e9:.3f}B other; weights {gib(cost.weights)} + quant overhead {gib(cost.quant_overhead)}"
+    )
+    if sized.attention is not None:
+        context = context_length or default_context_length(sized.attention)
+        kv = kv_cache_bytes(sized.attention, context_length=context, batch_size=batch, dtype_bytes=dtype_bytes)
+        sliding = sized.attention.sliding_layers()
+        window = f", {sliding} sliding layers capped at {sized.attention.sliding_window}" if sliding else ""
+        notes.append(
+            f"KV cache {gib(kv)}: {context} tokens × batch {batch}, {sized.attention.num_layers} layers × "
+            f"{sized.attention.kv_heads} KV heads × head_dim {sized.attention.head_dim} in {dtype}{window}"
+        )
+    else:
+        context = context_length or DEFAULT_CONTEXT_CAP
+        kv = kv_cache_bytes_from_params(counts.total, context_length=context, batch_size=batch)
+        notes.append(f"KV cache {gib(kv)}: {context} tokens × batch {batch}, from the parameter count")
+    runtime = RUNTIME_BASE_BYTES + math.ceil(RUNTIME_WEIGHT_SHARE * (cost.weights + cost.quant_overhead))
+    notes.append(f"runtime {gib(runtime)}: 256 MiB + {RUNTIME_WEIGHT_SHARE:.0%} of weights")
+    return MemoryEstimate(
+        source=sized.source,
+        params=counts.total,
+        weights_bytes=cost.weights,
+        quant_overhead_bytes=cost.quant_overhead,
+        kv_cache_bytes=kv,
+        runtime_bytes=runtime,
+        quantization=sized.scheme,
+        context_length=context,
+        batch_size=batch,
+        is_guess=sized.is_guess,
+        notes=tuple(notes),
+    )

@@ -1,0 +1,90 @@
+"""Find a model's files on this machine: a local path, or the Hugging Face cache.
+
+Never touches the network: the cache is read with `local_files_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import snapshot_download, try_to_load_from_cache
+
+from placement.config import ModelSpec
+
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class LocalFiles:
+    """What exists locally for one model; any part may be missing."""
+
+    origin: str  # "local directory <path>", "HF cache <path>", "local file <path>"
+    config: dict[str, Any] | None  # config.json, parsed
+    safetensors: tuple[Path, ...]  # the weight files, all of them present
+    gguf: Path | None
+    missing_shards: tuple[str, ...] = ()  # listed in the index but not on disk (a partial download)
+
+
+def find_local_files(spec: ModelSpec, *, cache_dir: Path | None = None) -> tuple[LocalFiles | None, str]:
+    """The model's local files, or None and a line saying where it looked.
+
+    `cache_dir`: the Hugging Face hub cache to read (default: huggingface_hub's).
+    """
+    path = Path(spec.model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return LocalFiles(f"local file {path}", None, (), path), ""
+    if path.is_dir():
+        return _from_dir(path, spec.gguf_file, f"local directory {path}"), ""
+    snapshot = _cached_snapshot(spec, cache_dir)
+    if snapshot is not None:
+        gguf = _cached_gguf(spec, cache_dir) if spec.gguf_file else None
+        files = _from_dir(snapshot, None, f"HF cache {snapshot}")
+        return LocalFiles(files.origin, files.config, files.safetensors, gguf, files.missing_shards), ""
+    return None, f"no local directory {spec.model!r} and nothing for it in the Hugging Face cache"
+
+
+def _cached_snapshot(spec: ModelSpec, cache_dir: Path | None) -> Path | None:
+    try:
+        return Path(snapshot_download(spec.model, revision=spec.revision, cache_dir=cache_dir, local_files_only=True))
+    except Exception:  # not cached, or not a valid repo id: both mean "not here"
+        return None
+
+
+def _cached_gguf(spec: ModelSpec, cache_dir: Path | None) -> Path | None:
+    assert spec.gguf_file is not None
+    try:
+        found = try_to_load_from_cache(spec.model, spec.gguf_file, cache_dir=cache_dir, revision=spec.revision)
+    except Exception:  # an invalid repo id is simply not cached
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def _from_dir(directory: Path, gguf_file: str | None, origin: str) -> LocalFiles:
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else None
+    gguf = None
+    if gguf_file:
+        candidate = directory / gguf_file
+        gguf = candidate if candidate.is_file() else None
+    shards, missing = _safetensors_files(directory)
+    return LocalFiles(origin, config, shards, gguf, missing)
+
+
+def _safetensors_files(directory: Path) -> tuple[tuple[Path, ...], tuple[str, ...]]:
+    """The weight files: those the index names, else model.safetensors, else every *.safetensors.
+
+    The index wins so a repo that also ships a consolidated copy is not counted twice.
+    """
+    index = directory / _SAFETENSORS_INDEX
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        present = tuple(directory / n for n in names if (directory / n).is_file())
+        missing = tuple(n for n in names if not (directory / n).is_file())
+        return present, missing
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return (single,), ()
+    return tuple(sorted(directory.glob("*.safetensors"))), ()

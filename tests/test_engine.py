@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from deployments.demo_models import smollm2_gguf
 from deployments.engine import Engine, InvalidRequest
 from deployments.generation import GenerationInput, SamplingParams
 from deployments.loading import LoadedModel, convert_gguf, gguf_cache_dir, load_model
-from deployments.verify import PlacementMismatch, check_placement, memory_report, placement_log_line
+from deployments.verify import (
+    PlacementMismatch,
+    check_placement,
+    memory_report,
+    placement_log_line,
+    visible_gpu_uuids,
+)
 from placement.config import ModelSpec
 from placement.estimate import MemoryEstimate
 from placement.plan import PlanEntry
@@ -273,3 +282,20 @@ def test_gguf_conversion_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     )
     out = Engine(second).generate_batch([chat])[0]
     assert out.text.strip() and out.prompt_tokens > 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_load_on_gpu_and_check_placement(tiny_text_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if not visible.isdigit():
+        pytest.skip("run with CUDA_VISIBLE_DEVICES=<one index>, as a pinned replica is")
+    uuid = visible_gpu_uuids()[0]
+    entry = replace(_entry("gpu", (int(visible),)), gpu_uuids=(uuid,))
+    assert check_placement(entry).device_uuids == (uuid,)
+    with pytest.raises(PlacementMismatch, match="UUID"):
+        check_placement(replace(entry, gpu_uuids=("GPU-00000000-0000-0000-0000-000000000000",)))
+    loaded = load_model(ModelSpec(model=str(tiny_text_model_dir), dtype="float32"), entry)
+    assert next(loaded.model.parameters()).device == torch.device("cuda", 0)
+    out = Engine(loaded).generate_batch([GenerationInput(params=GREEDY, prompt="The quick")])[0]
+    assert out.completion_tokens == GREEDY.max_tokens
+    assert int(memory_report(loaded.model)["cuda:0_allocated_bytes"]) > 0

@@ -106,7 +106,8 @@ class ChatCompletionRequest(_SamplingFields):
     def to_generation_input(self) -> GenerationInput:
         # `max_completion_tokens` is the newer name; it wins when both are given.
         params = self.sampling_params(self.max_completion_tokens or self.max_tokens)
-        messages = tuple(m.model_dump(exclude_none=True) for m in self.messages)
+        # The engine wants `content` on every message; an assistant turn may have none.
+        messages = tuple({"content": "", **m.model_dump(exclude_none=True)} for m in self.messages)
         return GenerationInput(params=params, messages=messages)
 
 

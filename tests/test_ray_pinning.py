@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -49,6 +52,8 @@ REPLICA_CPUS = 0.1
 # Long enough for Ray to have scheduled a feasible replica several times over.
 PENDING_WAIT_S = 8.0
 DEPLOY_TIMEOUT_S = 60.0
+STOP_GRACE_S = 5.0
+RESULT = "RESULT "
 
 
 # Short shutdown: deleting an app whose replica never started otherwise waits the 20 s default;
@@ -227,7 +232,7 @@ def test_inventory_from_ray_reads_declared_gpus_and_slots(cluster: Inventory) ->
 
 
 def _run_driver(script: str, env: dict[str, str] | None = None, timeout: float = 120) -> dict[str, Any]:
-    """Run a Python driver in its own process (one Ray connection per process); its last line is JSON."""
+    """Run a Python driver in its own process (one Ray connection per process); it prints `RESULT <json>`."""
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)],
         capture_output=True,
@@ -237,7 +242,9 @@ def _run_driver(script: str, env: dict[str, str] | None = None, timeout: float =
         cwd=Path(__file__).parent,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # Ray forwards worker logs to the driver's stdout too: find our line among them.
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
+    return json.loads(line.removeprefix(RESULT))
 
 
 def test_inventory_without_slot_resources() -> None:
@@ -248,7 +255,7 @@ def test_inventory_without_slot_resources() -> None:
         from placement.ray_inventory import inventory_from_ray
         ray.init(address="local", num_cpus=1, num_gpus=2, include_dashboard=False)
         (node,) = inventory_from_ray(gpu_memory_bytes=8 * 2**30).nodes
-        print(json.dumps({"gpus": len(node.gpus), "slots": node.has_gpu_slots}))
+        print("RESULT", json.dumps({"gpus": len(node.gpus), "slots": node.has_gpu_slots}))
         ray.shutdown()
         """
     )
@@ -272,7 +279,9 @@ def test_entry_for_a_worker_node_runs_on_that_node() -> None:
     temp_dir = tempfile.mkdtemp(prefix="rayfit-mn-")
     common = ["--num-cpus=1", f"--memory={2 * GIB}", f"--object-store-memory={200 * 2**20}"]
     head = [ray_cli, "start", *ray_start_args(1, node_labels={"rayfit-node": "head"}), f"--port={port}"]
-    head += ["--include-dashboard=false", f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={_free_port()}"]
+    # Every port ours: other test runs may start clusters on this machine at the same time.
+    head += ["--include-dashboard=false", f"--temp-dir={temp_dir}", f"--dashboard-port={_free_port()}"]
+    head += [f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}"]
     worker = [ray_cli, "start", *ray_start_args(1, node_labels={"rayfit-node": "worker"}, head=False)]
     worker += [f"--address={address}", f"--dashboard-agent-listen-port={_free_port()}"]
     started = []
@@ -301,7 +310,7 @@ def test_entry_for_a_worker_node_runs_on_that_node() -> None:
             app = Reporter.options(name="remote", **options).bind()
             handle = serve.run(app, name="remote", route_prefix="/remote")
             got = handle.report.remote().result(timeout_s=30)
-            print(json.dumps({{"worker": worker.node_id, "got": got, "options": options,
+            print("RESULT", json.dumps({{"worker": worker.node_id, "got": got, "options": options,
                               "nodes": len(inventory.nodes), "slots": [n.has_gpu_slots for n in inventory.nodes]}}))
             serve.shutdown()
             """,
@@ -315,24 +324,38 @@ def test_entry_for_a_worker_node_runs_on_that_node() -> None:
     finally:
         # Only the nodes started here: `ray stop` would hit every cluster on the machine.
         if started:
-            _stop_cluster(temp_dir)
+            _stop_cluster(temp_dir, port)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _stop_cluster(temp_dir: str) -> None:
-    """Kill the raylet/GCS processes of our own session (found under our own --temp-dir)."""
-    session = Path(temp_dir) / "session_latest"
-    pids: set[int] = set()
+def _stop_cluster(temp_dir: str, port: int) -> None:
+    """SIGTERM our own cluster's processes: those naming our --temp-dir or GCS port, and their children."""
+    gcs = re.compile(rf":{port}(?!\d)")
+    parents: dict[int, int] = {}
+    ours: set[int] = set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
             continue
-        if temp_dir in cmdline or str(session.resolve()) in cmdline:
-            pids.add(int(proc.name))
-    for pid in pids:
-        try:
-            os.kill(pid, 15)
-        except ProcessLookupError:
-            pass
+        if "ray" in cmdline and (temp_dir in cmdline or gcs.search(cmdline)):
+            ours.add(int(proc.name))
+    grown = True
+    while grown:  # agents and workers are children of our raylets
+        children = {pid for pid, ppid in parents.items() if ppid in ours} - ours
+        grown = bool(children)
+        ours |= children
+    ours.discard(os.getpid())
+    # SIGTERM first (raylets exit cleanly), then SIGKILL what ignores it (gcs_server, monitor), as `ray stop` does.
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in ours:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + STOP_GRACE_S
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in ours):
+            time.sleep(0.2)

@@ -146,19 +146,35 @@ def local_inventory() -> Inventory:
     )
 
 
-def _declared_gpus(node_id: str, count: int, seen: list[Gpu], gpu_memory_bytes: int | None) -> tuple[Gpu, ...]:
-    """Ray's declared GPU count is authoritative (the slots follow it); measure what the node sees."""
-    if len(seen) >= count:
-        return tuple(seen[:count])
+def _probe_node() -> tuple[list[Gpu], str | None]:
+    """Run ON a Ray node: its visible GPUs and the CUDA_VISIBLE_DEVICES it was started with."""
+    return probe_gpus(), os.environ.get(CUDA_VISIBLE_DEVICES)
+
+
+def _node_gpus(
+    node_id: str, count: int, seen: list[Gpu], node_visible: str | None, gpu_memory_bytes: int | None
+) -> tuple[Gpu, ...]:
+    """The node's GPUs: measured when it can see them, else `count` declared ones of `gpu_memory_bytes`."""
+    if seen:
+        selectors = [part.strip() for part in (node_visible or "").split(",") if part.strip()]
+        if node_visible is not None and selectors != [str(i) for i in range(len(selectors))]:
+            # The replica pin replaces the node's CUDA_VISIBLE_DEVICES, so index 0 would mean host GPU 0.
+            raise RuntimeError(
+                f"Ray node {node_id} was started with CUDA_VISIBLE_DEVICES={node_visible!r}; rayfit pins each "
+                f"replica by host GPU index, which would override it. Start one Ray node per machine with all its "
+                f"GPUs: `ray start` with the arguments from `rayfit-plan ray-start-args`"
+            )
+        if len(seen) < count:
+            raise RuntimeError(f"Ray node {node_id} declares {count} GPU(s) but only {len(seen)} are visible on it")
+        return tuple(seen[:count])  # Ray's count is authoritative: the gpu_slot_* resources follow it
     if gpu_memory_bytes is None:
         raise RuntimeError(
-            f"Ray node {node_id} declares {count} GPU(s) but only {len(seen)} can be seen on it "
-            f"(no NVML/CUDA device): pass --gpu-memory (e.g. --gpu-memory 24GB) to give each declared GPU's size"
+            f"Ray node {node_id} declares {count} GPU(s) but none can be seen on it (no NVML/CUDA device): "
+            f"pass --gpu-memory (e.g. --gpu-memory 24GB) to give each declared GPU's size"
         )
     if gpu_memory_bytes <= 0:
         raise ValueError(f"gpu_memory_bytes must be positive, got {gpu_memory_bytes}")
-    declared = [Gpu(index=i, total_bytes=gpu_memory_bytes) for i in range(len(seen), count)]
-    return tuple(seen) + tuple(declared)
+    return tuple(Gpu(index=i, total_bytes=gpu_memory_bytes) for i in range(count))
 
 
 def _has_gpu_slots(resources: dict[str, float], gpu_count: int) -> bool:
@@ -170,7 +186,9 @@ def inventory_from_ray(*, gpu_memory_bytes: int | None = None) -> Inventory:
 
     Each GPU node is probed by a task pinned to it (NodeAffinitySchedulingStrategy,
     num_cpus=0, so a busy node still answers). Raises RuntimeError when a node's
-    declared GPUs cannot be seen and `gpu_memory_bytes` is None.
+    declared GPUs cannot be seen and `gpu_memory_bytes` is None, when it sees fewer
+    GPUs than it declares, or when it was started with its own CUDA_VISIBLE_DEVICES
+    subset (the replica pin would override it; see placement.ray_options).
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -179,7 +197,7 @@ def inventory_from_ray(*, gpu_memory_bytes: int | None = None) -> Inventory:
         raise RuntimeError("inventory_from_ray needs a connected Ray: call ray.init(address=...) first")
 
     alive: list[dict[str, Any]] = [n for n in ray.nodes() if n.get("Alive")]
-    probe = ray.remote(num_cpus=0, max_retries=0)(probe_gpus)
+    probe = ray.remote(num_cpus=0, max_retries=0)(_probe_node)
     pending = {}
     for info in alive:
         if int(info["Resources"].get("GPU", 0)) > 0:
@@ -196,7 +214,7 @@ def inventory_from_ray(*, gpu_memory_bytes: int | None = None) -> Inventory:
         nodes.append(
             Node(
                 node_id=node_id,
-                gpus=_declared_gpus(node_id, count, seen.get(node_id, []), gpu_memory_bytes) if count else (),
+                gpus=_node_gpus(node_id, count, *seen.get(node_id, ([], None)), gpu_memory_bytes) if count else (),
                 cpu_memory_bytes=int(memory) if memory is not None else None,
                 address=info.get("NodeManagerAddress"),
                 has_gpu_slots=_has_gpu_slots(resources, count),

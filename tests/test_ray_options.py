@@ -9,6 +9,7 @@ import pytest
 from placement.estimate import MemoryEstimate
 from placement.inventory import LOCAL_NODE, Gpu, Inventory, Node
 from placement.plan import PlanEntry
+from placement.ray_inventory import _node_gpus, local_inventory
 from placement.ray_options import (
     CUDA_VISIBLE_DEVICES,
     GPU_SLOT_PREFIX,
@@ -131,3 +132,25 @@ def test_ray_start_args_declare_gpus_slots_and_labels() -> None:
     assert ray_start_args(0) == ["--head", "--num-gpus=0"]
     with pytest.raises(ValueError):
         ray_start_args(1, node_labels={"bad": "a,b"})
+
+
+def test_local_inventory_reads_this_machine_without_ray() -> None:
+    # Works on a GPU box and a CPU box alike: indices follow CUDA_VISIBLE_DEVICES order from 0.
+    (local,) = local_inventory().nodes
+    assert local.node_id == LOCAL_NODE and local.has_gpu_slots
+    assert [gpu.index for gpu in local.gpus] == list(range(len(local.gpus)))
+    assert all(gpu.total_bytes > 0 and gpu.free_bytes is not None for gpu in local.gpus)
+    assert local.cpu_memory_bytes and local.cpu_memory_bytes > 0
+
+
+def test_node_started_on_a_gpu_subset_is_refused() -> None:
+    """`CUDA_VISIBLE_DEVICES=1 ray start ...`: the replica pin "0" would mean host GPU 0, so refuse it."""
+    seen = [Gpu(0, 24 * GIB, free_bytes=24 * GIB)]
+    with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES='1'"):
+        _node_gpus("n1", 1, seen, "1", None)
+    assert _node_gpus("n1", 1, seen, "0", None) == tuple(seen)
+    assert _node_gpus("n1", 1, seen, None, None) == tuple(seen)
+    # Declared GPUs nobody can see: sized by --gpu-memory, or a clear error.
+    assert _node_gpus("n1", 2, [], None, 8 * GIB) == (Gpu(0, 8 * GIB), Gpu(1, 8 * GIB))
+    with pytest.raises(RuntimeError, match="--gpu-memory"):
+        _node_gpus("n1", 2, [], None, None)

@@ -20,6 +20,7 @@ import torch
 
 from placement.config import ModelSpec
 from placement.sizing import SizingError, count_parameters, estimate_from_config, estimate_memory
+from placement.sizing.estimate import PARAMS_B_LINEAR_SHARE
 from placement.sizing.name_guess import guess_params_from_name
 from placement.sizing.quantization import nf4_cost
 from placement.sizing.safetensors_header import read_header
@@ -335,7 +336,7 @@ def test_params_b_when_no_files() -> None:
     estimate = estimate_memory(ModelSpec(model="nobody/not-cached-model", params_b=8.0, quantization="nf4"))
     assert estimate.source == "params_b" and not estimate.is_guess
     assert estimate.params == 8_000_000_000
-    assert "90%" in estimate.notes[0]
+    assert f"{PARAMS_B_LINEAR_SHARE:.0%}" in estimate.notes[0]
     assert 4 * GIB < estimate.weights_bytes + estimate.quant_overhead_bytes < 6 * GIB
 
 

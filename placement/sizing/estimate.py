@@ -40,7 +40,7 @@ from placement.sizing.quantization import (
     scheme_from_name,
 )
 from placement.sizing.safetensors_header import scan_checkpoint
-from placement.sizing.sources import LocalFiles, find_local_files
+from placement.sizing.sources import LocalFiles, fetch_config_from_hub, find_local_files
 from placement.sizing.tensors import ParamCounts, WeightTensor
 from placement.units import GIB, MIB, gib
 
@@ -50,7 +50,7 @@ RUNTIME_BASE_BYTES = 256 * MIB
 RUNTIME_WEIGHT_SHARE = 0.05
 # With only a parameter count, assume this share sits in quantizable nn.Linear
 # weights (Llama-3.1-8B: 93%, Gemma-3-27B text: 95%, Gemma-3-4B: 84%).
-PARAMS_B_LINEAR_SHARE = 0.90
+PARAMS_B_LINEAR_SHARE = 0.92
 # A synthetic linear's row width when only a count is known (sets int8's per-row scales).
 _ASSUMED_ROW_WIDTH = 4096
 
@@ -74,9 +74,12 @@ def estimate_memory(spec: ModelSpec, *, cache_dir: Path | None = None) -> Memory
     `cache_dir`: the Hugging Face hub cache to look in (default: huggingface_hub's own).
     """
     if spec.memory_gb is not None:
-        return _override(spec)
+        return _override(spec, cache_dir)
     tried: list[str] = []
     files, why = find_local_files(spec, cache_dir=cache_dir)
+    if files is None and fetch_config_from_hub(spec, cache_dir=cache_dir):
+        # A few KB of config.json size a hub model far better than its name.
+        files, why = find_local_files(spec, cache_dir=cache_dir)
     if files is None:
         tried.append(why)
     else:
@@ -121,11 +124,17 @@ def count_parameters(config: Mapping[str, Any] | PretrainedConfig, *, skip_modul
     return ParamCounts.of(weight_tensors(build_meta_model(config), skip_modules=skip_modules))
 
 
-def _override(spec: ModelSpec) -> MemoryEstimate:
+def _override(spec: ModelSpec, cache_dir: Path | None) -> MemoryEstimate:
     assert spec.memory_gb is not None
+    # The total is the user's; the parameter count still comes from the best
+    # source, because size rules match on it (a 27B stays "large").
+    try:
+        params = estimate_memory(spec.model_copy(update={"memory_gb": None}), cache_dir=cache_dir).params
+    except SizingError:
+        params = 0
     return MemoryEstimate(
         source="memory_gb",
-        params=int(spec.params_b * 1e9) if spec.params_b else 0,
+        params=params,
         weights_bytes=int(spec.memory_gb * GIB),
         quant_overhead_bytes=0,
         kv_cache_bytes=0,
@@ -227,7 +236,7 @@ def _from_count(spec: ModelSpec, params: int, source: EstimateSource) -> _Sized:
     notes = (
         f"{params / 1e9:.2f}B params; assumed {PARAMS_B_LINEAR_SHARE:.0%} sit in quantizable linear layers",
         *notes,
-        "no config: KV cache estimated from the parameter count (rough, on the high side)",
+        "no config: KV cache estimated from the parameter count (rough)",
     )
     return _Sized(source, tensors, scheme, DEFAULT_NF4_DOUBLE_QUANT, None, notes)
 

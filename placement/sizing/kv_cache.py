@@ -96,10 +96,13 @@ def kv_cache_bytes(shape: AttentionShape, *, context_length: int, batch_size: in
 # Without a config the shape is unknown. Full-attention bf16 KV per token grows
 # about as the square root of the parameter count: SmolLM2-135M 23 KB,
 # Llama-3.1-8B 128 KB, Gemma-3-4B 139 KB, Qwen2.5-32B 262 KB, Llama-3-70B 327 KB
-# — 2.2 × sqrt(params) bytes bounds all of these from above.
-KV_BYTES_PER_SQRT_PARAM = 2.2
+# (1.3-2.2 × sqrt(params)). Sliding-window models (Gemma 3) hold far less than
+# their full-attention figure, so a typical 1.5 × sqrt(params) is used rather
+# than the upper bound: a guess that refuses the models a GPU really holds
+# helps nobody, and the plan flags every guess.
+KV_BYTES_PER_SQRT_PARAM = 1.5
 
 
 def kv_cache_bytes_from_params(params: int, *, context_length: int, batch_size: int) -> int:
-    """A rough (high) KV size when only the parameter count is known."""
+    """A rough KV size when only the parameter count is known."""
     return int(KV_BYTES_PER_SQRT_PARAM * math.sqrt(params) * context_length * batch_size)

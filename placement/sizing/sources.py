@@ -1,6 +1,8 @@
 """Find a model's files on this machine: a local path, or the Hugging Face cache.
 
-Never touches the network: the cache is read with `local_files_only=True`.
+Reading never touches the network: the cache is read with `local_files_only=True`.
+Only `fetch_config_from_hub` may download, one small config.json, and not when
+`HF_HUB_OFFLINE` is set.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import snapshot_download, try_to_load_from_cache
+from huggingface_hub import hf_hub_download, is_offline_mode, snapshot_download, try_to_load_from_cache
 
 from placement.config import ModelSpec
 
@@ -44,6 +46,21 @@ def find_local_files(spec: ModelSpec, *, cache_dir: Path | None = None) -> tuple
         files = _from_dir(snapshot, None, f"HF cache {snapshot}")
         return LocalFiles(files.origin, files.config, files.safetensors, gguf, files.missing_shards), ""
     return None, f"no local directory {spec.model!r} and nothing for it in the Hugging Face cache"
+
+
+def fetch_config_from_hub(spec: ModelSpec, *, cache_dir: Path | None = None) -> bool:
+    """Download the model's config.json (a few KB) into the HF cache; True when it arrived.
+
+    Weights are never fetched here. Offline (`HF_HUB_OFFLINE=1`), a local path,
+    or any hub error simply return False: the caller falls back to other sources.
+    """
+    if is_offline_mode() or Path(spec.model).expanduser().exists() or spec.model.count("/") != 1:
+        return False
+    try:
+        hf_hub_download(spec.model, "config.json", revision=spec.revision, cache_dir=cache_dir, etag_timeout=5)
+    except Exception:  # no network, no such repo, gated: all mean "not from the hub"
+        return False
+    return True
 
 
 def _cached_snapshot(spec: ModelSpec, cache_dir: Path | None) -> Path | None:

@@ -79,6 +79,13 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return _error(exc.status_code, str(exc.detail), kind)
 
 
+@app.exception_handler(Exception)
+async def _server_error(_: Request, exc: Exception) -> JSONResponse:
+    # Anything unexpected (a replica died, a load error) still answers in OpenAI's shape.
+    logger.exception("request failed")
+    return _error(500, f"{type(exc).__name__}: {_message_of(exc)}", "server_error")
+
+
 def _is_invalid_request(exc: BaseException) -> bool:
     """The engine's InvalidRequest, also when it arrives wrapped by Ray."""
     from deployments.engine import InvalidRequest

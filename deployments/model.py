@@ -178,6 +178,7 @@ class ModelServer:
     def placement(self) -> dict[str, Any]:
         """Planned vs actual, as this replica sees it."""
         import ray
+        import torch
 
         from deployments.verify import memory_report
 
@@ -198,6 +199,8 @@ class ModelServer:
             "load_seconds": round(self.loaded.load_seconds, 3),
             "quantization": self.loaded.quantization,
             "cpu_fallback": self.cpu_fallback,
+            # Ray sets OMP_NUM_THREADS from num_cpus: a CPU model with 0.5 CPUs computes on 1 thread.
+            "torch_threads": torch.get_num_threads(),
             "memory": memory_report(self.loaded.model),
         }
         return {"role": self.role, "model": self.spec.model, "planned": planned, "actual": actual}

@@ -6,10 +6,11 @@ box. Replicas pinned to a GPU that does not exist here load on CPU because the
 module sets RAYFIT_ALLOW_CPU_FALLBACK=1 (the dev/test switch; the pin itself is
 still checked).
 
-The config makes the tiny text model "big" (`memory_gb: 15`, `params_b: 27`)
-and the tiny image+text model "small" (`memory_gb: 3`, `params_b: 4`); on 2x24GB the planner puts the big
-one alone on GPU 1 and the small one on GPU 0 (largest first, big models to
-the last GPU).
+The config makes the tiny text model "big" (`memory_gb: 15`) and the tiny
+image+text model "small" (`memory_gb: 3`). The default size rules go by
+parameter count (both are tiny), so the apps get a rules file that sends
+models of 10 GiB or more to the last GPU (AppArgs.rules): on 2x24GB the
+planner puts the big one alone on GPU 1 and the small one on GPU 0.
 
 The main app's tests run first (file order); the placement tests at the end
 replace it with apps of their own, one at a time (the GPU slots fit one app).
@@ -48,6 +49,16 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+RULES = """\
+rules:
+  - name: 10 GiB or more takes the last GPU
+    min_memory_gb: 10
+    prefer: last_gpu
+  - name: the rest stay on the first GPU
+    prefer: first_gpu
+"""
 
 
 def write_config(path: Path, text_dir: Path, vision_dir: Path, *, big_first: bool) -> Path:
@@ -101,19 +112,21 @@ def ray_cluster() -> Iterator[int]:
 @pytest.fixture(scope="module")
 def configs(tmp_path_factory: pytest.TempPathFactory, tiny_text_model_dir: Path, tiny_vision_model_dir: Path):
     root = tmp_path_factory.mktemp("serving-configs")
+    (root / "rules.yaml").write_text(RULES)
     return {
         "big_first": write_config(root / "big_first.yaml", tiny_text_model_dir, tiny_vision_model_dir, big_first=True),
         "small_first": write_config(
             root / "small_first.yaml", tiny_text_model_dir, tiny_vision_model_dir, big_first=False
         ),
         "text_dir": tiny_text_model_dir,
+        "rules": root / "rules.yaml",
     }
 
 
 @pytest.fixture(scope="module")
 def base_url(ray_cluster: int, configs: dict[str, Path]) -> str:
     """The main app: big model first in the config, 2 declared 24 GB GPUs."""
-    deploy(AppArgs(model_config=str(configs["small_first"]), gpus="2x24GB"), APP)
+    deploy(AppArgs(model_config=str(configs["small_first"]), rules=str(configs["rules"]), gpus="2x24GB"), APP)
     return f"http://127.0.0.1:{ray_cluster}"
 
 
@@ -313,12 +326,15 @@ def _devices(app: str) -> dict[str, str | None]:
 
 def test_big_model_gets_gpu1_whatever_the_config_order(ray_cluster: int, configs: dict[str, Path]) -> None:
     """Big first in the config, GPUs read from the running Ray (declared, sized by gpu_memory_gb)."""
-    deploy(AppArgs(model_config=str(configs["big_first"]), gpu_memory_gb=24), "order-big-first")
+    deploy(
+        AppArgs(model_config=str(configs["big_first"]), rules=str(configs["rules"]), gpu_memory_gb=24),
+        "order-big-first",
+    )
     assert _devices("order-big-first") == {BIG: "1", SMALL: "0"}
 
 
 def test_one_gpu_both_share_gpu0(ray_cluster: int, configs: dict[str, Path]) -> None:
-    deploy(AppArgs(model_config=str(configs["big_first"]), gpus="1x24GB"), "one-gpu")
+    deploy(AppArgs(model_config=str(configs["big_first"]), rules=str(configs["rules"]), gpus="1x24GB"), "one-gpu")
     reports = {role: replica_placement(role, "one-gpu") for role in (BIG, SMALL)}
     assert {role: r["actual"]["cuda_visible_devices"] for role, r in reports.items()} == {BIG: "0", SMALL: "0"}
     fractions = [r["planned"]["fraction"] for r in reports.values()]
@@ -326,7 +342,7 @@ def test_one_gpu_both_share_gpu0(ray_cluster: int, configs: dict[str, Path]) -> 
 
 
 def test_no_gpu_both_on_cpu(ray_cluster: int, configs: dict[str, Path]) -> None:
-    deploy(AppArgs(model_config=str(configs["small_first"]), gpus="none"), "no-gpu")
+    deploy(AppArgs(model_config=str(configs["small_first"]), rules=str(configs["rules"]), gpus="none"), "no-gpu")
     for role in (BIG, SMALL):
         report = replica_placement(role, "no-gpu")
         assert report["planned"]["device"] == "cpu"
@@ -348,7 +364,9 @@ def test_replaced_ray_actor_options_are_refused(ray_cluster: int, configs: dict[
     """What a serve YAML's `ray_actor_options` does (replace, no merge): the pin is gone → the replica refuses."""
     from deployments.app import plan_app
 
-    specs, _, _, plan = plan_app(AppArgs(model_config=str(configs["big_first"]), gpus="2x24GB"))
+    specs, _, _, plan = plan_app(
+        AppArgs(model_config=str(configs["big_first"]), rules=str(configs["rules"]), gpus="2x24GB")
+    )
     entry = plan.entry(BIG)
     assert entry.gpu_indices == (1,)
     app = ModelServer.options(name=BIG, ray_actor_options={"num_cpus": 0.1}).bind(BIG, specs[BIG].model_dump(), entry)

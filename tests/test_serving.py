@@ -230,6 +230,14 @@ def test_image_to_text_only_model_is_400(client: openai.OpenAI) -> None:
     assert "text-only" in info.value.body["message"]
 
 
+def test_invalid_streaming_request_is_400_not_a_broken_stream(client: openai.OpenAI) -> None:
+    content = [{"type": "image_url", "image_url": {"url": png_data_url()}}]
+    with pytest.raises(openai.BadRequestError, match="text-only"):
+        client.chat.completions.create(
+            model=BIG, messages=[{"role": "user", "content": content}], stream=True, **GREEDY
+        )
+
+
 def test_unknown_model_is_404_naming_models(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])

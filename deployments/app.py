@@ -13,6 +13,7 @@ A replica whose pin is missing refuses to start and says so
 """
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -21,17 +22,13 @@ from ray.serve import Application
 from deployments.ingress import Ingress
 from deployments.model import ModelServer
 from placement.config import ModelSpec, load_model_configs
+from placement.demo_models import resolve_demo_models
 from placement.inventory import CUDA_CONTEXT_BYTES, DEFAULT_SAFETY_MARGIN, Inventory, Reserve, parse_gpu_spec
 from placement.plan import Plan, PlanEntry
+from placement.ray_options import GPU_SLOT_PREFIX
 from placement.units import GIB, gib
 
 logger = logging.getLogger("ray.serve")
-
-# `model: demo:<name>` names an offline demo model shipped as a PyPI package
-# (deployments.demo_models finds the file), so the demo config stays a plain
-# `model:` string that works on any machine with the packages installed.
-DEMO_SCHEME = "demo:"
-DEMO_MODELS = ("smollm2-135m-instruct", "gemma-3-270m")
 
 
 class AppArgs(BaseModel):
@@ -68,24 +65,17 @@ class AppArgs(BaseModel):
         return Reserve(cuda_context_bytes=int(self.reserve_gb * GIB), safety_margin=self.safety_margin)
 
 
-def resolve_demo_model(spec: ModelSpec) -> ModelSpec:
-    """`demo:<name>` → the GGUF file of that demo package; any other spec unchanged."""
-    if not spec.model.startswith(DEMO_SCHEME):
-        return spec
-    from deployments import demo_models
-
-    name = spec.model[len(DEMO_SCHEME) :]
-    if name == "smollm2-135m-instruct":
-        directory, filename = demo_models.smollm2_gguf()
-        return spec.model_copy(update={"model": str(directory), "gguf_file": filename})
-    if name == "gemma-3-270m":
-        return spec.model_copy(update={"model": str(demo_models.gemma3_270m_gguf()), "gguf_file": None})
-    raise ValueError(f"unknown demo model {spec.model!r}; known: {', '.join(DEMO_SCHEME + n for n in DEMO_MODELS)}")
-
-
 def _inventory(args: AppArgs) -> Inventory:
     if args.gpus is not None:
-        return parse_gpu_spec(args.gpus)
+        declared = parse_gpu_spec(args.gpus)
+        # Declared GPUs still run on whatever Ray is up: ask for gpu_slot
+        # resources only if that Ray has them, or the replicas never schedule.
+        import ray
+
+        if not ray.is_initialized():
+            return declared
+        has_slots = any(name.startswith(GPU_SLOT_PREFIX) for name in ray.cluster_resources())
+        return Inventory(nodes=tuple(replace(node, has_gpu_slots=has_slots) for node in declared.nodes))
     from placement.ray_inventory import inventory_from_ray
 
     memory = int(args.gpu_memory_gb * GIB) if args.gpu_memory_gb else None
@@ -117,7 +107,7 @@ def plan_app(args: AppArgs) -> tuple[dict[str, ModelSpec], dict[str, str], Inven
 
     configs = load_model_configs(args.models_path)
     model_ids = {role: spec.model for role, spec in configs.models.items()}
-    specs = {role: resolve_demo_model(spec) for role, spec in configs.models.items()}
+    specs = resolve_demo_models(configs.models)
     inventory = _inventory(args)
     rules = load_rules(args.rules) if args.rules else None
     plan = make_plan(specs, inventory, rules=rules, reserve=args.reserve)

@@ -83,15 +83,17 @@ def plan(
     except (ConfigError, ValueError) as exc:
         raise _fail(console, str(exc), EXIT_BAD_INPUT) from exc
 
+    from placement.demo_models import resolve_demo_models
     from placement.planner import make_plan
     from placement.sizing import SizingError, estimate_memory
 
     try:
-        estimates = {role: estimate_memory(spec) for role, spec in configs.models.items()}
-    except SizingError as exc:
+        models = resolve_demo_models(configs.models)
+        estimates = {role: estimate_memory(spec) for role, spec in models.items()}
+    except (SizingError, FileNotFoundError) as exc:
         raise _fail(console, f"{config}: {exc}", EXIT_BAD_INPUT) from exc
     try:
-        result = make_plan(configs.models, inventory, rules=size_rules, reserve=reserve, estimates=estimates)
+        result = make_plan(models, inventory, rules=size_rules, reserve=reserve, estimates=estimates)
     except PlanError as exc:
         if as_json:
             payload = {"error": str(exc), "unplaced": [u.__dict__ for u in exc.unplaced]}

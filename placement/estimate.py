@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-EstimateSource = Literal["memory_gb", "safetensors", "config", "params_b", "name_guess"]
+EstimateSource = Literal["memory_gb", "safetensors", "gguf", "config", "params_b", "name_guess"]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from deployments.demo_models import smollm2_gguf
 from deployments.engine import Engine, InvalidRequest
 from deployments.generation import GenerationInput, SamplingParams
 from deployments.loading import LoadedModel, convert_gguf, gguf_cache_dir, load_model
@@ -25,6 +24,7 @@ from deployments.verify import (
     visible_gpu_uuids,
 )
 from placement.config import ModelSpec
+from placement.demo_models import smollm2_gguf
 from placement.estimate import MemoryEstimate
 from placement.plan import PlanEntry
 

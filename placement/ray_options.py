@@ -103,7 +103,7 @@ def deployment_options(entry: PlanEntry, inventory: Inventory) -> dict[str, Any]
             )
         visible = ",".join(str(i) for i in entry.gpu_indices)
         if node.has_gpu_slots:
-            actor["resources"] = {gpu_slot_resource(i): entry.fraction for i in entry.gpu_indices}
+            actor["resources"] = {gpu_slot_resource(i): entry.fraction_of(i) for i in entry.gpu_indices}
     else:
         visible = ""
 

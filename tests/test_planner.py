@@ -188,3 +188,20 @@ def test_fractions_on_a_shared_gpu_never_exceed_one(order: tuple[str, ...]) -> N
     models = {role: ModelSpec(model=role) for role in order}
     plan = make_plan(models, parse_gpu_spec("1x24GB"), estimates=estimates)
     assert 0 < plan.gpus[0].fraction_used <= 1.0
+
+
+def test_uneven_split_holds_its_own_share_of_each_gpu() -> None:
+    # "other" (17 GiB) pinned on GPU 1 leaves it 5.3 GiB; "big" (25 GiB) must
+    # split: water-filling puts 5.3 GiB on GPU 1 (all it has) and 19.7 on GPU 0.
+    # Each GPU's slot holds only that GPU's share; one fraction for both would
+    # put 0.76 + 0.88 on GPU 1's slot, which Ray could never schedule.
+    models = specs(big={"split": True}, other={"gpu": 1})
+    estimates = {"big": estimate(25, 40), "other": estimate(17, 27)}
+    plan = make_plan(models, parse_gpu_spec("2x24GB"), estimates=estimates)
+    big = plan.entry("big")
+    assert big.gpu_indices == (0, 1)
+    free_gpu1 = USABLE_24 - int(17 * GIB)
+    assert big.max_memory == {0: 25 * GIB - free_gpu1, 1: free_gpu1}
+    assert big.fraction_of(1) < big.fraction_of(0) == big.fraction
+    for usage in plan.gpus:
+        assert usage.fraction_used <= 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -74,6 +75,12 @@ def test_split_entry_holds_a_fraction_of_each_gpu() -> None:
     assert actor["resources"] == {"gpu_slot_0": 1.0, "gpu_slot_1": 1.0}
     assert actor["runtime_env"]["env_vars"][CUDA_VISIBLE_DEVICES] == "0,1"
     assert actor["num_gpus"] == 0
+
+
+def test_uneven_split_asks_each_gpu_for_its_own_share() -> None:
+    planned = dataclasses.replace(entry("huge", (0, 1), 0.9), gpu_fractions=(0.9, 0.25))
+    actor = deployment_options(planned, TWO_GPUS)["ray_actor_options"]
+    assert actor["resources"] == {"gpu_slot_0": 0.9, "gpu_slot_1": 0.25}
 
 
 def test_cpu_entry_hides_every_gpu() -> None:

@@ -109,6 +109,9 @@ def plan(
 def ray_start_args_command(
     gpus: Annotated[int | None, typer.Option(help="GPU count (default: this machine's GPUs).", min=0)] = None,
     label: Annotated[list[str] | None, typer.Option(help="Node label key=value (repeatable).")] = None,
+    head: Annotated[
+        bool, typer.Option("--head/--worker", help="Head node, or a worker (add --address=<head> yourself).")
+    ] = True,
 ) -> None:
     """Print the `ray start` arguments that declare this node's GPUs and per-GPU resources."""
     from placement.ray_options import ray_start_args
@@ -124,7 +127,7 @@ def ray_start_args_command(
         if not sep or not key:
             raise _fail(console, f"label {item!r} must look like key=value", EXIT_BAD_INPUT)
         labels[key] = value
-    print(" ".join(ray_start_args(gpus, node_labels=labels or None)))
+    print(" ".join(ray_start_args(gpus, node_labels=labels or None, head=head)))
 
 
 def main() -> None:

@@ -1,0 +1,116 @@
+"""cluster.yaml and deploy/rayservice.yaml: valid for their tools, and the same app as serve_config.yaml."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import ray.autoscaler
+import yaml
+
+from placement.ray_options import gpu_slot_resource, ray_start_args
+
+ROOT = Path(__file__).resolve().parent.parent
+APP_KEYS = ("name", "import_path", "route_prefix", "args")
+
+
+def load(name: str) -> dict[str, Any]:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def launcher_schema() -> dict[str, Any]:
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def test_cluster_yaml_validates_against_rays_launcher_schema() -> None:
+    config = load("cluster.yaml")
+    jsonschema.validate(config, launcher_schema())
+    # The launcher's own path too: local-provider checks, defaults merged, then the schema again.
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(config)
+    validate_config(prepared)
+    assert prepared["provider"]["type"] == "local"
+
+
+def test_cluster_yaml_schema_check_can_fail() -> None:
+    config = load("cluster.yaml")
+    config["head_start_ray_commands"] = "ray start --head"  # must be a list
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(config, launcher_schema())
+
+
+@pytest.mark.parametrize("key", ["head_start_ray_commands", "worker_start_ray_commands"])
+def test_every_node_starts_ray_with_rayfits_gpu_arguments(key: str) -> None:
+    config = load("cluster.yaml")
+    start = config[key][-1]
+    assert "python -m placement ray-start-args" in start
+    assert "RAY_AUTH_MODE=token" in start
+    assert ("--head" in start) == (key == "head_start_ray_commands")
+    assert "--worker" in start or key == "head_start_ray_commands"
+    subprocess.run(["bash", "-n", "-c", start], check=True)  # the shell can parse it
+    # The project is installed on every node before Ray starts, and the token is shared.
+    assert any("scripts/install.sh" in cmd for cmd in config["setup_commands"])
+    assert "~/.ray/auth_token" in config["file_mounts"]
+
+
+@pytest.mark.parametrize("role", ["head", "worker"])
+def test_ray_start_args_command_as_the_launcher_runs_it(role: str) -> None:
+    """The `$(python -m placement ray-start-args ...)` part, on a 2-GPU box."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "placement",
+            "ray-start-args",
+            "--gpus",
+            "2",
+            f"--{role}",
+            "--label",
+            f"rayfit-node={role}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    # `$(...)` splits on whitespace and keeps the JSON's quotes, as str.split does.
+    assert done.stdout.split() == ray_start_args(2, node_labels={"rayfit-node": role}, head=role == "head")
+
+
+def serve_app(config: dict[str, Any]) -> dict[str, Any]:
+    (app,) = config["applications"]
+    return {key: app.get(key) for key in APP_KEYS}
+
+
+def test_rayservice_serves_the_same_app_as_serve_config() -> None:
+    rayservice = load("deploy/rayservice.yaml")
+    assert rayservice["kind"] == "RayService"
+    embedded = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    assert serve_app(embedded) == serve_app(load("serve_config.yaml"))
+    assert serve_app(embedded)["import_path"] == "deployments.app:build_app"
+    # A role's ray_actor_options would replace rayfit's pin (DESIGN.md): none in either.
+    for config in (embedded, load("serve_config.yaml")):
+        for app in config["applications"]:
+            assert all("ray_actor_options" not in d for d in app.get("deployments", []))
+
+
+def test_rayservice_gpu_workers_declare_a_slot_per_gpu() -> None:
+    cluster = load("deploy/rayservice.yaml")["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    groups = cluster["workerGroupSpecs"]
+    assert groups
+    for group in groups:
+        params = group["rayStartParams"]
+        gpus = int(params["num-gpus"])
+        (container,) = group["template"]["spec"]["containers"]
+        assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == gpus
+        # KubeRay passes `resources` as a quoted JSON string, as `ray start --resources` takes it.
+        resources = json.loads(json.loads(params["resources"]))
+        assert resources == {gpu_slot_resource(i): 1 for i in range(gpus)}
+        assert f"--resources={json.dumps(resources, separators=(',', ':'))}" in ray_start_args(gpus, head=False)

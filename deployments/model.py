@@ -13,12 +13,14 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from ray import serve
 
 from deployments.generation import GenerationInput, GenerationOutput, StreamDelta
+from deployments.metrics import ModelMetrics, host_gpu_memory
 from placement.config import ModelSpec
 from placement.plan import PlanEntry
 
@@ -102,14 +104,42 @@ class ModelServer:
 
         self.node_id = ray.get_runtime_context().get_node_id()
         logger.info(placement_log_line(role, self.node_id, load_entry))
+        # Tagged with where the model really runs (the CPU fallback reports "cpu").
+        self.metrics = ModelMetrics(role, load_entry.gpu_indices, entry.memory_budget_bytes)
+        self._memory_report()
+
+    def _memory_report(self) -> dict[str, int | str]:
+        """verify.memory_report, also pushed to the memory gauges (cheap: no device sync)."""
+        from deployments.verify import memory_report
+
+        report = memory_report(self.loaded.model)
+        indices = () if self.cpu_fallback else self.entry.gpu_indices
+        rss = report.get("rss_bytes")
+        self.metrics.memory(
+            host_gpu_memory(report, indices, "allocated"),
+            host_gpu_memory(report, indices, "reserved"),
+            rss if isinstance(rss, int) else None,
+        )
+        return report
 
     # ------------------------------------------------------------ generation
 
     async def generate(self, request: GenerationInput) -> GenerationOutput:
         """One request; concurrent calls are batched into one engine call."""
-        result = await self._generate_batch(request)
+        start = time.perf_counter()
+        try:
+            result = await self._generate_batch(request)
+        except asyncio.CancelledError:
+            self.metrics.request_done("cancelled", time.perf_counter() - start)
+            raise
+        except Exception:
+            self.metrics.request_done("error", time.perf_counter() - start)
+            raise
         if isinstance(result, BaseException):
+            self.metrics.request_done("invalid", time.perf_counter() - start)
             raise result
+        self.metrics.request_done("ok", time.perf_counter() - start, result.prompt_tokens, result.completion_tokens)
+        self._memory_report()
         return result
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
@@ -157,21 +187,39 @@ class ModelServer:
                     close()  # lets the engine stop generating when we stopped early
                 put("end", None)
 
+        start = last = time.perf_counter()
+        status, usage = "cancelled", (0, 0)  # stays "cancelled" when the client goes away mid-stream
         # Build the iterator on this side so request validation errors raise here, before any delta.
-        deltas = self.engine.stream(request)
+        try:
+            deltas = self.engine.stream(request)
+        except Exception:
+            self.metrics.request_done("invalid", time.perf_counter() - start)
+            raise
         thread = threading.Thread(target=drain, args=(deltas,), name=f"{self.role}-stream", daemon=True)
         thread.start()
         try:
             while True:
                 kind, value = await queue.get()
                 if kind == "delta":
+                    now = time.perf_counter()
+                    if last == start:
+                        self.metrics.first_token(now - start)
+                    else:
+                        self.metrics.next_token(now - last)
+                    last = now
+                    if value.completion_tokens is not None:
+                        usage = (value.prompt_tokens or 0, value.completion_tokens)
                     yield value
                 elif kind == "error":
+                    status = "error"
                     raise value
                 else:
+                    status = "ok"
                     return
         finally:
             stop.set()  # on CancelledError (client gone) or normal end
+            self.metrics.request_done(status, time.perf_counter() - start, *usage)
+            self._memory_report()
 
     # ------------------------------------------------------------ reporting
 
@@ -179,8 +227,6 @@ class ModelServer:
         """Planned vs actual, as this replica sees it."""
         import ray
         import torch
-
-        from deployments.verify import memory_report
 
         planned = {
             "device": self.entry.device_label,
@@ -201,7 +247,7 @@ class ModelServer:
             "cpu_fallback": self.cpu_fallback,
             # Ray sets OMP_NUM_THREADS from num_cpus: a CPU model with 0.5 CPUs computes on 1 thread.
             "torch_threads": torch.get_num_threads(),
-            "memory": memory_report(self.loaded.model),
+            "memory": self._memory_report(),
         }
         return {"role": self.role, "model": self.spec.model, "planned": planned, "actual": actual}
 

@@ -1,7 +1,9 @@
 """`python -m placement`: dry-run plans and cluster start-up arguments.
 
 Exit codes of `plan`: 0 a feasible plan, 1 no feasible plan (the message names
-every model that does not fit), 2 a bad config or argument.
+every model that does not fit), 2 a bad config or argument. Exit codes of
+`report`: 0 every model where planned and within budget, 1 not so, 2 the app
+could not be read.
 """
 
 from __future__ import annotations
@@ -128,6 +130,41 @@ def ray_start_args_command(
             raise _fail(console, f"label {item!r} must look like key=value", EXIT_BAD_INPUT)
         labels[key] = value
     print(" ".join(ray_start_args(gpus, node_labels=labels or None, head=head)))
+
+
+@app.command()
+def report(
+    url: Annotated[
+        str, typer.Option(help="The running rayfit app (its /v1/placement is read).")
+    ] = "http://127.0.0.1:8000",
+    api_key: Annotated[
+        str | None, typer.Option(envvar="RAYFIT_API_KEY", help="Bearer key, when the app requires one.")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the app.", min=1)] = 30.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Where every model runs vs the plan, and what each GPU holds. Exit 1 when a model is not
+    where the plan put it (or not running) or uses more than its budget; 2 when the app cannot be read."""
+    import httpx
+
+    from placement.report import build_report
+    from placement.report_render import print_report, report_to_dict
+
+    console = Console(stderr=as_json)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    endpoint = url.rstrip("/") + "/v1/placement"
+    try:
+        response = httpx.get(endpoint, headers=headers, timeout=timeout)
+        response.raise_for_status()
+        result = build_report(response.json())
+    except (httpx.HTTPError, ValueError) as exc:
+        raise _fail(console, f"cannot read {endpoint}: {exc}", EXIT_BAD_INPUT) from exc
+    if as_json:
+        print(json.dumps(report_to_dict(result), indent=2))
+    else:
+        print_report(result, console)
+    if not result.ok:
+        raise typer.Exit(EXIT_INFEASIBLE)
 
 
 def main() -> None:

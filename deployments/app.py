@@ -13,12 +13,16 @@ A replica whose pin is missing refuses to start and says so
 """
 
 import logging
+import os
 from dataclasses import replace
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
+from deployments.errors import RETRY_AFTER_S
+from deployments.guard import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES, IngressSettings
 from deployments.ingress import Ingress
 from deployments.model import ModelServer
 from placement.config import ModelSpec, load_model_configs
@@ -52,6 +56,19 @@ class AppArgs(BaseModel):
     safety_margin: float = Field(
         default=DEFAULT_SAFETY_MARGIN, ge=0, lt=1, description="Share of each GPU kept free for peaks"
     )
+    # Access and limits of the HTTP ingress.
+    api_key: SecretStr | None = Field(
+        default=None, description=f"Bearer key every route but /health requires; default: env {API_KEY_ENV}"
+    )
+    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, gt=0, description="Larger request bodies get 413")
+    ingress_max_ongoing_requests: int = Field(default=256, gt=0, description="Requests the ingress holds at once")
+    ingress_max_queued_requests: int = Field(default=1024, ge=0, description="Beyond it the proxy answers 503")
+    # Replica lifecycle (every model deployment).
+    graceful_shutdown_timeout_s: float = Field(
+        default=30, gt=0, description="A replica being stopped finishes its in-flight requests within this"
+    )
+    health_check_period_s: float = Field(default=10, gt=0, description="Seconds between replica health checks")
+    health_check_timeout_s: float = Field(default=30, gt=0, description="A health check longer than this fails")
 
     @field_validator("gpus")
     @classmethod
@@ -63,6 +80,34 @@ class AppArgs(BaseModel):
     @property
     def reserve(self) -> Reserve:
         return Reserve(cuda_context_bytes=int(self.reserve_gb * GIB), safety_margin=self.safety_margin)
+
+    def ingress_settings(self) -> IngressSettings:
+        """Read when the app is built (never at import): the key from args, else from the environment."""
+        key = self.api_key.get_secret_value() if self.api_key else os.environ.get(API_KEY_ENV)
+        return IngressSettings(api_key=key or None, max_body_bytes=self.max_body_bytes)
+
+
+def model_limits(spec: ModelSpec, args: AppArgs) -> dict[str, Any]:
+    """Serve deployment options that bound one model's load and lifecycle (placement's options are separate)."""
+    return {
+        "max_ongoing_requests": spec.max_ongoing_requests,
+        # Past this the ingress's handle call raises BackPressureError → 503 + Retry-After.
+        "max_queued_requests": spec.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
+        "graceful_shutdown_timeout_s": args.graceful_shutdown_timeout_s,
+        "health_check_period_s": args.health_check_period_s,
+        "health_check_timeout_s": args.health_check_timeout_s,
+    }
+
+
+def ingress_limits(args: AppArgs) -> dict[str, Any]:
+    return {
+        "max_ongoing_requests": args.ingress_max_ongoing_requests,
+        # The proxy answers past this itself: 503 with Retry-After.
+        "max_queued_requests": args.ingress_max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
+        "graceful_shutdown_timeout_s": args.graceful_shutdown_timeout_s,
+    }
 
 
 def _inventory(args: AppArgs) -> Inventory:
@@ -137,7 +182,9 @@ def build_app(args: AppArgs) -> Application:
         )
         # The spec travels as a dict: plain data across the Ray boundary.
         spec_dict = specs[entry.role].model_dump()
-        handles[entry.role] = ModelServer.options(name=entry.role, **options).bind(entry.role, spec_dict, entry)
-    return Ingress.bind(
-        handles, model_ids, {entry.role: entry_summary(entry, model_ids[entry.role]) for entry in plan.entries}
-    )
+        limits = model_limits(specs[entry.role], args)
+        handles[entry.role] = ModelServer.options(name=entry.role, **options, **limits).bind(
+            entry.role, spec_dict, entry
+        )
+    summaries = {entry.role: entry_summary(entry, model_ids[entry.role]) for entry in plan.entries}
+    return Ingress.options(**ingress_limits(args)).bind(handles, model_ids, summaries, args.ingress_settings())

@@ -13,6 +13,12 @@ no HTTP hop: the call goes straight to the role's replicas.
 
 The sync methods block; call them from plain threads or drivers. Inside a
 Serve deployment or any running event loop, use `achat` / `astream`.
+
+Failures raise `deployments.errors.RayfitError` subclasses carrying the HTTP
+status the same request would get: `BadRequestError` (400: bad parameters,
+max_tokens over the cap, prompt over the context), `NotFoundError` (404: no
+such role), `OverloadedError` (503: queue full, out of memory, replica
+restarting; retry after `retry_after_s`), `ServerError` (500).
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.errors import BadRequestError, NotFoundError, RayfitError, classify
+from deployments.guard import validation_message
 from deployments.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -37,43 +46,67 @@ DEFAULT_APP_NAME = "rayfit"
 class ModelClient:
     """One role of a running rayfit app."""
 
-    def __init__(self, role: str, handle: DeploymentHandle):
+    def __init__(self, role: str, handle: DeploymentHandle, max_tokens_cap: int | None = None):
         self.role = role
         self._handle = handle
         self._stream_handle = handle.options(stream=True)
+        self.max_tokens_cap = max_tokens_cap
 
     def _request(self, messages: Sequence[dict[str, Any]], stream: bool, params: dict[str, Any]):
-        # Validated exactly as the HTTP body would be (unknown params are refused).
-        return ChatCompletionRequest.model_validate(
-            {"model": self.role, "messages": list(messages), "stream": stream, **params}
-        )
+        """The generation input, validated exactly as the HTTP body would be (unknown params are refused)."""
+        try:
+            request = ChatCompletionRequest.model_validate(
+                {"model": self.role, "messages": list(messages), "stream": stream, **params}
+            )
+        except ValidationError as exc:
+            message, param = validation_message(exc)
+            raise BadRequestError(message, param=param) from exc
+        except TypeError as exc:  # `messages` not iterable
+            raise BadRequestError(f"messages must be a list of messages: {exc}", param="messages") from exc
+        return request, request.to_generation_input(self.max_tokens_cap)
 
     def chat(self, messages: Sequence[dict[str, Any]], **params: Any) -> ChatCompletionResponse:
         """OpenAI chat parameters as keywords: max_tokens, temperature, top_p, stop, seed."""
-        request = self._request(messages, False, params)
-        output = self._handle.generate.remote(request.to_generation_input()).result()
+        _, generation = self._request(messages, False, params)
+        try:
+            output = self._handle.generate.remote(generation).result()
+        except Exception as exc:
+            raise classify(exc, self.role) from exc
         return chat_response(output, self.role)
 
     async def achat(self, messages: Sequence[dict[str, Any]], **params: Any) -> ChatCompletionResponse:
-        request = self._request(messages, False, params)
-        output = await self._handle.generate.remote(request.to_generation_input())
+        _, generation = self._request(messages, False, params)
+        try:
+            output = await self._handle.generate.remote(generation)
+        except Exception as exc:
+            raise classify(exc, self.role) from exc
         return chat_response(output, self.role)
 
     def stream(self, messages: Sequence[dict[str, Any]], **params: Any) -> Iterator[ChatCompletionStreamResponse]:
         """Chat chunks as OpenAI streams them (first carries the role, last the finish_reason)."""
-        request = self._request(messages, True, params)
+        request, generation = self._request(messages, True, params)
         converter = ChatStreamConverter(self.role, include_usage=request.include_usage)
-        for delta in self._stream_handle.stream.remote(request.to_generation_input()):
-            yield from converter.convert(delta)
+        try:
+            for delta in self._stream_handle.stream.remote(generation):
+                yield from converter.convert(delta)
+        except RayfitError:
+            raise
+        except Exception as exc:
+            raise classify(exc, self.role) from exc
 
     async def astream(
         self, messages: Sequence[dict[str, Any]], **params: Any
     ) -> AsyncIterator[ChatCompletionStreamResponse]:
-        request = self._request(messages, True, params)
+        request, generation = self._request(messages, True, params)
         converter = ChatStreamConverter(self.role, include_usage=request.include_usage)
-        async for delta in self._stream_handle.stream.remote(request.to_generation_input()):
-            for chunk in converter.convert(delta):
-                yield chunk
+        try:
+            async for delta in self._stream_handle.stream.remote(generation):
+                for chunk in converter.convert(delta):
+                    yield chunk
+        except RayfitError:
+            raise
+        except Exception as exc:
+            raise classify(exc, self.role) from exc
 
     def info(self) -> dict[str, Any]:
         return self._handle.info.remote().result()
@@ -83,5 +116,15 @@ class ModelClient:
 
 
 def get_model(role: str, app_name: str = DEFAULT_APP_NAME) -> ModelClient:
-    """The client for `role` of the app `app_name` (the serve config's app name)."""
+    """The client for `role` of the app `app_name` (the serve config's app name).
+
+    Raises NotFoundError naming the roles that exist when `role` is not one of them.
+    """
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        raise NotFoundError(f"no Serve application named {app_name!r}")
+    roles = sorted(name for name in app.deployments if name != "Ingress")
+    if role not in roles:
+        raise NotFoundError(f"The model {role!r} does not exist in app {app_name!r}. Available: {', '.join(roles)}")
+    # The replica enforces the role's max_tokens_cap (a BadRequestError here).
     return ModelClient(role, serve.get_deployment_handle(role, app_name))

@@ -21,7 +21,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.errors import BadRequestError, NotFoundError, OverloadedError, RayfitError, classify
+from deployments.failures import deployment_problems
 from deployments.generation import GenerationInput, StreamDelta
+from deployments.guard import IngressSettings, authorize, parse_body, read_body
 from deployments.protocol import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -41,24 +44,25 @@ from deployments.protocol import (
 
 logger = logging.getLogger("ray.serve")
 
+# /v1/placement waits this long for a replica's own report.
+PLACEMENT_TIMEOUT_S = 10.0
+
 app = FastAPI(title="rayfit", description="OpenAI-compatible API over rayfit's model deployments")
 
 
-class APIError(Exception):
-    """An error the client should see in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, *, type: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type, param
-
-
-def _error(status: int, message: str, type: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content=error_body(message, type=type, code=status, param=param))
+def _error(
+    status: int, message: str, type: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = error_body(message, type=type, code=status, param=param)
+    return JSONResponse(status_code=status, content=body, headers=headers)
 
 
-@app.exception_handler(APIError)
-async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-    return _error(exc.status, exc.message, exc.type, exc.param)
+@app.exception_handler(RayfitError)
+async def _rayfit_error(_: Request, exc: RayfitError) -> JSONResponse:
+    headers = {"Retry-After": str(int(exc.retry_after_s + 0.999))} if exc.retry_after_s is not None else None
+    if exc.status >= 500:
+        logger.warning("answered %d: %s", exc.status, exc.message)
+    return _error(exc.status, exc.message, exc.type, exc.param, headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -86,16 +90,6 @@ async def _server_error(_: Request, exc: Exception) -> JSONResponse:
     return _error(500, f"{type(exc).__name__}: {_message_of(exc)}", "server_error")
 
 
-def _is_invalid_request(exc: BaseException) -> bool:
-    """The engine's InvalidRequest, also when it arrives wrapped by Ray."""
-    from deployments.engine import InvalidRequest
-
-    if isinstance(exc, InvalidRequest):
-        return True
-    cause = getattr(exc, "cause", None)
-    return isinstance(cause, InvalidRequest)
-
-
 def _message_of(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None)
     return str(cause if cause is not None else exc)
@@ -114,12 +108,15 @@ class Ingress:
         models: dict[str, DeploymentHandle],
         model_ids: dict[str, str],
         plan: dict[str, dict[str, Any]] | None = None,
+        settings: IngressSettings | None = None,
     ):
         """`models`: role → handle; `model_ids`: role → model id as in the config;
-        `plan`: role → the planned entry as JSON (shown by /v1/placement)."""
+        `plan`: role → the planned entry as JSON (shown by /v1/placement);
+        `settings`: API key and body limit."""
         self.models = models
         self.model_ids = model_ids
         self.plan = plan or {}
+        self.settings = settings or IngressSettings()
         self._info: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------ helpers
@@ -132,23 +129,37 @@ class Ingress:
             return matches[0]
         known = ", ".join(f"{role} ({self.model_ids.get(role, '?')})" for role in sorted(self.models))
         if matches:
-            raise APIError(
-                400,
+            raise BadRequestError(
                 f"model {name!r} is served by several roles ({', '.join(sorted(matches))}); use the role name",
-                type="invalid_request_error",
                 param="model",
             )
-        raise APIError(
-            404, f"The model {name!r} does not exist. Available: {known}", type="not_found_error", param="model"
-        )
+        raise NotFoundError(f"The model {name!r} does not exist. Available: {known}", param="model")
+
+    async def _body(self, http: Request, model: type[Any]) -> Any:
+        """Authorize, then read and validate the body: 401, 413 or 400 before any model is called."""
+        authorize(http, self.settings.api_key)
+        return parse_body(await read_body(http, self.settings.max_body_bytes), model)
+
+    async def _failed(self, exc: BaseException, role: str) -> RayfitError:
+        """The error for a failed call; a model whose deployment failed says why (from `serve status`)."""
+        error = classify(exc, role)
+        if isinstance(error, OverloadedError):
+            problem = (await deployment_problems([role])).get(role)
+            if problem is not None and problem["status"] == "DEPLOY_FAILED":
+                return OverloadedError(f"model {role!r} failed to deploy: {problem['reason']}", retry_after_s=None)
+        return error
+
+    async def _max_tokens_cap(self, role: str) -> int | None:
+        try:
+            return (await self._role_info(role)).get("max_tokens_cap")
+        except Exception as exc:
+            raise await self._failed(exc, role) from exc
 
     async def _generate(self, role: str, request: GenerationInput):
         try:
             return await self.models[role].generate.remote(request)
         except Exception as exc:
-            if _is_invalid_request(exc):
-                raise APIError(400, _message_of(exc), type="invalid_request_error") from exc
-            raise
+            raise await self._failed(exc, role) from exc
 
     async def _stream(self, role: str, request: GenerationInput, convert, include_done: bool = True):
         """Start the stream and read its first delta before answering, so a bad
@@ -160,9 +171,7 @@ class Ingress:
         except StopAsyncIteration:
             first = None
         except Exception as exc:
-            if _is_invalid_request(exc):
-                raise APIError(400, _message_of(exc), type="invalid_request_error") from exc
-            raise
+            raise await self._failed(exc, role) from exc
 
         async def body() -> AsyncIterator[str]:
             try:
@@ -174,18 +183,22 @@ class Ingress:
                 raise  # client went away: Serve cancels the replica's generator
             except Exception as exc:
                 # Headers are sent: report in-band as OpenAI-style servers do, then end.
-                logger.exception("%s: stream failed", role)
-                yield f"data: {json.dumps(error_body(_message_of(exc), type='server_error', code=500))}\n\n"
+                error = classify(exc, role)
+                logger.warning("%s: stream failed mid-way: %s", role, error.message)
+                yield f"data: {json.dumps(error_body(error.message, type=error.type, code=error.status))}\n\n"
             yield SSE_DONE
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     # ------------------------------------------------------------ routes
 
+    # Bodies are read by `_body`, not by FastAPI: it bounds their size (413)
+    # and turns every malformed body into a 400 in OpenAI's shape.
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
-    async def chat_completions(self, request: ChatCompletionRequest):
+    async def chat_completions(self, http: Request):
+        request: ChatCompletionRequest = await self._body(http, ChatCompletionRequest)
         role = self._resolve(request.model)
-        generation = request.to_generation_input()
+        generation = request.to_generation_input(await self._max_tokens_cap(role))
         if request.stream:
             converter = ChatStreamConverter(request.model, include_usage=request.include_usage)
             return await self._stream(role, generation, converter.convert)
@@ -193,9 +206,10 @@ class Ingress:
         return chat_response(output, request.model)
 
     @app.post("/v1/completions", response_model=CompletionResponse)
-    async def completions(self, request: CompletionRequest):
+    async def completions(self, http: Request):
+        request: CompletionRequest = await self._body(http, CompletionRequest)
         role = self._resolve(request.model)
-        generation = request.to_generation_input()
+        generation = request.to_generation_input(await self._max_tokens_cap(role))
         if request.stream:
             converter = CompletionStreamConverter(request.model, include_usage=request.include_usage)
             return await self._stream(role, generation, converter.convert)
@@ -208,8 +222,11 @@ class Ingress:
         return self._info[role]
 
     @app.get("/v1/models", response_model=ModelList)
-    async def list_models(self) -> ModelList:
-        infos = await asyncio.gather(*(self._role_info(role) for role in sorted(self.models)))
+    async def list_models(self, http: Request) -> ModelList:
+        authorize(http, self.settings.api_key)
+        answers = await asyncio.gather(*(self._role_info(role) for role in sorted(self.models)), return_exceptions=True)
+        # A model whose deployment failed is not listed (/v1/placement says why).
+        infos = [info for info in answers if isinstance(info, dict)]
         created = now()
         return ModelList(
             data=[
@@ -225,16 +242,26 @@ class Ingress:
         )
 
     @app.get("/v1/placement")
-    async def placement(self) -> dict[str, Any]:
-        """The plan next to what each role's replica reports (one replica per role answers)."""
+    async def placement(self, http: Request) -> dict[str, Any]:
+        """The plan next to what each role's replica reports (one replica per role answers),
+        or why the role has no replica (its deployment failed: the load error)."""
+        authorize(http, self.settings.api_key)
         roles = sorted(self.models)
-        reports = await asyncio.gather(*(self.models[r].placement.remote() for r in roles), return_exceptions=True)
-        out: dict[str, Any] = {}
-        for role, report in zip(roles, reports, strict=True):
-            if isinstance(report, BaseException):
-                report = {"error": _message_of(report)}
-            out[role] = {"plan": self.plan.get(role), "replica": report}
-        return {"models": out}
+        problems = await deployment_problems(roles)
+        failed = {role for role, p in problems.items() if p["status"] == "DEPLOY_FAILED"}
+
+        async def report(role: str) -> dict[str, Any]:
+            if role in failed:
+                return {"error": problems[role]["reason"], "status": "DEPLOY_FAILED"}
+            try:
+                # Bounded: a deployment still starting must not hold the whole report.
+                return await asyncio.wait_for(self.models[role].placement.remote(), PLACEMENT_TIMEOUT_S)
+            except Exception as exc:
+                return {"error": _message_of(exc), **problems.get(role, {})}
+
+        reports = await asyncio.gather(*(report(role) for role in roles))
+        pairs = zip(roles, reports, strict=True)
+        return {"models": {role: {"plan": self.plan.get(role), "replica": r} for role, r in pairs}}
 
     @app.get("/health")
     async def health(self) -> dict[str, Any]:

@@ -236,6 +236,11 @@ def load_model(spec: ModelSpec, entry: PlanEntry) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as exc:
+        if not spec.trust_remote_code and "trust_remote_code" in str(exc):
+            raise ModelLoadError(
+                f"{spec.model!r} needs its own Python code to load; rayfit refuses to run it unless the model's "
+                "entry in model_configs.yaml sets `trust_remote_code: true`"
+            ) from exc
         raise ModelLoadError(f"cannot read the config of {spec.model!r}: {exc}") from exc
 
     quantization = effective_quantization(spec, config)
@@ -270,8 +275,12 @@ def load_model(spec: ModelSpec, entry: PlanEntry) -> LoadedModel:
             tokenizer = processor.tokenizer
         else:
             tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=spec.trust_remote_code)
-    except (OSError, ValueError, ImportError) as exc:
-        raise ModelLoadError(f"cannot load {spec.model!r}: {exc}") from exc
+    except torch.OutOfMemoryError as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+        where = entry.device_label
+        raise ModelLoadError(f"out of device memory loading {spec.model!r} on {where}: {first_line}") from exc
+    except Exception as exc:  # missing or corrupt weights: OSError, SafetensorError, ValueError, ...
+        raise ModelLoadError(f"cannot load {spec.model!r}: {type(exc).__name__}: {exc}") from exc
     model.eval()
     seconds = time.perf_counter() - started
     logger.info("loaded %s in %.1f s", spec.model, seconds)

@@ -19,7 +19,7 @@ from typing import Any
 
 from ray import serve
 
-from deployments.generation import GenerationInput, GenerationOutput, StreamDelta
+from deployments.generation import GenerationInput, GenerationOutput, SamplingParams, StreamDelta
 from deployments.metrics import ModelMetrics, host_gpu_memory
 from placement.config import ModelSpec
 from placement.plan import PlanEntry
@@ -32,6 +32,12 @@ BATCH_WAIT_TIMEOUT_S = 0.01
 # Dev/test switch: a GPU-planned replica on a machine without CUDA loads on CPU
 # instead of refusing. Never set in production: there it hides a broken pin.
 CPU_FALLBACK_ENV = "RAYFIT_ALLOW_CPU_FALLBACK"
+# check_health generates one token with this; a wedged device or engine never
+# finishes it, the check fails, and Serve replaces the replica.
+HEALTH_PROBE = GenerationInput(params=SamplingParams(max_tokens=1, temperature=0.0), prompt="ok")
+# Longer than one token takes on a busy CPU replica; Serve's own
+# health_check_timeout_s (deployment option) bounds the check as well.
+HEALTH_PROBE_TIMEOUT_S = 20.0
 
 
 def _cuda_available() -> bool:
@@ -76,6 +82,7 @@ class ModelServer:
         # Heavy imports here, not at module import: the app builder imports this
         # module on a process that never loads a model.
         from deployments.engine import Engine
+        from deployments.faults import with_faults
         from deployments.loading import load_model
         from deployments.verify import check_placement, placement_log_line
 
@@ -96,8 +103,11 @@ class ModelServer:
             # Raises PlacementMismatch with the reason (a missing pin names the serve
             # YAML's ray_actor_options); Serve then reports the deployment as failed.
             check_placement(entry)
+        # A load failure raises ModelLoadError naming the cause: Serve marks the
+        # deployment DEPLOY_FAILED with it, and the app's other models keep serving.
         self.loaded = load_model(self.spec, load_entry)
-        self.engine = Engine(self.loaded)
+        self.engine = with_faults(Engine(self.loaded))
+        self._last_success = self._last_check = 0.0  # monotonic times: last finished generation, last health check
         self.cpu_fallback = fallback is not None
         self._generate_batch.set_max_batch_size(self.spec.max_batch_size)
         import ray
@@ -124,8 +134,19 @@ class ModelServer:
 
     # ------------------------------------------------------------ generation
 
+    def _check_cap(self, request: GenerationInput) -> None:
+        """The spec's max_tokens_cap, also for callers that bypass the protocol layer."""
+        from deployments.engine import InvalidRequest
+
+        if request.params.max_tokens > self.spec.max_tokens_cap:
+            raise InvalidRequest(
+                f"max_tokens is {request.params.max_tokens} but model {self.role!r} allows at most "
+                f"{self.spec.max_tokens_cap}"
+            )
+
     async def generate(self, request: GenerationInput) -> GenerationOutput:
         """One request; concurrent calls are batched into one engine call."""
+        self._check_cap(request)
         start = time.perf_counter()
         try:
             result = await self._generate_batch(request)
@@ -145,14 +166,22 @@ class ModelServer:
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     async def _generate_batch(self, requests: list[GenerationInput]) -> list[GenerationOutput | BaseException]:
         from deployments.engine import InvalidRequest
+        from deployments.oom import is_out_of_memory, recover
 
         try:
             # A thread: generate_batch holds the GIL-releasing forward passes for
             # seconds, and the replica's event loop must keep serving meanwhile.
-            return list(await asyncio.to_thread(self.engine.generate_batch, requests))
+            outputs = list(await asyncio.to_thread(self.engine.generate_batch, requests))
+            self._last_success = time.monotonic()
+            return outputs
         except InvalidRequest as exc:
             if len(requests) == 1:
                 return [exc]
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            # The batch lost its memory, the weights did not: each request gets a retryable 503.
+            return [recover(self.role, exc)] * len(requests)
         # One bad request must not fail its batch mates: run them one by one.
         results: list[GenerationOutput | BaseException] = []
         for request in requests:
@@ -160,12 +189,18 @@ class ModelServer:
                 results.extend(await asyncio.to_thread(self.engine.generate_batch, [request]))
             except InvalidRequest as exc:
                 results.append(exc)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                results.append(recover(self.role, exc))
         return results
 
     async def stream(self, request: GenerationInput) -> AsyncIterator[StreamDelta]:
         """Deltas as the engine produces them. A dedicated thread drains the
         engine's blocking iterator (not the shared pool: blocked streams could
         starve it); client disconnect → CancelledError → the thread stops."""
+        from deployments.oom import is_out_of_memory, recover
+
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         stop = threading.Event()
@@ -191,6 +226,7 @@ class ModelServer:
         status, usage = "cancelled", (0, 0)  # stays "cancelled" when the client goes away mid-stream
         # Build the iterator on this side so request validation errors raise here, before any delta.
         try:
+            self._check_cap(request)
             deltas = self.engine.stream(request)
         except Exception:
             self.metrics.request_done("invalid", time.perf_counter() - start)
@@ -212,9 +248,10 @@ class ModelServer:
                     yield value
                 elif kind == "error":
                     status = "error"
-                    raise value
+                    raise recover(self.role, value) if is_out_of_memory(value) else value
                 else:
                     status = "ok"
+                    self._last_success = time.monotonic()
                     return
         finally:
             stop.set()  # on CancelledError (client gone) or normal end
@@ -258,12 +295,25 @@ class ModelServer:
             "context_length": self.loaded.context_length,
             "multimodal": self.loaded.is_multimodal,
             "max_batch_size": self.spec.max_batch_size,
+            "max_tokens_cap": self.spec.max_tokens_cap,
         }
 
-    def check_health(self) -> None:
-        # Serve restarts the replica when this raises. A dead CUDA context shows
-        # up as an error on the first device call, so touch the device cheaply.
-        if self.entry.device == "gpu" and not self.cpu_fallback:
-            import torch
+    async def check_health(self) -> None:
+        """Serve replaces the replica when this raises (or outlasts health_check_timeout_s).
 
-            torch.cuda.synchronize()
+        Proof the model still runs: a generation finished since the last check,
+        else a one-token probe. A dead CUDA context fails the probe; a wedged
+        device or engine never finishes it.
+        """
+        proven, self._last_check = self._last_success > self._last_check, time.monotonic()
+        if proven:
+            return  # real traffic proved it; no probe competes with it
+        probe = asyncio.to_thread(self.engine.generate_batch, [HEALTH_PROBE])
+        try:
+            await asyncio.wait_for(probe, HEALTH_PROBE_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise RuntimeError(
+                f"{self.role}: a one-token health probe did not finish in {HEALTH_PROBE_TIMEOUT_S:.0f} s; "
+                "the model is wedged"
+            ) from exc
+        self._last_success = time.monotonic()

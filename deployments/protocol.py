@@ -15,9 +15,11 @@ import uuid
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from deployments.errors import BadRequestError
 from deployments.generation import GenerationInput, GenerationOutput, SamplingParams, StreamDelta
+from deployments.images import check_image_url
 
 # OpenAI's default when a request gives no limit is "until the context ends";
 # a bounded default keeps one forgotten `max_tokens` from holding a replica.
@@ -32,7 +34,9 @@ class OpenAIBaseModel(BaseModel):
 
 
 class ImageURL(OpenAIBaseModel):
-    url: str = Field(description="http(s) URL or a data URL (data:image/png;base64,...)")
+    url: Annotated[str, AfterValidator(check_image_url)] = Field(
+        description="A data URL (data:image/png;base64,...) of a readable image within the size limits"
+    )
     detail: Literal["auto", "low", "high"] | None = None
 
 
@@ -67,7 +71,7 @@ class _SamplingFields(OpenAIBaseModel):
 
     model: str
     max_tokens: int | None = Field(default=None, gt=0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -84,10 +88,18 @@ class _SamplingFields(OpenAIBaseModel):
             raise ValueError("`stop` takes at most 4 sequences")
         return self
 
-    def sampling_params(self, max_tokens: int | None = None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None = None, max_tokens_cap: int | None = None) -> SamplingParams:
+        """`max_tokens_cap`: the model's limit (ModelSpec.max_tokens_cap); above it is a 400; the default obeys it."""
+        if max_tokens is not None and max_tokens_cap is not None and max_tokens > max_tokens_cap:
+            raise BadRequestError(
+                f"max_tokens is {max_tokens} but model {self.model!r} allows at most {max_tokens_cap}",
+                param="max_tokens",
+            )
+        if max_tokens is None:
+            max_tokens = min(DEFAULT_MAX_TOKENS, max_tokens_cap or DEFAULT_MAX_TOKENS)
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
-            max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+            max_tokens=max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             stop=tuple(s for s in stop if s),
@@ -103,9 +115,9 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, gt=0)
 
-    def to_generation_input(self) -> GenerationInput:
+    def to_generation_input(self, max_tokens_cap: int | None = None) -> GenerationInput:
         # `max_completion_tokens` is the newer name; it wins when both are given.
-        params = self.sampling_params(self.max_completion_tokens or self.max_tokens)
+        params = self.sampling_params(self.max_completion_tokens or self.max_tokens, max_tokens_cap)
         # The engine wants `content` on every message; an assistant turn may have none.
         messages = tuple({"content": "", **m.model_dump(exclude_none=True)} for m in self.messages)
         return GenerationInput(params=params, messages=messages)
@@ -120,9 +132,9 @@ class CompletionRequest(_SamplingFields):
             raise ValueError(f"`prompt` must be one string; got a list of {len(self.prompt)}")
         return self
 
-    def to_generation_input(self) -> GenerationInput:
+    def to_generation_input(self, max_tokens_cap: int | None = None) -> GenerationInput:
         prompt = self.prompt[0] if isinstance(self.prompt, list) else self.prompt
-        return GenerationInput(params=self.sampling_params(self.max_tokens), prompt=prompt)
+        return GenerationInput(params=self.sampling_params(self.max_tokens, max_tokens_cap), prompt=prompt)
 
 
 # --------------------------------------------------------------- responses

@@ -45,6 +45,16 @@ class ModelSpec(BaseModel):
     cpu: bool = Field(default=False, description="Run on CPU")
     num_cpus: float | None = Field(default=None, ge=0, description="CPUs Ray reserves for the replica")
     trust_remote_code: bool = False
+    # Serving limits (deployment options and request checks, not placement).
+    max_tokens_cap: int = Field(
+        default=4096, gt=0, description="Largest max_tokens a request may ask for (400 above it)"
+    )
+    max_ongoing_requests: int = Field(
+        default=16, gt=0, description="Requests a replica works on at once (its batch queue included)"
+    )
+    max_queued_requests: int = Field(
+        default=64, ge=0, description="Requests waiting for a replica; beyond it the answer is 503 + Retry-After"
+    )
 
     @model_validator(mode="after")
     def _hints_agree(self) -> ModelSpec:

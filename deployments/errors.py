@@ -1,0 +1,100 @@
+"""Typed errors that a caller can act on, and the one mapping from what a
+replica raised to them.
+
+The HTTP ingress turns a `RayfitError` into OpenAI's error shape with its
+status; the handle client (`deployments.client`) raises it as is. Both call
+`classify`, so a request that is a 400 over HTTP is a `BadRequestError`
+through a handle, and an overloaded model is a 503 either way.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+# Seconds a client should wait before retrying an overloaded or restarting model.
+RETRY_AFTER_S = 1
+
+
+class RayfitError(Exception):
+    """A request that failed in a way the caller is told about; `status` is the HTTP status."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+
+class BadRequestError(RayfitError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationError(RayfitError):
+    status = 401
+    type = "authentication_error"
+
+
+class NotFoundError(RayfitError):
+    status = 404
+    type = "not_found_error"
+
+
+class PayloadTooLargeError(RayfitError):
+    status = 413
+    type = "invalid_request_error"
+
+
+class OverloadedError(RayfitError):
+    """Retryable: the model's queue is full, it ran out of memory, or its replica is restarting."""
+
+    status = 503
+    type = "overloaded_error"
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after_s: float | None = RETRY_AFTER_S):
+        super().__init__(message, param=param, retry_after_s=retry_after_s)
+
+
+class ServerError(RayfitError):
+    status = 500
+    type = "server_error"
+
+
+class GenerationOutOfMemory(RuntimeError):
+    """Raised by a replica whose generation ran out of device memory; it freed the memory and stays up."""
+
+
+def _cause(exc: BaseException) -> BaseException:
+    # Ray wraps a replica's exception in RayTaskError, keeping the original as `.cause`.
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+def classify(exc: BaseException, role: str) -> RayfitError:
+    """What a handle call to `role` raised, as the error the caller should see."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    from deployments.engine import InvalidRequest
+
+    if isinstance(exc, RayfitError):
+        return exc
+    cause = _cause(exc)
+    if isinstance(cause, InvalidRequest) or isinstance(exc, InvalidRequest):
+        return BadRequestError(str(cause))
+    if isinstance(cause, BackPressureError):
+        return OverloadedError(
+            f"model {role!r} is at capacity ({cause.message}); retry later",
+            retry_after_s=cause.retry_after_s or RETRY_AFTER_S,
+        )
+    if isinstance(cause, GenerationOutOfMemory):
+        return OverloadedError(f"model {role!r}: {cause}")
+    if isinstance(cause, DeploymentUnavailableError):
+        return OverloadedError(f"model {role!r} is unavailable (its deployment failed or is restarting)")
+    if isinstance(cause, RayActorError):
+        # The replica died with the request on it; Serve starts a new one.
+        return OverloadedError(f"model {role!r}: the replica serving this request died; it is being restarted")
+    return ServerError(f"model {role!r}: {type(cause).__name__}: {cause}")

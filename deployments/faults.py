@@ -1,0 +1,67 @@
+"""Test-only fault injection into a replica's generate path.
+
+Enabled only when the replica's environment has RAYFIT_TEST_FAULTS=1 (tests
+set it before starting Ray); otherwise `with_faults` returns the engine
+untouched. With it on, a request whose text contains a marker misbehaves:
+
+- `<rayfit:oom>`: generation raises torch.cuda.OutOfMemoryError, as a real
+  CUDA OOM would (CPU test boxes cannot run out of CUDA memory);
+- `<rayfit:wedge>`: this and every later generation (health probes too) block
+  forever, as a hung CUDA kernel would.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from deployments.generation import GenerationInput, GenerationOutput, StreamDelta
+
+FAULTS_ENV = "RAYFIT_TEST_FAULTS"
+OOM_MARKER = "<rayfit:oom>"
+WEDGE_MARKER = "<rayfit:wedge>"
+
+
+def _text_of(request: GenerationInput) -> str:
+    parts = [request.prompt or ""]
+    for message in request.messages or ():
+        parts.append(str(message.get("content", "")))
+    return "\n".join(parts)
+
+
+class FaultyEngine:
+    """Wraps an Engine; everything but the generate path is passed through."""
+
+    def __init__(self, engine: Any):
+        self._engine = engine
+        self._wedged = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def _inject(self, requests: Sequence[GenerationInput]) -> None:
+        texts = [_text_of(r) for r in requests]
+        if any(WEDGE_MARKER in t for t in texts):
+            self._wedged.set()
+        if self._wedged.is_set():
+            threading.Event().wait()  # never returns: the replica is wedged
+        if any(OOM_MARKER in t for t in texts):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected fault)")
+
+    def generate_batch(self, requests: Sequence[GenerationInput]) -> list[GenerationOutput]:
+        self._inject(requests)
+        return self._engine.generate_batch(requests)
+
+    def stream(self, request: GenerationInput) -> Iterator[StreamDelta]:
+        # A generator: the fault fires in the thread that drains it, never on the replica's event loop.
+        self._inject([request])
+        yield from self._engine.stream(request)
+
+
+def with_faults(engine: Any) -> Any:
+    """`engine`, wrapped for fault injection only if RAYFIT_TEST_FAULTS=1."""
+    return FaultyEngine(engine) if os.environ.get(FAULTS_ENV) == "1" else engine

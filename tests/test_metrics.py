@@ -1,0 +1,100 @@
+"""rayfit's Serve metrics, scraped from Ray's Prometheus endpoint as Prometheus would.
+
+A fresh local Ray exports metrics on a free port (`_metrics_export_port`); one
+tiny model is served on CPU through the real app and HTTP, then the node's
+metrics endpoint is polled until every rayfit metric shows up with the model
+and GPU tags. Ray pushes metrics every few seconds, hence the bounded poll.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+from prometheus_client.parser import text_string_to_metric_families
+from ray import serve
+
+from deployments.app import AppArgs, build_app
+from deployments.metrics import METRIC_NAMES
+
+ROLE = "scribe"
+SCRAPE_TIMEOUT_S = 60.0
+GREEDY = {"temperature": 0, "max_tokens": 6}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, tiny_text_model_dir: Path) -> Iterator[tuple[str, int]]:
+    """(base URL, metrics port) of the app serving ROLE on CPU."""
+    config = tmp_path_factory.mktemp("metrics") / "models.yaml"
+    config.write_text(f"{ROLE}:\n  model: {tiny_text_model_dir}\n  dtype: float32\n  memory_gb: 1\n  num_cpus: 0.2\n")
+    metrics_port, http_port = _free_port(), _free_port()
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    try:
+        serve.run(build_app(AppArgs(model_config=str(config), gpus="none")), name="metrics", route_prefix="/")
+        yield f"http://127.0.0.1:{http_port}", metrics_port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _samples(port: int) -> list:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+@pytest.mark.slow
+def test_metrics_are_exported_with_model_and_gpu_tags(served: tuple[str, int]) -> None:
+    base_url, metrics_port = served
+    body = {"model": ROLE, "prompt": "once upon a time", **GREEDY}
+    for _ in range(2):
+        assert httpx.post(f"{base_url}/v1/completions", json=body, timeout=60).status_code == 200
+    with httpx.stream("POST", f"{base_url}/v1/completions", json={**body, "stream": True}, timeout=60) as response:
+        assert response.status_code == 200
+        assert [line for line in response.iter_lines() if line][-1] == "data: [DONE]"
+
+    # Ray exports `ray_<name>`; counters end in `_total`, histograms in `_bucket/_count/_sum`.
+    wanted = {f"ray_{name}" for name in METRIC_NAMES} - {"ray_rayfit_gpu_memory_allocated_bytes"}
+    wanted -= {"ray_rayfit_gpu_memory_reserved_bytes"}  # CPU: RSS instead of CUDA memory
+    found: dict[str, list] = {}
+    deadline = time.monotonic() + SCRAPE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        found = {}
+        for sample in _samples(metrics_port):
+            base = sample.name.removesuffix("_total").removesuffix("_count")
+            if base in wanted and sample.labels.get("model") == ROLE:
+                found.setdefault(base, []).append(sample)
+        # Counters must include all three requests: Ray may export part of them first.
+        requests = sum(s.value for s in found.get("ray_rayfit_requests", []) if s.labels.get("status") == "ok")
+        if set(found) == wanted and requests >= 3:
+            break
+        time.sleep(1.0)
+    assert set(found) == wanted, f"missing after {SCRAPE_TIMEOUT_S}s: {sorted(wanted - set(found))}"
+
+    def value(name: str, **labels: str) -> float:
+        return sum(s.value for s in found[name] if all(s.labels.get(k) == v for k, v in labels.items()))
+
+    assert all(s.labels["gpu"] == "cpu" for samples in found.values() for s in samples)
+    assert all(s.labels["deployment"] == ROLE for samples in found.values() for s in samples)
+    assert value("ray_rayfit_requests", status="ok") == 3
+    assert value("ray_rayfit_generated_tokens") == 3 * GREEDY["max_tokens"]
+    assert value("ray_rayfit_prompt_tokens") >= 3
+    # One streamed request: one TTFT, and a gap between each later delta.
+    assert value("ray_rayfit_time_to_first_token_seconds") == 1
+    assert value("ray_rayfit_inter_token_latency_seconds") >= GREEDY["max_tokens"] - 2
+    assert value("ray_rayfit_request_latency_seconds") == 3
+    assert value("ray_rayfit_memory_planned_bytes") == 2**30
+    assert value("ray_rayfit_process_rss_bytes") > 100 * 2**20

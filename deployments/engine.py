@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from deployments.continuous import ContinuousBatcher
 from deployments.generation import GenerationInput, GenerationOutput, SamplingParams, StreamDelta
 from deployments.loading import LoadedModel
 
@@ -148,7 +149,10 @@ class Engine:
     """Generates for one `LoadedModel`. Thread-safe for concurrent calls except
     for seeding (torch's global RNG; see the module docstring)."""
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, *, continuous_batch_size: int | None = None):
+        """`continuous_batch_size`: run greedy text requests (streamed or not) through
+        transformers' continuous batching with up to this many in flight
+        (deployments.continuous); None keeps one `generate` per call."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -156,6 +160,21 @@ class Engine:
         self.context_length = loaded.context_length
         self.pad_token_id = self._pad_token_id()
         self.eos_token_ids = self._eos_token_ids()
+        self.batcher: ContinuousBatcher | None = None
+        if continuous_batch_size is not None:
+            self.batcher = ContinuousBatcher(
+                self.model,
+                eos_token_ids=self.eos_token_ids,
+                pad_token_id=self.pad_token_id,
+                max_requests=continuous_batch_size,
+                context_length=self.context_length,
+            )
+
+    def close(self) -> None:
+        """Stop the continuous-batching thread, if any."""
+        if self.batcher is not None:
+            self.batcher.close()
+            self.batcher = None
 
     # ---- set-up -------------------------------------------------------------
 
@@ -381,17 +400,89 @@ class Engine:
             # Image requests run alone: pixel inputs of different requests are not stacked.
             key = (self._group_key(inp.params), index if prompt.extra_inputs else -1)
             groups.setdefault(key, []).append(index)
+        continuous = [i for i, prompt in enumerate(prepared) if self._continuous(prompt, inputs[i].params)]
+        if continuous:
+            for i in continuous:
+                groups[(self._group_key(inputs[i].params), -1)].remove(i)
+            # Submit every row before waiting on any, so they decode in one batch.
+            ids = {i: self._submit(prepared[i], inputs[i].params) for i in continuous}
+            try:
+                for i in continuous:
+                    tokens = self._collect(ids.pop(i), inputs[i].params)
+                    results[i] = self._output(tokens, prepared[i], inputs[i].params)
+            finally:
+                for request_id in ids.values():
+                    self._release(request_id, cancel=True)
         for rows in groups.values():
+            if not rows:
+                continue
             new_tokens = self._run([prepared[i] for i in rows], [inputs[i].params for i in rows])
             for i, tokens in zip(rows, new_tokens, strict=True):
-                done = self._finish(tokens, inputs[i].params)
-                results[i] = GenerationOutput(
-                    text=done.text,
-                    prompt_tokens=prepared[i].prompt_tokens,
-                    completion_tokens=done.completion_tokens,
-                    finish_reason=done.finish_reason,
-                )
+                results[i] = self._output(tokens, prepared[i], inputs[i].params)
         return [r for r in results if r is not None]
+
+    def _output(self, tokens: Sequence[int], prompt: PreparedPrompt, params: SamplingParams) -> GenerationOutput:
+        done = self._finish(tokens, params)
+        return GenerationOutput(
+            text=done.text,
+            prompt_tokens=prompt.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+            finish_reason=done.finish_reason,
+        )
+
+    # ---- continuous batching ---------------------------------------------------
+
+    def _continuous(self, prompt: PreparedPrompt, params: SamplingParams) -> bool:
+        """Greedy text requests go to the batcher (its do_sample is global; it has no per-request seed)."""
+        return self.batcher is not None and not prompt.extra_inputs and params.temperature <= 0
+
+    def _submit(self, prompt: PreparedPrompt, params: SamplingParams) -> str:
+        assert self.batcher is not None
+        return self.batcher.submit(prompt.input_ids, params.max_tokens)
+
+    def _release(self, request_id: str, *, cancel: bool) -> None:
+        if self.batcher is not None:
+            self.batcher.release(request_id, cancel=cancel)
+
+    def _stop_seen(self, tokens: Sequence[int], stops: Sequence[str]) -> bool:
+        tail = max(len(s) for s in stops) + _STOP_TAIL_TOKENS
+        text = self.tokenizer.decode(list(tokens[-tail:]), skip_special_tokens=True)
+        return any(s and s in text for s in stops)
+
+    def _collect(self, request_id: str, params: SamplingParams) -> list[int]:
+        """Wait for one submitted request; stop it early once a stop string shows up."""
+        assert self.batcher is not None
+        tokens: tuple[int, ...] = ()
+        finished = False
+        try:
+            for update in self.batcher.updates(request_id):
+                tokens, finished = update.tokens, update.finished
+                if params.stop and not finished and self._stop_seen(tokens, params.stop):
+                    break
+        finally:
+            self._release(request_id, cancel=not finished)
+        return list(tokens)
+
+    def _continuous_pieces(
+        self, prompt: PreparedPrompt, params: SamplingParams, tokens_out: list[int]
+    ) -> Iterator[str]:
+        """Text pieces of one streamed request from the batcher; `tokens_out` ends up holding its tokens."""
+        assert self.batcher is not None
+        request_id = self._submit(prompt, params)
+        finished = False
+        sent = ""
+        try:
+            for update in self.batcher.updates(request_id):
+                tokens_out[:] = update.tokens
+                finished = update.finished
+                text = self.tokenizer.decode(list(update.tokens), skip_special_tokens=True)
+                if not finished:
+                    text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its next token
+                if text.startswith(sent) and len(text) > len(sent):
+                    yield text[len(sent) :]
+                    sent = text
+        finally:
+            self._release(request_id, cancel=not finished)
 
     def stream(self, inp: GenerationInput) -> Iterator[StreamDelta]:
         """Yield text pieces as they are generated; the last delta has finish_reason and usage.
@@ -402,6 +493,39 @@ class Engine:
         """
         prompt = self.prepare(inp)
         params = inp.params
+        if self._continuous(prompt, params):
+            return self._stream_continuous(prompt, params)
+        return self._stream_generate(prompt, params)
+
+    def _stream_continuous(self, prompt: PreparedPrompt, params: SamplingParams) -> Iterator[StreamDelta]:
+        """`stream` through the batcher: same hold-back of possible stop strings as below."""
+        tokens: list[int] = []
+        pieces = self._continuous_pieces(prompt, params, tokens)
+        hold = max((len(s) for s in params.stop), default=1) - 1
+        received = ""
+        sent = 0
+        try:
+            for piece in pieces:
+                received += piece
+                cut = min((i for i in (received.find(s) for s in params.stop if s) if i >= 0), default=-1)
+                limit = cut if cut >= 0 else max(sent, len(received) - hold)
+                if limit > sent:
+                    yield StreamDelta(text=received[sent:limit])
+                    sent = limit
+                if cut >= 0:
+                    break
+        finally:
+            pieces.close()  # cancels the request if it is still generating
+        done = self._finish(tokens, params)
+        yield StreamDelta(
+            text=done.text[sent:],
+            finish_reason=done.finish_reason,
+            prompt_tokens=prompt.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+        )
+
+    def _stream_generate(self, prompt: PreparedPrompt, params: SamplingParams) -> Iterator[StreamDelta]:
+        """`stream` with one `generate` of its own in a worker thread."""
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel = threading.Event()
         outcome: dict[str, Any] = {}

@@ -11,13 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -28,12 +23,13 @@ import pytest
 import ray
 from ray import serve
 from ray.serve.schema import ApplicationStatus
+from ray_nodes import local_ray_cluster
 
 from placement.estimate import MemoryEstimate
 from placement.inventory import Gpu, Inventory, Node
 from placement.plan import PlanEntry
 from placement.ray_inventory import inventory_from_ray
-from placement.ray_options import NODE_ID_LABEL, deployment_options, gpu_slot_resource, ray_start_args
+from placement.ray_options import NODE_ID_LABEL, deployment_options, gpu_slot_resource
 from placement.units import GIB
 
 ESTIMATE = MemoryEstimate(
@@ -262,33 +258,13 @@ def test_inventory_without_slot_resources() -> None:
     assert result == {"gpus": 2, "slots": False}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_entry_for_a_worker_node_runs_on_that_node() -> None:
     """Head + one worker via `ray start`, each with one declared GPU: label_selector sends the replica over."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    temp_dir = tempfile.mkdtemp(prefix="rayfit-mn-")
-    common = ["--num-cpus=1", f"--memory={2 * GIB}", f"--object-store-memory={200 * 2**20}"]
-    head = [ray_cli, "start", *ray_start_args(1, node_labels={"rayfit-node": "head"}), f"--port={port}"]
-    # Every port ours: other test runs may start clusters on this machine at the same time.
-    head += ["--include-dashboard=false", f"--temp-dir={temp_dir}", f"--dashboard-port={_free_port()}"]
-    head += [f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}"]
-    worker = [ray_cli, "start", *ray_start_args(1, node_labels={"rayfit-node": "worker"}, head=False)]
-    worker += [f"--address={address}", f"--dashboard-agent-listen-port={_free_port()}"]
-    started = []
-    try:
-        for args in (head, worker):
-            subprocess.run([*args, *common], env=env, check=True, capture_output=True, timeout=120)
-            started.append(args)
+    with local_ray_cluster() as nodes:
+        nodes.start_head(1, {"rayfit-node": "head"})
+        nodes.add_worker(1, {"rayfit-node": "worker"})
+        address = nodes.address
         result = _run_driver(
             f"""
             import json, time, ray
@@ -321,41 +297,3 @@ def test_entry_for_a_worker_node_runs_on_that_node() -> None:
         assert result["options"]["ray_actor_options"]["label_selector"] == {NODE_ID_LABEL: result["worker"]}
         assert result["got"]["node_id"] == result["worker"]
         assert result["got"]["cuda_visible_devices"] == "0"
-    finally:
-        # Only the nodes started here: `ray stop` would hit every cluster on the machine.
-        if started:
-            _stop_cluster(temp_dir, port)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _stop_cluster(temp_dir: str, port: int) -> None:
-    """SIGTERM our own cluster's processes: those naming our --temp-dir or GCS port, and their children."""
-    gcs = re.compile(rf":{port}(?!\d)")
-    parents: dict[int, int] = {}
-    ours: set[int] = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if "ray" in cmdline and (temp_dir in cmdline or gcs.search(cmdline)):
-            ours.add(int(proc.name))
-    grown = True
-    while grown:  # agents and workers are children of our raylets
-        children = {pid for pid, ppid in parents.items() if ppid in ours} - ours
-        grown = bool(children)
-        ours |= children
-    ours.discard(os.getpid())
-    # SIGTERM first (raylets exit cleanly), then SIGKILL what ignores it (gcs_server, monitor), as `ray stop` does.
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in ours:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + STOP_GRACE_S
-        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in ours):
-            time.sleep(0.2)

@@ -1,0 +1,146 @@
+"""Several Ray nodes on one machine, started with `ray start` as an operator would.
+
+Each node declares its own GPUs and `gpu_slot_<i>` resources
+(`placement.ray_options.ray_start_args`), labels and memory. Every port is
+picked free and every process is found by this cluster's own temp dir, GCS
+port or node manager port: other test runs may start clusters on this machine
+at the same time, so never `ray stop`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from placement.ray_options import ray_start_args
+from placement.units import GIB
+
+STOP_GRACE_S = 5.0
+START_TIMEOUT_S = 120.0
+NODE_MEMORY = 2 * GIB  # Ray's logical memory per node: one machine's RAM is shared by all
+OBJECT_STORE_BYTES = 200 * 2**20
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ray_cli() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def _process_table() -> tuple[dict[int, str], dict[int, int]]:
+    """pid → command line, pid → parent pid, for every readable process."""
+    cmdlines: dict[int, str] = {}
+    parents: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdlines[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return cmdlines, parents
+
+
+def _with_descendants(roots: set[int], parents: dict[int, int]) -> set[int]:
+    found = set(roots)
+    grown = True
+    while grown:  # agents and workers are children of their raylet
+        children = {pid for pid, ppid in parents.items() if ppid in found} - found
+        grown = bool(children)
+        found |= children
+    return found
+
+
+def terminate(pids: set[int]) -> None:
+    """SIGTERM, then SIGKILL what ignores it (gcs_server, monitor), as `ray stop` does."""
+    pids = pids - {os.getpid()}
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + STOP_GRACE_S
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+            time.sleep(0.2)
+
+
+class LocalRayCluster:
+    """A head started on construction; workers added with `add_worker`, removed with `kill_worker`."""
+
+    def __init__(self, env: dict[str, str], temp_dir: str, port: int):
+        self.env, self.temp_dir, self.port = env, temp_dir, port
+        self.worker_ports: list[int] = []  # node manager port of each worker: finds its raylet
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _start(self, args: list[str]) -> None:
+        common = ["--num-cpus=1", f"--memory={NODE_MEMORY}", f"--object-store-memory={OBJECT_STORE_BYTES}"]
+        done = subprocess.run(
+            [_ray_cli(), "start", *args, *common], env=self.env, capture_output=True, text=True, timeout=START_TIMEOUT_S
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    def start_head(self, gpus: int, labels: dict[str, str], extra: list[str] | None = None) -> None:
+        args = [*ray_start_args(gpus, node_labels=labels), f"--port={self.port}", f"--temp-dir={self.temp_dir}"]
+        args += ["--include-dashboard=false", f"--dashboard-port={free_port()}"]
+        args += [f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
+        self._start(args + (extra or []))
+
+    def add_worker(self, gpus: int, labels: dict[str, str]) -> int:
+        """Start a worker node; returns its node manager port (its handle for `kill_worker`)."""
+        node_port = free_port()
+        args = [*ray_start_args(gpus, node_labels=labels, head=False), f"--address={self.address}"]
+        args += [f"--dashboard-agent-listen-port={free_port()}", f"--node-manager-port={node_port}"]
+        self._start(args)
+        self.worker_ports.append(node_port)
+        return node_port
+
+    def kill_worker(self, node_port: int) -> set[int]:
+        """The worker node leaves: its raylet and everything under it (agents, replicas) are terminated."""
+        cmdlines, parents = _process_table()
+        flag = re.compile(rf"--node[-_]manager[-_]port={node_port}(?!\d)")
+        raylets = {pid for pid, cmd in cmdlines.items() if "raylet" in cmd and flag.search(cmd)}
+        assert raylets, f"no raylet with node manager port {node_port}"
+        pids = _with_descendants(raylets, parents)
+        terminate(pids)
+        return pids
+
+    def stop(self) -> None:
+        """Every process of this cluster: those naming our temp dir or GCS port or a worker's port, and children."""
+        cmdlines, parents = _process_table()
+        patterns = [re.compile(rf":{self.port}(?!\d)"), re.escape(self.temp_dir)]
+        patterns += [re.compile(rf"--node[-_]manager[-_]port={p}(?!\d)") for p in self.worker_ports]
+        roots = {pid for pid, cmd in cmdlines.items() if "ray" in cmd and any(re.search(p, cmd) for p in patterns)}
+        terminate(_with_descendants(roots, parents))
+
+
+@contextmanager
+def local_ray_cluster(env: dict[str, str] | None = None) -> Iterator[LocalRayCluster]:
+    """A cluster of our own (token auth on, as Ray 2.60 requires for extra nodes); stopped on exit."""
+    full_env = {**os.environ, "RAY_AUTH_MODE": "token", **(env or {})}
+    full_env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="rayfit-mn-")
+    cluster = LocalRayCluster(full_env, temp_dir, free_port())
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(temp_dir, ignore_errors=True)

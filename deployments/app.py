@@ -28,7 +28,7 @@ from deployments.model import ModelServer
 from placement.config import ModelSpec, load_model_configs
 from placement.demo_models import resolve_demo_models
 from placement.inventory import CUDA_CONTEXT_BYTES, DEFAULT_SAFETY_MARGIN, Inventory, Reserve, parse_gpu_spec
-from placement.plan import Plan, PlanEntry
+from placement.plan import GpuUsage, Plan, PlanEntry, placement_log_line
 from placement.ray_options import GPU_SLOT_PREFIX
 from placement.units import GIB, gib
 
@@ -142,6 +142,19 @@ def entry_summary(entry: PlanEntry, model_id: str | None = None) -> dict[str, An
     }
 
 
+def gpu_summary(usage: GpuUsage) -> dict[str, Any]:
+    """One planned GPU as JSON for /v1/placement (placement.report reads it)."""
+    return {
+        "node_id": usage.node_id,
+        "index": usage.index,
+        "name": usage.name,
+        "total_bytes": usage.total_bytes,
+        "usable_bytes": usage.usable_bytes,
+        "planned_bytes": usage.planned_bytes,
+        "roles": list(usage.roles),
+    }
+
+
 def plan_app(args: AppArgs) -> tuple[dict[str, ModelSpec], dict[str, str], Inventory, Plan]:
     """Read the config and plan it: (loadable specs, role → model id as written, inventory, plan).
 
@@ -177,9 +190,7 @@ def build_app(args: AppArgs) -> Application:
         for warning in placement_warnings(entry, inventory):
             # The pin still holds; only Ray's guard against a second app filling the GPU is missing.
             logger.warning("placement: %s", warning)
-        logger.info(
-            "plan: %s → %s (%s): %s", entry.role, entry.device_label, gib(entry.memory_budget_bytes), entry.reason
-        )
+        logger.info("plan: %s: %s", placement_log_line(entry.role, entry.node_id, entry), entry.reason)
         # The spec travels as a dict: plain data across the Ray boundary.
         spec_dict = specs[entry.role].model_dump()
         limits = model_limits(specs[entry.role], args)
@@ -187,4 +198,7 @@ def build_app(args: AppArgs) -> Application:
             entry.role, spec_dict, entry
         )
     summaries = {entry.role: entry_summary(entry, model_ids[entry.role]) for entry in plan.entries}
-    return Ingress.options(**ingress_limits(args)).bind(handles, model_ids, summaries, args.ingress_settings())
+    gpus = [gpu_summary(usage) for usage in plan.gpus]
+    return Ingress.options(**ingress_limits(args)).bind(
+        handles, model_ids, summaries, args.ingress_settings(), gpus=gpus
+    )

@@ -25,6 +25,7 @@ from deployments.errors import BadRequestError, NotFoundError, OverloadedError, 
 from deployments.failures import deployment_problems
 from deployments.generation import GenerationInput, StreamDelta
 from deployments.guard import IngressSettings, authorize, parse_body, read_body
+from deployments.placement_status import alive_node_ids, unplaced_roles, with_status
 from deployments.protocol import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -109,14 +110,16 @@ class Ingress:
         model_ids: dict[str, str],
         plan: dict[str, dict[str, Any]] | None = None,
         settings: IngressSettings | None = None,
+        gpus: list[dict[str, Any]] | None = None,
     ):
         """`models`: role → handle; `model_ids`: role → model id as in the config;
         `plan`: role → the planned entry as JSON (shown by /v1/placement);
-        `settings`: API key and body limit."""
+        `settings`: API key and body limit; `gpus`: the planned GPUs as JSON (for the report)."""
         self.models = models
         self.model_ids = model_ids
         self.plan = plan or {}
         self.settings = settings or IngressSettings()
+        self.gpus = gpus or []
         self._info: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------ helpers
@@ -249,8 +252,12 @@ class Ingress:
         roles = sorted(self.models)
         problems = await deployment_problems(roles)
         failed = {role for role, p in problems.items() if p["status"] == "DEPLOY_FAILED"}
+        alive = await asyncio.to_thread(alive_node_ids)
+        gone = unplaced_roles(self.plan, alive)
 
         async def report(role: str) -> dict[str, Any]:
+            if role in gone:  # its replica can only come back on that node: don't wait for it
+                return {"error": gone[role], **problems.get(role, {})}
             if role in failed:
                 return {"error": problems[role]["reason"], "status": "DEPLOY_FAILED"}
             try:
@@ -261,10 +268,17 @@ class Ingress:
 
         reports = await asyncio.gather(*(report(role) for role in roles))
         pairs = zip(roles, reports, strict=True)
-        return {"models": {role: {"plan": self.plan.get(role), "replica": r} for role, r in pairs}}
+        models = {role: {"plan": self.plan.get(role), "replica": r} for role, r in pairs}
+        return {"models": with_status(models, alive), "gpus": self.gpus}
 
     @app.get("/health")
     async def health(self) -> dict[str, Any]:
         # The proxy routes here only once the app is running; model replicas
-        # report their own health to Serve through `check_health`.
-        return {"status": "ok", "models": sorted(self.models)}
+        # report their own health to Serve through `check_health`. A role whose
+        # deployment is not HEALTHY or whose planned node left makes it "degraded"
+        # (still 200: the other models serve).
+        problems = await deployment_problems(sorted(self.models))
+        unavailable = {role: f"{p['status']}: {p['reason']}".rstrip(": ") for role, p in problems.items()}
+        unavailable.update(unplaced_roles(self.plan, await asyncio.to_thread(alive_node_ids)))
+        status = "degraded" if unavailable else "ok"
+        return {"status": status, "models": sorted(self.models), "unavailable": unavailable}

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from placement.plan import PlanEntry
+from placement.plan import PlanEntry, placement_log_line
+
+__all__ = ["placement_log_line"]  # the log line format lives with the plan; replicas import it from here too
 
 _GIB = 1024**3
 
@@ -114,12 +116,10 @@ def memory_report(model: torch.nn.Module) -> dict[str, int | str]:
         for index in range(torch.cuda.device_count()):
             report[f"cuda:{index}_allocated_bytes"] = int(torch.cuda.memory_allocated(index))
             report[f"cuda:{index}_reserved_bytes"] = int(torch.cuda.memory_reserved(index))
+            # Device-wide (every process on the GPU), from the driver: what the report calls free.
+            free, total = torch.cuda.mem_get_info(index)
+            report[f"cuda:{index}_free_bytes"] = int(free)
+            report[f"cuda:{index}_total_bytes"] = int(total)
     else:
         report["rss_bytes"] = _rss_bytes()
     return report
-
-
-def placement_log_line(role: str, node_id: str, entry: PlanEntry) -> str:
-    """'buffer_agent → node abc123, cuda:1 (planned 15.20 GiB)'."""
-    node = node_id[:12] if node_id else "?"
-    return f"{role} → node {node}, {entry.device_label} (planned {entry.memory_budget_bytes / _GIB:.2f} GiB)"

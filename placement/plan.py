@@ -54,6 +54,15 @@ class PlanEntry:
         return "cuda:" + "+".join(str(i) for i in self.gpu_indices)
 
 
+def placement_log_line(role: str, node_id: str, entry: PlanEntry) -> str:
+    """The one line every log uses to say where a model goes.
+
+    'buffer_agent → node abc123, cuda:1 (planned 15.20 GiB)'
+    """
+    node = node_id[:12] if node_id else "?"
+    return f"{role} → node {node}, {entry.device_label} (planned {entry.memory_budget_bytes / 2**30:.2f} GiB)"
+
+
 @dataclass(frozen=True)
 class GpuUsage:
     """One GPU after planning: what it holds and what is left."""

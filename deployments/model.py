@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
@@ -32,6 +33,10 @@ BATCH_WAIT_TIMEOUT_S = 0.01
 # Dev/test switch: a GPU-planned replica on a machine without CUDA loads on CPU
 # instead of refusing. Never set in production: there it hides a broken pin.
 CPU_FALLBACK_ENV = "RAYFIT_ALLOW_CPU_FALLBACK"
+# "0" turns continuous batching off (every request then goes through @serve.batch + generate).
+CONTINUOUS_ENV = "RAYFIT_CONTINUOUS_BATCHING"
+# Requests one replica holds at once (Serve's max_ongoing_requests below).
+MAX_ONGOING_REQUESTS = 32
 # check_health generates one token with this; a wedged device or engine never
 # finishes it, the check fails, and Serve replaces the replica.
 HEALTH_PROBE = GenerationInput(params=SamplingParams(max_tokens=1, temperature=0.0), prompt="ok")
@@ -72,7 +77,7 @@ def _cpu_fallback_entry(entry: PlanEntry) -> PlanEntry | None:
 @serve.deployment(
     # Batching needs several requests in flight per replica; the engine bounds
     # the real concurrency (max_batch_size) below.
-    max_ongoing_requests=32,
+    max_ongoing_requests=MAX_ONGOING_REQUESTS,
     health_check_period_s=10,
 )
 class ModelServer:
@@ -106,7 +111,15 @@ class ModelServer:
         # A load failure raises ModelLoadError naming the cause: Serve marks the
         # deployment DEPLOY_FAILED with it, and the app's other models keep serving.
         self.loaded = load_model(self.spec, load_entry)
-        self.engine = with_faults(Engine(self.loaded))
+        # Continuous batching (deployments.continuous) for greedy text requests, up
+        # to max_batch_size in flight; RAYFIT_CONTINUOUS_BATCHING=0 turns it off.
+        continuous = os.environ.get(CONTINUOUS_ENV, "1") != "0"
+        self.engine = with_faults(
+            Engine(self.loaded, continuous_batch_size=self.spec.max_batch_size if continuous else None)
+        )
+        # Requests the batcher takes skip @serve.batch (whose batches run one at a
+        # time) and block one thread each here while they decode together.
+        self._continuous_pool = ThreadPoolExecutor(max_workers=MAX_ONGOING_REQUESTS, thread_name_prefix=role)
         self._last_success = self._last_check = 0.0  # monotonic times: last finished generation, last health check
         self.cpu_fallback = fallback is not None
         self._generate_batch.set_max_batch_size(self.spec.max_batch_size)
@@ -149,7 +162,10 @@ class ModelServer:
         self._check_cap(request)
         start = time.perf_counter()
         try:
-            result = await self._generate_batch(request)
+            if self.engine.batcher is not None and request.params.temperature <= 0:
+                result = await self._generate_continuous(request)
+            else:
+                result = await self._generate_batch(request)
         except asyncio.CancelledError:
             self.metrics.request_done("cancelled", time.perf_counter() - start)
             raise
@@ -162,6 +178,23 @@ class ModelServer:
         self.metrics.request_done("ok", time.perf_counter() - start, result.prompt_tokens, result.completion_tokens)
         self._memory_report()
         return result
+
+    async def _generate_continuous(self, request: GenerationInput) -> GenerationOutput | BaseException:
+        """One request through the engine's continuous batcher (joins the running batch)."""
+        from deployments.engine import InvalidRequest
+        from deployments.oom import is_out_of_memory, recover
+
+        loop = asyncio.get_running_loop()
+        try:
+            outputs = await loop.run_in_executor(self._continuous_pool, self.engine.generate_batch, [request])
+        except InvalidRequest as exc:
+            return exc
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            return recover(self.role, exc)
+        self._last_success = time.monotonic()
+        return outputs[0]
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     async def _generate_batch(self, requests: list[GenerationInput]) -> list[GenerationOutput | BaseException]:
@@ -284,6 +317,10 @@ class ModelServer:
             "cpu_fallback": self.cpu_fallback,
             # Ray sets OMP_NUM_THREADS from num_cpus: a CPU model with 0.5 CPUs computes on 1 thread.
             "torch_threads": torch.get_num_threads(),
+            # The card(s) this replica really holds, as the driver names them (survives index remapping).
+            "gpu_uuids": [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available()
+            else [],
             "memory": self._memory_report(),
         }
         return {"role": self.role, "model": self.spec.model, "planned": planned, "actual": actual}

@@ -1,0 +1,540 @@
+"""GPU proof: the planner's memory estimate and decode speed on a real GPU, and both
+MedGemma shapes served side by side on one card by the plan.
+
+    .venv/bin/python benchmarks/gpu_check.py                 # one H100/H200, no network, < 8 min
+    .venv/bin/python benchmarks/gpu_check.py --cpu-smoke     # same steps at tiny sizes on CPU (CI)
+    .venv/bin/python benchmarks/gpu_check.py --bandwidth-tbs 3.35 --no-compile --skip-serve
+
+1. Memory. No MedGemma weights exist offline, so random-weight models of the
+   real shapes are built in NF4 on the GPU: MedGemma 4B (Gemma3ForConditionalGeneration,
+   image+text) and MedGemma 27B text (Gemma3ForCausalLM). The skeleton is built
+   on the meta device; then each nn.Linear is created in bf16 on the card and
+   quantized to NF4 (bitsandbytes, double quant) before the next one exists, so
+   the 27B is never held in bf16. Reported next to
+   `placement.sizing.estimate_from_config` (the planner's estimate): allocated
+   after load vs weights + quant overhead (target within 5%), and the peak
+   allocated/reserved during a generation at the configured context vs the total
+   estimate (target within 10%).
+2. Decode speed: single-stream greedy tokens/s, as a share of the bandwidth bound
+   (card bandwidth ÷ bytes read per token = quantized weights + quant state + the
+   tied lm_head/embedding in bf16 + KV read). Dynamic cache, then static cache +
+   torch.compile. Target ≥ 40% for the 27B NF4.
+3. Serving: the two models are saved (pre-quantized NF4 + a small offline
+   tokenizer), Ray is started on this machine with the GPU and its gpu_slot,
+   the rayfit app plans both onto GPU 0 with fractions, and each replica reports
+   its GPU UUID and memory from inside; their sum must stay within the card.
+
+Writes a Markdown table and JSON to `--out` (default benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # tiny_models: the offline tokenizer
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from placement.sizing import estimate_from_config  # noqa: E402
+from placement.units import MIB  # noqa: E402
+
+# Card memory bandwidth, TB/s (vendor figures), matched on torch.cuda.get_device_name().
+BANDWIDTH_TBS = (("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35), ("A100", 2.0), ("L40S", 0.864), ("4090", 1.008))
+
+MEDGEMMA_27B_TEXT: dict[str, Any] = {
+    "model_type": "gemma3_text",
+    "architectures": ["Gemma3ForCausalLM"],
+    "vocab_size": 262208,
+    "hidden_size": 5376,
+    "intermediate_size": 21504,
+    "num_hidden_layers": 62,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 16,
+    "head_dim": 128,
+    "query_pre_attn_scalar": 168,
+    "sliding_window": 1024,
+    "max_position_embeddings": 131072,
+    "tie_word_embeddings": True,
+}
+MEDGEMMA_4B: dict[str, Any] = {
+    "model_type": "gemma3",
+    "architectures": ["Gemma3ForConditionalGeneration"],
+    "mm_tokens_per_image": 256,
+    "text_config": {
+        "model_type": "gemma3_text",
+        "vocab_size": 262208,
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "num_hidden_layers": 34,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "sliding_window": 1024,
+        "max_position_embeddings": 131072,
+    },
+    "vision_config": {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "image_size": 896,
+        "patch_size": 14,
+        "vision_use_head": False,
+    },
+}
+# --cpu-smoke: the same architectures, tiny (Linear dims multiples of 64 for bnb's CPU path).
+SMOKE_27B_TEXT = {
+    **MEDGEMMA_27B_TEXT,
+    "vocab_size": 512,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
+    "query_pre_attn_scalar": 64,
+    "sliding_window": 32,
+}
+SMOKE_4B = {
+    **MEDGEMMA_4B,
+    "mm_tokens_per_image": 4,
+    "text_config": {**SMOKE_27B_TEXT, "num_hidden_layers": 2},
+    "vision_config": {
+        **MEDGEMMA_4B["vision_config"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    },
+}
+
+
+@dataclass
+class ModelResult:
+    name: str
+    params_b: float
+    est_weights_mib: float
+    est_total_mib: float
+    load_allocated_mib: float
+    weights_error_pct: float
+    peak_allocated_mib: float = 0.0
+    peak_reserved_mib: float = 0.0
+    total_error_pct: float = 0.0
+    context: int = 0
+    batch: int = 0
+    bytes_per_token_mib: float = 0.0
+    bound_tok_s: float = 0.0
+    decode: dict[str, Any] = field(default_factory=dict)  # variant → {"tok_s", "share"} or {"error"}
+    build_s: float = 0.0
+
+
+# ---- 1. build in NF4, layer by layer ----------------------------------------------------------
+
+
+def _linear_to_nf4(linear: nn.Linear, device: torch.device) -> nn.Module:
+    """A random bf16 nn.Linear of the same shape, made on `device` and quantized there at once."""
+    import bitsandbytes as bnb
+
+    weight = torch.empty(linear.out_features, linear.in_features, dtype=torch.bfloat16, device=device)
+    weight.normal_(0.0, 0.02)
+    quantized = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=torch.bfloat16,
+        compress_statistics=True,  # double quant, as rayfit's bnb_config
+        quant_type="nf4",
+        device="meta",
+    )
+    quantized.weight = bnb.nn.Params4bit(
+        weight, requires_grad=False, compress_statistics=True, quant_type="nf4", module=quantized
+    ).to(device)
+    if linear.bias is not None:
+        quantized.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=torch.bfloat16, device=device))
+    del weight
+    return quantized
+
+
+def build_nf4(config_dict: dict[str, Any], device: torch.device) -> nn.Module:
+    """The model of `config_dict` with random weights: linears NF4, the rest bf16, built per layer on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.for_model(**config_dict)
+    auto = AutoModelForImageTextToText if "vision_config" in config_dict else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config, dtype=torch.bfloat16)
+    # 1. every nn.Linear except lm_head (bnb keeps it in bf16; tied to the embedding here)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and not full.endswith("lm_head"):
+                setattr(module, child_name, _linear_to_nf4(child, device))
+    # 2. the other parameters (embeddings, norms, vision embeddings) in bf16
+    for name, param in list(model.named_parameters()):
+        if param.device.type != "meta":
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        data = torch.empty(param.shape, dtype=torch.bfloat16, device=device)
+        data.normal_(0.0, 0.02) if param.dim() > 1 else data.zero_()
+        setattr(owner, attr, nn.Parameter(data, requires_grad=False))
+    model.tie_weights()
+    # 3. buffers (rotary frequencies, ...) were computed on meta: rebuild them on the device
+    for module in model.modules():
+        if "RotaryEmbedding" in type(module).__name__:
+            fresh = type(module)(config=module.config, device=device)
+            for buffer_name, buffer in fresh.named_buffers(recurse=False):
+                module.register_buffer(buffer_name, buffer, persistent=False)
+            if hasattr(fresh, "original_inv_freq"):
+                module.original_inv_freq = fresh.original_inv_freq
+    for module in model.modules():
+        for buffer_name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.device.type == "meta":
+                module.register_buffer(buffer_name, torch.zeros(buffer.shape, dtype=buffer.dtype, device=device))
+            elif buffer.device != device:
+                module.register_buffer(buffer_name, buffer.to(device))
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise RuntimeError(f"parameters left on meta: {leftover[:5]}")
+    return model.eval()
+
+
+def _allocated() -> int:
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+
+
+def _mib(n: float) -> float:
+    return round(n / MIB, 1)
+
+
+# ---- 2. decode speed --------------------------------------------------------------------------
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _generate_s(model: nn.Module, ids: torch.Tensor, new: int, **kwargs: Any) -> float:
+    _sync()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs)
+    _sync()
+    return time.perf_counter() - start
+
+
+def decode_speed(model: nn.Module, vocab: int, device: torch.device, tokens: int, compile_: bool) -> dict[str, Any]:
+    """tok/s of decode alone: (t(N) - t(1)) / (N - 1), per cache variant."""
+    ids = torch.randint(10, vocab - 10, (1, 32), device=device)
+    variants: dict[str, dict[str, Any]] = {"dynamic cache": {}}
+    if compile_:
+        variants["static cache + torch.compile"] = {"cache_implementation": "static"}
+    out: dict[str, Any] = {}
+    for name, kwargs in variants.items():
+        try:
+            for _ in range(2):  # warm-up (and compile)
+                _generate_s(model, ids, tokens, **kwargs)
+            one = min(_generate_s(model, ids, 1, **kwargs) for _ in range(2))
+            full = min(_generate_s(model, ids, tokens, **kwargs) for _ in range(2))
+            out[name] = {"tok_s": round((tokens - 1) / max(full - one, 1e-9), 2)}
+        except Exception as exc:  # report, don't stop the check
+            out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return out
+
+
+def card_bandwidth(override_tbs: float | None) -> tuple[str, float | None]:
+    if not torch.cuda.is_available():
+        return "CPU (smoke)", override_tbs
+    name = torch.cuda.get_device_name(0)
+    if override_tbs is not None:
+        return name, override_tbs
+    for key, tbs in BANDWIDTH_TBS:
+        if key in name:
+            return name, tbs
+    return name, None
+
+
+# ---- one model: 1 + 2 -------------------------------------------------------------------------
+
+
+def check_model(name: str, config: dict[str, Any], ns: argparse.Namespace, device: torch.device, bw: float | None):
+    estimate = estimate_from_config(config, quantization="nf4", context_length=ns.context, batch_size=ns.batch)
+    est_weights = estimate.weights_bytes + estimate.quant_overhead_bytes
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base = _allocated()
+    started = time.perf_counter()
+    model = build_nf4(config, device)
+    build_s = time.perf_counter() - started
+    loaded = _allocated() - base
+    if device.type == "cpu":  # no allocator to ask: count the tensors
+        unique = {t.data_ptr(): t for t in model.state_dict().values() if isinstance(t, torch.Tensor)}  # tied once
+        loaded = sum(t.numel() * t.element_size() for t in unique.values())
+    result = ModelResult(
+        name=name,
+        params_b=round(estimate.params / 1e9, 3),
+        est_weights_mib=_mib(est_weights),
+        est_total_mib=_mib(estimate.total_bytes),
+        load_allocated_mib=_mib(loaded),
+        weights_error_pct=round(100 * (loaded - est_weights) / est_weights, 2),
+        context=ns.context,
+        batch=ns.batch,
+        build_s=round(time.perf_counter() - started, 1),
+    )
+    print(f"{name}: built in {build_s:.1f} s, allocated {result.load_allocated_mib} MiB", flush=True)
+    text = config.get("text_config", config)
+    vocab = int(text["vocab_size"])
+    # Generation at the configured context: prompt fills it up to the last 16 tokens.
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    prompt = torch.randint(10, vocab - 10, (ns.batch, ns.context - 16), device=device)
+    with torch.inference_mode():
+        model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    del prompt
+    if torch.cuda.is_available():
+        peak, reserved = torch.cuda.max_memory_allocated() - base, torch.cuda.max_memory_reserved()
+        result.peak_allocated_mib, result.peak_reserved_mib = _mib(peak), _mib(reserved)
+        result.total_error_pct = round(100 * (peak - estimate.total_bytes) / estimate.total_bytes, 2)
+    # Bytes read per decoded token: all weights (the tied lm_head reads the whole embedding) + a short KV.
+    per_token = est_weights
+    result.bytes_per_token_mib = _mib(per_token)
+    if bw:
+        result.bound_tok_s = round(bw * 1e12 / per_token, 1)
+    result.decode = decode_speed(model, vocab, device, ns.decode_tokens, compile_=ns.compile)
+    for variant in result.decode.values():
+        if "tok_s" in variant and result.bound_tok_s:
+            variant["share_of_bound"] = round(variant["tok_s"] / result.bound_tok_s, 3)
+    print(f"{name}: decode {result.decode}", flush=True)
+    return model, result
+
+
+# ---- 3. serve both on one GPU -----------------------------------------------------------------
+
+
+def save_for_serving(model: nn.Module, config: dict[str, Any], directory: Path) -> Path:
+    """Save pre-quantized NF4 weights + an offline tokenizer (and processor for image+text)."""
+    from tiny_models import CHAT_TEMPLATE, build_tokenizer
+    from transformers import BitsAndBytesConfig
+
+    tokenizer = build_tokenizer()
+    model.config.quantization_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    text = model.config.get_text_config()
+    text.pad_token_id, text.eos_token_id, text.bos_token_id = (
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.bos_token_id,
+    )
+    if "vision_config" in config:
+        from transformers import Gemma3ImageProcessorPil, Gemma3Processor
+
+        model.config.boi_token_index = tokenizer.convert_tokens_to_ids("<start_of_image>")
+        model.config.eoi_token_index = tokenizer.convert_tokens_to_ids("<end_of_image>")
+        model.config.image_token_index = tokenizer.convert_tokens_to_ids("<image_soft_token>")
+        size = int(config["vision_config"]["image_size"])
+        processor = Gemma3Processor(
+            image_processor=Gemma3ImageProcessorPil(size={"height": size, "width": size}),
+            tokenizer=tokenizer,
+            chat_template=CHAT_TEMPLATE,
+            image_seq_length=int(config["mm_tokens_per_image"]),
+        )
+        processor.save_pretrained(directory)
+    else:
+        tokenizer.save_pretrained(directory)
+    model.save_pretrained(directory)
+    return directory
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_both(dirs: dict[str, Path], ns: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Ray on this machine, the app planned onto its one GPU, each replica's own report."""
+    import httpx
+    import ray
+    import yaml
+    from ray import serve
+
+    from deployments.app import AppArgs, build_app
+
+    models = {
+        role: {"model": str(path), "context_length": ns.context, "max_batch_size": ns.batch}
+        for role, path in dirs.items()
+    }
+    config_path = workdir / "model_configs.yaml"
+    config_path.write_text(yaml.safe_dump(models))
+    if not torch.cuda.is_available():
+        os.environ["RAYFIT_ALLOW_CPU_FALLBACK"] = "1"  # smoke: the GPU plan loads on CPU, pin still checked
+    port = _free_port()
+    ray.init(num_gpus=1, resources={"gpu_slot_0": 1}, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = AppArgs(model_config=str(config_path), gpu_memory_gb=None if torch.cuda.is_available() else 64)
+        started = time.perf_counter()
+        serve.run(build_app(args), name="gpucheck", route_prefix="/")
+        ready_s = time.perf_counter() - started
+        report: dict[str, Any] = {"ready_s": round(ready_s, 1), "replicas": {}}
+        for role in dirs:
+            info = serve.get_deployment_handle(role, "gpucheck").placement.remote().result()
+            reply = httpx.post(
+                f"http://127.0.0.1:{port}/v1/completions",
+                json={"model": role, "prompt": "The", "max_tokens": 4, "temperature": 0},
+                timeout=120,
+            )
+            actual = info["actual"]
+            memory = actual["memory"]
+            report["replicas"][role] = {
+                "planned": info["planned"]["device"],
+                "fraction": info["planned"]["fraction"],
+                "gpu_uuids": actual.get("gpu_uuids"),
+                "cuda_visible_devices": actual.get("cuda_visible_devices"),
+                "pid": actual["pid"],
+                "allocated_mib": _mib(int(memory.get("cuda:0_allocated_bytes", 0))),
+                "reserved_mib": _mib(int(memory.get("cuda:0_reserved_bytes", 0))),
+                "card_total_mib": _mib(int(memory.get("cuda:0_total_bytes", 0))),
+                "rss_mib": _mib(int(memory.get("rss_bytes", 0))),
+                "http_status": reply.status_code,
+            }
+        replicas = report["replicas"].values()
+        report["sum_reserved_mib"] = round(sum(r["reserved_mib"] for r in replicas), 3)
+        total = max((r["card_total_mib"] for r in replicas), default=0.0)
+        report["card_total_mib"] = total
+        report["within_card"] = bool(total == 0 or report["sum_reserved_mib"] <= total)
+        return report
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+
+def markdown(card: str, bw: float | None, results: list[ModelResult], served: dict[str, Any] | None) -> str:
+    lines = [
+        f"GPU check on **{card}** (bandwidth {bw or 'unknown'} TB/s), torch {torch.__version__}",
+        "",
+        "| model | params | est. weights MiB | allocated after load MiB | error | est. total MiB "
+        "| peak alloc MiB | peak reserved MiB | error | context×batch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {r.params_b}B | {r.est_weights_mib} | {r.load_allocated_mib} | {r.weights_error_pct:+.1f}% "
+            f"| {r.est_total_mib} | {r.peak_allocated_mib} | {r.peak_reserved_mib} | {r.total_error_pct:+.1f}% "
+            f"| {r.context}×{r.batch} |"
+        )
+    lines += [
+        "",
+        "| model | bytes/token MiB | bound tok/s | variant | tok/s | share of bound |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for variant, v in r.decode.items():
+            got = v.get("tok_s", v.get("error", "?"))
+            lines.append(
+                f"| {r.name} | {r.bytes_per_token_mib} | {r.bound_tok_s or '-'} | {variant} | {got} "
+                f"| {v.get('share_of_bound', '-')} |"
+            )
+    if served:
+        lines += ["", f"Served on one card (ready in {served['ready_s']} s):", ""]
+        lines += [
+            "| role | planned | fraction | GPU UUID | allocated MiB | reserved MiB | HTTP |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for role, r in served["replicas"].items():
+            uuid = ",".join(r["gpu_uuids"] or []) or "-"
+            lines.append(
+                f"| {role} | {r['planned']} | {r['fraction']} | {uuid} | {r['allocated_mib']} "
+                f"| {r['reserved_mib']} | {r['http_status']} |"
+            )
+        lines.append(
+            f"\nsum reserved {served['sum_reserved_mib']} MiB of {served['card_total_mib']} MiB: "
+            f"{'within the card' if served['within_card'] else 'OVER THE CARD'}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (CI keeps the script working)")
+    parser.add_argument("--bandwidth-tbs", type=float, default=None, help="card bandwidth, TB/s (default: by name)")
+    parser.add_argument("--context", type=int, default=None, help="tokens per sequence (default 4096; smoke 64)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences in the generation at full context")
+    parser.add_argument("--decode-tokens", type=int, default=None, help="tokens per decode timing (default 64)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip static cache + compile")
+    parser.add_argument("--skip-serve", action="store_true", help="skip step 3 (Ray + Serve)")
+    parser.add_argument("--models", default="4b,27b", help="comma list of 4b, 27b")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    ns = parser.parse_args(argv)
+    smoke = ns.cpu_smoke
+    if not smoke and not torch.cuda.is_available():
+        parser.error("no CUDA device: run on a GPU machine, or pass --cpu-smoke")
+    ns.context = ns.context or (64 if smoke else 4096)
+    ns.decode_tokens = ns.decode_tokens or (8 if smoke else 64)
+    device = torch.device("cpu" if smoke else "cuda:0")
+    card, bw = card_bandwidth(ns.bandwidth_tbs)
+    configs = {
+        "4b": ("medgemma-4b-it (image+text)", SMOKE_4B if smoke else MEDGEMMA_4B, "summarizer"),
+        "27b": ("medgemma-27b-text", SMOKE_27B_TEXT if smoke else MEDGEMMA_27B_TEXT, "buffer_agent"),
+    }
+    started = time.perf_counter()
+    results: list[ModelResult] = []
+    served: dict[str, Any] | None = None
+    with tempfile.TemporaryDirectory(prefix="rayfit-gpucheck-") as scratch:
+        workdir = Path(scratch)
+        dirs: dict[str, Path] = {}
+        for key in [k.strip() for k in ns.models.split(",") if k.strip()]:
+            name, config, role = configs[key]
+            model, result = check_model(name, config, ns, device, bw)
+            results.append(result)
+            if not ns.skip_serve:
+                dirs[role] = save_for_serving(model, config, workdir / key)
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if dirs:
+            served = serve_both(dirs, ns, workdir)
+    report = markdown(card, bw, results, served)
+    report += f"\ntotal {time.perf_counter() - started:.0f} s\n"
+    print("\n" + report)
+    ns.out.mkdir(parents=True, exist_ok=True)
+    stem = "gpu_check-cpu-smoke" if smoke else f"gpu_check-{card.replace(' ', '_')}"
+    (ns.out / f"{stem}.md").write_text(report)
+    (ns.out / f"{stem}.json").write_text(
+        json.dumps(
+            {"card": card, "bandwidth_tbs": bw, "models": [asdict(r) for r in results], "served": served}, indent=1
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,6 +23,7 @@ restarting; retry after `retry_after_s`), `ServerError` (500).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -41,6 +42,8 @@ from deployments.protocol import (
 )
 
 DEFAULT_APP_NAME = "rayfit"
+# A handle to a deployment that failed to start can wait forever; a live one answers `info` at once.
+INFO_TIMEOUT_S = 10.0
 
 
 class ModelClient:
@@ -51,6 +54,25 @@ class ModelClient:
         self._handle = handle
         self._stream_handle = handle.options(stream=True)
         self.max_tokens_cap = max_tokens_cap
+
+    def _sync_cap(self) -> int | None:
+        """The role's max_tokens_cap, asked once (the default max_tokens must respect it)."""
+        if self.max_tokens_cap is None:
+            try:
+                info = self._handle.info.remote().result(timeout_s=INFO_TIMEOUT_S)
+                self.max_tokens_cap = info.get("max_tokens_cap")
+            except Exception as exc:
+                raise classify(exc, self.role) from exc
+        return self.max_tokens_cap
+
+    async def _async_cap(self) -> int | None:
+        if self.max_tokens_cap is None:
+            try:
+                info = await asyncio.wait_for(self._handle.info.remote(), INFO_TIMEOUT_S)
+                self.max_tokens_cap = info.get("max_tokens_cap")
+            except Exception as exc:
+                raise classify(exc, self.role) from exc
+        return self.max_tokens_cap
 
     def _request(self, messages: Sequence[dict[str, Any]], stream: bool, params: dict[str, Any]):
         """The generation input, validated exactly as the HTTP body would be (unknown params are refused)."""
@@ -67,6 +89,7 @@ class ModelClient:
 
     def chat(self, messages: Sequence[dict[str, Any]], **params: Any) -> ChatCompletionResponse:
         """OpenAI chat parameters as keywords: max_tokens, temperature, top_p, stop, seed."""
+        self._sync_cap()
         _, generation = self._request(messages, False, params)
         try:
             output = self._handle.generate.remote(generation).result()
@@ -75,6 +98,7 @@ class ModelClient:
         return chat_response(output, self.role)
 
     async def achat(self, messages: Sequence[dict[str, Any]], **params: Any) -> ChatCompletionResponse:
+        await self._async_cap()
         _, generation = self._request(messages, False, params)
         try:
             output = await self._handle.generate.remote(generation)
@@ -84,6 +108,7 @@ class ModelClient:
 
     def stream(self, messages: Sequence[dict[str, Any]], **params: Any) -> Iterator[ChatCompletionStreamResponse]:
         """Chat chunks as OpenAI streams them (first carries the role, last the finish_reason)."""
+        self._sync_cap()
         request, generation = self._request(messages, True, params)
         converter = ChatStreamConverter(self.role, include_usage=request.include_usage)
         try:
@@ -97,6 +122,7 @@ class ModelClient:
     async def astream(
         self, messages: Sequence[dict[str, Any]], **params: Any
     ) -> AsyncIterator[ChatCompletionStreamResponse]:
+        await self._async_cap()
         request, generation = self._request(messages, True, params)
         converter = ChatStreamConverter(self.role, include_usage=request.include_usage)
         try:
@@ -126,5 +152,4 @@ def get_model(role: str, app_name: str = DEFAULT_APP_NAME) -> ModelClient:
     roles = sorted(name for name in app.deployments if name != "Ingress")
     if role not in roles:
         raise NotFoundError(f"The model {role!r} does not exist in app {app_name!r}. Available: {', '.join(roles)}")
-    # The replica enforces the role's max_tokens_cap (a BadRequestError here).
     return ModelClient(role, serve.get_deployment_handle(role, app_name))

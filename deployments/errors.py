@@ -94,6 +94,8 @@ def classify(exc: BaseException, role: str) -> RayfitError:
         return OverloadedError(f"model {role!r}: {cause}")
     if isinstance(cause, DeploymentUnavailableError):
         return OverloadedError(f"model {role!r} is unavailable (its deployment failed or is restarting)")
+    if isinstance(cause, TimeoutError):
+        return OverloadedError(f"model {role!r} did not answer in time (starting, failed or busy); retry later")
     if isinstance(cause, RayActorError):
         # The replica died with the request on it; Serve starts a new one.
         return OverloadedError(f"model {role!r}: the replica serving this request died; it is being restarted")

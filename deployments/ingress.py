@@ -47,6 +47,9 @@ logger = logging.getLogger("ray.serve")
 
 # /v1/placement waits this long for a replica's own report.
 PLACEMENT_TIMEOUT_S = 10.0
+# A role's info call is instant on a live replica; a handle to a deployment
+# that failed to start can wait forever (measured on Ray 2.60), so bound it.
+INFO_TIMEOUT_S = 10.0
 
 app = FastAPI(title="rayfit", description="OpenAI-compatible API over rayfit's model deployments")
 
@@ -221,7 +224,7 @@ class Ingress:
 
     async def _role_info(self, role: str) -> dict[str, Any]:
         if role not in self._info:
-            self._info[role] = await self.models[role].info.remote()
+            self._info[role] = await asyncio.wait_for(self.models[role].info.remote(), INFO_TIMEOUT_S)
         return self._info[role]
 
     @app.get("/v1/models", response_model=ModelList)

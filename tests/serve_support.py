@@ -1,0 +1,73 @@
+"""Helpers for tests that run a rayfit app on a real local Ray: a private Ray
+with its own ports (other test modules run theirs at the same time), one
+model config writer, and small HTTP helpers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+
+from deployments.faults import FAULTS_ENV
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def local_serve(num_cpus: int = 4, env: dict[str, str] | None = None) -> Iterator[int]:
+    """Ray + Serve on 127.0.0.1:<free port>; `env` is inherited by every replica. Yields the port."""
+    env = {FAULTS_ENV: "1", **(env or {})}
+    previous = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # set before ray.init: the raylet passes it to every worker
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def model_config(path: Path, roles: dict[str, dict[str, Any]]) -> Path:
+    """model_configs.yaml in the user's format: role → fields (model dir + overrides)."""
+    lines = []
+    for role, fields in roles.items():
+        lines.append(f"{role}:\n  provider: huggingface\n")
+        lines.extend(f"  {key}: {value}\n" for key, value in fields.items())
+    path.write_text("".join(lines))
+    return path
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> float:
+    """Poll `check` until true; seconds it took. Fails the test naming `what` on timeout."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        try:
+            if check():
+                return time.monotonic() - start
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout_s} s")
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]

@@ -91,25 +91,25 @@ class LocalRayCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _start(self, args: list[str]) -> None:
-        common = ["--num-cpus=1", f"--memory={NODE_MEMORY}", f"--object-store-memory={OBJECT_STORE_BYTES}"]
+    def _start(self, args: list[str], num_cpus: int) -> None:
+        common = [f"--num-cpus={num_cpus}", f"--memory={NODE_MEMORY}", f"--object-store-memory={OBJECT_STORE_BYTES}"]
         done = subprocess.run(
             [_ray_cli(), "start", *args, *common], env=self.env, capture_output=True, text=True, timeout=START_TIMEOUT_S
         )
         assert done.returncode == 0, done.stderr[-4000:]
 
-    def start_head(self, gpus: int, labels: dict[str, str], extra: list[str] | None = None) -> None:
+    def start_head(self, gpus: int, labels: dict[str, str], num_cpus: int = 1) -> None:
         args = [*ray_start_args(gpus, node_labels=labels), f"--port={self.port}", f"--temp-dir={self.temp_dir}"]
         args += ["--include-dashboard=false", f"--dashboard-port={free_port()}"]
         args += [f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
-        self._start(args + (extra or []))
+        self._start(args, num_cpus)
 
-    def add_worker(self, gpus: int, labels: dict[str, str]) -> int:
+    def add_worker(self, gpus: int, labels: dict[str, str], num_cpus: int = 1) -> int:
         """Start a worker node; returns its node manager port (its handle for `kill_worker`)."""
         node_port = free_port()
         args = [*ray_start_args(gpus, node_labels=labels, head=False), f"--address={self.address}"]
         args += [f"--dashboard-agent-listen-port={free_port()}", f"--node-manager-port={node_port}"]
-        self._start(args)
+        self._start(args, num_cpus)
         self.worker_ports.append(node_port)
         return node_port
 

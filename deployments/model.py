@@ -173,7 +173,11 @@ class ModelServer:
             self.metrics.request_done("error", time.perf_counter() - start)
             raise
         if isinstance(result, BaseException):
-            self.metrics.request_done("invalid", time.perf_counter() - start)
+            from deployments.engine import InvalidRequest
+
+            # A bad request is the client's; anything returned otherwise (e.g. OOM recovered) is ours.
+            status = "invalid" if isinstance(result, InvalidRequest) else "error"
+            self.metrics.request_done(status, time.perf_counter() - start)
             raise result
         self.metrics.request_done("ok", time.perf_counter() - start, result.prompt_tokens, result.completion_tokens)
         self._memory_report()

@@ -81,10 +81,11 @@ class AppArgs(BaseModel):
     def reserve(self) -> Reserve:
         return Reserve(cuda_context_bytes=int(self.reserve_gb * GIB), safety_margin=self.safety_margin)
 
-    def ingress_settings(self) -> IngressSettings:
+    def ingress_settings(self, specs: dict[str, ModelSpec]) -> IngressSettings:
         """Read when the app is built (never at import): the key from args, else from the environment."""
         key = self.api_key.get_secret_value() if self.api_key else os.environ.get(API_KEY_ENV)
-        return IngressSettings(api_key=key or None, max_body_bytes=self.max_body_bytes)
+        caps = {role: spec.max_tokens_cap for role, spec in specs.items()}
+        return IngressSettings(api_key=key or None, max_body_bytes=self.max_body_bytes, max_tokens_caps=caps)
 
 
 def model_limits(spec: ModelSpec, args: AppArgs) -> dict[str, Any]:
@@ -200,5 +201,5 @@ def build_app(args: AppArgs) -> Application:
     summaries = {entry.role: entry_summary(entry, model_ids[entry.role]) for entry in plan.entries}
     gpus = [gpu_summary(usage) for usage in plan.gpus]
     return Ingress.options(**ingress_limits(args)).bind(
-        handles, model_ids, summaries, args.ingress_settings(), gpus=gpus
+        handles, model_ids, summaries, args.ingress_settings(specs), gpus=gpus
     )

@@ -43,7 +43,7 @@ from deployments.protocol import (
 
 DEFAULT_APP_NAME = "rayfit"
 # A handle to a deployment that failed to start can wait forever; a live one answers `info` at once.
-INFO_TIMEOUT_S = 10.0
+INFO_TIMEOUT_S = 30.0
 
 
 class ModelClient:

@@ -28,6 +28,7 @@ class IngressSettings:
 
     api_key: str | None = field(default=None, repr=False)  # never in logs or reprs
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_tokens_caps: dict[str, int] = field(default_factory=dict)  # role → ModelSpec.max_tokens_cap
 
 
 def authorize(request: Request, api_key: str | None) -> None:

@@ -11,7 +11,7 @@ OpenAI's error shape naming the models that exist.
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -47,9 +47,11 @@ logger = logging.getLogger("ray.serve")
 
 # /v1/placement waits this long for a replica's own report.
 PLACEMENT_TIMEOUT_S = 10.0
-# A role's info call is instant on a live replica; a handle to a deployment
-# that failed to start can wait forever (measured on Ray 2.60), so bound it.
-INFO_TIMEOUT_S = 10.0
+# A call to a deployment that failed to start can wait forever (measured on
+# Ray 2.60: a handle first used after the failure never answers). A call still
+# waiting after this long checks the deployment's status, and gives up only if
+# it failed; a model that is merely busy or restarting is waited for.
+STATUS_CHECK_S = 5.0
 
 app = FastAPI(title="rayfit", description="OpenAI-compatible API over rayfit's model deployments")
 
@@ -155,17 +157,29 @@ class Ingress:
                 return OverloadedError(f"model {role!r} failed to deploy: {problem['reason']}", retry_after_s=None)
         return error
 
-    async def _max_tokens_cap(self, role: str) -> int | None:
+    async def _call(self, role: str, call: Awaitable[Any]) -> Any:
+        """Await a call to `role`; a failed deployment is a 503 naming its load error, not a hang."""
+        task = asyncio.ensure_future(call)
         try:
-            return (await self._role_info(role)).get("max_tokens_cap")
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=STATUS_CHECK_S)
+                if done:
+                    return task.result()
+                problem = (await deployment_problems([role])).get(role)
+                if problem is not None and problem["status"] == "DEPLOY_FAILED":
+                    raise OverloadedError(f"model {role!r} failed to deploy: {problem['reason']}", retry_after_s=None)
+        except (RayfitError, StopAsyncIteration):
+            raise
         except Exception as exc:
             raise await self._failed(exc, role) from exc
+        finally:
+            task.cancel()  # no-op when done; stops the call when the client left or the model failed
+
+    def _max_tokens_cap(self, role: str) -> int | None:
+        return self.settings.max_tokens_caps.get(role)
 
     async def _generate(self, role: str, request: GenerationInput):
-        try:
-            return await self.models[role].generate.remote(request)
-        except Exception as exc:
-            raise await self._failed(exc, role) from exc
+        return await self._call(role, self.models[role].generate.remote(request))
 
     async def _stream(self, role: str, request: GenerationInput, convert, include_done: bool = True):
         """Start the stream and read its first delta before answering, so a bad
@@ -173,11 +187,9 @@ class Ingress:
         handle = self.models[role].options(stream=True)
         deltas: AsyncIterator[StreamDelta] = handle.stream.remote(request)
         try:
-            first = await deltas.__anext__()
+            first = await self._call(role, deltas.__anext__())
         except StopAsyncIteration:
             first = None
-        except Exception as exc:
-            raise await self._failed(exc, role) from exc
 
         async def body() -> AsyncIterator[str]:
             try:
@@ -204,7 +216,7 @@ class Ingress:
     async def chat_completions(self, http: Request):
         request: ChatCompletionRequest = await self._body(http, ChatCompletionRequest)
         role = self._resolve(request.model)
-        generation = request.to_generation_input(await self._max_tokens_cap(role))
+        generation = request.to_generation_input(self._max_tokens_cap(role))
         if request.stream:
             converter = ChatStreamConverter(request.model, include_usage=request.include_usage)
             return await self._stream(role, generation, converter.convert)
@@ -215,7 +227,7 @@ class Ingress:
     async def completions(self, http: Request):
         request: CompletionRequest = await self._body(http, CompletionRequest)
         role = self._resolve(request.model)
-        generation = request.to_generation_input(await self._max_tokens_cap(role))
+        generation = request.to_generation_input(self._max_tokens_cap(role))
         if request.stream:
             converter = CompletionStreamConverter(request.model, include_usage=request.include_usage)
             return await self._stream(role, generation, converter.convert)
@@ -224,7 +236,7 @@ class Ingress:
 
     async def _role_info(self, role: str) -> dict[str, Any]:
         if role not in self._info:
-            self._info[role] = await asyncio.wait_for(self.models[role].info.remote(), INFO_TIMEOUT_S)
+            self._info[role] = await self._call(role, self.models[role].info.remote())
         return self._info[role]
 
     @app.get("/v1/models", response_model=ModelList)

@@ -1,0 +1,218 @@
+"""Faults against one running app (real local Ray, real Serve, real HTTP):
+models that fail to load, a replica killed mid-request, a wedged replica,
+a redeploy and a shutdown under traffic.
+
+The app has two working roles on the tiny text model (`alpha`, `beta`) and
+two that cannot load: `corrupt` (safetensors cut short after its header) and
+`missing` (no weights file). Health checks run every second with a 5 s
+timeout so a wedged replica is found quickly. Tests run in file order and
+share the app; the last one deletes it.
+
+Every request in these tests must come back (a client timeout is a failure):
+"accepted and unanswered" is the figure the README's RELIABILITY section
+reports, and it must stay 0.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import shutil
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import ray
+from ray import serve
+from serve_support import local_serve, model_config, wait_until
+
+from deployments.app import AppArgs, build_app
+from deployments.faults import WEDGE_MARKER
+
+APP = "faults"
+ALPHA, BETA, CORRUPT, MISSING = "alpha", "beta", "corrupt", "missing"
+LONG = {"temperature": 0, "max_tokens": 200}
+SHORT = {"temperature": 0, "max_tokens": 4}
+# Any request not answered within this is a hang: the test fails.
+CLIENT_TIMEOUT_S = 90
+
+
+def _broken_copies(text_dir: Path, root: Path) -> tuple[Path, Path]:
+    corrupt, missing = root / "corrupt", root / "missing"
+    shutil.copytree(text_dir, corrupt)
+    shutil.copytree(text_dir, missing)
+    weights = corrupt / "model.safetensors"
+    data = weights.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    weights.write_bytes(data[: header + (len(data) - header) // 3])  # header intact, tensors cut short
+    (missing / "model.safetensors").unlink()
+    return corrupt, missing
+
+
+@pytest.fixture(scope="module")
+def port() -> Iterator[int]:
+    with local_serve() as port:
+        yield port
+
+
+@pytest.fixture(scope="module")
+def args(port: int, tmp_path_factory: pytest.TempPathFactory, tiny_text_model_dir: Path) -> AppArgs:
+    root = tmp_path_factory.mktemp("faults")
+    corrupt, missing = _broken_copies(tiny_text_model_dir, root)
+    common = {"memory_gb": 1, "dtype": "float32", "max_tokens_cap": 256}
+    roles = {ALPHA: tiny_text_model_dir, BETA: tiny_text_model_dir, CORRUPT: corrupt, MISSING: missing}
+    path = model_config(root / "models.yaml", {role: {"model": d, **common} for role, d in roles.items()})
+    return AppArgs(
+        model_config=str(path),
+        gpus="none",
+        health_check_period_s=1,
+        health_check_timeout_s=5,
+        graceful_shutdown_timeout_s=10,
+    )
+
+
+def deploy(args: AppArgs) -> float:
+    """Deploy; the broken roles make Serve report the app DEPLOY_FAILED, the others serve. Seconds taken."""
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=f"Deploying application {APP} failed"):
+        serve.run(build_app(args), name=APP, route_prefix="/")
+
+    def settled() -> bool:  # serve.run returns on the first failed deployment; the other may still retry
+        deployments = serve.status().applications[APP].deployments
+        return deployments[CORRUPT].status == deployments[MISSING].status == "DEPLOY_FAILED"
+
+    wait_until(settled, 120, "both broken roles DEPLOY_FAILED")
+    return time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def http(port: int, args: AppArgs) -> Iterator[httpx.Client]:
+    deploy(args)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=CLIENT_TIMEOUT_S) as client:
+        yield client
+
+
+def ask(http: httpx.Client, role: str, params: dict[str, Any] = SHORT, text: str = "hello") -> int:
+    body = {"model": role, "messages": [{"role": "user", "content": text}], **params}
+    return http.post("/v1/chat/completions", json=body).status_code
+
+
+def pid(http: httpx.Client, role: str) -> int:
+    return http.get("/v1/placement").json()["models"][role]["replica"]["actual"]["pid"]
+
+
+def replica_actor_names(role: str) -> list[str]:
+    return [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"SERVE_REPLICA::{APP}#{role}#")
+    ]
+
+
+# ------------------------------------------------------------ load failure
+
+
+def test_load_failures_are_reported_and_the_rest_serves(http: httpx.Client) -> None:
+    deployments = serve.status().applications[APP].deployments
+    for role in (CORRUPT, MISSING):
+        assert deployments[role].status == "DEPLOY_FAILED"
+        assert "ModelLoadError" in deployments[role].message and "cannot load" in deployments[role].message
+    assert deployments[ALPHA].status == deployments[BETA].status == "HEALTHY"
+
+    models = http.get("/v1/placement").json()["models"]
+    assert models[CORRUPT]["replica"]["status"] == "DEPLOY_FAILED"
+    assert models[CORRUPT]["replica"]["error"].startswith("ModelLoadError: cannot load")
+    assert (
+        "model.safetensors" in models[MISSING]["replica"]["error"] or "no file" in models[MISSING]["replica"]["error"]
+    )
+    assert models[ALPHA]["replica"]["actual"]["pid"]
+
+    response = http.post(
+        "/v1/chat/completions", json={"model": CORRUPT, "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert response.status_code == 503
+    assert "failed to deploy" in response.json()["error"]["message"] and "ModelLoadError" in response.text
+    assert {m["id"] for m in http.get("/v1/models").json()["data"]} == {ALPHA, BETA}
+    assert ask(http, ALPHA) == ask(http, BETA) == 200
+
+
+# ---------------------------------------------------------- replica killed
+
+
+@pytest.mark.slow
+def test_killed_replica_is_restarted_and_no_request_hangs(http: httpx.Client) -> None:
+    before = pid(http, ALPHA)
+    (name,) = replica_actor_names(ALPHA)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        alpha = [pool.submit(ask, http, ALPHA, LONG, f"story {i}") for i in range(12)]
+        beta = [pool.submit(ask, http, BETA, SHORT, f"note {i}") for i in range(4)]
+        time.sleep(1.0)  # the alpha requests are in flight on its replica
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        alpha_statuses = Counter(f.result(timeout=CLIENT_TIMEOUT_S) for f in alpha)
+        beta_statuses = Counter(f.result(timeout=CLIENT_TIMEOUT_S) for f in beta)
+    print(f"\nkill: alpha {dict(alpha_statuses)}, beta {dict(beta_statuses)}")
+    assert set(alpha_statuses) <= {200, 503}  # a clear 503 for those on the dead replica, never a 500
+    assert beta_statuses == Counter({200: 4})  # the other model is untouched
+    took = wait_until(lambda: ask(http, ALPHA) == 200, 90, "alpha serving again after its replica was killed")
+    assert pid(http, ALPHA) != before
+    print(f"kill: alpha serving again {took:.1f} s after the last in-flight answer")
+
+
+# ------------------------------------------------------------ wedged replica
+
+
+@pytest.mark.slow
+def test_wedged_replica_fails_its_health_probe_and_is_replaced(http: httpx.Client) -> None:
+    before = pid(http, BETA)
+    start = time.perf_counter()
+    status = ask(http, BETA, SHORT, f"{WEDGE_MARKER} hang")  # answered once Serve replaces the replica
+    print(f"\nwedge: the wedged request got {status} after {time.perf_counter() - start:.1f} s")
+    assert status == 503
+    wait_until(lambda: ask(http, BETA) == 200, 90, "beta serving again after its replica wedged")
+    assert pid(http, BETA) != before
+    assert ask(http, ALPHA) == 200
+
+
+# ------------------------------------------------------ redeploy, shutdown
+
+
+@pytest.mark.slow
+def test_redeploy_with_the_same_plan_keeps_serving(http: httpx.Client, args: AppArgs) -> None:
+    statuses: Counter[int] = Counter()
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            statuses[ask(http, ALPHA)] += 1
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        in_flight = [pool.submit(ask, http, ALPHA, LONG, f"long {i}") for i in range(2)]
+        loops = [pool.submit(traffic) for _ in range(2)]
+        time.sleep(0.5)
+        seconds = deploy(args)
+        stop.set()
+        for loop in loops:
+            loop.result(timeout=CLIENT_TIMEOUT_S)
+        long_statuses = [f.result(timeout=CLIENT_TIMEOUT_S) for f in in_flight]
+    print(f"\nredeploy: {seconds:.1f} s; traffic meanwhile {dict(statuses)}; in-flight {long_statuses}")
+    assert long_statuses == [200, 200]
+    assert set(statuses) == {200} and statuses[200] > 0
+    assert ask(http, ALPHA) == 200
+
+
+@pytest.mark.slow
+def test_shutdown_lets_in_flight_requests_finish(http: httpx.Client, args: AppArgs) -> None:
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        in_flight = [pool.submit(ask, http, ALPHA, LONG, f"last {i}") for i in range(3)]
+        time.sleep(0.5)
+        start = time.perf_counter()
+        serve.delete(APP)
+        deleted = time.perf_counter() - start
+        statuses = [f.result(timeout=CLIENT_TIMEOUT_S) for f in in_flight]
+    print(f"\nshutdown: deleted in {deleted:.1f} s; in-flight {statuses}")
+    assert statuses == [200, 200, 200]
+    assert deleted < args.graceful_shutdown_timeout_s + 10

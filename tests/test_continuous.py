@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_engine import _entry
 
 from deployments.engine import Engine
 from deployments.generation import GenerationInput, GenerationOutput, SamplingParams
 from deployments.loading import LoadedModel, load_model
 from placement.config import ModelSpec
-from test_engine import _entry
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 PROMPTS = ("Ray", "a dog, 3 foxes", "zebra quilts vex jumpy wizards; 42 + 17 = 59 (mostly)")

@@ -67,6 +67,11 @@ class AppArgs(BaseModel):
     graceful_shutdown_timeout_s: float = Field(
         default=30, gt=0, description="A replica being stopped finishes its in-flight requests within this"
     )
+    ingress_graceful_shutdown_timeout_s: float = Field(
+        default=120,
+        gt=0,
+        description="The ingress drains longer: its requests may wait for a model replica that is being replaced",
+    )
     health_check_period_s: float = Field(default=10, gt=0, description="Seconds between replica health checks")
     health_check_timeout_s: float = Field(default=30, gt=0, description="A health check longer than this fails")
 
@@ -107,7 +112,9 @@ def ingress_limits(args: AppArgs) -> dict[str, Any]:
         # The proxy answers past this itself: 503 with Retry-After.
         "max_queued_requests": args.ingress_max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
-        "graceful_shutdown_timeout_s": args.graceful_shutdown_timeout_s,
+        # Killed at this timeout, an ingress replica's waiting requests get the proxy's bare 500
+        # (measured: a redeploy under load, the model replaced while requests waited for it).
+        "graceful_shutdown_timeout_s": args.ingress_graceful_shutdown_timeout_s,
     }
 
 

@@ -24,6 +24,9 @@ from deployments.images import check_image_url
 # OpenAI's default when a request gives no limit is "until the context ends";
 # a bounded default keeps one forgotten `max_tokens` from holding a replica.
 DEFAULT_MAX_TOKENS = 256
+# Below this a temperature is greedy decoding: logits / 5e-324 overflow to inf
+# and sampling fails (found by the fuzz test); the limit of sampling is argmax anyway.
+MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
 class OpenAIBaseModel(BaseModel):
@@ -100,7 +103,7 @@ class _SamplingFields(OpenAIBaseModel):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=self.temperature,
+            temperature=self.temperature if self.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0,
             top_p=self.top_p,
             stop=tuple(s for s in stop if s),
             seed=self.seed,

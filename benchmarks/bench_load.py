@@ -58,17 +58,7 @@ class Row:
 
 
 def _cpu_entry(role: str) -> PlanEntry:
-    estimate = MemoryEstimate(
-        source="params_b",
-        params=0,
-        weights_bytes=0,
-        quant_overhead_bytes=0,
-        kv_cache_bytes=0,
-        runtime_bytes=0,
-        quantization="none",
-        context_length=0,
-        batch_size=1,
-    )
+    estimate = MemoryEstimate.lump(0, source="params_b")
     return PlanEntry(
         role=role, model=role, device="cpu", node_id="local", estimate=estimate, memory_budget_bytes=0, reason="bench"
     )

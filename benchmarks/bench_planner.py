@@ -36,7 +36,7 @@ def _workload(seed: int = 0) -> tuple[dict[str, ModelSpec], dict[str, MemoryEsti
     for role in models:
         params_b = rng.choice([0.5, 1, 3, 4, 7, 8, 13, 27])
         total = params_b * 0.6 * GIB + rng.uniform(0.2, 2) * GIB  # ~NF4 weights + KV
-        estimates[role] = MemoryEstimate("params_b", int(params_b * 1e9), int(total), 0, 0, 0, "nf4", 4096, 1)
+        estimates[role] = MemoryEstimate.lump(int(total), source="params_b", params=int(params_b * 1e9))
     return models, estimates, inventory
 
 

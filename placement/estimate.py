@@ -31,3 +31,32 @@ class MemoryEstimate:
     @property
     def total_bytes(self) -> int:
         return self.weights_bytes + self.quant_overhead_bytes + self.kv_cache_bytes + self.runtime_bytes
+
+    @classmethod
+    def lump(
+        cls,
+        total_bytes: int,
+        *,
+        source: EstimateSource = "memory_gb",
+        params: int = 0,
+        quantization: str = "none",
+        context_length: int = 0,
+        batch_size: int = 1,
+        is_guess: bool = False,
+        notes: tuple[str, ...] = (),
+    ) -> MemoryEstimate:
+        """An estimate with no breakdown: the whole amount booked as weights
+        (a `memory_gb` override, or a size given by hand)."""
+        return cls(
+            source=source,
+            params=params,
+            weights_bytes=total_bytes,
+            quant_overhead_bytes=0,
+            kv_cache_bytes=0,
+            runtime_bytes=0,
+            quantization=quantization,
+            context_length=context_length,
+            batch_size=batch_size,
+            is_guess=is_guess,
+            notes=notes,
+        )

@@ -32,17 +32,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
 
 def _entry(device: str = "cpu", gpu_indices: tuple[int, ...] = (), budget: int = 1 << 30) -> PlanEntry:
-    estimate = MemoryEstimate(
-        source="config",
-        params=1,
-        weights_bytes=budget,
-        quant_overhead_bytes=0,
-        kv_cache_bytes=0,
-        runtime_bytes=0,
-        quantization="none",
-        context_length=256,
-        batch_size=1,
-    )
+    estimate = MemoryEstimate.lump(budget, source="config", params=1, context_length=256)
     return PlanEntry(
         role="tiny",
         model="tiny",

@@ -24,17 +24,7 @@ USABLE_24 = 24 * GIB - Reserve().cuda_context_bytes - int(0.05 * 24 * GIB)
 
 def estimate(total_gib: float, params_b: float) -> MemoryEstimate:
     """An estimate whose total is `total_gib`, all of it weights."""
-    return MemoryEstimate(
-        source="params_b",
-        params=int(params_b * 1e9),
-        weights_bytes=int(total_gib * GIB),
-        quant_overhead_bytes=0,
-        kv_cache_bytes=0,
-        runtime_bytes=0,
-        quantization="nf4",
-        context_length=4096,
-        batch_size=1,
-    )
+    return MemoryEstimate.lump(int(total_gib * GIB), source="params_b", params=int(params_b * 1e9))
 
 
 def specs(**hints: dict) -> dict[str, ModelSpec]:
@@ -147,18 +137,7 @@ def test_custom_rules_change_preference() -> None:
 
 
 def test_guessed_sizes_are_said_loudly() -> None:
-    guess = MemoryEstimate(
-        source="name_guess",
-        params=27_000_000_000,
-        weights_bytes=15 * GIB,
-        quant_overhead_bytes=0,
-        kv_cache_bytes=0,
-        runtime_bytes=0,
-        quantization="nf4",
-        context_length=4096,
-        batch_size=1,
-        is_guess=True,
-    )
+    guess = MemoryEstimate.lump(15 * GIB, source="name_guess", params=27_000_000_000, is_guess=True)
     plan = make_plan(specs(m={}), parse_gpu_spec("1x24GB"), estimates={"m": guess})
     assert any("GUESSED" in w for w in plan.warnings)
 

@@ -32,17 +32,7 @@ from placement.ray_inventory import inventory_from_ray
 from placement.ray_options import NODE_ID_LABEL, deployment_options, gpu_slot_resource
 from placement.units import GIB
 
-ESTIMATE = MemoryEstimate(
-    source="memory_gb",
-    params=1_000_000,
-    weights_bytes=GIB,
-    quant_overhead_bytes=0,
-    kv_cache_bytes=0,
-    runtime_bytes=0,
-    quantization="none",
-    context_length=2048,
-    batch_size=1,
-)
+ESTIMATE = MemoryEstimate.lump(GIB, params=1_000_000)
 # Two cores on the test machine: replicas ask for a sliver so many fit at once.
 REPLICA_CPUS = 0.1
 # Long enough for Ray to have scheduled a feasible replica several times over.

@@ -132,13 +132,10 @@ def _override(spec: ModelSpec, cache_dir: Path | None) -> MemoryEstimate:
         params = estimate_memory(spec.model_copy(update={"memory_gb": None}), cache_dir=cache_dir).params
     except SizingError:
         params = 0
-    return MemoryEstimate(
+    return MemoryEstimate.lump(
+        int(spec.memory_gb * GIB),
         source="memory_gb",
         params=params,
-        weights_bytes=int(spec.memory_gb * GIB),
-        quant_overhead_bytes=0,
-        kv_cache_bytes=0,
-        runtime_bytes=0,
         quantization=spec.quantization if spec.quantization != "auto" else scheme_from_name(spec.model),
         context_length=spec.context_length or DEFAULT_CONTEXT_CAP,
         batch_size=spec.max_batch_size,

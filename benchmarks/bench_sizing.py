@@ -17,59 +17,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from placement.sizing import estimate_from_config  # noqa: E402
+from placement.sizing.reference_configs import MEDGEMMA_4B, MEDGEMMA_27B_TEXT  # noqa: E402
 from placement.units import gib  # noqa: E402
 
-GEMMA3_27B_TEXT: dict[str, Any] = {
-    "model_type": "gemma3_text",
-    "architectures": ["Gemma3ForCausalLM"],
-    "vocab_size": 262208,
-    "hidden_size": 5376,
-    "intermediate_size": 21504,
-    "num_hidden_layers": 62,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 16,
-    "head_dim": 128,
-    "query_pre_attn_scalar": 168,
-    "sliding_window": 1024,
-    "max_position_embeddings": 131072,
-    "tie_word_embeddings": True,
-}
-GEMMA3_4B: dict[str, Any] = {
-    "model_type": "gemma3",
-    "architectures": ["Gemma3ForConditionalGeneration"],
-    "mm_tokens_per_image": 256,
-    "text_config": {
-        "model_type": "gemma3_text",
-        "vocab_size": 262208,
-        "hidden_size": 2560,
-        "intermediate_size": 10240,
-        "num_hidden_layers": 34,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 4,
-        "head_dim": 256,
-        "sliding_window": 1024,
-        "max_position_embeddings": 131072,
-    },
-    "vision_config": {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 1152,
-        "intermediate_size": 4304,
-        "num_hidden_layers": 27,
-        "num_attention_heads": 16,
-        "image_size": 896,
-        "patch_size": 14,
-        "vision_use_head": False,
-    },
-}
 TARGET_S = 2.0
 
 
 CASES: tuple[tuple[str, dict[str, Any], str, tuple[str, ...]], ...] = (
-    ("gemma3-27b-text", GEMMA3_27B_TEXT, "nf4", ()),
-    ("gemma3-27b-text", GEMMA3_27B_TEXT, "none", ()),
-    ("gemma3-4b-it", GEMMA3_4B, "nf4", ()),
-    ("gemma3-4b-it", GEMMA3_4B, "nf4", ("model.vision_tower", "model.multi_modal_projector")),  # tower kept bf16
-    ("gemma3-4b-it", GEMMA3_4B, "none", ()),
+    ("gemma3-27b-text", MEDGEMMA_27B_TEXT, "nf4", ()),
+    ("gemma3-27b-text", MEDGEMMA_27B_TEXT, "none", ()),
+    ("gemma3-4b-it", MEDGEMMA_4B, "nf4", ()),
+    ("gemma3-4b-it", MEDGEMMA_4B, "nf4", ("model.vision_tower", "model.multi_modal_projector")),  # tower kept bf16
+    ("gemma3-4b-it", MEDGEMMA_4B, "none", ()),
 )
 
 

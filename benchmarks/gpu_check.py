@@ -50,53 +50,12 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from placement.sizing import estimate_from_config  # noqa: E402
+from placement.sizing.reference_configs import MEDGEMMA_4B, MEDGEMMA_27B_TEXT  # noqa: E402
 from placement.units import MIB  # noqa: E402
 
 # Card memory bandwidth, TB/s (vendor figures), matched on torch.cuda.get_device_name().
 BANDWIDTH_TBS = (("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35), ("A100", 2.0), ("L40S", 0.864), ("4090", 1.008))
 
-MEDGEMMA_27B_TEXT: dict[str, Any] = {
-    "model_type": "gemma3_text",
-    "architectures": ["Gemma3ForCausalLM"],
-    "vocab_size": 262208,
-    "hidden_size": 5376,
-    "intermediate_size": 21504,
-    "num_hidden_layers": 62,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 16,
-    "head_dim": 128,
-    "query_pre_attn_scalar": 168,
-    "sliding_window": 1024,
-    "max_position_embeddings": 131072,
-    "tie_word_embeddings": True,
-}
-MEDGEMMA_4B: dict[str, Any] = {
-    "model_type": "gemma3",
-    "architectures": ["Gemma3ForConditionalGeneration"],
-    "mm_tokens_per_image": 256,
-    "text_config": {
-        "model_type": "gemma3_text",
-        "vocab_size": 262208,
-        "hidden_size": 2560,
-        "intermediate_size": 10240,
-        "num_hidden_layers": 34,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 4,
-        "head_dim": 256,
-        "sliding_window": 1024,
-        "max_position_embeddings": 131072,
-    },
-    "vision_config": {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 1152,
-        "intermediate_size": 4304,
-        "num_hidden_layers": 27,
-        "num_attention_heads": 16,
-        "image_size": 896,
-        "patch_size": 14,
-        "vision_use_head": False,
-    },
-}
 # --cpu-smoke: the same architectures, tiny (Linear dims multiples of 64 for bnb's CPU path).
 SMOKE_27B_TEXT = {
     **MEDGEMMA_27B_TEXT,

@@ -23,27 +23,13 @@ from placement.sizing import SizingError, count_parameters, estimate_from_config
 from placement.sizing.estimate import PARAMS_B_LINEAR_SHARE
 from placement.sizing.name_guess import guess_params_from_name
 from placement.sizing.quantization import nf4_cost
+from placement.sizing.reference_configs import MEDGEMMA_4B as GEMMA3_4B_MULTIMODAL
+from placement.sizing.reference_configs import MEDGEMMA_27B_TEXT as GEMMA3_27B_TEXT
 from placement.sizing.safetensors_header import read_header
 from placement.units import GIB, MIB
 
 # --- Published configs (config.json values) -------------------------------------------------
 
-GEMMA3_27B_TEXT: dict[str, Any] = {  # google/medgemma-27b-text-it, Gemma3ForCausalLM
-    "model_type": "gemma3_text",
-    "architectures": ["Gemma3ForCausalLM"],
-    "vocab_size": 262208,
-    "hidden_size": 5376,
-    "intermediate_size": 21504,
-    "num_hidden_layers": 62,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 16,
-    "head_dim": 128,
-    "query_pre_attn_scalar": 168,
-    "sliding_window": 1024,
-    "max_position_embeddings": 131072,
-    "rope_scaling": {"rope_type": "linear", "factor": 8.0},
-    "tie_word_embeddings": True,
-}
 LLAMA_31_8B: dict[str, Any] = {
     "model_type": "llama",
     "architectures": ["LlamaForCausalLM"],
@@ -92,34 +78,6 @@ QWEN25_32B: dict[str, Any] = {  # q/k/v projections carry biases
     "max_window_layers": 64,
     "rope_theta": 1000000.0,
     "tie_word_embeddings": False,
-}
-GEMMA3_4B_MULTIMODAL: dict[str, Any] = {  # google/medgemma-4b-it: Gemma 3 text + SigLIP tower
-    "model_type": "gemma3",
-    "architectures": ["Gemma3ForConditionalGeneration"],
-    "mm_tokens_per_image": 256,
-    "text_config": {
-        "model_type": "gemma3_text",
-        "vocab_size": 262208,
-        "hidden_size": 2560,
-        "intermediate_size": 10240,
-        "num_hidden_layers": 34,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 4,
-        "head_dim": 256,
-        "sliding_window": 1024,
-        "max_position_embeddings": 131072,
-        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
-    },
-    "vision_config": {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 1152,
-        "intermediate_size": 4304,
-        "num_hidden_layers": 27,
-        "num_attention_heads": 16,
-        "image_size": 896,
-        "patch_size": 14,
-        "vision_use_head": False,
-    },
 }
 
 

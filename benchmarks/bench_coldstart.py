@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,19 +26,15 @@ from pathlib import Path
 import httpx
 import yaml
 
+from deployments.ports import free_port
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVE_CONFIG = REPO_ROOT / "examples" / "demo" / "serve_config.yaml"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def one_start(cache: Path | None, timeout_s: float) -> dict[str, float]:
     config = yaml.safe_load(SERVE_CONFIG.read_text())
-    port = _free_port()
+    port = free_port()
     config["http_options"]["port"] = port
     app_args = config["applications"][0]["args"]
     app_args["model_config"] = str(REPO_ROOT / app_args["model_config"])

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -42,15 +41,11 @@ from typing import Any
 import httpx
 import yaml
 
+from deployments.ports import free_port
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "examples" / "demo" / "model_configs.yaml"
 PROMPT = "Explain in two sentences why GPU memory planning matters when serving several language models."
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -220,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     continuous = ns.engine == "continuous"
     # Replicas inherit the environment of the Ray this process starts.
     os.environ["RAYFIT_CONTINUOUS_BATCHING"] = "1" if continuous else "0"
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -33,7 +33,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -49,6 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from deployments.ports import free_port  # noqa: E402
 from placement.sizing import estimate_from_config  # noqa: E402
 from placement.sizing.reference_configs import MEDGEMMA_4B, MEDGEMMA_27B_TEXT  # noqa: E402
 from placement.units import MIB  # noqa: E402
@@ -328,12 +328,6 @@ def save_for_serving(model: nn.Module, config: dict[str, Any], directory: Path) 
     return directory
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def serve_both(dirs: dict[str, Path], ns: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Ray on this machine, the app planned onto its one GPU, each replica's own report."""
     import httpx
@@ -351,7 +345,7 @@ def serve_both(dirs: dict[str, Path], ns: argparse.Namespace, workdir: Path) -> 
     config_path.write_text(yaml.safe_dump(models))
     if not torch.cuda.is_available():
         os.environ["RAYFIT_ALLOW_CPU_FALLBACK"] = "1"  # smoke: the GPU plan loads on CPU, pin still checked
-    port = _free_port()
+    port = free_port()
     ray.init(num_gpus=1, resources={"gpu_slot_0": 1}, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -23,15 +23,11 @@ from typing import Any
 
 import yaml
 
+from deployments.ports import free_port
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "examples" / "demo" / "serve_config.yaml"
 QUESTION = "In one sentence: why should a 27B model and a 4B model not share one 24 GB GPU?"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -90,9 +86,9 @@ def serve_config(path: Path, port: int | None) -> tuple[str, int]:
     app_cfg = config["applications"][0]
     http = config.get("http_options") or {}
     host = http.get("host", "127.0.0.1")
-    port = http.get("port", 8000) if port is None else port or _free_port()
+    port = http.get("port", 8000) if port is None else port or free_port()
     if not _port_free(host, port):
-        fallback = _free_port()
+        fallback = free_port()
         print(f"port {port} is busy; serving on {fallback} instead")
         port = fallback
     args = dict(app_cfg.get("args") or {})

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from deployments.ports import free_port
 from placement.ray_options import ray_start_args
 from placement.units import GIB
 
@@ -29,12 +29,6 @@ STOP_GRACE_S = 5.0
 START_TIMEOUT_S = 120.0
 NODE_MEMORY = 2 * GIB  # Ray's logical memory per node: one machine's RAM is shared by all
 OBJECT_STORE_BYTES = 200 * 2**20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _ray_cli() -> str:

@@ -5,7 +5,6 @@ model config writer, and small HTTP helpers."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,21 +15,17 @@ import ray
 from ray import serve
 
 from deployments.faults import FAULTS_ENV
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from deployments.ports import free_port
 
 
 @contextmanager
-def local_serve(num_cpus: int = 4, env: dict[str, str] | None = None) -> Iterator[int]:
-    """Ray + Serve on 127.0.0.1:<free port>; `env` is inherited by every replica. Yields the port."""
+def local_serve(num_cpus: int = 4, env: dict[str, str] | None = None, **ray_init: Any) -> Iterator[int]:
+    """Ray + Serve on 127.0.0.1:<free port>; `env` is inherited by every replica,
+    `ray_init` goes to `ray.init` (declared GPUs, resources). Yields the port."""
     env = {FAULTS_ENV: "1", **(env or {})}
     previous = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # set before ray.init: the raylet passes it to every worker
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **ray_init)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

@@ -8,7 +8,6 @@ and GPU tags. Ray pushes metrics every few seconds, hence the bounded poll.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,16 +20,11 @@ from ray import serve
 
 from deployments.app import AppArgs, build_app
 from deployments.metrics import METRIC_NAMES
+from deployments.ports import free_port
 
 ROLE = "scribe"
 SCRAPE_TIMEOUT_S = 60.0
 GREEDY = {"temperature": 0, "max_tokens": 6}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +32,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_text_model_dir: Path) 
     """(base URL, metrics port) of the app serving ROLE on CPU."""
     config = tmp_path_factory.mktemp("metrics") / "models.yaml"
     config.write_text(f"{ROLE}:\n  model: {tiny_text_model_dir}\n  dtype: float32\n  memory_gb: 1\n  num_cpus: 0.2\n")
-    metrics_port, http_port = _free_port(), _free_port()
+    metrics_port, http_port = free_port(), free_port()
     ray.init(
         address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port
     )

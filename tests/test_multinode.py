@@ -27,10 +27,11 @@ import httpx
 import pytest
 import ray
 from ray import serve
-from ray_nodes import LocalRayCluster, free_port, local_ray_cluster
+from ray_nodes import LocalRayCluster, local_ray_cluster
 
 from deployments.app import AppArgs, build_app
 from deployments.model import CPU_FALLBACK_ENV
+from deployments.ports import free_port
 from placement.ray_options import gpu_slot_resource
 
 BIG, SMALL = "buffer_agent", "summarizer"

@@ -22,8 +22,6 @@ import base64
 import concurrent.futures
 import io
 import json
-import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,8 +29,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import ray
 from ray import serve
+from serve_support import local_serve
 
 from deployments.app import AppArgs, build_app
 from deployments.client import get_model
@@ -43,12 +41,6 @@ APP = "rayfit-test"
 BIG, SMALL = "buffer_agent", "summarizer"  # text model (15 GB declared), image+text model (3 GB)
 # Greedy and short: deterministic, and fast on 2 cores.
 GREEDY = {"temperature": 0, "max_tokens": 8}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 RULES = """\
@@ -87,26 +79,9 @@ def replica_placement(role: str, app: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[int]:
     """A local Ray with 2 declared GPUs + slots, and Serve's HTTP on a free port."""
-    previous = os.environ.get(CPU_FALLBACK_ENV)
-    os.environ[CPU_FALLBACK_ENV] = "1"  # inherited by the raylet and so by every replica
-    ray.init(
-        num_cpus=4,
-        num_gpus=2,
-        resources={"gpu_slot_0": 1, "gpu_slot_1": 1},
-        include_dashboard=False,
-        log_to_driver=False,
-    )
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
+    # The replicas inherit the CPU fallback: their GPUs are declared, not real.
+    with local_serve(env={CPU_FALLBACK_ENV: "1"}, num_gpus=2, resources={"gpu_slot_0": 1, "gpu_slot_1": 1}) as port:
         yield port
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        if previous is None:
-            os.environ.pop(CPU_FALLBACK_ENV, None)
-        else:
-            os.environ[CPU_FALLBACK_ENV] = previous
 
 
 @pytest.fixture(scope="module")

@@ -59,8 +59,13 @@ def placement_log_line(role: str, node_id: str, entry: PlanEntry) -> str:
 
     'buffer_agent → node abc123, cuda:1 (planned 15.20 GiB)'
     """
-    node = node_id[:12] if node_id else "?"
-    return f"{role} → node {node}, {entry.device_label} (planned {entry.memory_budget_bytes / 2**30:.2f} GiB)"
+    planned = entry.memory_budget_bytes / 2**30
+    return f"{role} → node {short_node_id(node_id)}, {entry.device_label} (planned {planned:.2f} GiB)"
+
+
+def short_node_id(node_id: str) -> str:
+    """A Ray node id's first 12 hex digits, as people read it ('local' stays 'local')."""
+    return node_id[:12] if node_id else "?"
 
 
 @dataclass(frozen=True)

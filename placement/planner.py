@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from placement.config import ModelSpec
 from placement.estimate import MemoryEstimate
 from placement.inventory import Gpu, Inventory, Node, Reserve, describe_gpu
-from placement.plan import GpuUsage, Plan, PlanEntry, PlanError, Unplaced
+from placement.plan import GpuUsage, Plan, PlanEntry, PlanError, Unplaced, short_node_id
 from placement.rules import SizeRule, SizeRules, load_rules
 from placement.units import gib
 
@@ -54,7 +54,7 @@ class _GpuState:
         return need <= self.free_bytes
 
     def label(self) -> str:
-        return f"node {self.node.node_id} {describe_gpu(self.gpu)}"
+        return f"node {short_node_id(self.node.node_id)} {describe_gpu(self.gpu)}"
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,7 @@ def _split(need: int, states: list[_GpuState], *, alone: bool) -> _Placement | N
     chosen = best[2]
     shares = _balanced_shares(need, [s.free_bytes for s in chosen])
     indices = ", ".join(str(s.gpu.index) for s in chosen)
-    reason = f"fits no single GPU: split over GPUs {indices} of node {chosen[0].node.node_id}"
+    reason = f"fits no single GPU: split over GPUs {indices} of node {short_node_id(chosen[0].node.node_id)}"
     return _Placement(chosen[0].node, tuple(chosen), tuple(shares), reason)
 
 
@@ -256,7 +256,7 @@ def _place_on_cpu(
             continue
         cpu_planned[node.node_id] += need
         room = "" if free is None else f" ({gib(free)} RAM free)"
-        return _Placement(node, (), (), f"{why}: CPU on node {node.node_id}{room}"), ""
+        return _Placement(node, (), (), f"{why}: CPU on node {short_node_id(node.node_id)}{room}"), ""
     best = max((ram_free(n) or 0) for n in nodes)
     return None, f"on CPU ({why}) but the most RAM free on any node is {gib(best)}"
 

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from placement.config import ConfigError, load_model_configs
-from placement.inventory import DEFAULT_SAFETY_MARGIN, Inventory, Reserve, parse_gpu_spec
+from placement.inventory import DEFAULT_SAFETY_MARGIN, Inventory, InventoryError, Reserve, parse_gpu_spec
 from placement.plan import PlanError
 from placement.render import plan_to_dict, print_plan
 from placement.rules import load_rules
@@ -82,7 +82,7 @@ def plan(
         size_rules = load_rules(rules)
         reserve = Reserve(cuda_context_bytes=parse_size(cuda_context), safety_margin=margin)
         inventory = _inventory(gpus, address, gpu_memory)
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, InventoryError, ValueError) as exc:
         raise _fail(console, str(exc), EXIT_BAD_INPUT) from exc
 
     from placement.demo_models import resolve_demo_models

@@ -20,6 +20,10 @@ DEFAULT_SAFETY_MARGIN = 0.05
 LOCAL_NODE = "local"
 
 
+class InventoryError(RuntimeError):
+    """The GPUs cannot be described as asked (unmeasurable, inconsistent); the message says what to pass."""
+
+
 @dataclass(frozen=True)
 class Gpu:
     """One GPU as its node sees it (index = position in the node's CUDA_VISIBLE_DEVICES order)."""

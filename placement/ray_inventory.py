@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from placement.inventory import LOCAL_NODE, Gpu, Inventory, Node
+from placement.inventory import LOCAL_NODE, Gpu, Inventory, InventoryError, Node
 from placement.ray_options import CUDA_VISIBLE_DEVICES, gpu_slot_resource
 
 # A probe task only imports pynvml/torch; if it has not answered by then the node is stuck.
@@ -159,16 +159,16 @@ def _node_gpus(
         selectors = [part.strip() for part in (node_visible or "").split(",") if part.strip()]
         if node_visible is not None and selectors != [str(i) for i in range(len(selectors))]:
             # The replica pin replaces the node's CUDA_VISIBLE_DEVICES, so index 0 would mean host GPU 0.
-            raise RuntimeError(
+            raise InventoryError(
                 f"Ray node {node_id} was started with CUDA_VISIBLE_DEVICES={node_visible!r}; rayfit pins each "
                 f"replica by host GPU index, which would override it. Start one Ray node per machine with all its "
                 f"GPUs: `ray start` with the arguments from `rayfit-plan ray-start-args`"
             )
         if len(seen) < count:
-            raise RuntimeError(f"Ray node {node_id} declares {count} GPU(s) but only {len(seen)} are visible on it")
+            raise InventoryError(f"Ray node {node_id} declares {count} GPU(s) but only {len(seen)} are visible on it")
         return tuple(seen[:count])  # Ray's count is authoritative: the gpu_slot_* resources follow it
     if gpu_memory_bytes is None:
-        raise RuntimeError(
+        raise InventoryError(
             f"Ray node {node_id} declares {count} GPU(s) but none can be seen on it (no NVML/CUDA device): "
             f"pass --gpu-memory (e.g. --gpu-memory 24GB) to give each declared GPU's size"
         )

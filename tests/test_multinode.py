@@ -15,6 +15,7 @@ The worker's CPUs are 0 and the big model asks for 0 CPUs, so the ingress
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -96,6 +97,37 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_text_model_dir: Path) 
         finally:
             serve.shutdown()
             ray.shutdown()
+
+
+@pytest.mark.slow
+def test_plan_command_reads_the_running_cluster(served: Served, tmp_path: Path, tiny_text_model_dir: Path) -> None:
+    # No node hints: the planner itself spreads a 15 GiB and a 3 GiB model over the two nodes' GPUs.
+    config = tmp_path / "models.yaml"
+    config.write_text(
+        f"{BIG}:\n  model: {tiny_text_model_dir}\n  memory_gb: 15\n"
+        f"{SMALL}:\n  model: {tiny_text_model_dir}\n  memory_gb: 12\n"
+    )
+    command = [sys.executable, "-m", "placement", "plan", str(config), "--address", served.nodes.address]
+    done = subprocess.run(
+        [*command, "--gpu-memory", "24GB", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_AUTH_MODE": "token"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    plan = json.loads(done.stdout)
+    assert {(g["node_id"], g["index"]) for g in plan["gpus"]} == {(served.head_id, 0), (served.worker_id, 0)}
+    nodes = {m["role"]: m["node_id"] for m in plan["models"]}
+    # 15 + 12 GiB fit no single 24 GB GPU together: one model per node.
+    assert set(nodes.values()) == {served.head_id, served.worker_id}
+
+    # Without --gpu-memory the declared GPUs cannot be sized: a clear error, exit 2.
+    done = subprocess.run(
+        [*command, "--json"], capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "token"}
+    )
+    assert done.returncode == 2
+    assert "--gpu-memory" in done.stdout + done.stderr
 
 
 def placement(url: str) -> dict[str, Any]:

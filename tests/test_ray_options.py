@@ -8,7 +8,7 @@ import json
 import pytest
 
 from placement.estimate import MemoryEstimate
-from placement.inventory import LOCAL_NODE, Gpu, Inventory, Node
+from placement.inventory import LOCAL_NODE, Gpu, Inventory, InventoryError, Node
 from placement.plan import PlanEntry
 from placement.ray_inventory import _node_gpus, local_inventory
 from placement.ray_options import (
@@ -153,11 +153,11 @@ def test_local_inventory_reads_this_machine_without_ray() -> None:
 def test_node_started_on_a_gpu_subset_is_refused() -> None:
     """`CUDA_VISIBLE_DEVICES=1 ray start ...`: the replica pin "0" would mean host GPU 0, so refuse it."""
     seen = [Gpu(0, 24 * GIB, free_bytes=24 * GIB)]
-    with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES='1'"):
+    with pytest.raises(InventoryError, match="CUDA_VISIBLE_DEVICES='1'"):
         _node_gpus("n1", 1, seen, "1", None)
     assert _node_gpus("n1", 1, seen, "0", None) == tuple(seen)
     assert _node_gpus("n1", 1, seen, None, None) == tuple(seen)
     # Declared GPUs nobody can see: sized by --gpu-memory, or a clear error.
     assert _node_gpus("n1", 2, [], None, 8 * GIB) == (Gpu(0, 8 * GIB), Gpu(1, 8 * GIB))
-    with pytest.raises(RuntimeError, match="--gpu-memory"):
+    with pytest.raises(InventoryError, match="--gpu-memory"):
         _node_gpus("n1", 2, [], None, None)

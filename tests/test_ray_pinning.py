@@ -26,7 +26,7 @@ from ray.serve.schema import ApplicationStatus
 from ray_nodes import local_ray_cluster
 
 from placement.estimate import MemoryEstimate
-from placement.inventory import Gpu, Inventory, Node
+from placement.inventory import Gpu, Inventory, InventoryError, Node
 from placement.plan import PlanEntry
 from placement.ray_inventory import inventory_from_ray
 from placement.ray_options import NODE_ID_LABEL, deployment_options, gpu_slot_resource
@@ -213,7 +213,7 @@ def test_inventory_from_ray_reads_declared_gpus_and_slots(cluster: Inventory) ->
     assert node.has_gpu_slots
     assert node.labels[NODE_ID_LABEL] == node.node_id
     assert node.cpu_memory_bytes and node.cpu_memory_bytes > 0
-    with pytest.raises(RuntimeError, match="--gpu-memory"):
+    with pytest.raises(InventoryError, match="--gpu-memory"):
         inventory_from_ray()
 
 

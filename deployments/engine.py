@@ -145,6 +145,28 @@ def _content_parts(content: Any) -> list[dict]:
     raise InvalidRequest(f"message content must be a string or a list of parts, got {type(content).__name__}")
 
 
+class _StopHoldBack:
+    """Releases streamed text as it arrives, holding back any tail that could
+    still become a stop string, so nothing past a stop is ever sent."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [stop for stop in stops if stop]
+        self.hold = max((len(stop) for stop in stops), default=1) - 1
+        self.received = ""
+        self.sent = 0  # characters of `received` already released
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """Take one streamed piece; return the text safe to send now."""
+        self.received += piece
+        cut = min((i for i in (self.received.find(stop) for stop in self.stops) if i >= 0), default=-1)
+        self.stopped = cut >= 0
+        limit = cut if self.stopped else max(self.sent, len(self.received) - self.hold)
+        released = self.received[self.sent : limit] if limit > self.sent else ""
+        self.sent = max(self.sent, limit)
+        return released
+
+
 class Engine:
     """Generates for one `LoadedModel`. Thread-safe for concurrent calls except
     for seeding (torch's global RNG; see the module docstring)."""
@@ -501,24 +523,19 @@ class Engine:
         """`stream` through the batcher: same hold-back of possible stop strings as below."""
         tokens: list[int] = []
         pieces = self._continuous_pieces(prompt, params, tokens)
-        hold = max((len(s) for s in params.stop), default=1) - 1
-        received = ""
-        sent = 0
+        release = _StopHoldBack(params.stop)
         try:
             for piece in pieces:
-                received += piece
-                cut = min((i for i in (received.find(s) for s in params.stop if s) if i >= 0), default=-1)
-                limit = cut if cut >= 0 else max(sent, len(received) - hold)
-                if limit > sent:
-                    yield StreamDelta(text=received[sent:limit])
-                    sent = limit
-                if cut >= 0:
+                text = release.feed(piece)
+                if text:
+                    yield StreamDelta(text=text)
+                if release.stopped:
                     break
         finally:
             pieces.close()  # cancels the request if it is still generating
         done = self._finish(tokens, params)
         yield StreamDelta(
-            text=done.text[sent:],
+            text=done.text[release.sent :],
             finish_reason=done.finish_reason,
             prompt_tokens=prompt.prompt_tokens,
             completion_tokens=done.completion_tokens,
@@ -539,22 +556,15 @@ class Engine:
 
         worker = threading.Thread(target=work, name="rayfit-generate", daemon=True)
         worker.start()
-        # Hold back text that could be the start of a stop string, so nothing
-        # past a stop is ever sent.
-        hold = max((len(s) for s in params.stop), default=1) - 1
-        received = ""
-        sent = 0
+        release = _StopHoldBack(params.stop)
         try:
             for piece in streamer:
                 if "error" in outcome:
                     break
-                received += piece
-                cut = min((i for i in (received.find(s) for s in params.stop if s) if i >= 0), default=-1)
-                limit = cut if cut >= 0 else max(sent, len(received) - hold)
-                if limit > sent:
-                    yield StreamDelta(text=received[sent:limit])
-                    sent = limit
-                if cut >= 0:
+                text = release.feed(piece)
+                if text:
+                    yield StreamDelta(text=text)
+                if release.stopped:
                     cancel.set()
                     break
             worker.join()
@@ -563,7 +573,7 @@ class Engine:
             done = self._finish(outcome["tokens"], params)
             # The final text is authoritative: send whatever of it is not sent yet.
             yield StreamDelta(
-                text=done.text[sent:],
+                text=done.text[release.sent :],
                 finish_reason=done.finish_reason,
                 prompt_tokens=prompt.prompt_tokens,
                 completion_tokens=done.completion_tokens,

@@ -44,6 +44,12 @@ class ModelSpec(BaseModel):
     split: bool = Field(default=False, description="May be split across GPUs of one node")
     cpu: bool = Field(default=False, description="Run on CPU")
     num_cpus: float | None = Field(default=None, ge=0, description="CPUs Ray reserves for the replica")
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Replicas of this model, all on its planned device, each with its own memory",
+    )
     trust_remote_code: bool = False
     # Serving limits (deployment options and request checks, not placement).
     max_tokens_cap: int = Field(

@@ -30,9 +30,12 @@ class PlanEntry:
     gpu_indices: tuple[int, ...] = ()
     gpu_uuids: tuple[str | None, ...] = ()
     fraction: float = 0.0
-    gpu_fractions: tuple[float, ...] = ()
+    gpu_fractions: tuple[float, ...] = ()  # per replica
     max_memory: dict[int, int] = field(default_factory=dict, hash=False, compare=False)
     num_cpus: float = 0.5
+    # Every replica gets the same options (pin, slots, fraction): the plan
+    # budgets `replicas` copies of the model on the same device(s).
+    replicas: int = 1
 
     def fraction_of(self, gpu_index: int) -> float:
         """This model's share of GPU `gpu_index` (0.0 when it does not use that GPU)."""

@@ -105,7 +105,7 @@ def make_plan(
 
     for role in _placement_order(models, estimates):
         spec, estimate = models[role], estimates[role]
-        need = estimate.total_bytes
+        need = estimate.total_bytes * spec.replicas
         if estimate.is_guess:
             warnings.append(
                 f"{role}: size GUESSED from the name {spec.model!r} ({estimate.params / 1e9:.3g}B params); "
@@ -119,8 +119,8 @@ def make_plan(
         on_gpu = [s for s in gpu_states if s.node in candidate_nodes]
         wants_cpu = spec.cpu or rule.prefer == "cpu"
         if wants_cpu or not on_gpu:
-            # On CPU the replica's own process (Python, torch, transformers) shares the RAM too.
-            need += CPU_PROCESS_BYTES
+            # On CPU each replica's own process (Python, torch, transformers) shares the RAM too.
+            need += CPU_PROCESS_BYTES * spec.replicas
             placement, why_not = _place_on_cpu(role, need, candidate_nodes, cpu_planned, spec, rule, warnings)
         else:
             placement, why_not = _place_on_gpu(role, spec, need, rule, on_gpu)
@@ -142,8 +142,11 @@ def make_plan(
 
 
 def _placement_order(models: Mapping[str, ModelSpec], estimates: Mapping[str, MemoryEstimate]) -> list[str]:
-    """Pinned models first (their GPU is not negotiable), then largest first; role name breaks ties."""
-    return sorted(models, key=lambda role: (models[role].gpu is None, -estimates[role].total_bytes, role))
+    """Pinned models first (their GPU is not negotiable), then largest first (all replicas
+    counted); role name breaks ties."""
+    return sorted(
+        models, key=lambda role: (models[role].gpu is None, -estimates[role].total_bytes * models[role].replicas, role)
+    )
 
 
 def _nodes_for(spec: ModelSpec, nodes: tuple[Node, ...]) -> tuple[Node, ...]:
@@ -278,9 +281,12 @@ def _entry(role: str, spec: ModelSpec, estimate: MemoryEstimate, placement: _Pla
             memory_budget_bytes=estimate.total_bytes,
             reason=placement.reason,
             num_cpus=num_cpus,
+            replicas=spec.replicas,
         )
     states = placement.states
-    fractions = tuple(_fraction(share, s.usable_bytes) for share, s in zip(placement.shares, states, strict=True))
+    # Ray counts resources per replica: each replica holds its own copy's share.
+    per_replica = [share // spec.replicas for share in placement.shares]
+    fractions = tuple(_fraction(share, s.usable_bytes) for share, s in zip(per_replica, states, strict=True))
     return PlanEntry(
         role=role,
         model=spec.model,
@@ -294,8 +300,9 @@ def _entry(role: str, spec: ModelSpec, estimate: MemoryEstimate, placement: _Pla
         fraction=max(fractions),
         gpu_fractions=fractions,
         # Inside the replica, CUDA_VISIBLE_DEVICES renumbers the planned GPUs 0..k-1.
-        max_memory={local: share for local, share in enumerate(placement.shares)} if len(states) > 1 else {},
+        max_memory={local: share for local, share in enumerate(per_replica)} if len(states) > 1 else {},
         num_cpus=num_cpus,
+        replicas=spec.replicas,
     )
 
 
@@ -320,7 +327,7 @@ def _usage(state: _GpuState, entries: tuple[PlanEntry, ...]) -> GpuUsage:
         usable_bytes=state.usable_bytes,
         planned_bytes=state.planned_bytes,
         roles=tuple(sorted(e.role for e in holders)),
-        fraction_used=round(sum(e.fraction_of(state.gpu.index) for e in holders), 4),
+        fraction_used=round(sum(e.fraction_of(state.gpu.index) * e.replicas for e in holders), 4),
     )
 
 

@@ -79,7 +79,7 @@ def _needs_node_selector(entry: PlanEntry, inventory: Inventory) -> bool:
 
 
 def deployment_options(entry: PlanEntry, inventory: Inventory) -> dict[str, Any]:
-    """Serve deployment options for one plan entry: `{"ray_actor_options": {...}}`.
+    """Serve deployment options for one plan entry: `{"ray_actor_options": {...}, "num_replicas": n}`.
 
     Pass the result to `Deployment.options(**result)`. Raises ValueError when
     the entry's node or GPUs are not in `inventory`. Conditions worth telling
@@ -110,7 +110,8 @@ def deployment_options(entry: PlanEntry, inventory: Inventory) -> dict[str, Any]
     actor["runtime_env"] = {"env_vars": {CUDA_VISIBLE_DEVICES: visible}}
     if _needs_node_selector(entry, inventory):
         actor["label_selector"] = {NODE_ID_LABEL: entry.node_id}
-    return {"ray_actor_options": actor}
+    # The plan budgeted exactly this many copies on the planned device(s).
+    return {"ray_actor_options": actor, "num_replicas": entry.replicas}
 
 
 def placement_warnings(entry: PlanEntry, inventory: Inventory) -> tuple[str, ...]:

@@ -50,7 +50,7 @@ def print_plan(plan: Plan, console: Console) -> None:
             gib(entry.memory_budget_bytes),
             _breakdown(entry),
             entry.node_id,
-            entry.device_label,
+            entry.device_label + (f" ×{entry.replicas}" if entry.replicas > 1 else ""),
             f"{entry.fraction:.4f}" if entry.device == "gpu" else "-",
             entry.reason,
         )

@@ -185,3 +185,20 @@ def test_uneven_split_holds_its_own_share_of_each_gpu() -> None:
     assert big.fraction_of(1) < big.fraction_of(0) == big.fraction
     for usage in plan.gpus:
         assert usage.fraction_used <= 1.0
+
+
+def test_replicas_are_budgeted_each_with_its_own_share() -> None:
+    # Two replicas of a 6 GiB model: 12 GiB on one GPU, each replica's slot
+    # holding 6/22.3 of it.
+    models = specs(pair={"replicas": 2}, other={})
+    estimates = {"pair": estimate(6, 7), "other": estimate(10, 1)}
+    plan = make_plan(models, parse_gpu_spec("1x24GB"), estimates=estimates)
+    pair = plan.entry("pair")
+    assert pair.replicas == 2 and pair.memory_budget_bytes == 6 * GIB
+    assert pair.fraction == pytest.approx(6 * GIB / USABLE_24, abs=1e-4)
+    assert plan.gpus[0].planned_bytes == 22 * GIB
+    assert plan.gpus[0].fraction_used == pytest.approx(2 * pair.fraction + plan.entry("other").fraction)
+    # A third replica (18 GiB) leaves no room for the 10 GiB model beside it.
+    with pytest.raises(PlanError) as raised:
+        make_plan(specs(pair={"replicas": 3}, other={}), parse_gpu_spec("1x24GB"), estimates=estimates)
+    assert [u.role for u in raised.value.unplaced] == ["other"]

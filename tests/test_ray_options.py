@@ -66,7 +66,8 @@ def test_single_gpu_entry_pins_and_holds_its_slot() -> None:
             "num_gpus": 0,
             "resources": {"gpu_slot_1": 0.7},
             "runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": "1"}},
-        }
+        },
+        "num_replicas": 1,
     }
 
 

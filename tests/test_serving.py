@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import ray
 from ray import serve
 from serve_support import local_serve
 
@@ -360,3 +361,15 @@ def test_replaced_ray_actor_options_are_refused(ray_cluster: int, configs: dict[
     status = serve.status().applications["overridden"].deployments[BIG]
     assert "CUDA_VISIBLE_DEVICES=''" in status.message and "ray_actor_options" in status.message
     serve.delete("overridden")
+
+
+def test_replicas_share_the_planned_gpu_each_holding_its_slot(ray_cluster: int, configs: dict[str, Path]) -> None:
+    config = configs["rules"].parent / "replicas.yaml"
+    config.write_text(f"{SMALL}:\n  model: {configs['text_dir']}\n  memory_gb: 3\n  replicas: 2\n  dtype: float32\n")
+    deploy(AppArgs(model_config=str(config), gpus="1x24GB"), "replicas")
+    status = serve.status().applications["replicas"].deployments[SMALL]
+    assert status.replica_states.get("RUNNING") == 2
+    fraction = replica_placement(SMALL, "replicas")["planned"]["fraction"]
+    # Each replica holds its own share of GPU 0's slot (the other slot is untouched).
+    assert ray.available_resources()["gpu_slot_0"] == pytest.approx(1 - 2 * fraction, abs=1e-4)
+    assert ray.available_resources()["gpu_slot_1"] == pytest.approx(1)

@@ -68,16 +68,17 @@ class _Sized:
     is_guess: bool = False
 
 
-def estimate_memory(spec: ModelSpec, *, cache_dir: Path | None = None) -> MemoryEstimate:
+def estimate_memory(spec: ModelSpec, *, cache_dir: Path | None = None, fetch: bool = True) -> MemoryEstimate:
     """Size one model from the best source available; raise SizingError when none works.
 
     `cache_dir`: the Hugging Face hub cache to look in (default: huggingface_hub's own).
+    `fetch`: may download a hub model's config.json when nothing is local.
     """
     if spec.memory_gb is not None:
         return _override(spec, cache_dir)
     tried: list[str] = []
     files, why = find_local_files(spec, cache_dir=cache_dir)
-    if files is None and fetch_config_from_hub(spec, cache_dir=cache_dir):
+    if files is None and fetch and fetch_config_from_hub(spec, cache_dir=cache_dir):
         # A few KB of config.json size a hub model far better than its name.
         files, why = find_local_files(spec, cache_dir=cache_dir)
     if files is None:
@@ -129,7 +130,7 @@ def _override(spec: ModelSpec, cache_dir: Path | None) -> MemoryEstimate:
     # The total is the user's; the parameter count still comes from the best
     # source, because size rules match on it (a 27B stays "large").
     try:
-        params = estimate_memory(spec.model_copy(update={"memory_gb": None}), cache_dir=cache_dir).params
+        params = estimate_memory(spec.model_copy(update={"memory_gb": None}), cache_dir=cache_dir, fetch=False).params
     except SizingError:
         params = 0
     return MemoryEstimate.lump(

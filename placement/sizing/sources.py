@@ -7,16 +7,21 @@ Only `fetch_config_from_hub` may download, one small config.json, and not when
 
 from __future__ import annotations
 
+import functools
 import json
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-from huggingface_hub import hf_hub_download, is_offline_mode, snapshot_download, try_to_load_from_cache
+from huggingface_hub import constants, hf_hub_download, is_offline_mode, snapshot_download, try_to_load_from_cache
 
 from placement.config import ModelSpec
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Long enough for a real connection across the world, short enough not to stall a plan.
+HUB_PROBE_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -56,11 +61,25 @@ def fetch_config_from_hub(spec: ModelSpec, *, cache_dir: Path | None = None) -> 
     """
     if is_offline_mode() or Path(spec.model).expanduser().exists() or spec.model.count("/") != 1:
         return False
+    if not _hub_reachable():
+        return False
     try:
         hf_hub_download(spec.model, "config.json", revision=spec.revision, cache_dir=cache_dir, etag_timeout=5)
     except Exception:  # no network, no such repo, gated: all mean "not from the hub"
         return False
     return True
+
+
+@functools.cache
+def _hub_reachable() -> bool:
+    """One quick TCP connect to the hub, once per process: without it a machine
+    with no network waits through huggingface_hub's retries for every model."""
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname or "", url.port or 443), timeout=HUB_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
 
 
 def _cached_snapshot(spec: ModelSpec, cache_dir: Path | None) -> Path | None:

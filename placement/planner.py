@@ -7,7 +7,13 @@ its memory. With no GPU at all, models run on CPU if RAM allows. A model that
 fits no single GPU is split across GPUs of one node when allowed. Anything that
 does not fit is collected, and one error names every such model.
 
-Same inputs, same plan: nothing here depends on dict or config order.
+Same inputs, same plan: nothing here depends on dict or config order, nor on
+Ray's random node ids (`Inventory.sorted_nodes`). A redeploy of the same
+config on the same cluster gives the same entries, field for field, because
+an entry depends only on its own model and its GPU: the fraction is the
+model's bytes over the GPU's fixed capacity (never over free memory), and the
+reason names no other model and no free-memory figure. That is what keeps
+Serve from restarting unchanged replicas (deployments.versions).
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ DEFAULT_REPLICA_CPUS = 0.5
 # RAM a CPU replica's process holds before any weight (Python, torch,
 # transformers, Ray worker): measured 1.0-1.2 GiB RSS beyond the demo models' size.
 CPU_PROCESS_BYTES = GIB
-# Ray custom resources have 4 decimal places; fractions are rounded down to
-# that grain so the fractions on one GPU never sum past 1.
-FRACTION_GRAIN = 10_000
+# GPU fractions are whole thousandths of the GPU's capacity, rounded down and
+# at least one; the planner also counts these grains per GPU, so the fractions
+# on one GPU never sum past 1 (Ray custom resources themselves have 4 decimals).
+FRACTION_GRAIN = 1_000
 
 
 @dataclass
@@ -43,7 +50,9 @@ class _GpuState:
     gpu: Gpu
     order: int  # position in the global (node, index) order
     usable_bytes: int
+    capacity_bytes: int  # fractions are shares of this (Reserve.capacity_bytes), not of usable_bytes
     planned_bytes: int = 0
+    planned_grains: int = 0  # sum of the FRACTION_GRAIN units its replicas hold
     roles: list[str] = field(default_factory=list)
     exclusive: bool = False  # holds a model that said `share: false`
 
@@ -51,10 +60,11 @@ class _GpuState:
     def free_bytes(self) -> int:
         return self.usable_bytes - self.planned_bytes
 
-    def can_take(self, need: int, *, alone: bool) -> bool:
+    def can_take(self, need: int, *, alone: bool, replicas: int = 1) -> bool:
         if self.exclusive or (alone and self.roles):
             return False
-        return need <= self.free_bytes
+        grains = _grains(need // replicas, self.capacity_bytes) * replicas
+        return need <= self.free_bytes and self.planned_grains + grains <= FRACTION_GRAIN
 
     def label(self) -> str:
         return f"node {short_node_id(self.node.node_id)} {describe_gpu(self.gpu)}"
@@ -91,7 +101,13 @@ def make_plan(
 
     nodes = inventory.sorted_nodes()
     gpu_states = [
-        _GpuState(node=node, gpu=gpu, order=0, usable_bytes=reserve.usable_bytes(gpu))
+        _GpuState(
+            node=node,
+            gpu=gpu,
+            order=0,
+            usable_bytes=reserve.usable_bytes(gpu),
+            capacity_bytes=reserve.capacity_bytes(gpu),
+        )
         for node in nodes
         for gpu in sorted(node.gpus, key=lambda g: g.index)
     ]
@@ -129,6 +145,7 @@ def make_plan(
             continue
         for state, share in zip(placement.states, placement.shares, strict=True):
             state.planned_bytes += share
+            state.planned_grains += _grains(share // spec.replicas, state.capacity_bytes) * spec.replicas
             state.roles.append(role)
             state.exclusive = state.exclusive or not spec.share
         placements[role] = placement
@@ -174,17 +191,17 @@ def _place_on_gpu(
         if not pinned:
             return None, f"`gpu: {spec.gpu}` names a GPU that does not exist"
         for state in pinned:
-            if state.can_take(need, alone=alone):
+            if state.can_take(need, alone=alone, replicas=spec.replicas):
                 return _single(state, need, f"pinned by `gpu: {spec.gpu}`"), ""
         return None, f"`gpu: {spec.gpu}` has {gib(max(s.free_bytes for s in pinned))} free"
 
     for state in _ordered_by_preference(states, rule.prefer):
-        if state.can_take(need, alone=alone):
+        if state.can_take(need, alone=alone, replicas=spec.replicas):
             return _single(state, need, f"{rule.prefer.replace('_', ' ')} with room (rule '{rule.name}')"), ""
 
     most_free = max(states, key=lambda s: (s.free_bytes, -s.order))
     if spec.split or rule.allow_split:
-        split = _split(need, states, alone=alone)
+        split = _split(need, states, alone=alone, replicas=spec.replicas)
         if split is not None:
             return split, ""
         return None, f"cannot be split either: no node's GPUs have {gib(need)} free together"
@@ -195,19 +212,22 @@ def _place_on_gpu(
 
 
 def _single(state: _GpuState, need: int, why: str) -> _Placement:
-    sharing = f", shares it with {', '.join(state.roles)}" if state.roles else ""
-    return _Placement(state.node, (state,), (need,), f"{why}: GPU {state.gpu.index}{sharing}")
+    # Who else shares the GPU is in the plan's GPU table, not here: an entry (and so the
+    # replica's bind arguments) must not change when another model joins its GPU.
+    return _Placement(state.node, (state,), (need,), f"{why}: GPU {state.gpu.index}")
 
 
-def _split(need: int, states: list[_GpuState], *, alone: bool) -> _Placement | None:
+def _split(need: int, states: list[_GpuState], *, alone: bool, replicas: int = 1) -> _Placement | None:
     """Fewest GPUs of one node whose free memory holds the model, filled evenly.
 
     Balanced like accelerate's get_balanced_memory: each GPU takes an equal
     share, except that a GPU with less free than its share gives what it has
-    and the rest spread over the others.
+    and the rest spread over the others. Nodes are tried in the inventory's
+    stable order (the first node with the fewest GPUs wins).
     """
-    best: tuple[int, int, list[_GpuState]] | None = None
-    for node in sorted({s.node.node_id for s in states}):
+    best: tuple[int, list[_GpuState], list[int]] | None = None
+    node_ids = list(dict.fromkeys(s.node.node_id for s in sorted(states, key=lambda s: s.order)))
+    for node in node_ids:
         usable = [s for s in states if s.node.node_id == node and not s.exclusive and not (alone and s.roles)]
         usable.sort(key=lambda s: (-s.free_bytes, s.order))
         total = 0
@@ -215,13 +235,17 @@ def _split(need: int, states: list[_GpuState], *, alone: bool) -> _Placement | N
             total += state.free_bytes
             if total >= need:
                 chosen = sorted(usable[:count], key=lambda s: s.order)
-                if best is None or count < best[0]:
-                    best = (count, chosen[0].order, chosen)
+                shares = _balanced_shares(need, [s.free_bytes for s in chosen])
+                fits = all(
+                    s.planned_grains + _grains(share // replicas, s.capacity_bytes) * replicas <= FRACTION_GRAIN
+                    for s, share in zip(chosen, shares, strict=True)
+                )
+                if fits and (best is None or count < best[0]):
+                    best = (count, chosen, shares)
                 break
     if best is None:
         return None
-    chosen = best[2]
-    shares = _balanced_shares(need, [s.free_bytes for s in chosen])
+    _, chosen, shares = best
     indices = ", ".join(str(s.gpu.index) for s in chosen)
     reason = f"fits no single GPU: split over GPUs {indices} of node {short_node_id(chosen[0].node.node_id)}"
     return _Placement(chosen[0].node, tuple(chosen), tuple(shares), reason)
@@ -254,8 +278,9 @@ def _place_on_cpu(
     def ram_free(node: Node) -> int | None:
         return None if node.cpu_memory_bytes is None else node.cpu_memory_bytes - cpu_planned[node.node_id]
 
-    # The node with the most free RAM; unknown RAM ranks last.
-    ranked = sorted(nodes, key=lambda n: (ram_free(n) is None, -(ram_free(n) or 0), n.node_id))
+    # The node with the most free RAM; unknown RAM ranks last; ties go by the stable node order.
+    rank = {node.node_id: position for position, node in enumerate(nodes)}
+    ranked = sorted(nodes, key=lambda n: (ram_free(n) is None, -(ram_free(n) or 0), rank[n.node_id]))
     for node in ranked:
         free = ram_free(node)
         if free is None:
@@ -286,7 +311,7 @@ def _entry(role: str, spec: ModelSpec, estimate: MemoryEstimate, placement: _Pla
     states = placement.states
     # Ray counts resources per replica: each replica holds its own copy's share.
     per_replica = [share // spec.replicas for share in placement.shares]
-    fractions = tuple(_fraction(share, s.usable_bytes) for share, s in zip(per_replica, states, strict=True))
+    fractions = tuple(_fraction(share, s.capacity_bytes) for share, s in zip(per_replica, states, strict=True))
     return PlanEntry(
         role=role,
         model=spec.model,
@@ -306,12 +331,20 @@ def _entry(role: str, spec: ModelSpec, estimate: MemoryEstimate, placement: _Pla
     )
 
 
-def _fraction(share_bytes: int, usable_bytes: int) -> float:
-    """The model's share of a GPU in Ray resource units, rounded down to Ray's grain."""
-    if usable_bytes <= 0:
-        return 1.0
-    grains = math.floor(share_bytes / usable_bytes * FRACTION_GRAIN)
-    return max(grains, 1) / FRACTION_GRAIN
+def _grains(share_bytes: int, capacity_bytes: int) -> int:
+    """A replica's share of a GPU in whole FRACTION_GRAIN units: rounded down, at least one.
+
+    Derived from the planned bytes and the GPU's fixed capacity only, so the
+    same model on the same GPU gets the same fraction whatever else runs.
+    """
+    if capacity_bytes <= 0:
+        return FRACTION_GRAIN
+    return min(max(share_bytes * FRACTION_GRAIN // capacity_bytes, 1), FRACTION_GRAIN)
+
+
+def _fraction(share_bytes: int, capacity_bytes: int) -> float:
+    """The replica's share of a GPU in Ray resource units (k / FRACTION_GRAIN)."""
+    return _grains(share_bytes, capacity_bytes) / FRACTION_GRAIN
 
 
 def _usage(state: _GpuState, entries: tuple[PlanEntry, ...]) -> GpuUsage:
@@ -327,7 +360,7 @@ def _usage(state: _GpuState, entries: tuple[PlanEntry, ...]) -> GpuUsage:
         usable_bytes=state.usable_bytes,
         planned_bytes=state.planned_bytes,
         roles=tuple(sorted(e.role for e in holders)),
-        fraction_used=round(sum(e.fraction_of(state.gpu.index) * e.replicas for e in holders), 4),
+        fraction_used=round(sum(e.fraction_of(state.gpu.index) * e.replicas for e in holders), 6),
     )
 
 

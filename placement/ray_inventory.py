@@ -2,10 +2,18 @@
 
 `inventory_from_ray` asks Ray which nodes are alive and what they declare
 (GPU count, `gpu_slot_*` resources, labels, memory), then reads each GPU node's
-real GPUs (name, total, free, uuid) with a tiny task run ON that node: only
-the node itself can see its GPUs. A node whose GPUs are declared but not
-visible (declared GPUs on a CPU machine, as in tests) gets `gpu_memory_bytes`
-as each GPU's total, or a clear error asking for `--gpu-memory`.
+real GPUs (name, total, free, uuid, and every process holding memory on it)
+with a tiny task run ON that node: only the node itself can see its GPUs and
+its processes. A node whose GPUs are declared but not visible (declared GPUs
+on a CPU machine, as in tests) gets `gpu_memory_bytes` as each GPU's total,
+or a clear error asking for `--gpu-memory`.
+
+Each process NVML lists on a GPU is attributed by `gpu_processes`: a rayfit
+model replica carries `ROLE_ENV` in its environment (placement.ray_options
+sets it), read from `/proc/<pid>/environ`, so its memory counts as the plan's
+own (placement.inventory). A pid that cannot be read there (another user,
+another PID namespace, as in a container without the host's PIDs) counts as
+foreign: the plan then has less room, never more.
 
 `local_inventory` reads this machine's GPUs without Ray, for `ray-start-args`
 and a dry-run plan on a GPU box.
@@ -14,10 +22,12 @@ and a dry-run plan on a GPU box.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
-from placement.inventory import LOCAL_NODE, Gpu, Inventory, InventoryError, Node
-from placement.ray_options import CUDA_VISIBLE_DEVICES, gpu_slot_resource
+from placement.inventory import LOCAL_NODE, Gpu, GpuProcess, Inventory, InventoryError, Node
+from placement.ray_options import CUDA_DEVICE_ORDER, CUDA_VISIBLE_DEVICES, PCI_BUS_ID, ROLE_ENV, gpu_slot_resource
 
 # A probe task only imports pynvml/torch; if it has not answered by then the node is stuck.
 PROBE_TIMEOUT_S = 120.0
@@ -29,6 +39,42 @@ def _visible_selectors() -> list[str] | None:
     if value is None:
         return None
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def rayfit_role(pid: int, proc: Path = Path("/proc")) -> str | None:
+    """The rayfit model role process `pid` serves (its environment's ROLE_ENV), or None."""
+    try:
+        environ = (proc / str(pid) / "environ").read_bytes()
+    except OSError:  # gone, another user's, or not in this PID namespace
+        return None
+    prefix = f"{ROLE_ENV}=".encode()
+    for item in environ.split(b"\0"):
+        if item.startswith(prefix):
+            return item[len(prefix) :].decode(errors="replace") or None
+    return None
+
+
+def gpu_processes(listed: Iterable[tuple[int, int | None]]) -> tuple[GpuProcess, ...]:
+    """NVML's (pid, used bytes) list for one GPU, each attributed to a rayfit role or to nobody.
+
+    Sorted by pid and merged per pid (NVML lists a process once as compute and
+    once as graphics when it is both), so the result does not depend on NVML's order.
+    """
+    known: dict[int, list[int]] = {}
+    for pid, nbytes in listed:
+        known.setdefault(pid, []).extend([] if nbytes is None else [nbytes])
+    used = {pid: max(sizes) if sizes else None for pid, sizes in known.items()}
+    return tuple(GpuProcess(pid=pid, used_bytes=used[pid], rayfit_role=rayfit_role(pid)) for pid in sorted(used))
+
+
+def _nvml_processes(pynvml: Any, handle: Any) -> tuple[GpuProcess, ...]:
+    listed: list[tuple[int, int | None]] = []
+    for query in (pynvml.nvmlDeviceGetComputeRunningProcesses, pynvml.nvmlDeviceGetGraphicsRunningProcesses):
+        try:
+            listed += [(int(p.pid), None if p.usedGpuMemory is None else int(p.usedGpuMemory)) for p in query(handle)]
+        except pynvml.NVMLError:
+            continue  # not supported here (some vGPU/MIG setups): those processes count as foreign
+    return gpu_processes(listed)
 
 
 def _gpus_from_nvml() -> list[Gpu] | None:
@@ -74,6 +120,7 @@ def _gpus_from_nvml() -> list[Gpu] | None:
                     free_bytes=int(mem.free),
                     name=name,
                     uuid=uuids[physical],
+                    processes=_nvml_processes(pynvml, handles[physical]),
                 )
             )
         return gpus
@@ -89,6 +136,12 @@ def _text(value: str | bytes) -> str:
 
 
 def _gpus_from_torch() -> list[Gpu]:
+    """Fallback without NVML: no per-process usage, so all used memory counts as foreign.
+
+    Indices in PCI bus order like NVML's: CUDA_DEVICE_ORDER is forced to PCI_BUS_ID
+    here (and in the probe task's runtime_env) before CUDA initializes.
+    """
+    os.environ[CUDA_DEVICE_ORDER] = PCI_BUS_ID
     try:
         import torch
     except ImportError:
@@ -197,7 +250,10 @@ def inventory_from_ray(*, gpu_memory_bytes: int | None = None) -> Inventory:
         raise RuntimeError("inventory_from_ray needs a connected Ray: call ray.init(address=...) first")
 
     alive: list[dict[str, Any]] = [n for n in ray.nodes() if n.get("Alive")]
-    probe = ray.remote(num_cpus=0, max_retries=0)(_probe_node)
+    # The probe numbers GPUs as the replicas will (PCI bus order, placement.ray_options).
+    probe = ray.remote(num_cpus=0, max_retries=0, runtime_env={"env_vars": {CUDA_DEVICE_ORDER: PCI_BUS_ID}})(
+        _probe_node
+    )
     pending = {}
     for info in alive:
         if int(info["Resources"].get("GPU", 0)) > 0:
@@ -219,6 +275,7 @@ def inventory_from_ray(*, gpu_memory_bytes: int | None = None) -> Inventory:
                 address=info.get("NodeManagerAddress"),
                 has_gpu_slots=_has_gpu_slots(resources, count),
                 labels=dict(info.get("Labels") or {}),
+                hostname=info.get("NodeManagerHostname"),
             )
         )
-    return Inventory(nodes=tuple(sorted(nodes, key=lambda node: node.node_id)))
+    return Inventory(nodes=Inventory(nodes=tuple(nodes)).sorted_nodes())

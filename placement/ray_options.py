@@ -15,6 +15,25 @@ The scheme, and why (measured on Ray 2.60, see DESIGN.md):
   is what actually pins the replica to the planned GPU(s). CPU entries get
   `""` so a CPU model never grabs a GPU (with `num_gpus: 0` Ray 2.60 leaves
   the node's GPUs visible).
+- GPU order: `CUDA_DEVICE_ORDER=PCI_BUS_ID` in every replica's env_vars (and
+  in the inventory's probe tasks). The plan's GPU index is NVML's, which is
+  PCI bus order; CUDA reads the indices in CUDA_VISIBLE_DEVICES in its own
+  default FASTEST_FIRST order, so on a mixed box (24 GB + 48 GB) index 0
+  could name the other card. With PCI_BUS_ID both agree. Chosen over pinning
+  by UUID (`CUDA_VISIBLE_DEVICES=GPU-…`) because it is one rule for measured
+  and declared GPUs alike (a declared GPU has no UUID), the pin stays the
+  index the plan, the logs, the report and `verify.planned_visible_devices`
+  speak, and the start-up check still compares the visible card's UUID with
+  the planned one (deployments.verify), so a wrong card is refused either way.
+- `RAYFIT_ROLE=<role>` in every replica's env_vars marks the process as a
+  rayfit model replica: the inventory reads it from `/proc/<pid>/environ` of
+  each process NVML lists on a GPU and counts that memory as the plan's own
+  (placement.inventory), so a redeploy does not see its own models as
+  strangers filling the GPUs.
+- Every value here is a function of the plan entry alone (no free-memory
+  figure, no time, no random id beyond the planned node): two builds of the
+  same config on the same cluster give identical options, and Serve restarts
+  a replica whenever its `ray_actor_options` change (deployments.versions).
 - `resources: {"gpu_slot_<i>": fraction}` per GPU of the entry: one custom
   resource per GPU, declared when the node starts (`ray_start_args`), so Ray
   itself refuses to oversubscribe a GPU (a model aimed at a full GPU stays
@@ -45,14 +64,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from placement.inventory import LOCAL_NODE, Inventory, Node
+from placement.inventory import LOCAL_NODE, NODE_ID_LABEL, Inventory, Node
 from placement.plan import PlanEntry
 
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
+# CUDA numbers GPUs FASTEST_FIRST unless told otherwise; NVML (and so the plan) numbers them by PCI bus.
+CUDA_DEVICE_ORDER = "CUDA_DEVICE_ORDER"
+PCI_BUS_ID = "PCI_BUS_ID"
+# Marks a process as a rayfit model replica (value: its role); read back by placement.ray_inventory.
+ROLE_ENV = "RAYFIT_ROLE"
 # One custom resource per GPU, `gpu_slot_0`, `gpu_slot_1`, ..., capacity 1 each.
 GPU_SLOT_PREFIX = "gpu_slot_"
-# Set by Ray 2.60 on every node, with the node's hex id as value.
-NODE_ID_LABEL = "ray.io/node-id"
 
 
 def gpu_slot_resource(index: int) -> str:
@@ -107,7 +129,9 @@ def deployment_options(entry: PlanEntry, inventory: Inventory) -> dict[str, Any]
     else:
         visible = ""
 
-    actor["runtime_env"] = {"env_vars": {CUDA_VISIBLE_DEVICES: visible}}
+    actor["runtime_env"] = {
+        "env_vars": {CUDA_VISIBLE_DEVICES: visible, CUDA_DEVICE_ORDER: PCI_BUS_ID, ROLE_ENV: entry.role}
+    }
     if _needs_node_selector(entry, inventory):
         actor["label_selector"] = {NODE_ID_LABEL: entry.node_id}
     # The plan budgeted exactly this many copies on the planned device(s).

@@ -12,9 +12,12 @@ from placement.inventory import LOCAL_NODE, Gpu, Inventory, InventoryError, Node
 from placement.plan import PlanEntry
 from placement.ray_inventory import _node_gpus, local_inventory
 from placement.ray_options import (
+    CUDA_DEVICE_ORDER,
     CUDA_VISIBLE_DEVICES,
     GPU_SLOT_PREFIX,
     NODE_ID_LABEL,
+    PCI_BUS_ID,
+    ROLE_ENV,
     deployment_options,
     gpu_slot_resource,
     placement_warnings,
@@ -65,7 +68,9 @@ def test_single_gpu_entry_pins_and_holds_its_slot() -> None:
             "num_cpus": 0.25,
             "num_gpus": 0,
             "resources": {"gpu_slot_1": 0.7},
-            "runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": "1"}},
+            "runtime_env": {
+                "env_vars": {"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "RAYFIT_ROLE": "big"}
+            },
         },
         "num_replicas": 1,
     }
@@ -86,8 +91,36 @@ def test_uneven_split_asks_each_gpu_for_its_own_share() -> None:
 
 def test_cpu_entry_hides_every_gpu() -> None:
     actor = deployment_options(entry("tiny"), TWO_GPUS)["ray_actor_options"]
-    assert actor == {"num_cpus": 0.25, "num_gpus": 0, "runtime_env": {"env_vars": {CUDA_VISIBLE_DEVICES: ""}}}
+    env = {CUDA_VISIBLE_DEVICES: "", CUDA_DEVICE_ORDER: PCI_BUS_ID, ROLE_ENV: "tiny"}
+    assert actor == {"num_cpus": 0.25, "num_gpus": 0, "runtime_env": {"env_vars": env}}
     assert placement_warnings(entry("tiny"), TWO_GPUS) == ()
+
+
+@pytest.mark.parametrize(
+    ("planned", "inventory"),
+    [
+        (entry("big", (1,), 0.7), TWO_GPUS),
+        (entry("huge", (0, 1), 1.0), TWO_GPUS),
+        (entry("tiny"), TWO_GPUS),
+        (entry("big", (1,), 0.7), Inventory(nodes=(node(slots=False),))),
+    ],
+)
+def test_every_replica_reads_gpu_indices_in_pci_order_and_is_marked(planned: PlanEntry, inventory: Inventory) -> None:
+    """The plan's indices are NVML's (PCI bus order); CUDA's default FASTEST_FIRST could name another card."""
+    env = deployment_options(planned, inventory)["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert env[CUDA_DEVICE_ORDER] == PCI_BUS_ID
+    # The marker the inventory reads back to count this replica's memory as the plan's own.
+    assert env[ROLE_ENV] == planned.role
+    # The pin itself stays the host index the start-up check (verify.planned_visible_devices) expects.
+    from deployments.verify import planned_visible_devices
+
+    assert env[CUDA_VISIBLE_DEVICES] == planned_visible_devices(planned)
+
+
+def test_options_are_identical_for_identical_entries() -> None:
+    """Two builds of the same plan give equal options, so Serve has no reason to restart a replica."""
+    first = deployment_options(entry("big", (1,), 0.7), TWO_GPUS)
+    assert deployment_options(entry("big", (1,), 0.7), Inventory(nodes=(node(),))) == first
 
 
 def test_node_without_slots_still_pins_but_warns() -> None:

@@ -89,8 +89,13 @@ def load_engine(config: Path, role: str, threads: int, continuous: bool) -> Any:
 
     specs, _, _, plan = plan_app(AppArgs(model_config=str(config), gpus="none"))
     torch.set_num_threads(threads)
-    batch = specs[role].max_batch_size if continuous else None
-    return Engine(load_model(specs[role], plan.entry(role)), continuous_batch_size=batch)
+    entry = plan.entry(role)
+    return Engine(
+        load_model(specs[role], entry),
+        max_batch_size=specs[role].max_batch_size,
+        continuous=continuous,
+        kv_budget_bytes=entry.estimate.kv_cache_bytes,
+    )
 
 
 def deploy(config: Path, app_name: str) -> None:

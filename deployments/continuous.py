@@ -9,9 +9,11 @@ TextIteratorStreamer runs every stream on its own).
 Built on `model.init_continuous_batching()` (transformers 5): a paged KV cache
 and a background generation thread. This module adds what a server needs on
 top: one queue per request (a pump thread routes the manager's shared output
-queue), cancellation, and a KV cache sized from rayfit's spec
-(`context_length × max_batch_size`, the amount the planner budgets), not from
-"90% of free memory".
+queue), cancellation, and a KV cache of exactly the pool the plan budgets
+(`placement.sizing.kv_budget.PagedPool`), not "90% of free memory". Admission
+is by sequence slots: at most `pool.sequences` requests hold pages at once, so
+the pool (sized for that many requests at full context) never runs short and
+the manager never preempts or offloads; later requests wait in `submit`.
 
 Only greedy requests come here: the manager's `do_sample` is one global
 switch, and per-request seeds do not exist in it. Sampled, seeded and image
@@ -21,18 +23,19 @@ requests keep the engine's classic `generate` path.
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedModel
 
+from deployments.kv_slots import SequenceSlots
+from placement.sizing.kv_budget import PagedPool
+
 logger = logging.getLogger(__name__)
 
-# Tokens per KV page (transformers' default is 256; smaller pages waste less on short requests).
-PAGE_SIZE = 64
 # Tokens per forward pass (decode rows + prefill chunk; longer prompts are split
 # across steps by the scheduler). Small on purpose: the sdpa path builds a dense
 # mask of max_batch_tokens × (cached + batch tokens) every step. Measured on the
@@ -41,6 +44,8 @@ PAGE_SIZE = 64
 MAX_BATCH_TOKENS = 256
 # How long the pump waits on the manager's queue before checking whether it should stop.
 _POLL_S = 0.1
+# The manager builds its cache on its own thread; start-up waits this long for it.
+_CACHE_WAIT_S = 60.0
 
 
 class ContinuousBatchingError(RuntimeError):
@@ -62,17 +67,15 @@ class ContinuousBatcher:
         self,
         model: PreTrainedModel,
         *,
+        pool: PagedPool,
         eos_token_ids: Sequence[int],
         pad_token_id: int,
-        max_requests: int,
-        context_length: int,
     ):
-        blocks = math.ceil(context_length / PAGE_SIZE) * max_requests
         config = ContinuousBatchingConfig(
-            page_size=PAGE_SIZE,
-            num_blocks=blocks,
-            max_requests_per_batch=max_requests,
-            max_batch_tokens=max(max_requests, MAX_BATCH_TOKENS),
+            page_size=pool.page_size,
+            num_blocks=pool.num_blocks,
+            max_requests_per_batch=pool.sequences,
+            max_batch_tokens=max(pool.sequences, MAX_BATCH_TOKENS),
             allow_block_sharing=False,
             auto_switch_to_flash=False,
         )
@@ -80,8 +83,10 @@ class ContinuousBatcher:
             do_sample=False,
             eos_token_id=list(eos_token_ids) or None,
             pad_token_id=pad_token_id,
-            max_new_tokens=context_length,
+            max_new_tokens=pool.context_length,
         )
+        self.pool = pool
+        self.slots = SequenceSlots(pool.sequences, "continuous batching")
         self.eos_token_ids = list(eos_token_ids)
         self._manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=config)
         self._queues: dict[str, queue.Queue[TokenUpdate | BaseException]] = {}
@@ -91,9 +96,28 @@ class ContinuousBatcher:
         self._manager.start()
         self._pump = threading.Thread(target=self._route, name="rayfit-cb-pump", daemon=True)
         self._pump.start()
+        self.cache_bytes = self._wait_for_cache()
         logger.info(
-            "continuous batching on: %d requests × %d tokens (%d KV pages)", max_requests, context_length, blocks
+            "continuous batching on: %d requests × %d tokens, KV pool %d bytes (planned %d)",
+            pool.sequences,
+            pool.context_length,
+            self.cache_bytes,
+            pool.cache_bytes,
         )
+
+    def _wait_for_cache(self) -> int:
+        """Bytes of the KV pool tensor, read off the manager once its thread has built it."""
+        deadline = time.monotonic() + _CACHE_WAIT_S
+        while time.monotonic() < deadline:
+            processor = self._manager.batch_processor
+            if processor is not None:
+                tensor = processor.cache.cache_tensor
+                return int(tensor.numel() * tensor.element_size())
+            if not self._manager.is_running():
+                break
+            time.sleep(0.01)
+        self.close()
+        raise ContinuousBatchingError("the continuous-batching manager did not build its KV cache")
 
     # ---- delivery -----------------------------------------------------------------
 
@@ -124,18 +148,27 @@ class ContinuousBatcher:
     # ---- requests -----------------------------------------------------------------
 
     def submit(self, input_ids: Sequence[int], max_new_tokens: int) -> str:
-        """Queue one greedy request; read its tokens with `updates(request_id)`."""
+        """Queue one greedy request once a sequence slot is free; read its tokens with `updates(request_id)`.
+
+        Blocks while `pool.sequences` requests hold the pool. Every id returned
+        holds a slot until `release(request_id)`.
+        """
+        self.slots.acquire()
         with self._lock:
             request_id = f"rayfit-{self._counter}"
             self._counter += 1
             self._queues[request_id] = queue.Queue()
-        added = self._manager.add_request(
-            list(input_ids),
-            request_id=request_id,
-            max_new_tokens=max_new_tokens,
-            streaming=True,
-            eos_token_id=self.eos_token_ids or None,
-        )
+        try:
+            added = self._manager.add_request(
+                list(input_ids),
+                request_id=request_id,
+                max_new_tokens=max_new_tokens,
+                streaming=True,
+                eos_token_id=self.eos_token_ids or None,
+            )
+        except BaseException:
+            self.release(request_id)
+            raise
         if added is None:
             self.release(request_id)
             raise ContinuousBatchingError("the continuous-batching manager refused the request (stopping or full)")
@@ -154,9 +187,11 @@ class ContinuousBatcher:
                 return
 
     def release(self, request_id: str, *, cancel: bool = False) -> None:
-        """Forget a request (and stop generating for it when `cancel`)."""
+        """Forget a request and free its slot (and stop generating for it when `cancel`)."""
         with self._lock:
-            self._queues.pop(request_id, None)
+            held = self._queues.pop(request_id, None) is not None
+        if held:
+            self.slots.release()
         if cancel:
             self._manager.cancel_request(request_id)
 

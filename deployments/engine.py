@@ -11,6 +11,15 @@ No Ray and no HTTP here; the Serve deployment wraps an `Engine`.
   every row's last prompt token sits at the same position and decodes as if it
   were alone. Each row stops on its own max_tokens, stop strings or EOS (a
   per-row stopping criterion); the others go on.
+- KV memory (the plan's contract): `kv_budget` (placement.sizing.kv_budget)
+  fixes the sequences that may hold KV at once — the continuous-batching
+  pool's batch, and side slots for requests the pool cannot take (seeded,
+  images; every request when continuous batching is off). Each classic
+  `generate` holds as many side slots as it has rows, and a row never exceeds
+  the context length (rows are chunked so that the padded prompt width plus
+  the longest max_tokens fits). Requests wait for a slot; none allocates past
+  the budget. `kv_report()` gives the planned bytes, the pool's measured
+  tensor and the peak measured in side caches.
 - Seeds: a seeded group calls `torch.manual_seed(seed)` before generating.
   Caveat: rows of one batch share that RNG stream, so a seeded request's
   sample depends on what it was batched with; only greedy (temperature 0) is
@@ -33,11 +42,13 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from deployments.continuous import ContinuousBatcher
 from deployments.generation import GenerationInput, GenerationOutput, SamplingParams, StreamDelta
+from deployments.kv_slots import KvLedger, SequenceSlots
 from deployments.loading import LoadedModel
+from placement.sizing.kv_budget import KvBudget, fit_budget
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +104,9 @@ class _RowStops(StoppingCriteria):
         stops: Sequence[tuple[str, ...]],
         tokenizer: Any,
         cancel: threading.Event | None = None,
+        on_step: Any = None,
     ):
+        self.on_step = on_step  # called every step (the KV ledger measures the side cache)
         self.prompt_width = prompt_width
         self.max_tokens = torch.tensor(list(max_tokens))
         self.stops = list(stops)
@@ -105,6 +118,8 @@ class _RowStops(StoppingCriteria):
         }
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        if self.on_step is not None:
+            self.on_step()
         generated = input_ids.shape[1] - self.prompt_width
         done = (generated >= self.max_tokens).to(input_ids.device)
         if self.cancel is not None and self.cancel.is_set():
@@ -171,10 +186,20 @@ class Engine:
     """Generates for one `LoadedModel`. Thread-safe for concurrent calls except
     for seeding (torch's global RNG; see the module docstring)."""
 
-    def __init__(self, loaded: LoadedModel, *, continuous_batch_size: int | None = None):
-        """`continuous_batch_size`: run greedy text requests (streamed or not) through
-        transformers' continuous batching with up to this many in flight
-        (deployments.continuous); None keeps one `generate` per call."""
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_batch_size: int = 4,
+        continuous: bool = False,
+        kv_budget_bytes: int | None = None,
+    ):
+        """`max_batch_size`: sequences the plan sized the KV for. `continuous`: run
+        unseeded text requests (streamed or not) through transformers'
+        continuous batching (deployments.continuous); otherwise every request
+        runs its own `generate`. `kv_budget_bytes`: the plan's KV bytes; the
+        engine fits its pool and slots inside them (None: not itemized, the
+        full batch is used)."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -182,21 +207,60 @@ class Engine:
         self.context_length = loaded.context_length
         self.pad_token_id = self._pad_token_id()
         self.eos_token_ids = self._eos_token_ids()
+        self.kv_planned_bytes = kv_budget_bytes
+        self.kv_budget: KvBudget = fit_budget(
+            self.model.config.get_text_config(),
+            planned_bytes=kv_budget_bytes,
+            batch_sequences=max_batch_size,
+            context_length=self.context_length,
+            dtype=self.model.dtype,
+            continuous=continuous,
+        )
+        if self.kv_budget.pool is not None and self.kv_budget.pool.sequences < max_batch_size:
+            logger.warning(
+                "KV plan of %s bytes holds %d of %d batch sequences; the batch is cut to fit",
+                kv_budget_bytes,
+                self.kv_budget.pool.sequences,
+                max_batch_size,
+            )
+        self.side_slots = SequenceSlots(self.kv_budget.side_sequences, "side")
         self.batcher: ContinuousBatcher | None = None
-        if continuous_batch_size is not None:
+        if self.kv_budget.pool is not None:
             self.batcher = ContinuousBatcher(
                 self.model,
+                pool=self.kv_budget.pool,
                 eos_token_ids=self.eos_token_ids,
                 pad_token_id=self.pad_token_id,
-                max_requests=continuous_batch_size,
-                context_length=self.context_length,
             )
+        self.kv_ledger = KvLedger(pool_bytes=self.batcher.cache_bytes if self.batcher else 0)
+        self._side_calls = 0
+        self._side_lock = threading.Lock()
 
     def close(self) -> None:
         """Stop the continuous-batching thread, if any."""
         if self.batcher is not None:
             self.batcher.close()
             self.batcher = None
+
+    def kv_report(self) -> dict[str, Any]:
+        """KV bytes: planned, this engine's worst case over all paths, and what was measured.
+
+        `kv_cache_bytes` (the worst case) is the pool tensor as allocated plus
+        the side slots at full context; it is what must stay ≤ the plan.
+        """
+        budget = self.kv_budget
+        pool_bytes = self.kv_ledger.pool_bytes
+        return {
+            "kv_cache_bytes": pool_bytes + budget.side_bytes,
+            "planned_kv_cache_bytes": self.kv_planned_bytes,
+            "pool_bytes": pool_bytes,
+            "pool_sequences": budget.pool.sequences if budget.pool else 0,
+            "side_sequences": budget.side_sequences,
+            "side_bytes_worst": budget.side_bytes,
+            "peak_kv_bytes": self.kv_ledger.peak_bytes,
+            "peak_side_bytes": self.kv_ledger.peak_side_bytes,
+            "context_length": self.context_length,
+        }
 
     # ---- set-up -------------------------------------------------------------
 
@@ -397,16 +461,34 @@ class Engine:
             inputs.update({k: v.to(self.device) for k, v in prompts[0].extra_inputs.items()})
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        stops = _RowStops(width, [p.max_tokens for p in params], [p.stop for p in params], self.tokenizer, cancel)
-        if first.seed is not None and first.temperature > 0:
-            torch.manual_seed(first.seed)
-        with torch.inference_mode():
-            out = self.model.generate(
-                **inputs,
-                generation_config=self._generation_config(first, max_new),
-                stopping_criteria=StoppingCriteriaList([stops]),
-                streamer=streamer,
-            )
+        # Our own cache object, so the ledger can measure what this call holds at every step.
+        cache = DynamicCache(config=self.model.config)
+        with self._side_lock:
+            self._side_calls += 1
+            call = self._side_calls
+        stops = _RowStops(
+            width,
+            [p.max_tokens for p in params],
+            [p.stop for p in params],
+            self.tokenizer,
+            cancel,
+            on_step=lambda: self.kv_ledger.observe(call, cache),
+        )
+        # One side slot per row, held for the whole call: rows past the budget wait here.
+        try:
+            with self.side_slots.hold(len(prompts)), torch.inference_mode():
+                if first.seed is not None and first.temperature > 0:
+                    torch.manual_seed(first.seed)
+                out = self.model.generate(
+                    **inputs,
+                    cache=cache,
+                    generation_config=self._generation_config(first, max_new),
+                    stopping_criteria=StoppingCriteriaList([stops]),
+                    streamer=streamer,
+                )
+                self.kv_ledger.observe(call, cache)
+        finally:
+            self.kv_ledger.forget(call)
         return [row[width:].tolist() for row in out]
 
     def generate_batch(self, inputs: Sequence[GenerationInput]) -> list[GenerationOutput]:
@@ -436,12 +518,34 @@ class Engine:
                 for request_id in ids.values():
                     self._release(request_id, cancel=True)
         for rows in groups.values():
-            if not rows:
-                continue
-            new_tokens = self._run([prepared[i] for i in rows], [inputs[i].params for i in rows])
-            for i, tokens in zip(rows, new_tokens, strict=True):
-                results[i] = self._output(tokens, prepared[i], inputs[i].params)
+            for chunk in self._side_chunks(rows, prepared, inputs):
+                new_tokens = self._run([prepared[i] for i in chunk], [inputs[i].params for i in chunk])
+                for i, tokens in zip(chunk, new_tokens, strict=True):
+                    results[i] = self._output(tokens, prepared[i], inputs[i].params)
         return [r for r in results if r is not None]
+
+    def _side_chunks(
+        self, rows: Sequence[int], prepared: Sequence[PreparedPrompt], inputs: Sequence[GenerationInput]
+    ) -> Iterator[list[int]]:
+        """Rows of one sampling group, cut so each `generate` fits its side slots.
+
+        Left padding makes every row as long as the widest prompt plus the
+        longest max_tokens: a chunk keeps that within the context length (the
+        per-sequence KV the plan budgets) and within the side slots' count.
+        """
+        chunk: list[int] = []
+        width = longest = 0
+        for i in rows:
+            new_width = max(width, prepared[i].prompt_tokens)
+            new_longest = max(longest, inputs[i].params.max_tokens)
+            fits = new_width + new_longest <= self.context_length and len(chunk) < self.side_slots.capacity
+            if chunk and not fits:
+                yield chunk
+                chunk, new_width, new_longest = [], prepared[i].prompt_tokens, inputs[i].params.max_tokens
+            chunk.append(i)
+            width, longest = new_width, new_longest
+        if chunk:
+            yield chunk
 
     def _output(self, tokens: Sequence[int], prompt: PreparedPrompt, params: SamplingParams) -> GenerationOutput:
         done = self._finish(tokens, params)

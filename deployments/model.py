@@ -45,6 +45,14 @@ HEALTH_PROBE = GenerationInput(params=SamplingParams(max_tokens=1, temperature=0
 HEALTH_PROBE_TIMEOUT_S = 20.0
 
 
+def planned_kv_bytes(entry: PlanEntry) -> int | None:
+    """The KV bytes the plan gave this replica; None when the estimate does not itemize KV (`memory_gb`)."""
+    estimate = entry.estimate
+    if estimate.source == "memory_gb" and estimate.kv_cache_bytes == 0:
+        return None
+    return estimate.kv_cache_bytes
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -114,8 +122,15 @@ class ModelServer:
         # Continuous batching (deployments.continuous) for greedy text requests, up
         # to max_batch_size in flight; RAYFIT_CONTINUOUS_BATCHING=0 turns it off.
         continuous = os.environ.get(CONTINUOUS_ENV, "1") != "0"
+        # The engine fits its KV pool and side slots inside the plan's KV bytes
+        # (placement.sizing.kv_budget): what the plan budgets is what it allocates.
         self.engine = with_faults(
-            Engine(self.loaded, continuous_batch_size=self.spec.max_batch_size if continuous else None)
+            Engine(
+                self.loaded,
+                max_batch_size=self.spec.max_batch_size,
+                continuous=continuous,
+                kv_budget_bytes=planned_kv_bytes(entry),
+            )
         )
         # Requests the batcher takes skip @serve.batch (whose batches run one at a
         # time) and block one thread each here while they decode together.

@@ -34,7 +34,7 @@ def classic(loaded: LoadedModel) -> Engine:
 
 @pytest.fixture(scope="module")
 def continuous(loaded: LoadedModel) -> Iterator[Engine]:
-    engine = Engine(loaded, continuous_batch_size=4)
+    engine = Engine(loaded, max_batch_size=4, continuous=True)
     yield engine
     engine.close()
 

@@ -123,16 +123,25 @@ def test_medgemma_27b_text_nf4() -> None:
     # 52 of 62 layers slide over 1024 tokens: KV at 4096 × 4 is well under the all-global figure.
     all_global = {**GEMMA3_27B_TEXT, "layer_types": ["full_attention"] * 62}
     no_sliding = estimate_from_config(all_global, quantization="nf4")
+    # KV = transformers' paged pool for 4 × 4096 tokens + one side sequence (placement.sizing.kv_budget).
     per_layer_token = 2 * 16 * 128 * 2
-    assert no_sliding.kv_cache_bytes == per_layer_token * 62 * 4096 * 4
-    assert estimate.kv_cache_bytes == per_layer_token * (10 * 4096 + 52 * 1024) * 4
+    page = per_layer_token * 64  # 512 KiB
+    # All global: blocks of 62 pages, one block per sector; 4 × 64 blocks + 2 trash sectors.
+    assert no_sliding.kv_cache_bytes == (4 * 64 + 2) * 62 * page + per_layer_token * 62 * 4096
+    # 10 global + 52 sliding layers: a sector is lcm(10, 52) = 260 pages; 4 × 64 global blocks take
+    # ceil(256 / 26) = 10 sectors, 4 × 16 sliding blocks ceil(64 / 5) = 13, plus 2 trash sectors.
+    assert estimate.kv_cache_bytes == (10 + 13 + 2) * 260 * page + per_layer_token * (10 * 4096 + 52 * 1024)
     assert estimate.runtime_bytes == 256 * MIB + math.ceil(0.05 * held)
 
 
 def test_medgemma_4b_multimodal_uses_text_config_for_kv() -> None:
     estimate = estimate_from_config(GEMMA3_4B_MULTIMODAL, quantization="nf4", context_length=8192, batch_size=1)
     # 34 layers: every 6th global → 5 global, 29 sliding; 4 KV heads × 256.
-    assert estimate.kv_cache_bytes == 2 * 4 * 256 * 2 * (5 * 8192 + 29 * 1024)
+    # Pool: sectors of lcm(5, 29) = 145 pages; 128 global blocks → ceil(128 / 29) = 5 sectors,
+    # 16 sliding blocks → ceil(16 / 5) = 4, + 2 trash; then one side sequence.
+    per_layer_token = 2 * 4 * 256 * 2
+    pool = (5 + 4 + 2) * 145 * per_layer_token * 64
+    assert estimate.kv_cache_bytes == pool + per_layer_token * (5 * 8192 + 29 * 1024)
     assert 2.5 * GIB < estimate.weights_bytes + estimate.quant_overhead_bytes < 3.5 * GIB
 
 
@@ -197,7 +206,9 @@ def test_safetensors_plain_checkpoint_exact(tiny_dir: tuple[Path, int]) -> None:
     # KV from config.json: both layers slide (Gemma 3 makes every 6th global), so each holds 64 of
     # the 256 default-context tokens; 1 KV head × 64 dims, batch 4.
     assert estimate.context_length == 256
-    assert estimate.kv_cache_bytes == 2 * 1 * 64 * 2 * (2 * 64) * 4
+    # Pool: blocks of 2 pages (one sector each), 1 per request, 4 requests + 2 trash; + 1 side sequence.
+    per_layer_token = 2 * 1 * 64 * 2
+    assert estimate.kv_cache_bytes == (4 + 2) * 2 * per_layer_token * 64 + per_layer_token * 2 * 64
 
 
 def test_safetensors_quantize_at_load_matches_meta_model(tiny_dir: tuple[Path, int]) -> None:
@@ -276,7 +287,9 @@ def test_gguf_header() -> None:
     assert estimate.params == 134_515_008
     assert estimate.quantization == "none" and estimate.weights_bytes == 2 * estimate.params
     # 3 KV heads × 64 dims, 30 layers, context min(8192, 4096), batch 4.
-    assert estimate.kv_cache_bytes == 2 * 3 * 64 * 2 * 30 * 4096 * 4
+    # Pool: 30-page blocks, one per sector, 4 × 64 blocks + 2 trash; + 1 side sequence.
+    per_layer_token = 2 * 3 * 64 * 2
+    assert estimate.kv_cache_bytes == (4 * 64 + 2) * 30 * per_layer_token * 64 + per_layer_token * 30 * 4096
 
 
 def test_memory_gb_override_wins(tiny_dir: tuple[Path, int]) -> None:

@@ -24,9 +24,9 @@ from placement.sizing.kv_cache import (
     AttentionShape,
     attention_shape,
     default_context_length,
-    kv_cache_bytes,
     kv_cache_bytes_from_params,
 )
+from placement.sizing.kv_budget import SIDE_SEQUENCES, config_from_shape, kv_budget
 from placement.sizing.meta_model import build_meta_model, to_config, weight_tensors
 from placement.sizing.pricing import price
 from placement.sizing.quantization import (
@@ -298,17 +298,25 @@ def _finish(
     )
     if sized.attention is not None:
         context = context_length or default_context_length(sized.attention)
-        kv = kv_cache_bytes(sized.attention, context_length=context, batch_size=batch, dtype_bytes=dtype_bytes)
+        # The bytes the engine allocates: transformers' paged pool for the batch plus the side slots.
+        budget = kv_budget(
+            config_from_shape(sized.attention), batch_sequences=batch, context_length=context, dtype=dtype_bytes
+        )
+        kv = budget.total_bytes
         sliding = sized.attention.sliding_layers()
         window = f", {sliding} sliding layers capped at {sized.attention.sliding_window}" if sliding else ""
         notes.append(
-            f"KV cache {gib(kv)}: {context} tokens × batch {batch}, {sized.attention.num_layers} layers × "
+            f"KV cache {gib(kv)}: {budget.describe()}; {sized.attention.num_layers} layers × "
             f"{sized.attention.kv_heads} KV heads × head_dim {sized.attention.head_dim} in {dtype}{window}"
         )
     else:
         context = context_length or DEFAULT_CONTEXT_CAP
-        kv = kv_cache_bytes_from_params(counts.total, context_length=context, batch_size=batch)
-        notes.append(f"KV cache {gib(kv)}: {context} tokens × batch {batch}, from the parameter count")
+        sequences = batch + SIDE_SEQUENCES
+        kv = kv_cache_bytes_from_params(counts.total, context_length=context, batch_size=sequences)
+        notes.append(
+            f"KV cache {gib(kv)}: {context} tokens × {sequences} sequences (batch {batch} + "
+            f"{SIDE_SEQUENCES} side), from the parameter count"
+        )
     runtime = RUNTIME_BASE_BYTES + math.ceil(RUNTIME_WEIGHT_SHARE * (cost.weights + cost.quant_overhead))
     notes.append(f"runtime {gib(runtime)}: 256 MiB + {RUNTIME_WEIGHT_SHARE:.0%} of weights")
     return MemoryEstimate(

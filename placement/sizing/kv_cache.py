@@ -1,6 +1,7 @@
-"""KV cache bytes from a model config.
+"""The KV-relevant shape of a model config, and a rough size without one.
 
-Per layer and token the cache holds K and V: 2 × kv_heads × head_dim values.
+The bytes a replica's engine allocates are computed from this shape by
+`placement.sizing.kv_budget` (transformers' own cache geometry). Per layer and token the cache holds K and V: 2 × kv_heads × head_dim values.
 Layers whose `layer_types` entry is "sliding_attention" keep at most
 `sliding_window` tokens (Gemma 3: 5 of every 6 layers). Multimodal configs keep
 the language model's shape under `text_config`.
@@ -80,17 +81,6 @@ def default_context_length(shape: AttentionShape) -> int:
     if shape.max_positions is None:
         return DEFAULT_CONTEXT_CAP
     return min(shape.max_positions, DEFAULT_CONTEXT_CAP)
-
-
-def kv_cache_bytes(shape: AttentionShape, *, context_length: int, batch_size: int, dtype_bytes: int = 2) -> int:
-    """Bytes of K and V for `batch_size` sequences of `context_length` tokens."""
-    per_layer_token = 2 * shape.kv_heads * shape.head_dim * dtype_bytes
-    sliding = shape.sliding_layers()
-    full = shape.num_layers - sliding
-    tokens = full * context_length
-    if sliding:
-        tokens += sliding * min(context_length, shape.sliding_window or context_length)
-    return per_layer_token * tokens * batch_size
 
 
 # Without a config the shape is unknown. Full-attention bf16 KV per token grows

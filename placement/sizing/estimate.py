@@ -19,6 +19,7 @@ from placement.config import ModelSpec
 from placement.estimate import EstimateSource, MemoryEstimate
 from placement.sizing.errors import SizingError
 from placement.sizing.gguf_header import read_gguf_header
+from placement.sizing.kv_budget import SIDE_SEQUENCES, config_from_shape, kv_budget
 from placement.sizing.kv_cache import (
     DEFAULT_CONTEXT_CAP,
     AttentionShape,
@@ -26,7 +27,6 @@ from placement.sizing.kv_cache import (
     default_context_length,
     kv_cache_bytes_from_params,
 )
-from placement.sizing.kv_budget import SIDE_SEQUENCES, config_from_shape, kv_budget
 from placement.sizing.meta_model import build_meta_model, to_config, weight_tensors
 from placement.sizing.pricing import price
 from placement.sizing.quantization import (

@@ -1,7 +1,8 @@
 """The KV-relevant shape of a model config, and a rough size without one.
 
 The bytes a replica's engine allocates are computed from this shape by
-`placement.sizing.kv_budget` (transformers' own cache geometry). Per layer and token the cache holds K and V: 2 × kv_heads × head_dim values.
+`placement.sizing.kv_budget` (transformers' own cache geometry). Per layer
+and token the cache holds K and V: 2 × kv_heads × head_dim values.
 Layers whose `layer_types` entry is "sliding_attention" keep at most
 `sliding_window` tokens (Gemma 3: 5 of every 6 layers). Multimodal configs keep
 the language model's shape under `text_config`.

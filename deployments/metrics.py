@@ -28,6 +28,8 @@ METRIC_NAMES = (
     "rayfit_time_to_first_token_seconds",
     "rayfit_inter_token_latency_seconds",
     "rayfit_memory_planned_bytes",
+    "rayfit_kv_cache_planned_bytes",
+    "rayfit_kv_cache_bytes",
     "rayfit_gpu_memory_allocated_bytes",
     "rayfit_gpu_memory_reserved_bytes",
     "rayfit_process_rss_bytes",
@@ -42,7 +44,9 @@ def gpu_tag(gpu_indices: tuple[int, ...]) -> str:
 class ModelMetrics:
     """The metrics of one replica of `role`, which runs on `gpu_indices` (empty: CPU)."""
 
-    def __init__(self, role: str, gpu_indices: tuple[int, ...], planned_bytes: int):
+    def __init__(
+        self, role: str, gpu_indices: tuple[int, ...], planned_bytes: int, planned_kv_bytes: int | None = None
+    ):
         self.tags = {"model": role, "gpu": gpu_tag(gpu_indices)}
         self.role = role
         self.requests = Counter(
@@ -73,6 +77,17 @@ class ModelMetrics:
         planned = Gauge("rayfit_memory_planned_bytes", description="Memory the plan budgets.", tag_keys=TAG_KEYS)
         planned.set(planned_bytes, tags=self.tags)
         self._planned = planned  # kept: a gauge whose object is collected may stop being exported
+        # The KV contract, side by side: what the plan gave, and the engine's worst case over all paths.
+        self._kv_planned = Gauge(
+            "rayfit_kv_cache_planned_bytes", description="KV cache bytes the plan budgets.", tag_keys=TAG_KEYS
+        )
+        if planned_kv_bytes is not None:
+            self._kv_planned.set(planned_kv_bytes, tags=self.tags)
+        self.kv_cache = Gauge(
+            "rayfit_kv_cache_bytes",
+            description="KV cache bytes the engine may hold (pool as allocated + side slots at full context).",
+            tag_keys=TAG_KEYS,
+        )
         # Per physical GPU: a split model reports each of its GPUs under its own `gpu` tag.
         self.allocated = Gauge(
             "rayfit_gpu_memory_allocated_bytes", description="torch allocated bytes per GPU.", tag_keys=TAG_KEYS
@@ -96,8 +111,16 @@ class ModelMetrics:
     def next_token(self, seconds: float) -> None:
         self.itl.observe(seconds, tags=self.tags)
 
-    def memory(self, allocated: Mapping[int, int], reserved: Mapping[int, int], rss_bytes: int | None) -> None:
+    def memory(
+        self,
+        allocated: Mapping[int, int],
+        reserved: Mapping[int, int],
+        rss_bytes: int | None,
+        kv_cache_bytes: int | None = None,
+    ) -> None:
         """`allocated`/`reserved`: host GPU index → bytes; `rss_bytes` for a CPU replica."""
+        if kv_cache_bytes is not None:
+            self.kv_cache.set(kv_cache_bytes, tags=self.tags)
         for index, value in allocated.items():
             self.allocated.set(value, tags={"model": self.role, "gpu": str(index)})
         for index, value in reserved.items():

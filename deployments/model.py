@@ -45,14 +45,6 @@ HEALTH_PROBE = GenerationInput(params=SamplingParams(max_tokens=1, temperature=0
 HEALTH_PROBE_TIMEOUT_S = 20.0
 
 
-def planned_kv_bytes(entry: PlanEntry) -> int | None:
-    """The KV bytes the plan gave this replica; None when the estimate does not itemize KV (`memory_gb`)."""
-    estimate = entry.estimate
-    if estimate.source == "memory_gb" and estimate.kv_cache_bytes == 0:
-        return None
-    return estimate.kv_cache_bytes
-
-
 def _cuda_available() -> bool:
     import torch
 
@@ -116,6 +108,10 @@ class ModelServer:
             # Raises PlacementMismatch with the reason (a missing pin names the serve
             # YAML's ray_actor_options); Serve then reports the deployment as failed.
             check_placement(entry)
+        # The plan's budget becomes a hard cap before the first weight lands (GPU only).
+        from deployments.memory_cap import cap_gpu_memory
+
+        self.memory_caps = cap_gpu_memory(load_entry)
         # A load failure raises ModelLoadError naming the cause: Serve marks the
         # deployment DEPLOY_FAILED with it, and the app's other models keep serving.
         self.loaded = load_model(self.spec, load_entry)
@@ -129,7 +125,7 @@ class ModelServer:
                 self.loaded,
                 max_batch_size=self.spec.max_batch_size,
                 continuous=continuous,
-                kv_budget_bytes=planned_kv_bytes(entry),
+                kv_budget_bytes=entry.kv_budget_bytes,
             )
         )
         # Requests the batcher takes skip @serve.batch (whose batches run one at a
@@ -143,22 +139,34 @@ class ModelServer:
         self.node_id = ray.get_runtime_context().get_node_id()
         logger.info(placement_log_line(role, self.node_id, load_entry))
         # Tagged with where the model really runs (the CPU fallback reports "cpu").
-        self.metrics = ModelMetrics(role, load_entry.gpu_indices, entry.memory_budget_bytes)
+        self.metrics = ModelMetrics(role, load_entry.gpu_indices, entry.memory_budget_bytes, entry.kv_budget_bytes)
         self._memory_report()
 
     def _memory_report(self) -> dict[str, int | str]:
         """verify.memory_report, also pushed to the memory gauges (cheap: no device sync)."""
         from deployments.verify import memory_report
 
-        report = memory_report(self.loaded.model)
+        report: dict[str, int | str] = {**memory_report(self.loaded.model), **self._kv_memory()}
         indices = () if self.cpu_fallback else self.entry.gpu_indices
         rss = report.get("rss_bytes")
         self.metrics.memory(
             host_gpu_memory(report, indices, "allocated"),
             host_gpu_memory(report, indices, "reserved"),
             rss if isinstance(rss, int) else None,
+            int(report["kv_cache_bytes"]),
         )
         return report
+
+    def _kv_memory(self) -> dict[str, int]:
+        """The engine's KV bytes for the memory report: worst case over all paths, pool, measured peak."""
+        kv = self.engine.kv_report()
+        return {
+            "kv_cache_bytes": kv["kv_cache_bytes"],
+            "kv_pool_bytes": kv["pool_bytes"],
+            "kv_side_bytes": kv["side_bytes_worst"],
+            "kv_peak_bytes": kv["peak_kv_bytes"],
+            "kv_sequences": kv["pool_sequences"] + kv["side_sequences"],
+        }
 
     # ------------------------------------------------------------ generation
 
@@ -342,6 +350,8 @@ class ModelServer:
             if torch.cuda.is_available()
             else [],
             "memory": self._memory_report(),
+            # The torch allocator's cap per local GPU (the plan's budget); empty on CPU (report only).
+            "memory_cap_bytes": {str(local): cap for local, cap in self.memory_caps.items()},
         }
         return {"role": self.role, "model": self.spec.model, "planned": planned, "actual": actual}
 

@@ -46,6 +46,17 @@ class PlanEntry:
         return self.gpu_fractions[self.gpu_indices.index(gpu_index)]
 
     @property
+    def kv_budget_bytes(self) -> int | None:
+        """The KV bytes the plan gave each replica; None when the estimate does not itemize KV (`memory_gb`)."""
+        if self.estimate.source == "memory_gb" and self.estimate.kv_cache_bytes == 0:
+            return None
+        return self.estimate.kv_cache_bytes
+
+    def gpu_budget_bytes(self, local_index: int) -> int:
+        """The bytes this replica may allocate on its local cuda:<local_index> (a split's share, else all)."""
+        return self.max_memory.get(local_index, self.memory_budget_bytes) if self.is_split else self.memory_budget_bytes
+
+    @property
     def is_split(self) -> bool:
         return len(self.gpu_indices) > 1
 

@@ -47,6 +47,8 @@ class ModelRow:
     budget_bytes: int | None
     actual_bytes: int | None
     rss_bytes: int | None
+    kv_planned_bytes: int | None = None  # the plan's KV bytes (None: not itemized)
+    kv_actual_bytes: int | None = None  # the engine's worst case over all paths, as the replica reports it
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,18 @@ def check_replica(role: str, plan: Mapping[str, Any], replica: Mapping[str, Any]
                 "error", "memory", role, f"uses {used / 2**30:.2f} GiB, over its budget of {budget / 2**30:.2f} GiB"
             )
         )
+    kv_planned = plan.get("kv_cache_bytes")
+    kv_actual = actual.get("memory", {}).get("kv_cache_bytes")
+    if isinstance(kv_planned, int) and isinstance(kv_actual, int) and kv_actual > kv_planned:
+        findings.append(
+            Finding(
+                "error",
+                "memory",
+                role,
+                f"its engine may hold {kv_actual / 2**30:.3f} GiB of KV cache, over the plan's "
+                f"{kv_planned / 2**30:.3f} GiB",
+            )
+        )
     return findings
 
 
@@ -174,6 +188,8 @@ def _model_row(role: str, entry: Mapping[str, Any]) -> tuple[ModelRow, list[Find
         budget_bytes=plan.get("memory_budget_bytes"),
         actual_bytes=actual_bytes(memory) if actual else None,
         rss_bytes=rss if isinstance(rss, int) else None,
+        kv_planned_bytes=plan.get("kv_cache_bytes"),
+        kv_actual_bytes=memory.get("kv_cache_bytes") if isinstance(memory.get("kv_cache_bytes"), int) else None,
     )
     return row, findings
 

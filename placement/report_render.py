@@ -49,7 +49,7 @@ def print_report(report: Report, console: Console) -> None:
     console.print(gpus)
 
     models = Table(title="rayfit report: models", show_lines=True)
-    for column in ("model", "status", "planned", "actual", "budget", "uses", "RSS"):
+    for column in ("model", "status", "planned", "actual", "budget", "uses", "KV plan / engine", "RSS"):
         models.add_column(column, overflow="fold")
     for row in report.models:
         style = _STATUS_STYLE.get(row.status, "yellow")
@@ -66,6 +66,7 @@ def print_report(report: Report, console: Console) -> None:
             actual,
             _size(row.budget_bytes),
             _size(row.actual_bytes),
+            f"{_size(row.kv_planned_bytes)} / {_size(row.kv_actual_bytes)}",
             _size(row.rss_bytes),
         )
     console.print(models)

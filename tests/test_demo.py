@@ -41,6 +41,9 @@ def test_demo_serves_and_answers() -> None:
     placement = out.split("Where each model runs", 1)[1]
     for role in ("summarizer", "buffer_agent"):
         assert role in placement
+    # The KV contract on the demo: both roles show planned and engine KV bytes, the engine within the plan.
+    kv_lines = [line for line in placement.splitlines() if "KV cache: planned" in line]
+    assert len(kv_lines) == 2 and all("(within plan)" in line for line in kv_lines), placement
     import torch
 
     if not torch.cuda.is_available():

@@ -21,6 +21,8 @@ from ray import serve
 from deployments.app import AppArgs, build_app
 from deployments.metrics import METRIC_NAMES
 from deployments.ports import free_port
+from placement.config import ModelSpec
+from placement.sizing import estimate_memory
 
 ROLE = "scribe"
 SCRAPE_TIMEOUT_S = 60.0
@@ -31,7 +33,7 @@ GREEDY = {"temperature": 0, "max_tokens": 6}
 def served(tmp_path_factory: pytest.TempPathFactory, tiny_text_model_dir: Path) -> Iterator[tuple[str, int]]:
     """(base URL, metrics port) of the app serving ROLE on CPU."""
     config = tmp_path_factory.mktemp("metrics") / "models.yaml"
-    config.write_text(f"{ROLE}:\n  model: {tiny_text_model_dir}\n  dtype: float32\n  memory_gb: 1\n  num_cpus: 0.2\n")
+    config.write_text(f"{ROLE}:\n  model: {tiny_text_model_dir}\n  dtype: float32\n  num_cpus: 0.2\n")
     metrics_port, http_port = free_port(), free_port()
     ray.init(
         address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port
@@ -51,7 +53,7 @@ def _samples(port: int) -> list:
 
 
 @pytest.mark.slow
-def test_metrics_are_exported_with_model_and_gpu_tags(served: tuple[str, int]) -> None:
+def test_metrics_are_exported_with_model_and_gpu_tags(served: tuple[str, int], tiny_text_model_dir: Path) -> None:
     base_url, metrics_port = served
     body = {"model": ROLE, "prompt": "once upon a time", **GREEDY}
     for _ in range(2):
@@ -90,5 +92,9 @@ def test_metrics_are_exported_with_model_and_gpu_tags(served: tuple[str, int]) -
     assert value("ray_rayfit_time_to_first_token_seconds") == 1
     assert value("ray_rayfit_inter_token_latency_seconds") >= GREEDY["max_tokens"] - 2
     assert value("ray_rayfit_request_latency_seconds") == 3
-    assert value("ray_rayfit_memory_planned_bytes") == 2**30
+    planned = estimate_memory(ModelSpec(model=str(tiny_text_model_dir), dtype="float32"))
+    assert value("ray_rayfit_memory_planned_bytes") == planned.total_bytes
+    # The KV contract as gauges: the engine's worst case over all paths within the plan's KV bytes.
+    assert value("ray_rayfit_kv_cache_planned_bytes") == planned.kv_cache_bytes
+    assert 0 < value("ray_rayfit_kv_cache_bytes") <= planned.kv_cache_bytes
     assert value("ray_rayfit_process_rss_bytes") > 100 * 2**20

@@ -88,6 +88,21 @@ def test_model_over_its_budget_is_an_error() -> None:
     assert "3.50 GiB" in finding.message and "3.00 GiB" in finding.message
 
 
+def test_engine_kv_over_the_planned_kv_is_an_error() -> None:
+    doc = document()
+    doc["models"]["buffer_agent"]["plan"]["kv_cache_bytes"] = 4 * GIB
+    doc["models"]["buffer_agent"]["replica"]["actual"]["memory"]["kv_cache_bytes"] = 3 * GIB
+    report = build_report(doc)
+    assert report.ok
+    assert (report.models[0].kv_planned_bytes, report.models[0].kv_actual_bytes) == (4 * GIB, 3 * GIB)
+    doc["models"]["buffer_agent"]["replica"]["actual"]["memory"]["kv_cache_bytes"] = 5 * GIB
+    report = build_report(doc)
+    assert not report.ok
+    (finding,) = report.findings
+    assert (finding.kind, finding.role) == ("memory", "buffer_agent")
+    assert "5.000 GiB of KV cache" in finding.message and "4.000 GiB" in finding.message
+
+
 @pytest.mark.parametrize(
     ("bad_replica", "kind"),
     [(replica(1, 14, node=OTHER), "node"), (replica(1, 14, visible="0"), "gpu")],

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from placement.plan import Plan, PlanEntry
+from placement.sizing.kv_budget import SIDE_SEQUENCES
 from placement.units import GIB, gib
 
 
@@ -31,7 +32,7 @@ def _breakdown(entry: PlanEntry) -> str:
     parts = [f"weights {gib(e.weights_bytes)}"]
     if e.quant_overhead_bytes:
         parts.append(f"quant {gib(e.quant_overhead_bytes)}")
-    parts.append(f"KV {gib(e.kv_cache_bytes)} ({e.batch_size}×{e.context_length} tok)")
+    parts.append(f"KV {gib(e.kv_cache_bytes)} ({e.batch_size}×{e.context_length} tok + {SIDE_SEQUENCES} side)")
     parts.append(f"runtime {gib(e.runtime_bytes)}")
     return "\n".join(parts)
 

@@ -19,7 +19,12 @@ MedGemma shapes served side by side on one card by the plan.
    (card bandwidth ÷ bytes read per token = quantized weights + quant state + the
    tied lm_head/embedding in bf16 + KV read). Dynamic cache, then static cache +
    torch.compile. Target ≥ 40% for the 27B NF4.
-3. Serving: the two models are saved (pre-quantized NF4 + a small offline
+3. KV contract: the engine's continuous-batching pool is built on the card for
+   `--batch` × `--context` and its allocated bytes are held against the plan's
+   pool (placement.sizing.kv_budget); then the per-process allocator cap is set
+   just above what the process holds and a 1 GiB allocation must fail in this
+   process (what a replica gets from its plan's budget).
+4. Serving: the two models are saved (pre-quantized NF4 + a small offline
    tokenizer), Ray is started on this machine with the GPU and its gpu_slot,
    the rayfit app plans both onto GPU 0 with fractions, and each replica reports
    its GPU UUID and memory from inside; their sum must stay within the card.
@@ -102,6 +107,7 @@ class ModelResult:
     bound_tok_s: float = 0.0
     decode: dict[str, Any] = field(default_factory=dict)  # variant → {"tok_s", "share"} or {"error"}
     build_s: float = 0.0
+    kv: dict[str, Any] = field(default_factory=dict)  # planned vs allocated KV pool
 
 
 # ---- 1. build in NF4, layer by layer ----------------------------------------------------------
@@ -284,7 +290,63 @@ def check_model(name: str, config: dict[str, Any], ns: argparse.Namespace, devic
         if "tok_s" in variant and result.bound_tok_s:
             variant["share_of_bound"] = round(variant["tok_s"] / result.bound_tok_s, 3)
     print(f"{name}: decode {result.decode}", flush=True)
+    result.kv = kv_pool_check(model, ns, device)
+    print(f"{name}: KV pool {result.kv}", flush=True)
     return model, result
+
+
+# ---- 3. the KV contract ------------------------------------------------------------------------
+
+
+def kv_pool_check(model: nn.Module, ns: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Build the engine's KV pool on the device; allocated bytes vs the plan's pool bytes."""
+    from deployments.continuous import ContinuousBatcher
+    from placement.sizing.kv_budget import kv_budget
+
+    text_config = model.config.get_text_config()
+    budget = kv_budget(text_config, batch_sequences=ns.batch, context_length=ns.context, dtype=model.dtype)
+    assert budget.pool is not None
+    gc.collect()
+    before = _allocated()
+    batcher = ContinuousBatcher(model, pool=budget.pool, eos_token_ids=[1], pad_token_id=0)
+    try:
+        allocated = _allocated() - before if device.type == "cuda" else batcher.cache_bytes
+        out = {
+            "planned_pool_mib": _mib(budget.pool.cache_bytes),
+            "planned_kv_mib": _mib(budget.total_bytes),
+            "pool_tensor_mib": _mib(batcher.cache_bytes),
+            "allocated_by_batcher_mib": _mib(allocated),
+            "within_plan": batcher.cache_bytes <= budget.pool.cache_bytes,
+        }
+        ids = batcher.generate(list(range(10, 26)), 8)
+        out["generated_tokens"] = len(ids)
+    finally:
+        batcher.close()
+    return out
+
+
+def allocator_cap_check(device: torch.device) -> dict[str, Any]:
+    """The replica's cap (deployments.memory_cap): past it, this process's allocation fails."""
+    if device.type != "cuda":
+        return {"skipped": "CPU: the replica only reports (no allocator cap)"}
+    gc.collect()
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    held = torch.cuda.memory_reserved(0)
+    cap = held + 256 * MIB
+    torch.cuda.set_per_process_memory_fraction(cap / total, 0)
+    try:
+        small = torch.empty(128 * MIB, dtype=torch.uint8, device=device)  # fits under the cap
+        del small
+        try:
+            torch.empty(1024 * MIB, dtype=torch.uint8, device=device)
+            refused = False
+        except torch.cuda.OutOfMemoryError:
+            refused = True
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+        torch.cuda.empty_cache()
+    return {"cap_mib": _mib(cap), "held_mib": _mib(held), "1GiB_past_cap_refused": refused}
 
 
 # ---- 3. serve both on one GPU -----------------------------------------------------------------
@@ -373,6 +435,9 @@ def serve_both(dirs: dict[str, Path], ns: argparse.Namespace, workdir: Path) -> 
                 "reserved_mib": _mib(int(memory.get("cuda:0_reserved_bytes", 0))),
                 "card_total_mib": _mib(int(memory.get("cuda:0_total_bytes", 0))),
                 "rss_mib": _mib(int(memory.get("rss_bytes", 0))),
+                "kv_planned_mib": _mib(int(info["planned"].get("kv_cache_bytes") or 0)),
+                "kv_engine_mib": _mib(int(memory.get("kv_cache_bytes", 0))),
+                "cap_mib": _mib(sum(actual.get("memory_cap_bytes", {}).values())),
                 "http_status": reply.status_code,
             }
         replicas = report["replicas"].values()
@@ -389,7 +454,13 @@ def serve_both(dirs: dict[str, Path], ns: argparse.Namespace, workdir: Path) -> 
 # ---- report -----------------------------------------------------------------------------------
 
 
-def markdown(card: str, bw: float | None, results: list[ModelResult], served: dict[str, Any] | None) -> str:
+def markdown(
+    card: str,
+    bw: float | None,
+    results: list[ModelResult],
+    served: dict[str, Any] | None,
+    cap: dict[str, Any] | None = None,
+) -> str:
     lines = [
         f"GPU check on **{card}** (bandwidth {bw or 'unknown'} TB/s), torch {torch.__version__}",
         "",
@@ -415,17 +486,33 @@ def markdown(card: str, bw: float | None, results: list[ModelResult], served: di
                 f"| {r.name} | {r.bytes_per_token_mib} | {r.bound_tok_s or '-'} | {variant} | {got} "
                 f"| {v.get('share_of_bound', '-')} |"
             )
+    lines += [
+        "",
+        "| model | KV planned MiB (pool + side) | pool planned MiB | pool tensor MiB | allocated by batcher MiB "
+        "| within plan |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        kv = r.kv
+        lines.append(
+            f"| {r.name} | {kv.get('planned_kv_mib')} | {kv.get('planned_pool_mib')} | {kv.get('pool_tensor_mib')} "
+            f"| {kv.get('allocated_by_batcher_mib')} | {kv.get('within_plan')} |"
+        )
+    if cap:
+        lines += ["", f"Allocator cap: {cap}"]
     if served:
         lines += ["", f"Served on one card (ready in {served['ready_s']} s):", ""]
         lines += [
-            "| role | planned | fraction | GPU UUID | allocated MiB | reserved MiB | HTTP |",
-            "|---|---|---|---|---|---|---|",
+            "| role | planned | fraction | GPU UUID | allocated MiB | reserved MiB | KV plan / engine MiB | cap MiB "
+            "| HTTP |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for role, r in served["replicas"].items():
             uuid = ",".join(r["gpu_uuids"] or []) or "-"
             lines.append(
                 f"| {role} | {r['planned']} | {r['fraction']} | {uuid} | {r['allocated_mib']} "
-                f"| {r['reserved_mib']} | {r['http_status']} |"
+                f"| {r['reserved_mib']} | {r['kv_planned_mib']} / {r['kv_engine_mib']} | {r['cap_mib']} "
+                f"| {r['http_status']} |"
             )
         lines.append(
             f"\nsum reserved {served['sum_reserved_mib']} MiB of {served['card_total_mib']} MiB: "
@@ -473,9 +560,11 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+        cap = allocator_cap_check(device)
+        print(f"allocator cap: {cap}", flush=True)
         if dirs:
             served = serve_both(dirs, ns, workdir)
-    report = markdown(card, bw, results, served)
+    report = markdown(card, bw, results, served, cap)
     report += f"\ntotal {time.perf_counter() - started:.0f} s\n"
     print("\n" + report)
     ns.out.mkdir(parents=True, exist_ok=True)
@@ -483,7 +572,14 @@ def main(argv: list[str] | None = None) -> int:
     (ns.out / f"{stem}.md").write_text(report)
     (ns.out / f"{stem}.json").write_text(
         json.dumps(
-            {"card": card, "bandwidth_tbs": bw, "models": [asdict(r) for r in results], "served": served}, indent=1
+            {
+                "card": card,
+                "bandwidth_tbs": bw,
+                "models": [asdict(r) for r in results],
+                "allocator_cap": cap,
+                "served": served,
+            },
+            indent=1,
         )
     )
     return 0

@@ -10,6 +10,13 @@ Do not set `ray_actor_options` for a role in the serve YAML: Serve REPLACES the
 code's dict with it (no merge), which drops the GPU pin and the slot resources.
 A replica whose pin is missing refuses to start and says so
 (`deployments.model.check_pin_present`).
+
+Redeploying while the app runs: the inventory counts the app's own replicas'
+GPU memory as available (placement.inventory), the plan is stable
+(placement.planner), and each deployment carries a version derived from its
+bind arguments (deployments.versions), so `serve.run` of the same config keeps
+every replica; see deployments.versions for what the declarative
+`serve deploy` path does instead.
 """
 
 import logging
@@ -25,6 +32,7 @@ from deployments.errors import RETRY_AFTER_S
 from deployments.guard import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES, IngressSettings
 from deployments.ingress import Ingress
 from deployments.model import ModelServer
+from deployments.versions import versioned
 from placement.config import ModelSpec, load_model_configs
 from placement.demo_models import resolve_demo_models
 from placement.inventory import CUDA_CONTEXT_BYTES, DEFAULT_SAFETY_MARGIN, Inventory, Reserve, parse_gpu_spec
@@ -163,9 +171,12 @@ def gpu_summary(usage: GpuUsage) -> dict[str, Any]:
     }
 
 
-def plan_app(args: AppArgs) -> tuple[dict[str, ModelSpec], dict[str, str], Inventory, Plan]:
+def plan_app(
+    args: AppArgs, inventory: Inventory | None = None
+) -> tuple[dict[str, ModelSpec], dict[str, str], Inventory, Plan]:
     """Read the config and plan it: (loadable specs, role → model id as written, inventory, plan).
 
+    `inventory` defaults to what `args` declares or the running Ray reports.
     Raises ConfigError / PlanError with their own messages; nothing is bound yet.
     """
     from placement.planner import make_plan
@@ -174,7 +185,7 @@ def plan_app(args: AppArgs) -> tuple[dict[str, ModelSpec], dict[str, str], Inven
     configs = load_model_configs(args.models_path)
     model_ids = {role: spec.model for role, spec in configs.models.items()}
     specs = resolve_demo_models(configs.models)
-    inventory = _inventory(args)
+    inventory = _inventory(args) if inventory is None else inventory
     rules = load_rules(args.rules) if args.rules else None
     plan = make_plan(specs, inventory, rules=rules, reserve=args.reserve)
     return specs, model_ids, inventory, plan
@@ -183,12 +194,20 @@ def plan_app(args: AppArgs) -> tuple[dict[str, ModelSpec], dict[str, str], Inven
 # No `from __future__ import annotations` here: Serve reads this annotation as a
 # class to validate the YAML's `args` into AppArgs before calling the builder.
 def build_app(args: AppArgs) -> Application:
-    """Serve's app builder (`import_path: deployments.app:build_app`); a plain dict works too."""
+    """Serve's app builder (`import_path: deployments.app:build_app`); a plain dict works too.
+
+    Serve requires a builder of exactly one parameter; `bind_app` takes an inventory as well.
+    """
+    return bind_app(args)
+
+
+def bind_app(args: AppArgs | dict[str, Any], inventory: Inventory | None = None) -> Application:
+    """Plan on `inventory` (default: as `build_app` reads it) and bind one deployment per role + the ingress."""
     from placement.ray_options import deployment_options, placement_warnings
 
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args)
-    specs, model_ids, inventory, plan = plan_app(args)
+    specs, model_ids, inventory, plan = plan_app(args, inventory)
     for warning in plan.warnings:
         logger.warning("plan: %s", warning)
 
@@ -202,11 +221,12 @@ def build_app(args: AppArgs) -> Application:
         # The spec travels as a dict: plain data across the Ray boundary.
         spec_dict = specs[entry.role].model_dump()
         limits = model_limits(specs[entry.role], args)
-        handles[entry.role] = ModelServer.options(name=entry.role, **options, **limits).bind(
-            entry.role, spec_dict, entry
-        )
+        # Same bind arguments, same version: a redeploy leaves the replica alone (deployments.versions).
+        deployment = versioned(ModelServer.options(name=entry.role, **options, **limits), entry.role, spec_dict, entry)
+        handles[entry.role] = deployment.bind(entry.role, spec_dict, entry)
     summaries = {entry.role: entry_summary(entry, model_ids[entry.role]) for entry in plan.entries}
     gpus = [gpu_summary(usage) for usage in plan.gpus]
-    return Ingress.options(**ingress_limits(args)).bind(
-        handles, model_ids, summaries, args.ingress_settings(specs), gpus=gpus
-    )
+    settings = args.ingress_settings(specs)
+    # The handles are versioned by role name (their bound objects have no stable form).
+    ingress = versioned(Ingress.options(**ingress_limits(args)), sorted(handles), model_ids, summaries, settings, gpus)
+    return ingress.bind(handles, model_ids, summaries, settings, gpus=gpus)

@@ -331,6 +331,7 @@ class ModelServer:
             "fraction": self.entry.fraction,
             "node_id": self.entry.node_id,
             "memory_budget_bytes": self.entry.memory_budget_bytes,
+            "kv_cache_bytes": self.entry.kv_budget_bytes,
             "replicas": self.entry.replicas,
             "reason": self.entry.reason,
         }

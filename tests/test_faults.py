@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 import pytest
 import ray
+import yaml
 from ray import serve
 from serve_support import local_serve, model_config, wait_until
 
@@ -180,8 +181,22 @@ def test_wedged_replica_fails_its_health_probe_and_is_replaced(http: httpx.Clien
 # ------------------------------------------------------ redeploy, shutdown
 
 
+def _edited(args: AppArgs, role: str, **fields: Any) -> AppArgs:
+    """`args` with `role`'s entry of the model config changed (a copy of the file)."""
+    path = Path(args.models_path)
+    models = yaml.safe_load(path.read_text())
+    models[role].update(fields)
+    edited = path.with_name(f"edited-{path.name}")
+    edited.write_text(yaml.safe_dump(models))
+    return args.model_copy(update={"models_path": str(edited)})
+
+
 @pytest.mark.slow
 def test_redeploy_with_the_same_plan_keeps_serving(http: httpx.Client, args: AppArgs) -> None:
+    # Serve restarts only a deployment whose version or Ray options changed (deployments.versions):
+    # redeploying the same config would restart nothing, so alpha's entry is edited to force a real restart.
+    edited = _edited(args, ALPHA, max_tokens_cap=300)
+    alpha_before, beta_before = pid(http, ALPHA), pid(http, BETA)
     statuses: Counter[int] = Counter()
     stop = threading.Event()
 
@@ -193,7 +208,9 @@ def test_redeploy_with_the_same_plan_keeps_serving(http: httpx.Client, args: App
         in_flight = [pool.submit(ask, http, ALPHA, LONG, f"long {i}") for i in range(2)]
         loops = [pool.submit(traffic) for _ in range(2)]
         time.sleep(0.5)
-        seconds = deploy(args)
+        seconds = deploy(edited)
+        # serve.run returns once the broken roles report DEPLOY_FAILED; alpha may still be rolling.
+        wait_until(lambda: pid(http, ALPHA) != alpha_before, 120, "alpha restarted by the redeploy")
         stop.set()
         for loop in loops:
             loop.result(timeout=CLIENT_TIMEOUT_S)
@@ -202,6 +219,7 @@ def test_redeploy_with_the_same_plan_keeps_serving(http: httpx.Client, args: App
     assert long_statuses == [200, 200]
     assert set(statuses) == {200} and statuses[200] > 0
     assert ask(http, ALPHA) == 200
+    assert pid(http, BETA) == beta_before  # untouched by the edit: not restarted
 
 
 @pytest.mark.slow

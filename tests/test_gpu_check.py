@@ -33,7 +33,11 @@ def test_gpu_check_cpu_smoke(tmp_path: Path) -> None:
         # Same shapes, same NF4 rules: the estimate's weights match what was built.
         assert abs(model["weights_error_pct"]) < 5, model
         assert all("tok_s" in v for v in model["decode"].values()), model["decode"]
+        # The KV contract step: the engine's pool, built for the planned batch, is the planned pool.
+        assert model["kv"]["within_plan"] is True and model["kv"]["generated_tokens"] > 0, model["kv"]
+        assert model["kv"]["pool_tensor_mib"] == model["kv"]["planned_pool_mib"], model["kv"]
     served = report["served"]["replicas"]
     assert set(served) == {"summarizer", "buffer_agent"}
     assert all(r["planned"] == "cuda:0" and r["http_status"] == 200 for r in served.values()), served
+    assert all(0 < r["kv_engine_mib"] <= r["kv_planned_mib"] for r in served.values()), served
     assert (tmp_path / "gpu_check-cpu-smoke.md").read_text().startswith("GPU check on **CPU (smoke)**")

@@ -15,9 +15,12 @@ is by sequence slots: at most `pool.sequences` requests hold pages at once, so
 the pool (sized for that many requests at full context) never runs short and
 the manager never preempts or offloads; later requests wait in `submit`.
 
-Only greedy requests come here: the manager's `do_sample` is one global
-switch, and per-request seeds do not exist in it. Sampled, seeded and image
-requests keep the engine's classic `generate` path.
+Greedy and sampled requests share one running batch: the manager samples
+(`do_sample` is one global switch) with transformers' per-request
+temperature and top-p processors, and a greedy request asks for top-p 0,
+which keeps only the most likely token — argmax, decided per row. Seeds do
+not exist per request in the manager, so seeded and image requests keep the
+engine's classic `generate` path.
 """
 
 from __future__ import annotations
@@ -46,6 +49,13 @@ MAX_BATCH_TOKENS = 256
 _POLL_S = 0.1
 # The manager builds its cache on its own thread; start-up waits this long for it.
 _CACHE_WAIT_S = 60.0
+# Placeholders that make transformers build its temperature and top-p
+# processors (a value of 1.0 builds none); every request sends its own.
+_PROCESSOR_TEMPERATURE = 0.5
+_PROCESSOR_TOP_P = 0.5
+# Top-p 0 keeps only the highest-scoring token (at least one token is always
+# kept): greedy decoding inside a sampling batch.
+_GREEDY = {"temperature": 1.0, "top_p": 0.0}
 
 
 class ContinuousBatchingError(RuntimeError):
@@ -78,9 +88,13 @@ class ContinuousBatcher:
             max_batch_tokens=max(pool.sequences, MAX_BATCH_TOKENS),
             allow_block_sharing=False,
             auto_switch_to_flash=False,
+            per_request_processors=True,
         )
         generation = GenerationConfig(
-            do_sample=False,
+            do_sample=True,
+            temperature=_PROCESSOR_TEMPERATURE,
+            top_p=_PROCESSOR_TOP_P,
+            top_k=None,
             eos_token_id=list(eos_token_ids) or None,
             pad_token_id=pad_token_id,
             max_new_tokens=pool.context_length,
@@ -147,8 +161,13 @@ class ContinuousBatcher:
 
     # ---- requests -----------------------------------------------------------------
 
-    def submit(self, input_ids: Sequence[int], max_new_tokens: int) -> str:
-        """Queue one greedy request once a sequence slot is free; read its tokens with `updates(request_id)`.
+    def submit(
+        self, input_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0
+    ) -> str:
+        """Queue one request once a sequence slot is free; read its tokens with `updates(request_id)`.
+
+        `temperature` 0 is greedy; otherwise the row samples at that
+        temperature and top-p, next to greedy rows in the same batch.
 
         Blocks while `pool.sequences` requests hold the pool. Every id returned
         holds a slot until `release(request_id)`.
@@ -165,6 +184,7 @@ class ContinuousBatcher:
                 max_new_tokens=max_new_tokens,
                 streaming=True,
                 eos_token_id=self.eos_token_ids or None,
+                **(_GREEDY if temperature <= 0 else {"temperature": float(temperature), "top_p": float(top_p)}),
             )
         except BaseException:
             self.release(request_id)
@@ -195,9 +215,9 @@ class ContinuousBatcher:
         if cancel:
             self._manager.cancel_request(request_id)
 
-    def generate(self, input_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    def generate(self, input_ids: Sequence[int], max_new_tokens: int, **sampling: float) -> list[int]:
         """All tokens of one request (blocking)."""
-        request_id = self.submit(input_ids, max_new_tokens)
+        request_id = self.submit(input_ids, max_new_tokens, **sampling)
         try:
             last: tuple[int, ...] = ()
             for update in self.updates(request_id):

@@ -558,13 +558,29 @@ class Engine:
 
     # ---- continuous batching ---------------------------------------------------
 
+    @staticmethod
+    def _pool_takes(params: SamplingParams) -> bool:
+        """The batcher samples per row but has no per-request seed: a seeded sampled request runs alone."""
+        return params.temperature <= 0 or params.seed is None
+
+    def uses_pool(self, inp: GenerationInput) -> bool:
+        """Whether `inp` runs in the continuous-batching pool (text, unseeded) or on the side path."""
+        if self.batcher is None or not self._pool_takes(inp.params):
+            return False
+        for message in inp.messages or ():
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
+                return False
+        return True
+
     def _continuous(self, prompt: PreparedPrompt, params: SamplingParams) -> bool:
-        """Greedy text requests go to the batcher (its do_sample is global; it has no per-request seed)."""
-        return self.batcher is not None and not prompt.extra_inputs and params.temperature <= 0
+        return self.batcher is not None and not prompt.extra_inputs and self._pool_takes(params)
 
     def _submit(self, prompt: PreparedPrompt, params: SamplingParams) -> str:
         assert self.batcher is not None
-        return self.batcher.submit(prompt.input_ids, params.max_tokens)
+        return self.batcher.submit(
+            prompt.input_ids, params.max_tokens, temperature=params.temperature, top_p=params.top_p
+        )
 
     def _release(self, request_id: str, *, cancel: bool) -> None:
         if self.batcher is not None:

@@ -185,7 +185,7 @@ class ModelServer:
         self._check_cap(request)
         start = time.perf_counter()
         try:
-            if self.engine.batcher is not None and request.params.temperature <= 0:
+            if self.engine.uses_pool(request):
                 result = await self._generate_continuous(request)
             else:
                 result = await self._generate_batch(request)

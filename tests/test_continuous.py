@@ -84,3 +84,19 @@ def test_closing_a_stream_early_frees_the_batcher(continuous: Engine) -> None:
 def test_sampled_requests_keep_the_classic_path(continuous: Engine) -> None:
     seeded = GenerationInput(params=SamplingParams(max_tokens=6, temperature=0.8, seed=7), prompt="The quick")
     assert continuous.generate_batch([seeded]) == continuous.generate_batch([seeded])
+
+
+def test_sampled_requests_join_the_running_batch(continuous: Engine) -> None:
+    """Unseeded sampled rows decode in the pool next to greedy rows; greedy rows stay exact."""
+    sampled = GenerationInput(params=SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9), prompt="The quick")
+    greedy = GenerationInput(params=GREEDY, prompt=PROMPTS[1])
+    assert continuous.uses_pool(sampled) and continuous.uses_pool(greedy)
+    seeded = GenerationInput(params=SamplingParams(max_tokens=8, temperature=0.9, seed=3), prompt="The quick")
+    assert not continuous.uses_pool(seeded)
+    side_before = continuous.kv_report()["peak_side_bytes"]
+    alone = continuous.generate_batch([greedy])[0]
+    outputs = continuous.generate_batch([sampled, greedy, sampled])
+    assert outputs[1] == alone
+    assert all(o.completion_tokens == 8 for o in (outputs[0], outputs[2]))
+    # Nothing ran on the side path: its measured KV did not move.
+    assert continuous.kv_report()["peak_side_bytes"] == side_before

@@ -63,7 +63,11 @@ class ServerError(RayfitError):
     type = "server_error"
 
 
-class GenerationOutOfMemory(RuntimeError):
+class RetryableGenerationError(RuntimeError):
+    """A generation lost through no fault of the request (the replica recovered): answered 503 + Retry-After."""
+
+
+class GenerationOutOfMemory(RetryableGenerationError):
     """Raised by a replica whose generation ran out of device memory; it freed the memory and stays up."""
 
 
@@ -90,7 +94,7 @@ def classify(exc: BaseException, role: str) -> RayfitError:
             f"model {role!r} is at capacity ({cause.message}); retry later",
             retry_after_s=cause.retry_after_s or RETRY_AFTER_S,
         )
-    if isinstance(cause, GenerationOutOfMemory):
+    if isinstance(cause, RetryableGenerationError):
         return OverloadedError(f"model {role!r}: {cause}")
     if isinstance(cause, DeploymentUnavailableError):
         return OverloadedError(f"model {role!r} is unavailable (its deployment failed or is restarting)")

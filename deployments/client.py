@@ -111,13 +111,16 @@ class ModelClient:
         self._sync_cap()
         request, generation = self._request(messages, True, params)
         converter = ChatStreamConverter(self.role, include_usage=request.include_usage)
+        responses = self._stream_handle.stream.remote(generation)
         try:
-            for delta in self._stream_handle.stream.remote(generation):
+            for delta in responses:
                 yield from converter.convert(delta)
         except RayfitError:
             raise
         except Exception as exc:
             raise classify(exc, self.role) from exc
+        finally:
+            responses.cancel()  # the caller broke out early: the replica stops generating
 
     async def astream(
         self, messages: Sequence[dict[str, Any]], **params: Any
@@ -125,14 +128,17 @@ class ModelClient:
         await self._async_cap()
         request, generation = self._request(messages, True, params)
         converter = ChatStreamConverter(self.role, include_usage=request.include_usage)
+        responses = self._stream_handle.stream.remote(generation)
         try:
-            async for delta in self._stream_handle.stream.remote(generation):
+            async for delta in responses:
                 for chunk in converter.convert(delta):
                     yield chunk
         except RayfitError:
             raise
         except Exception as exc:
             raise classify(exc, self.role) from exc
+        finally:
+            responses.cancel()
 
     def info(self) -> dict[str, Any]:
         return self._handle.info.remote().result()

@@ -25,16 +25,20 @@ engine's classic `generate` path.
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedModel
 
-from deployments.kv_slots import SequenceSlots
+from deployments.errors import RetryableGenerationError
+from deployments.kv_slots import RequestCancelled, SequenceSlots
 from placement.sizing.kv_budget import PagedPool
 
 logger = logging.getLogger(__name__)
@@ -60,6 +64,11 @@ _GREEDY = {"temperature": 1.0, "top_p": 0.0}
 
 class ContinuousBatchingError(RuntimeError):
     """The continuous-batching manager failed a request or stopped."""
+
+
+class BatchInterrupted(ContinuousBatchingError, RetryableGenerationError):
+    """The running batch failed (e.g. out of memory inside the batching loop) and the batcher
+    restarted: the request was lost, the replica serves again (a 503 + Retry-After)."""
 
 
 @dataclass(frozen=True)
@@ -102,15 +111,21 @@ class ContinuousBatcher:
         self.pool = pool
         self.slots = SequenceSlots(pool.sequences, "continuous batching")
         self.eos_token_ids = list(eos_token_ids)
-        self._manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=config)
+        self._model, self._config, self._generation = model, config, generation
         self._queues: dict[str, queue.Queue[TokenUpdate | BaseException]] = {}
         self._lock = threading.Lock()
         self._counter = 0
         self._stopping = threading.Event()
-        self._manager.start()
+        # Times the batching loop died and was rebuilt, and the last time it delivered tokens
+        # (the replica's liveness: a busy batcher is alive while tokens flow).
+        self.restarts = 0
+        self.last_progress = time.monotonic()
+        self._ready = threading.Event()  # cleared while the manager is being rebuilt
+        self._manager = self._start_manager()
+        self.cache_bytes = self._wait_for_cache()
+        self._ready.set()
         self._pump = threading.Thread(target=self._route, name="rayfit-cb-pump", daemon=True)
         self._pump.start()
-        self.cache_bytes = self._wait_for_cache()
         logger.info(
             "continuous batching on: %d requests × %d tokens, KV pool %d bytes (planned %d)",
             pool.sequences,
@@ -118,6 +133,23 @@ class ContinuousBatcher:
             self.cache_bytes,
             pool.cache_bytes,
         )
+
+    def _wait_for_live_manager(self) -> bool:
+        """Wait until a manager is running: one whose loop just died is rebuilt by the pump first."""
+        deadline = time.monotonic() + _CACHE_WAIT_S
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            manager = self._manager
+            if self._ready.is_set() and manager is not None and manager.is_running():
+                return True
+            time.sleep(_POLL_S / 10)
+        return False
+
+    def _start_manager(self) -> Any:
+        manager = self._model.init_continuous_batching(
+            generation_config=self._generation, continuous_batching_config=self._config
+        )
+        manager.start()
+        return manager
 
     def _wait_for_cache(self) -> int:
         """Bytes of the KV pool tensor, read off the manager once its thread has built it."""
@@ -130,28 +162,47 @@ class ContinuousBatcher:
             if not self._manager.is_running():
                 break
             time.sleep(0.01)
-        self.close()
+        self._manager.stop(block=True, timeout=10)
         raise ContinuousBatchingError("the continuous-batching manager did not build its KV cache")
 
     # ---- delivery -----------------------------------------------------------------
 
     def _route(self) -> None:
-        """Move the manager's outputs to each request's own queue."""
+        """Move the manager's outputs to each request's own queue; rebuild the manager if its loop dies."""
         while not self._stopping.is_set():
             output = self._manager.get_result(timeout=_POLL_S)
             if output is None:
                 if not self._manager.is_running() and not self._stopping.is_set():
-                    self._fail_all(ContinuousBatchingError("the continuous-batching thread stopped"))
-                    return
+                    self._recover()
                 continue
+            self.last_progress = time.monotonic()
             with self._lock:
                 target = self._queues.get(output.request_id)
             if target is None:
                 continue  # cancelled: nobody waits for it
             if output.error:
-                target.put(ContinuousBatchingError(f"generation failed: {output.error}"))
+                target.put(BatchInterrupted(f"the running batch failed ({output.error}); retry"))
             else:
                 target.put(TokenUpdate(tuple(output.generated_tokens), output.is_finished()))
+
+    def _recover(self) -> None:
+        """The batching loop died (an exception inside transformers' loop, e.g. CUDA out of memory):
+        answer every waiting request with a retryable error, free the old pool, start a new manager."""
+        fatal = getattr(self._manager.background_thread_status, "fatal_error", None)
+        logger.warning("continuous batching stopped (%s); failing in-flight requests and restarting", fatal)
+        self._fail_all(BatchInterrupted(f"the running batch failed ({fatal or 'batching loop stopped'}); retry"))
+        self._manager.stop(block=True, timeout=10)
+        # Free the old KV pool before the new one exists: the plan holds room for one.
+        self._ready.clear()
+        self._manager = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self._manager = self._start_manager()
+        self._wait_for_cache()
+        self.restarts += 1
+        self.last_progress = time.monotonic()
+        self._ready.set()
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
@@ -162,49 +213,94 @@ class ContinuousBatcher:
     # ---- requests -----------------------------------------------------------------
 
     def submit(
-        self, input_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0
+        self,
+        input_ids: Sequence[int],
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        slot_held: bool = False,
+        cancel: threading.Event | None = None,
     ) -> str:
         """Queue one request once a sequence slot is free; read its tokens with `updates(request_id)`.
 
         `temperature` 0 is greedy; otherwise the row samples at that
         temperature and top-p, next to greedy rows in the same batch.
+        `slot_held`: the caller already took this request's slot with
+        `slots.acquire(n)` (several rows at once, so two callers never each
+        hold part of what they need and wait on each other).
 
         Blocks while `pool.sequences` requests hold the pool. Every id returned
         holds a slot until `release(request_id)`.
         """
-        self.slots.acquire()
+        if not slot_held:
+            self.slots.acquire(cancel=cancel)
         with self._lock:
             request_id = f"rayfit-{self._counter}"
             self._counter += 1
             self._queues[request_id] = queue.Queue()
+        sampling = _GREEDY if temperature <= 0 else {"temperature": float(temperature), "top_p": float(top_p)}
+        added = None
         try:
-            added = self._manager.add_request(
-                list(input_ids),
-                request_id=request_id,
-                max_new_tokens=max_new_tokens,
-                streaming=True,
-                eos_token_id=self.eos_token_ids or None,
-                **(_GREEDY if temperature <= 0 else {"temperature": float(temperature), "top_p": float(top_p)}),
-            )
+            # A manager whose loop just died refuses requests until the pump has rebuilt it: wait, then retry once.
+            for _ in range(2):
+                if not self._wait_for_live_manager():
+                    break
+                manager = self._manager
+                added = manager.add_request(
+                    list(input_ids),
+                    request_id=request_id,
+                    max_new_tokens=max_new_tokens,
+                    streaming=True,
+                    eos_token_id=self.eos_token_ids or None,
+                    **sampling,
+                )
+                if added is not None:
+                    break
+                while self._manager is manager and manager.is_running() and not self._stopping.is_set():
+                    time.sleep(_POLL_S / 10)  # refused by a dying manager: let the pump notice
         except BaseException:
             self.release(request_id)
             raise
         if added is None:
             self.release(request_id)
-            raise ContinuousBatchingError("the continuous-batching manager refused the request (stopping or full)")
+            raise BatchInterrupted("the continuous batcher is restarting; retry")
         return request_id
 
-    def updates(self, request_id: str) -> Iterator[TokenUpdate]:
-        """Cumulative token updates until the request finishes; raises its error, if any."""
+    def updates(self, request_id: str, cancel: threading.Event | None = None) -> Iterator[TokenUpdate]:
+        """Cumulative token updates until the request finishes; raises its error, if any.
+
+        Raises RequestCancelled within a poll interval of `cancel` being set
+        (the caller then releases the request with `cancel=True`).
+        """
         with self._lock:
             source = self._queues[request_id]
         while True:
-            item = source.get()
+            try:
+                item = source.get(timeout=_POLL_S)
+            except queue.Empty:
+                item = None
+            if cancel is not None and cancel.is_set():
+                raise RequestCancelled(f"request {request_id} cancelled")
+            if item is None:
+                continue
             if isinstance(item, BaseException):
                 raise item
             yield item
             if item.finished:
                 return
+
+    @property
+    def live_requests(self) -> int:
+        """Requests submitted and not yet released."""
+        with self._lock:
+            return len(self._queues)
+
+    @property
+    def submitted(self) -> int:
+        """Requests handed to the manager since start."""
+        with self._lock:
+            return self._counter
 
     def release(self, request_id: str, *, cancel: bool = False) -> None:
         """Forget a request and free its slot (and stop generating for it when `cancel`)."""

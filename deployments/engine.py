@@ -36,6 +36,7 @@ import binascii
 import io
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +47,7 @@ from transformers import DynamicCache, GenerationConfig, StoppingCriteria, Stopp
 
 from deployments.continuous import ContinuousBatcher
 from deployments.generation import GenerationInput, GenerationOutput, SamplingParams, StreamDelta
-from deployments.kv_slots import KvLedger, SequenceSlots
+from deployments.kv_slots import KvLedger, RequestCancelled, SequenceSlots
 from deployments.loading import LoadedModel
 from placement.sizing.kv_budget import KvBudget, fit_budget
 
@@ -160,6 +161,35 @@ def _content_parts(content: Any) -> list[dict]:
     raise InvalidRequest(f"message content must be a string or a list of parts, got {type(content).__name__}")
 
 
+class _IncrementalText:
+    """Detokenizes a growing token sequence piece by piece.
+
+    Fast tokenizers use `tokenizers.decoders.DecodeStream` (O(1) per token);
+    others decode the whole sequence and send what is new. Pieces hold whole
+    characters only: a token that ends mid UTF-8 character waits for the next.
+    """
+
+    def __init__(self, tokenizer: Any):
+        from tokenizers.decoders import DecodeStream
+
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.stream = DecodeStream(skip_special_tokens=True) if self.backend is not None else None
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.sent = ""
+
+    def feed(self, new_tokens: Sequence[int]) -> str:
+        if self.stream is not None:
+            pieces = [self.stream.step(self.backend, token) for token in new_tokens]
+            return "".join(piece for piece in pieces if piece)
+        self.tokens.extend(new_tokens)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).rstrip("\ufffd")
+        if not text.startswith(self.sent) or len(text) <= len(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent) :], text
+        return piece
+
+
 class _StopHoldBack:
     """Releases streamed text as it arrives, holding back any tail that could
     still become a stop string, so nothing past a stop is ever sent."""
@@ -235,6 +265,18 @@ class Engine:
         self.kv_ledger = KvLedger(pool_bytes=self.batcher.cache_bytes if self.batcher else 0)
         self._side_calls = 0
         self._side_lock = threading.Lock()
+        self._side_progress = 0.0
+
+    def _side_step(self, call: int, cache: Any) -> None:
+        """Every decode step of a side-path generate: measure its KV, and note that tokens flow."""
+        self.kv_ledger.observe(call, cache)
+        self._side_progress = time.monotonic()
+
+    @property
+    def last_progress(self) -> float:
+        """Monotonic time tokens last came out of any path (liveness: a long answer is progress too)."""
+        pool = self.batcher.last_progress if self.batcher is not None else 0.0
+        return max(pool, self._side_progress)
 
     def close(self) -> None:
         """Stop the continuous-batching thread, if any."""
@@ -472,11 +514,11 @@ class Engine:
             [p.stop for p in params],
             self.tokenizer,
             cancel,
-            on_step=lambda: self.kv_ledger.observe(call, cache),
+            on_step=lambda: self._side_step(call, cache),
         )
         # One side slot per row, held for the whole call: rows past the budget wait here.
         try:
-            with self.side_slots.hold(len(prompts)), torch.inference_mode():
+            with self.side_slots.hold(len(prompts), cancel), torch.inference_mode():
                 if first.seed is not None and first.temperature > 0:
                     torch.manual_seed(first.seed)
                 out = self.model.generate(
@@ -491,8 +533,13 @@ class Engine:
             self.kv_ledger.forget(call)
         return [row[width:].tolist() for row in out]
 
-    def generate_batch(self, inputs: Sequence[GenerationInput]) -> list[GenerationOutput]:
+    def generate_batch(
+        self, inputs: Sequence[GenerationInput], cancel: threading.Event | None = None
+    ) -> list[GenerationOutput]:
         """Generate for every input; outputs in input order.
+
+        `cancel` (the caller went away): waiting and decoding stop within a
+        step, every row is withdrawn, and RequestCancelled is raised.
 
         Raises InvalidRequest for the first bad input before generating
         anything (the Serve layer validates per request before batching).
@@ -508,18 +555,32 @@ class Engine:
         if continuous:
             for i in continuous:
                 groups[(self._group_key(inputs[i].params), -1)].remove(i)
-            # Submit every row before waiting on any, so they decode in one batch.
-            ids = {i: self._submit(prepared[i], inputs[i].params) for i in continuous}
-            try:
-                for i in continuous:
-                    tokens = self._collect(ids.pop(i), inputs[i].params)
-                    results[i] = self._output(tokens, prepared[i], inputs[i].params)
-            finally:
-                for request_id in ids.values():
-                    self._release(request_id, cancel=True)
+            assert self.batcher is not None
+            capacity = self.batcher.slots.capacity
+            for start in range(0, len(continuous), capacity):
+                wave = continuous[start : start + capacity]
+                # All of a wave's slots at once, then every row submitted before waiting on any,
+                # so they decode in one batch; a failed submit withdraws the rows already in.
+                self.batcher.slots.acquire(len(wave), cancel)
+                ids: dict[int, str] = {}
+                try:
+                    for n, i in enumerate(wave):
+                        try:
+                            ids[i] = self._submit(prepared[i], inputs[i].params, slot_held=True)
+                        except BaseException:
+                            self.batcher.slots.release(len(wave) - n - 1)  # the slots of rows never submitted
+                            raise
+                    for i in wave:
+                        tokens = self._collect(ids.pop(i), inputs[i].params, cancel)
+                        results[i] = self._output(tokens, prepared[i], inputs[i].params)
+                finally:
+                    for request_id in ids.values():
+                        self._release(request_id, cancel=True)
         for rows in groups.values():
             for chunk in self._side_chunks(rows, prepared, inputs):
-                new_tokens = self._run([prepared[i] for i in chunk], [inputs[i].params for i in chunk])
+                new_tokens = self._run([prepared[i] for i in chunk], [inputs[i].params for i in chunk], cancel=cancel)
+                if cancel is not None and cancel.is_set():
+                    raise RequestCancelled("cancelled while generating")
                 for i, tokens in zip(chunk, new_tokens, strict=True):
                     results[i] = self._output(tokens, prepared[i], inputs[i].params)
         return [r for r in results if r is not None]
@@ -576,10 +637,22 @@ class Engine:
     def _continuous(self, prompt: PreparedPrompt, params: SamplingParams) -> bool:
         return self.batcher is not None and not prompt.extra_inputs and self._pool_takes(params)
 
-    def _submit(self, prompt: PreparedPrompt, params: SamplingParams) -> str:
+    def _submit(
+        self,
+        prompt: PreparedPrompt,
+        params: SamplingParams,
+        *,
+        slot_held: bool = False,
+        cancel: threading.Event | None = None,
+    ) -> str:
         assert self.batcher is not None
         return self.batcher.submit(
-            prompt.input_ids, params.max_tokens, temperature=params.temperature, top_p=params.top_p
+            prompt.input_ids,
+            params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            slot_held=slot_held,
+            cancel=cancel,
         )
 
     def _release(self, request_id: str, *, cancel: bool) -> None:
@@ -591,13 +664,13 @@ class Engine:
         text = self.tokenizer.decode(list(tokens[-tail:]), skip_special_tokens=True)
         return any(s and s in text for s in stops)
 
-    def _collect(self, request_id: str, params: SamplingParams) -> list[int]:
+    def _collect(self, request_id: str, params: SamplingParams, cancel: threading.Event | None = None) -> list[int]:
         """Wait for one submitted request; stop it early once a stop string shows up."""
         assert self.batcher is not None
         tokens: tuple[int, ...] = ()
         finished = False
         try:
-            for update in self.batcher.updates(request_id):
+            for update in self.batcher.updates(request_id, cancel):
                 tokens, finished = update.tokens, update.finished
                 if params.stop and not finished and self._stop_seen(tokens, params.stop):
                     break
@@ -606,43 +679,51 @@ class Engine:
         return list(tokens)
 
     def _continuous_pieces(
-        self, prompt: PreparedPrompt, params: SamplingParams, tokens_out: list[int]
+        self,
+        prompt: PreparedPrompt,
+        params: SamplingParams,
+        tokens_out: list[int],
+        cancel: threading.Event | None = None,
     ) -> Iterator[str]:
-        """Text pieces of one streamed request from the batcher; `tokens_out` ends up holding its tokens."""
+        """Text pieces of one streamed request from the batcher; `tokens_out` ends up holding its tokens.
+
+        Detokenized incrementally (one `DecodeStream` step per new token, not
+        the whole sequence again for every token)."""
         assert self.batcher is not None
-        request_id = self._submit(prompt, params)
+        request_id = self._submit(prompt, params, cancel=cancel)
         finished = False
-        sent = ""
+        decoder = _IncrementalText(self.tokenizer)
         try:
-            for update in self.batcher.updates(request_id):
+            for update in self.batcher.updates(request_id, cancel):
+                new = update.tokens[len(tokens_out) :]
                 tokens_out[:] = update.tokens
                 finished = update.finished
-                text = self.tokenizer.decode(list(update.tokens), skip_special_tokens=True)
-                if not finished:
-                    text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its next token
-                if text.startswith(sent) and len(text) > len(sent):
-                    yield text[len(sent) :]
-                    sent = text
+                piece = decoder.feed(new)
+                if piece:
+                    yield piece
         finally:
             self._release(request_id, cancel=not finished)
 
-    def stream(self, inp: GenerationInput) -> Iterator[StreamDelta]:
+    def stream(self, inp: GenerationInput, cancel: threading.Event | None = None) -> Iterator[StreamDelta]:
         """Yield text pieces as they are generated; the last delta has finish_reason and usage.
 
         generate runs in a worker thread feeding a TextIteratorStreamer; its
-        exception is re-raised here. Closing the iterator early (client gone)
-        stops generation at the next token.
+        exception is re-raised here. Closing the iterator early, or setting
+        `cancel` (client gone), stops generation within a step, also while
+        the request still waits for a slot or is in prefill.
         """
         prompt = self.prepare(inp)
         params = inp.params
         if self._continuous(prompt, params):
-            return self._stream_continuous(prompt, params)
-        return self._stream_generate(prompt, params)
+            return self._stream_continuous(prompt, params, cancel)
+        return self._stream_generate(prompt, params, cancel)
 
-    def _stream_continuous(self, prompt: PreparedPrompt, params: SamplingParams) -> Iterator[StreamDelta]:
+    def _stream_continuous(
+        self, prompt: PreparedPrompt, params: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[StreamDelta]:
         """`stream` through the batcher: same hold-back of possible stop strings as below."""
         tokens: list[int] = []
-        pieces = self._continuous_pieces(prompt, params, tokens)
+        pieces = self._continuous_pieces(prompt, params, tokens, cancel)
         release = _StopHoldBack(params.stop)
         try:
             for piece in pieces:
@@ -661,10 +742,12 @@ class Engine:
             completion_tokens=done.completion_tokens,
         )
 
-    def _stream_generate(self, prompt: PreparedPrompt, params: SamplingParams) -> Iterator[StreamDelta]:
+    def _stream_generate(
+        self, prompt: PreparedPrompt, params: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[StreamDelta]:
         """`stream` with one `generate` of its own in a worker thread."""
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        cancel = threading.Event()
+        cancel = cancel or threading.Event()
         outcome: dict[str, Any] = {}
 
         def work() -> None:

@@ -52,14 +52,14 @@ class FaultyEngine:
         if any(OOM_MARKER in t for t in texts):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected fault)")
 
-    def generate_batch(self, requests: Sequence[GenerationInput]) -> list[GenerationOutput]:
+    def generate_batch(self, requests: Sequence[GenerationInput], cancel: Any = None) -> list[GenerationOutput]:
         self._inject(requests)
-        return self._engine.generate_batch(requests)
+        return self._engine.generate_batch(requests, cancel)
 
-    def stream(self, request: GenerationInput) -> Iterator[StreamDelta]:
+    def stream(self, request: GenerationInput, cancel: Any = None) -> Iterator[StreamDelta]:
         # A generator: the fault fires in the thread that drains it, never on the replica's event loop.
         self._inject([request])
-        yield from self._engine.stream(request)
+        yield from self._engine.stream(request, cancel)
 
 
 def with_faults(engine: Any) -> Any:

@@ -18,6 +18,13 @@ from typing import Any
 
 import torch
 
+# How often a waiting request looks at its cancel flag.
+_CANCEL_POLL_S = 0.05
+
+
+class RequestCancelled(Exception):
+    """The caller went away (client disconnect) while the request waited or decoded; nothing is left of it."""
+
 
 class SequenceSlots:
     """At most `capacity` sequences hold KV at once; `hold(n)` waits for n free slots."""
@@ -36,11 +43,14 @@ class SequenceSlots:
         with self._changed:
             return self.capacity - self._free
 
-    def acquire(self, count: int = 1) -> None:
+    def acquire(self, count: int = 1, cancel: threading.Event | None = None) -> None:
+        """Wait for `count` free slots and take them all at once; RequestCancelled if `cancel` is set first."""
         if not 1 <= count <= self.capacity:
             raise ValueError(f"{self.name}: cannot hold {count} of {self.capacity} slots at once")
         with self._changed:
-            self._changed.wait_for(lambda: self._free >= count)
+            while not self._changed.wait_for(lambda: self._free >= count, timeout=_CANCEL_POLL_S):
+                if cancel is not None and cancel.is_set():
+                    raise RequestCancelled(f"cancelled while waiting for a {self.name} slot")
             self._free -= count
             self.peak_in_use = max(self.peak_in_use, self.capacity - self._free)
 
@@ -50,8 +60,8 @@ class SequenceSlots:
             self._changed.notify_all()
 
     @contextmanager
-    def hold(self, count: int = 1) -> Iterator[None]:
-        self.acquire(count)
+    def hold(self, count: int = 1, cancel: threading.Event | None = None) -> Iterator[None]:
+        self.acquire(count, cancel)
         try:
             yield
         finally:

@@ -49,6 +49,8 @@ class ModelMetrics:
     ):
         self.tags = {"model": role, "gpu": gpu_tag(gpu_indices)}
         self.role = role
+        # The same outcomes counted locally, so the replica can report them without a Prometheus scrape.
+        self.outcomes: dict[str, int] = {}
         self.requests = Counter(
             "rayfit_requests",
             description="Requests by outcome (ok, invalid, error, cancelled).",
@@ -98,6 +100,7 @@ class ModelMetrics:
         self.rss = Gauge("rayfit_process_rss_bytes", description="Replica process RSS (CPU models).", tag_keys=TAG_KEYS)
 
     def request_done(self, status: str, seconds: float, prompt_tokens: int = 0, generated_tokens: int = 0) -> None:
+        self.outcomes[status] = self.outcomes.get(status, 0) + 1
         self.requests.inc(tags={**self.tags, "status": status})
         self.latency.observe(seconds, tags=self.tags)
         if prompt_tokens:

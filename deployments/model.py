@@ -131,6 +131,7 @@ class ModelServer:
         # Requests the batcher takes skip @serve.batch (whose batches run one at a
         # time) and block one thread each here while they decode together.
         self._continuous_pool = ThreadPoolExecutor(max_workers=MAX_ONGOING_REQUESTS, thread_name_prefix=role)
+        self._probes = 0  # one-token health probes run (they are requests to the engine too)
         self._last_success = self._last_check = 0.0  # monotonic times: last finished generation, last health check
         self.cpu_fallback = fallback is not None
         self._generate_batch.set_max_batch_size(self.spec.max_batch_size)
@@ -212,8 +213,14 @@ class ModelServer:
         from deployments.oom import is_out_of_memory, recover
 
         loop = asyncio.get_running_loop()
+        # Set when the caller goes away (Serve cancels this coroutine): the engine then drops the
+        # request within a decode step, also while it still waits for a slot.
+        cancel = threading.Event()
         try:
-            outputs = await loop.run_in_executor(self._continuous_pool, self.engine.generate_batch, [request])
+            outputs = await loop.run_in_executor(self._continuous_pool, self.engine.generate_batch, [request], cancel)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
         except InvalidRequest as exc:
             return exc
         except Exception as exc:
@@ -287,7 +294,9 @@ class ModelServer:
         # Build the iterator on this side so request validation errors raise here, before any delta.
         try:
             self._check_cap(request)
-            deltas = self.engine.stream(request)
+            # `stop` doubles as the engine's cancel flag: a client gone while the request waits
+            # for a slot or is in prefill stops it too, not only after its next delta.
+            deltas = self.engine.stream(request, stop)
         except Exception:
             self.metrics.request_done("invalid", time.perf_counter() - start)
             raise
@@ -356,6 +365,20 @@ class ModelServer:
         }
         return {"role": self.role, "model": self.spec.model, "planned": planned, "actual": actual}
 
+    def load(self) -> dict[str, Any]:
+        """What the engine holds right now (sequence slots in use, live pool requests, batcher restarts)
+        and the replica's request outcomes so far: the proof that a cancelled request left nothing behind."""
+        batcher = self.engine.batcher
+        return {
+            "pool_slots_in_use": batcher.slots.in_use if batcher else 0,
+            "side_slots_in_use": self.engine.side_slots.in_use,
+            "pool_requests_live": batcher.live_requests if batcher else 0,
+            "pool_requests_submitted": batcher.submitted if batcher else 0,
+            "batcher_restarts": batcher.restarts if batcher else 0,
+            "health_probes": self._probes,
+            "outcomes": dict(self.metrics.outcomes),
+        }
+
     def info(self) -> dict[str, Any]:
         return {
             "role": self.role,
@@ -369,13 +392,21 @@ class ModelServer:
     async def check_health(self) -> None:
         """Serve replaces the replica when this raises (or outlasts health_check_timeout_s).
 
-        Proof the model still runs: a generation finished since the last check,
-        else a one-token probe. A dead CUDA context fails the probe; a wedged
-        device or engine never finishes it.
+        Liveness is tokens flowing: if any path produced a token since the last
+        check (a 27B on one long answer finishes no request for minutes, but
+        decodes all the time), the replica is alive and no probe competes with
+        the batch. Otherwise a one-token probe: a dead CUDA context fails it, a
+        wedged device or engine never finishes it. A probe lost to a transient
+        out-of-memory, or to a batch the batcher restarted, is no reason to
+        replace the replica.
         """
-        proven, self._last_check = self._last_success > self._last_check, time.monotonic()
-        if proven:
-            return  # real traffic proved it; no probe competes with it
+        from deployments.errors import RetryableGenerationError
+        from deployments.oom import is_out_of_memory, recover
+
+        last_check, self._last_check = self._last_check, time.monotonic()
+        if max(self._last_success, self.engine.last_progress) > last_check:
+            return
+        self._probes += 1
         probe = asyncio.to_thread(self.engine.generate_batch, [HEALTH_PROBE])
         try:
             await asyncio.wait_for(probe, HEALTH_PROBE_TIMEOUT_S)
@@ -384,4 +415,12 @@ class ModelServer:
                 f"{self.role}: a one-token health probe did not finish in {HEALTH_PROBE_TIMEOUT_S:.0f} s; "
                 "the model is wedged"
             ) from exc
+        except RetryableGenerationError:
+            logger.warning("%s: health probe lost to a restarted batch; the replica recovered", self.role)
+            return
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            recover(self.role, exc)
+            return
         self._last_success = time.monotonic()

@@ -100,3 +100,37 @@ def test_sampled_requests_join_the_running_batch(continuous: Engine) -> None:
     assert all(o.completion_tokens == 8 for o in (outputs[0], outputs[2]))
     # Nothing ran on the side path: its measured KV did not move.
     assert continuous.kv_report()["peak_side_bytes"] == side_before
+
+
+def test_a_failure_inside_the_batching_loop_is_recovered(loaded: LoadedModel) -> None:
+    """An out-of-memory raised inside transformers' batching loop (a forward hook on the model):
+    the in-flight request gets a retryable error, the batcher rebuilds, the next request works."""
+    import torch
+
+    from deployments.continuous import BatchInterrupted
+    from deployments.errors import RetryableGenerationError
+
+    engine = Engine(loaded, max_batch_size=2, continuous=True)
+    armed = threading.Event()
+
+    def explode(module: object, args: object) -> None:
+        if armed.is_set():
+            armed.clear()
+            raise torch.OutOfMemoryError("CUDA out of memory (injected inside the batching loop)")
+
+    hook = loaded.model.register_forward_pre_hook(explode)
+    try:
+        assert engine.batcher is not None
+        pool_before = engine.batcher.cache_bytes
+        armed.set()
+        with pytest.raises(BatchInterrupted) as caught:
+            engine.generate_batch([GenerationInput(params=GREEDY, prompt="Ray")])
+        assert isinstance(caught.value, RetryableGenerationError)  # → 503 + Retry-After at the ingress
+        out = engine.generate_batch([GenerationInput(params=GREEDY, prompt="Ray")])[0]
+        assert out.completion_tokens == GREEDY.max_tokens
+        assert engine.batcher.restarts == 1
+        assert engine.batcher.slots.in_use == 0
+        assert engine.batcher._manager.batch_processor.cache.cache_tensor.numel() == pool_before
+    finally:
+        hook.remove()
+        engine.close()

@@ -1,0 +1,118 @@
+"""A caller that goes away stops its generation (real local Ray, real Serve, real HTTP).
+
+One role on the tiny text model with ONE pool slot (`max_batch_size: 1`), so a
+second request queues behind the first. After each disconnect the replica's
+own report (`ModelServer.load`) must show no slot held and no live request,
+and the request counted as `cancelled` — not merely that the next request works.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from ray import serve
+from serve_support import local_serve, model_config, wait_until
+
+from deployments.app import AppArgs, build_app
+from deployments.client import get_model
+
+APP, ROLE = "cancel", "scribe"
+# Long enough that a cancelled request would still be decoding when the check runs (the tiny
+# model's RoPE runs past its 256 configured positions, so the role is given a longer context).
+LONG = {"temperature": 0, "max_tokens": 3000}
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory, tiny_text_model_dir: Path) -> Iterator[str]:
+    fields = {"model": tiny_text_model_dir, "dtype": "float32", "max_batch_size": 1, "num_cpus": 0.2}
+    fields |= {"context_length": 8192, "max_tokens_cap": 8192}
+    path = model_config(tmp_path_factory.mktemp("cancel") / "models.yaml", {ROLE: fields})
+    with local_serve() as port:
+        serve.run(build_app(AppArgs(model_config=str(path), gpus="none")), name=APP, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+        serve.delete(APP)
+
+
+def load() -> dict[str, Any]:
+    return serve.get_deployment_handle(ROLE, APP).load.remote().result(timeout_s=30)
+
+
+def idle() -> bool:
+    state = load()
+    return state["pool_slots_in_use"] == 0 and state["side_slots_in_use"] == 0 and state["pool_requests_live"] == 0
+
+
+def _body(**extra: Any) -> dict[str, Any]:
+    return {"model": ROLE, "prompt": "once upon a time", **LONG, **extra}
+
+
+def full_request_seconds(base_url: str) -> float:
+    started = time.monotonic()
+    reply = httpx.post(f"{base_url}/v1/completions", json=_body(), timeout=120)
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == LONG["max_tokens"]
+    return time.monotonic() - started
+
+
+def test_non_streaming_disconnect_stops_decoding(base_url: str) -> None:
+    full_s = full_request_seconds(base_url)
+    before = load()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base_url}/v1/completions", json=_body(), timeout=full_s / 5)
+    gone = time.monotonic()
+    wait_until(idle, 30, "the replica drops the abandoned request")
+    freed_s = time.monotonic() - gone
+    after = load()
+    assert after["outcomes"].get("cancelled", 0) == before["outcomes"].get("cancelled", 0) + 1
+    assert after["outcomes"].get("ok", 0) == before["outcomes"].get("ok", 0)  # it never ran to the end
+    print(f"\nfull request {full_s:.2f} s; slot free {freed_s:.2f} s after the client left")
+    assert freed_s < full_s / 2
+
+
+def test_streaming_disconnect_while_queued_never_starts(base_url: str) -> None:
+    before = load()
+    holder = threading.Thread(target=full_request_seconds, args=(base_url,))
+    holder.start()
+    wait_until(lambda: load()["pool_slots_in_use"] == 1, 30, "the first request holds the only slot")
+    # The second request streams, but waits for the slot (the ingress answers once the first delta
+    # exists, so no header comes yet); its client leaves before it gets one.
+    with pytest.raises(httpx.ReadTimeout):
+        with httpx.stream("POST", f"{base_url}/v1/completions", json=_body(stream=True), timeout=1.0):
+            pass
+    wait_until(lambda: load()["outcomes"].get("cancelled", 0) > before["outcomes"].get("cancelled", 0), 10, "cancel")
+    assert load()["pool_slots_in_use"] == 1  # the holder still decodes: the abandoned request gave up waiting
+    holder.join(timeout=180)
+    wait_until(idle, 30, "nothing left behind")
+    after = load()
+    # Only the holder (and any health probe meanwhile) reached the engine; the abandoned request never did.
+    probes = after["health_probes"] - before["health_probes"]
+    assert after["pool_requests_submitted"] == before["pool_requests_submitted"] + 1 + probes
+    assert after["outcomes"].get("cancelled", 0) == before["outcomes"].get("cancelled", 0) + 1
+
+
+def test_streaming_disconnect_mid_stream(base_url: str) -> None:
+    before = load()
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=_body(stream=True), timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+    wait_until(idle, 30, "the replica drops the abandoned stream")
+    after = load()
+    assert after["outcomes"].get("cancelled", 0) == before["outcomes"].get("cancelled", 0) + 1
+    assert after["outcomes"].get("ok", 0) == before["outcomes"].get("ok", 0)
+
+
+def test_handle_client_breaking_out_of_a_stream(base_url: str) -> None:
+    before = load()
+    model = get_model(ROLE, APP)
+    for chunk in model.stream([{"role": "user", "content": "tell me a story"}], **LONG):
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    wait_until(idle, 30, "the replica drops the stream the caller left")
+    after = load()
+    assert after["outcomes"].get("cancelled", 0) == before["outcomes"].get("cancelled", 0) + 1
+    assert after["outcomes"].get("ok", 0) == before["outcomes"].get("ok", 0)

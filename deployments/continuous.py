@@ -308,8 +308,9 @@ class ContinuousBatcher:
             held = self._queues.pop(request_id, None) is not None
         if held:
             self.slots.release()
-        if cancel:
-            self._manager.cancel_request(request_id)
+        manager = self._manager  # None while a failed batcher is being rebuilt: nothing to cancel then
+        if cancel and manager is not None:
+            manager.cancel_request(request_id)
 
     def generate(self, input_ids: Sequence[int], max_new_tokens: int, **sampling: float) -> list[int]:
         """All tokens of one request (blocking)."""

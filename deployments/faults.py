@@ -7,7 +7,10 @@ untouched. With it on, a request whose text contains a marker misbehaves:
 - `<rayfit:oom>`: generation raises torch.cuda.OutOfMemoryError, as a real
   CUDA OOM would (CPU test boxes cannot run out of CUDA memory);
 - `<rayfit:wedge>`: this and every later generation (health probes too) block
-  forever, as a hung CUDA kernel would.
+  forever, as a hung CUDA kernel would;
+- `<rayfit:batch-oom>`: the model's next forward pass raises
+  torch.cuda.OutOfMemoryError wherever it runs — for a pooled request inside
+  transformers' continuous-batching loop, as a real OOM there would.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from deployments.generation import GenerationInput, GenerationOutput, StreamDelt
 FAULTS_ENV = "RAYFIT_TEST_FAULTS"
 OOM_MARKER = "<rayfit:oom>"
 WEDGE_MARKER = "<rayfit:wedge>"
+BATCH_OOM_MARKER = "<rayfit:batch-oom>"
 
 
 def _text_of(request: GenerationInput) -> str:
@@ -51,6 +55,18 @@ class FaultyEngine:
             threading.Event().wait()  # never returns: the replica is wedged
         if any(OOM_MARKER in t for t in texts):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected fault)")
+        if any(BATCH_OOM_MARKER in t for t in texts):
+            self._arm_forward_oom()
+
+    def _arm_forward_oom(self) -> None:
+        """One out-of-memory error from inside the model's next forward pass (then the hook is gone)."""
+        model = self._engine.model
+
+        def explode(module: Any, args: Any) -> None:
+            handle.remove()
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory inside the batching loop (injected fault)")
+
+        handle = model.register_forward_pre_hook(explode)
 
     def generate_batch(self, requests: Sequence[GenerationInput], cancel: Any = None) -> list[GenerationOutput]:
         self._inject(requests)

@@ -1,4 +1,5 @@
-"""A caller that goes away stops its generation (real local Ray, real Serve, real HTTP).
+"""A caller that goes away stops its generation, and a failure inside the batching
+loop is recovered (real local Ray, real Serve, real HTTP).
 
 One role on the tiny text model with ONE pool slot (`max_batch_size: 1`), so a
 second request queues behind the first. After each disconnect the replica's
@@ -21,6 +22,7 @@ from serve_support import local_serve, model_config, wait_until
 
 from deployments.app import AppArgs, build_app
 from deployments.client import get_model
+from deployments.faults import BATCH_OOM_MARKER
 
 APP, ROLE = "cancel", "scribe"
 # Long enough that a cancelled request would still be decoding when the check runs (the tiny
@@ -59,6 +61,7 @@ def full_request_seconds(base_url: str) -> float:
     return time.monotonic() - started
 
 
+@pytest.mark.slow
 def test_non_streaming_disconnect_stops_decoding(base_url: str) -> None:
     full_s = full_request_seconds(base_url)
     before = load()
@@ -116,3 +119,16 @@ def test_handle_client_breaking_out_of_a_stream(base_url: str) -> None:
     after = load()
     assert after["outcomes"].get("cancelled", 0) == before["outcomes"].get("cancelled", 0) + 1
     assert after["outcomes"].get("ok", 0) == before["outcomes"].get("ok", 0)
+
+
+def test_a_failure_inside_the_batching_loop_is_a_503_and_the_replica_recovers(base_url: str) -> None:
+    before = load()
+    body = {"model": ROLE, "prompt": f"once {BATCH_OOM_MARKER}", "temperature": 0, "max_tokens": 8}
+    failed = httpx.post(f"{base_url}/v1/completions", json=body, timeout=60)
+    assert failed.status_code == 503 and "Retry-After" in failed.headers, failed.text
+    assert failed.json()["error"]["message"]
+    ok = httpx.post(f"{base_url}/v1/completions", json={**body, "prompt": "once"}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 8
+    after = load()
+    assert after["batcher_restarts"] == before["batcher_restarts"] + 1
+    assert idle()

@@ -29,7 +29,14 @@ from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
 from deployments.errors import RETRY_AFTER_S
-from deployments.guard import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES, IngressSettings
+from deployments.guard import (
+    API_KEY_ENV,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_ONGOING,
+    DEFAULT_MAX_QUEUED,
+    DEFAULT_UNAVAILABLE_TIMEOUT_S,
+    IngressSettings,
+)
 from deployments.ingress import Ingress
 from deployments.model import ModelServer
 from deployments.versions import versioned
@@ -41,6 +48,10 @@ from placement.ray_options import GPU_SLOT_PREFIX
 from placement.units import GIB, gib
 
 logger = logging.getLogger("ray.serve")
+
+# Requests the ingress takes beyond its own bound: to turn them away in JSON, and for
+# /health, /v1/models and /v1/placement while generation requests fill the bound.
+INGRESS_SHED_HEADROOM = 64
 
 
 class AppArgs(BaseModel):
@@ -69,8 +80,17 @@ class AppArgs(BaseModel):
         default=None, description=f"Bearer key every route but /health requires; default: env {API_KEY_ENV}"
     )
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, gt=0, description="Larger request bodies get 413")
-    ingress_max_ongoing_requests: int = Field(default=256, gt=0, description="Requests the ingress holds at once")
-    ingress_max_queued_requests: int = Field(default=1024, ge=0, description="Beyond it the proxy answers 503")
+    ingress_max_ongoing_requests: int = Field(
+        default=DEFAULT_MAX_ONGOING, gt=0, description="Generation requests the ingress works on at once"
+    )
+    ingress_max_queued_requests: int = Field(
+        default=DEFAULT_MAX_QUEUED, ge=0, description="More wait for a turn; beyond them the ingress answers 503"
+    )
+    unavailable_timeout_s: float = Field(
+        default=DEFAULT_UNAVAILABLE_TIMEOUT_S,
+        gt=0,
+        description="A request for a model with no running replica (loading, restarting) waits this long, then 503",
+    )
     # Replica lifecycle (every model deployment).
     graceful_shutdown_timeout_s: float = Field(
         default=30, gt=0, description="A replica being stopped finishes its in-flight requests within this"
@@ -98,7 +118,14 @@ class AppArgs(BaseModel):
         """Read when the app is built (never at import): the key from args, else from the environment."""
         key = self.api_key.get_secret_value() if self.api_key else os.environ.get(API_KEY_ENV)
         caps = {role: spec.max_tokens_cap for role, spec in specs.items()}
-        return IngressSettings(api_key=key or None, max_body_bytes=self.max_body_bytes, max_tokens_caps=caps)
+        return IngressSettings(
+            api_key=key or None,
+            max_body_bytes=self.max_body_bytes,
+            max_tokens_caps=caps,
+            max_ongoing_requests=self.ingress_max_ongoing_requests,
+            max_queued_requests=self.ingress_max_queued_requests,
+            unavailable_timeout_s=self.unavailable_timeout_s,
+        )
 
 
 def model_limits(spec: ModelSpec, args: AppArgs) -> dict[str, Any]:
@@ -115,10 +142,17 @@ def model_limits(spec: ModelSpec, args: AppArgs) -> dict[str, Any]:
 
 
 def ingress_limits(args: AppArgs) -> dict[str, Any]:
+    """Serve's options for the ingress. The ingress bounds generation requests itself (guard.Admission:
+    ongoing + queued, then a JSON 503); Serve lets in more than that, so requests past the bound reach
+    the ingress and get its JSON answer rather than the proxy's plain-text 503 (measured on Ray 2.60:
+    "Request dropped due to backpressure (num_queued_requests=1, max_queued_requests=1).")."""
+    room = args.ingress_max_ongoing_requests + args.ingress_max_queued_requests + INGRESS_SHED_HEADROOM
     return {
-        "max_ongoing_requests": args.ingress_max_ongoing_requests,
-        # The proxy answers past this itself: 503 with Retry-After.
-        "max_queued_requests": args.ingress_max_queued_requests,
+        "max_ongoing_requests": room,
+        # The proxy's queue holds requests while its router picks a replica, so a burst fills it even
+        # when the ingress has room (measured: 8 at once against a queue of 1 → 5 plain-text 503s).
+        # As large as the ingress's room: only a flood past both gets the proxy's plain-text 503.
+        "max_queued_requests": room,
         "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
         # Killed at this timeout, an ingress replica's waiting requests get the proxy's bare 500
         # (measured: a redeploy under load, the model replaced while requests waited for it).

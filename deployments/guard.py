@@ -1,23 +1,38 @@
-"""What the HTTP ingress checks before a request touches a model: the API key
-and the body (size, JSON, schema). Every failure is a typed `RayfitError`.
+"""What the HTTP ingress checks before a request touches a model: its own
+capacity (`Admission`), the API key and the body (size, JSON, schema). Every
+failure is a typed `RayfitError`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from deployments.errors import AuthenticationError, BadRequestError, PayloadTooLargeError
+from deployments.errors import (
+    RETRY_AFTER_S,
+    AuthenticationError,
+    BadRequestError,
+    OverloadedError,
+    PayloadTooLargeError,
+)
 
 # Big enough for a chat with a few base64 images; small enough that one
 # request cannot make the ingress buffer gigabytes.
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 API_KEY_ENV = "RAYFIT_API_KEY"
+# Generation requests the ingress works on at once, and more that wait for a turn (AppArgs' defaults).
+DEFAULT_MAX_ONGOING = 256
+DEFAULT_MAX_QUEUED = 1024
+# A request for a model with no running replica (loading, restarting) waits this long, then gets a 503.
+DEFAULT_UNAVAILABLE_TIMEOUT_S = 30.0
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -29,6 +44,64 @@ class IngressSettings:
     api_key: str | None = field(default=None, repr=False)  # never in logs or reprs
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_tokens_caps: dict[str, int] = field(default_factory=dict)  # role → ModelSpec.max_tokens_cap
+    max_ongoing_requests: int = DEFAULT_MAX_ONGOING
+    max_queued_requests: int = DEFAULT_MAX_QUEUED
+    unavailable_timeout_s: float = DEFAULT_UNAVAILABLE_TIMEOUT_S
+
+
+class Ticket:
+    """One admitted request's turn; `release` is idempotent (a stream's end and its cleanup may both call it)."""
+
+    def __init__(self, admission: Admission):
+        self._admission: Admission | None = admission
+        self.handed_over = False  # set by the ingress when a streamed body holds the turn until it ends
+
+    def release(self) -> None:
+        admission, self._admission = self._admission, None
+        if admission is not None:
+            admission._leave()
+
+
+class Admission:
+    """The ingress's own bound on generation requests: `ongoing` at once, `queued` more waiting in
+    arrival order, and past that an immediate OverloadedError (503 + Retry-After in OpenAI's shape).
+
+    Serve's proxy answers a plain-text 503 when a deployment's own queue is full, so the ingress
+    deployment is given room beyond this bound (`deployments.app.ingress_limits`): requests reach
+    the ingress and are turned away here, in JSON, before the proxy's limit is hit.
+    """
+
+    def __init__(self, ongoing: int, queued: int):
+        self.ongoing, self.queued = ongoing, queued
+        self._turns = asyncio.Semaphore(ongoing)
+        self.held = 0  # admitted requests: working or waiting for a turn
+
+    @asynccontextmanager
+    async def enter(self) -> AsyncIterator[Ticket]:
+        """A turn for one request; released on exit unless handed to a stream (`Ticket.release` then)."""
+        if self.held >= self.ongoing + self.queued:
+            raise OverloadedError(
+                f"the server is at capacity ({self.ongoing} in progress, {self.queued} waiting); retry later",
+                retry_after_s=RETRY_AFTER_S,
+            )
+        self.held += 1
+        try:
+            await self._turns.acquire()
+        except BaseException:  # cancelled while waiting: the client left
+            self.held -= 1
+            raise
+        ticket = Ticket(self)
+        try:
+            yield ticket
+        except BaseException:
+            ticket.release()
+            raise
+        if not ticket.handed_over:
+            ticket.release()
+
+    def _leave(self) -> None:
+        self.held -= 1
+        self._turns.release()
 
 
 def authorize(request: Request, api_key: str | None) -> None:

@@ -9,8 +9,10 @@ OpenAI's error shape naming the models that exist.
 # No `from __future__ import annotations`: FastAPI must see the request
 # models as classes on methods that @serve.ingress rewraps.
 import asyncio
+import functools
 import json
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
@@ -22,9 +24,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.errors import BadRequestError, NotFoundError, OverloadedError, RayfitError, classify
-from deployments.failures import deployment_problems
 from deployments.generation import GenerationInput, StreamDelta
-from deployments.guard import IngressSettings, authorize, parse_body, read_body
+from deployments.guard import Admission, IngressSettings, Ticket, authorize, parse_body, read_body
 from deployments.placement_status import alive_node_ids, unplaced_roles, with_status
 from deployments.protocol import (
     SSE_DONE,
@@ -42,16 +43,18 @@ from deployments.protocol import (
     now,
     sse_lines,
 )
+from deployments.status_watch import FAILED, READY, StatusWatch, read_states, wait_for_role
 
 logger = logging.getLogger("ray.serve")
 
 # /v1/placement waits this long for a replica's own report.
 PLACEMENT_TIMEOUT_S = 10.0
+# /v1/models asks a running role for its context length at most this long (then lists it without).
+MODELS_INFO_TIMEOUT_S = 2.0
 # A call to a deployment that failed to start can wait forever (measured on
-# Ray 2.60: a handle first used after the failure never answers). A call still
-# waiting after this long checks the deployment's status, and gives up only if
-# it failed; a model that is merely busy or restarting is waited for.
-STATUS_CHECK_S = 5.0
+# Ray 2.60: a handle first used after the failure never answers); so can one to
+# a role whose replica never starts. Every call is therefore awaited through
+# `status_watch.wait_for_role`, which reads one cached status per ingress replica.
 
 app = FastAPI(title="rayfit", description="OpenAI-compatible API over rayfit's model deployments")
 
@@ -101,6 +104,42 @@ def _message_of(exc: BaseException) -> str:
     return str(cause if cause is not None else exc)
 
 
+def _returned_error(value: Any, role: str) -> Any:
+    """`value` as a replica answered it; an exception it returned instead of raising (a client's bad
+    request: Serve logs every raised one with its traceback) is raised here as the caller's error."""
+    if isinstance(value, BaseException):
+        raise classify(value, role)
+    return value
+
+
+class RoleCard(ModelCard):
+    """An OpenAI model object plus the role's state: ready, loading, unavailable, failed (or unknown)."""
+
+    multimodal: bool | None = None  # None: not known until its replica answers
+    status: str
+    reason: str | None = None
+
+
+class RoleList(ModelList):
+    data: list[RoleCard]
+
+
+class HeldStream(StreamingResponse):
+    """A streamed answer that holds its request's admission turn until it is sent or the client leaves."""
+
+    def __init__(self, content: AsyncIterator[str], ticket: Ticket):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._ticket = ticket
+        ticket.handed_over = True
+        weakref.finalize(self, ticket.release)  # never sent at all (cancelled in between): freed with the response
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._ticket.release()
+
+
 @serve.deployment(
     # The router only forwards: a small CPU share lets it schedule next to the
     # models on a small machine.
@@ -126,6 +165,9 @@ class Ingress:
         self.settings = settings or IngressSettings()
         self.gpus = gpus or []
         self._info: dict[str, dict[str, Any]] = {}
+        # One status reader per ingress replica: requests read its cache, never the controller.
+        self.watch = StatusWatch(functools.partial(read_states, serve.get_replica_context().app_name))
+        self.admission = Admission(self.settings.max_ongoing_requests, self.settings.max_queued_requests)
 
     # ------------------------------------------------------------ helpers
 
@@ -148,32 +190,26 @@ class Ingress:
         authorize(http, self.settings.api_key)
         return parse_body(await read_body(http, self.settings.max_body_bytes), model)
 
-    async def _failed(self, exc: BaseException, role: str) -> RayfitError:
-        """The error for a failed call; a model whose deployment failed says why (from `serve status`)."""
+    def _failed(self, exc: BaseException, role: str) -> RayfitError:
+        """The error for a failed call; a model whose deployment failed says why (from the cached status)."""
         error = classify(exc, role)
-        if isinstance(error, OverloadedError):
-            problem = (await deployment_problems([role])).get(role)
-            if problem is not None and problem["status"] == "DEPLOY_FAILED":
-                return OverloadedError(f"model {role!r} failed to deploy: {problem['reason']}", retry_after_s=None)
+        state = self.watch.state(role)
+        if isinstance(error, OverloadedError) and state.phase == FAILED:
+            message = f"model {role!r} failed to deploy: {state.reason}"
+            return OverloadedError(message, retry_after_s=error.retry_after_s)
         return error
 
     async def _call(self, role: str, call: Awaitable[Any]) -> Any:
-        """Await a call to `role`; a failed deployment is a 503 naming its load error, not a hang."""
-        task = asyncio.ensure_future(call)
+        """Await a call to `role`: a failed deployment is a 503 naming its load error at once, a role
+        with no running replica a 503 after `unavailable_timeout_s`; a busy one is waited for."""
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=STATUS_CHECK_S)
-                if done:
-                    return task.result()
-                problem = (await deployment_problems([role])).get(role)
-                if problem is not None and problem["status"] == "DEPLOY_FAILED":
-                    raise OverloadedError(f"model {role!r} failed to deploy: {problem['reason']}", retry_after_s=None)
+            return _returned_error(
+                await wait_for_role(self.watch, role, call, self.settings.unavailable_timeout_s), role
+            )
         except (RayfitError, StopAsyncIteration):
             raise
         except Exception as exc:
-            raise await self._failed(exc, role) from exc
-        finally:
-            task.cancel()  # no-op when done; stops the call when the client left or the model failed
+            raise self._failed(exc, role) from exc
 
     def _max_tokens_cap(self, role: str) -> int | None:
         return self.settings.max_tokens_caps.get(role)
@@ -181,9 +217,10 @@ class Ingress:
     async def _generate(self, role: str, request: GenerationInput):
         return await self._call(role, self.models[role].generate.remote(request))
 
-    async def _stream(self, role: str, request: GenerationInput, convert, include_done: bool = True):
+    async def _stream(self, role: str, request: GenerationInput, convert, ticket: Ticket):
         """Start the stream and read its first delta before answering, so a bad
-        request is a plain 400 rather than an error inside a 200 stream."""
+        request is a plain 400 rather than an error inside a 200 stream. The
+        answer holds `ticket` (the request's admission turn) until it ends."""
         handle = self.models[role].options(stream=True)
         deltas: AsyncIterator[StreamDelta] = handle.stream.remote(request)
         try:
@@ -196,7 +233,7 @@ class Ingress:
                 if first is not None:
                     yield sse_lines(convert(first))
                     async for delta in deltas:
-                        yield sse_lines(convert(delta))
+                        yield sse_lines(convert(_returned_error(delta, role)))
             except asyncio.CancelledError:
                 raise  # client went away: Serve cancels the replica's generator
             except Exception as exc:
@@ -206,58 +243,65 @@ class Ingress:
                 yield f"data: {json.dumps(error_body(error.message, type=error.type, code=error.status))}\n\n"
             yield SSE_DONE
 
-        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return HeldStream(body(), ticket)
 
     # ------------------------------------------------------------ routes
 
-    # Bodies are read by `_body`, not by FastAPI: it bounds their size (413)
-    # and turns every malformed body into a 400 in OpenAI's shape.
+    # Generation requests take an admission turn first (503 + Retry-After in
+    # OpenAI's shape past the ingress's bound). Bodies are read by `_body`, not
+    # by FastAPI: it bounds their size (413) and turns every malformed body into
+    # a 400 in OpenAI's shape.
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
     async def chat_completions(self, http: Request):
-        request: ChatCompletionRequest = await self._body(http, ChatCompletionRequest)
-        role = self._resolve(request.model)
-        generation = request.to_generation_input(self._max_tokens_cap(role))
-        if request.stream:
-            converter = ChatStreamConverter(request.model, include_usage=request.include_usage)
-            return await self._stream(role, generation, converter.convert)
-        output = await self._generate(role, generation)
-        return chat_response(output, request.model)
+        async with self.admission.enter() as ticket:
+            request: ChatCompletionRequest = await self._body(http, ChatCompletionRequest)
+            role = self._resolve(request.model)
+            generation = request.to_generation_input(self._max_tokens_cap(role))
+            if request.stream:
+                converter = ChatStreamConverter(request.model, include_usage=request.include_usage)
+                return await self._stream(role, generation, converter.convert, ticket)
+            output = await self._generate(role, generation)
+            return chat_response(output, request.model)
 
     @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(self, http: Request):
-        request: CompletionRequest = await self._body(http, CompletionRequest)
-        role = self._resolve(request.model)
-        generation = request.to_generation_input(self._max_tokens_cap(role))
-        if request.stream:
-            converter = CompletionStreamConverter(request.model, include_usage=request.include_usage)
-            return await self._stream(role, generation, converter.convert)
-        output = await self._generate(role, generation)
-        return completion_response(output, request.model)
+        async with self.admission.enter() as ticket:
+            request: CompletionRequest = await self._body(http, CompletionRequest)
+            role = self._resolve(request.model)
+            generation = request.to_generation_input(self._max_tokens_cap(role))
+            if request.stream:
+                converter = CompletionStreamConverter(request.model, include_usage=request.include_usage)
+                return await self._stream(role, generation, converter.convert, ticket)
+            output = await self._generate(role, generation)
+            return completion_response(output, request.model)
 
-    async def _role_info(self, role: str) -> dict[str, Any]:
-        if role not in self._info:
-            self._info[role] = await self._call(role, self.models[role].info.remote())
-        return self._info[role]
-
-    @app.get("/v1/models", response_model=ModelList)
-    async def list_models(self, http: Request) -> ModelList:
-        authorize(http, self.settings.api_key)
-        answers = await asyncio.gather(*(self._role_info(role) for role in sorted(self.models)), return_exceptions=True)
-        # A model whose deployment failed is not listed (/v1/placement says why).
-        infos = [info for info in answers if isinstance(info, dict)]
-        created = now()
-        return ModelList(
-            data=[
-                ModelCard(
-                    id=info["role"],
-                    created=created,
-                    root=self.model_ids.get(info["role"], info["model"]),
-                    max_model_len=info.get("context_length"),
-                    multimodal=bool(info.get("multimodal")),
-                )
-                for info in infos
-            ]
+    async def _role_card(self, role: str, created: int) -> RoleCard:
+        """The role as /v1/models lists it; only a running role is asked for its details (bounded)."""
+        state = self.watch.state(role)
+        if role not in self._info and state.phase == READY:
+            try:
+                info = await asyncio.wait_for(self.models[role].info.remote(), MODELS_INFO_TIMEOUT_S)
+                self._info[role] = info
+            except Exception as exc:  # listed without details; the next listing asks again
+                logger.info("/v1/models: %s did not report its details: %s", role, _message_of(exc))
+        info = self._info.get(role, {})
+        return RoleCard(
+            id=role,
+            created=created,
+            root=self.model_ids.get(role, info.get("model", role)),
+            max_model_len=info.get("context_length"),
+            multimodal=bool(info["multimodal"]) if "multimodal" in info else None,
+            status=state.phase,
+            reason=(state.reason or None) if state.phase != READY else None,
         )
+
+    @app.get("/v1/models", response_model=RoleList)
+    async def list_models(self, http: Request) -> RoleList:
+        """Every configured role with its state; never waits for a model that is loading."""
+        authorize(http, self.settings.api_key)
+        await self.watch.states()  # the cached statuses (the first call waits for the first read)
+        created = now()
+        return RoleList(data=await asyncio.gather(*(self._role_card(role, created) for role in sorted(self.models))))
 
     @app.get("/v1/placement")
     async def placement(self, http: Request) -> dict[str, Any]:
@@ -265,8 +309,12 @@ class Ingress:
         or why the role has no replica (its deployment failed: the load error)."""
         authorize(http, self.settings.api_key)
         roles = sorted(self.models)
-        problems = await deployment_problems(roles)
-        failed = {role for role, p in problems.items() if p["status"] == "DEPLOY_FAILED"}
+        try:
+            await self.watch.refresh()  # an operator's report: read the statuses now, not up to a second ago
+        except Exception as exc:
+            logger.warning("/v1/placement: cannot read deployment statuses: %s", exc)
+        problems = self.watch.problems(roles)
+        failed = {role for role in roles if self.watch.state(role).phase == FAILED}
         alive = await asyncio.to_thread(alive_node_ids)
         gone = unplaced_roles(self.plan, alive)
 
@@ -274,7 +322,7 @@ class Ingress:
             if role in gone:  # its replica can only come back on that node: don't wait for it
                 return {"error": gone[role], **problems.get(role, {})}
             if role in failed:
-                return {"error": problems[role]["reason"], "status": "DEPLOY_FAILED"}
+                return {"error": self.watch.state(role).reason, "status": "DEPLOY_FAILED"}
             try:
                 # Bounded: a deployment still starting must not hold the whole report.
                 return await asyncio.wait_for(self.models[role].placement.remote(), PLACEMENT_TIMEOUT_S)
@@ -291,8 +339,9 @@ class Ingress:
         # The proxy routes here only once the app is running; model replicas
         # report their own health to Serve through `check_health`. A role whose
         # deployment is not HEALTHY or whose planned node left makes it "degraded"
-        # (still 200: the other models serve).
-        problems = await deployment_problems(sorted(self.models))
+        # (still 200: the other models serve). Statuses come from the watcher's cache.
+        await self.watch.states()
+        problems = self.watch.problems(sorted(self.models))
         unavailable = {role: f"{p['status']}: {p['reason']}".rstrip(": ") for role, p in problems.items()}
         unavailable.update(unplaced_roles(self.plan, await asyncio.to_thread(alive_node_ids)))
         status = "degraded" if unavailable else "ok"

@@ -137,7 +137,16 @@ def test_load_failures_are_reported_and_the_rest_serves(http: httpx.Client) -> N
     )
     assert response.status_code == 503
     assert "failed to deploy" in response.json()["error"]["message"] and "ModelLoadError" in response.text
-    assert {m["id"] for m in http.get("/v1/models").json()["data"]} == {ALPHA, BETA}
+    assert int(response.headers["retry-after"]) >= 1
+    # Every role is listed, each with its state (and a failed one with its load error).
+    models = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+    assert {role: m["status"] for role, m in models.items()} == {
+        ALPHA: "ready",
+        BETA: "ready",
+        CORRUPT: "failed",
+        MISSING: "failed",
+    }
+    assert models[CORRUPT]["reason"].startswith("ModelLoadError")
     assert ask(http, ALPHA) == ask(http, BETA) == 200
 
 

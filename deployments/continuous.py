@@ -119,7 +119,8 @@ class ContinuousBatcher:
         # Times the batching loop died and was rebuilt, and the last time it delivered tokens
         # (the replica's liveness: a busy batcher is alive while tokens flow).
         self.restarts = 0
-        self.last_progress = time.monotonic()
+        self._progress_time = time.monotonic()
+        self._progress_step = -1
         self._ready = threading.Event()  # cleared while the manager is being rebuilt
         self._manager = self._start_manager()
         self.cache_bytes = self._wait_for_cache()
@@ -175,7 +176,7 @@ class ContinuousBatcher:
                 if not self._manager.is_running() and not self._stopping.is_set():
                     self._recover()
                 continue
-            self.last_progress = time.monotonic()
+            self._progress_time = time.monotonic()
             with self._lock:
                 target = self._queues.get(output.request_id)
             if target is None:
@@ -201,7 +202,7 @@ class ContinuousBatcher:
         self._manager = self._start_manager()
         self._wait_for_cache()
         self.restarts += 1
-        self.last_progress = time.monotonic()
+        self._progress_time = time.monotonic()
         self._ready.set()
 
     def _fail_all(self, error: BaseException) -> None:
@@ -221,6 +222,7 @@ class ContinuousBatcher:
         top_p: float = 1.0,
         slot_held: bool = False,
         cancel: threading.Event | None = None,
+        streaming: bool = True,
     ) -> str:
         """Queue one request once a sequence slot is free; read its tokens with `updates(request_id)`.
 
@@ -228,7 +230,9 @@ class ContinuousBatcher:
         temperature and top-p, next to greedy rows in the same batch.
         `slot_held`: the caller already took this request's slot with
         `slots.acquire(n)` (several rows at once, so two callers never each
-        hold part of what they need and wait on each other).
+        hold part of what they need and wait on each other). `streaming=False`:
+        only the final update is delivered (no per-token wake-ups for a caller
+        that needs the whole answer anyway).
 
         Blocks while `pool.sequences` requests hold the pool. Every id returned
         holds a slot until `release(request_id)`.
@@ -251,7 +255,7 @@ class ContinuousBatcher:
                     list(input_ids),
                     request_id=request_id,
                     max_new_tokens=max_new_tokens,
-                    streaming=True,
+                    streaming=streaming,
                     eos_token_id=self.eos_token_ids or None,
                     **sampling,
                 )
@@ -289,6 +293,15 @@ class ContinuousBatcher:
             yield item
             if item.finished:
                 return
+
+    @property
+    def last_progress(self) -> float:
+        """Monotonic time the batch last moved: an output delivered, or a decode step taken
+        (the manager's step counter; non-streamed requests deliver only at their end)."""
+        step = getattr(self._manager, "current_batch", None)
+        if step is not None and step != self._progress_step:
+            self._progress_step, self._progress_time = step, time.monotonic()
+        return self._progress_time
 
     @property
     def live_requests(self) -> int:

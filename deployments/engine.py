@@ -566,7 +566,9 @@ class Engine:
                 try:
                     for n, i in enumerate(wave):
                         try:
-                            ids[i] = self._submit(prepared[i], inputs[i].params, slot_held=True)
+                            # Whole answers only: per-token updates just to watch for stop strings.
+                            streaming = bool(inputs[i].params.stop)
+                            ids[i] = self._submit(prepared[i], inputs[i].params, slot_held=True, streaming=streaming)
                         except BaseException:
                             self.batcher.slots.release(len(wave) - n - 1)  # the slots of rows never submitted
                             raise
@@ -644,6 +646,7 @@ class Engine:
         *,
         slot_held: bool = False,
         cancel: threading.Event | None = None,
+        streaming: bool = True,
     ) -> str:
         assert self.batcher is not None
         return self.batcher.submit(
@@ -653,6 +656,7 @@ class Engine:
             top_p=params.top_p,
             slot_held=slot_held,
             cancel=cancel,
+            streaming=streaming,
         )
 
     def _release(self, request_id: str, *, cancel: bool) -> None:

@@ -296,7 +296,8 @@ class ModelServer:
             self._check_cap(request)
             # `stop` doubles as the engine's cancel flag: a client gone while the request waits
             # for a slot or is in prefill stops it too, not only after its next delta.
-            deltas = self.engine.stream(request, stop)
+            # Off the event loop: templating and image decoding take real time on a busy replica.
+            deltas = await asyncio.to_thread(self.engine.stream, request, stop)
         except Exception:
             self.metrics.request_done("invalid", time.perf_counter() - start)
             raise

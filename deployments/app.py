@@ -187,6 +187,8 @@ def entry_summary(entry: PlanEntry, model_id: str | None = None) -> dict[str, An
         "fraction": entry.fraction,
         "memory_budget_bytes": entry.memory_budget_bytes,
         "memory_budget": gib(entry.memory_budget_bytes),
+        # The KV part of that budget, which the replica's engine must stay within (None: not itemized).
+        "kv_cache_bytes": entry.kv_budget_bytes,
         "estimate_source": entry.estimate.source,
         "reason": entry.reason,
     }

@@ -36,6 +36,8 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench_serving import run_concurrent  # noqa: E402
+
 from deployments.ports import free_port  # noqa: E402
 
 DEMO_CONFIG = REPO_ROOT / "examples" / "demo" / "model_configs.yaml"
@@ -84,28 +86,19 @@ def one_request(client: httpx.Client, url: str, model: str, shape: dict[str, Any
 
 def closed_loop(url: str, model: str, shape: dict[str, Any], concurrency: int, per_client: int, max_tokens: int):
     """(tok/s, requests, errors): `concurrency` clients each sending `per_client` requests back to back."""
-    tokens: list[int] = []
-    errors: list[str] = []
-    lock = threading.Lock()
+    local = threading.local()
 
-    def client_loop() -> None:
-        with httpx.Client() as client:
-            for _ in range(per_client):
-                try:
-                    got = one_request(client, url, model, shape, max_tokens)
-                    with lock:
-                        tokens.append(got)
-                except Exception as exc:  # counted, reported
-                    with lock:
-                        errors.append(f"{type(exc).__name__}: {exc}")
+    def work() -> dict[str, Any]:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client()
+        try:
+            return {"tokens": one_request(local.client, url, model, shape, max_tokens)}
+        except Exception as exc:  # counted, reported
+            return {"error": f"{type(exc).__name__}: {exc}"}
 
-    threads = [threading.Thread(target=client_loop) for _ in range(concurrency)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - started
+    wall, results = run_concurrent(concurrency, per_client, work)
+    tokens = [r["tokens"] for r in results if "tokens" in r]
+    errors = [r["error"] for r in results if "error" in r]
     return round(sum(tokens) / wall, 2), len(tokens), errors
 
 

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.errors import BadRequestError, NotFoundError, RayfitError, classify
+from deployments.errors import BadRequestError, NotFoundError, RayfitError, classify, returned
 from deployments.guard import validation_message
 from deployments.protocol import (
     ChatCompletionRequest,
@@ -95,7 +95,7 @@ class ModelClient:
             output = self._handle.generate.remote(generation).result()
         except Exception as exc:
             raise classify(exc, self.role) from exc
-        return chat_response(output, self.role)
+        return chat_response(returned(output, self.role), self.role)
 
     async def achat(self, messages: Sequence[dict[str, Any]], **params: Any) -> ChatCompletionResponse:
         await self._async_cap()
@@ -104,7 +104,7 @@ class ModelClient:
             output = await self._handle.generate.remote(generation)
         except Exception as exc:
             raise classify(exc, self.role) from exc
-        return chat_response(output, self.role)
+        return chat_response(returned(output, self.role), self.role)
 
     def stream(self, messages: Sequence[dict[str, Any]], **params: Any) -> Iterator[ChatCompletionStreamResponse]:
         """Chat chunks as OpenAI streams them (first carries the role, last the finish_reason)."""
@@ -114,7 +114,7 @@ class ModelClient:
         responses = self._stream_handle.stream.remote(generation)
         try:
             for delta in responses:
-                yield from converter.convert(delta)
+                yield from converter.convert(returned(delta, self.role))
         except RayfitError:
             raise
         except Exception as exc:
@@ -131,7 +131,7 @@ class ModelClient:
         responses = self._stream_handle.stream.remote(generation)
         try:
             async for delta in responses:
-                for chunk in converter.convert(delta):
+                for chunk in converter.convert(returned(delta, self.role)):
                     yield chunk
         except RayfitError:
             raise

@@ -9,10 +9,12 @@ through a handle, and an overloaded model is a 503 either way.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 # Seconds a client should wait before retrying an overloaded or restarting model.
 RETRY_AFTER_S = 1
+
+T = TypeVar("T")
 
 
 class RayfitError(Exception):
@@ -75,6 +77,15 @@ def _cause(exc: BaseException) -> BaseException:
     # Ray wraps a replica's exception in RayTaskError, keeping the original as `.cause`.
     cause = getattr(exc, "cause", None)
     return cause if isinstance(cause, BaseException) else exc
+
+
+def returned(value: T, role: str) -> T:
+    """`value` as a replica answered a call to `role`. A replica returns (or yields) a client's bad
+    request as its exception instead of raising it, because Serve logs every exception a replica
+    method raises as ERROR with its traceback; it is raised here as the caller's error."""
+    if isinstance(value, BaseException):
+        raise classify(value, role)
+    return value
 
 
 def classify(exc: BaseException, role: str) -> RayfitError:

@@ -23,7 +23,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.errors import BadRequestError, NotFoundError, OverloadedError, RayfitError, classify
+from deployments.errors import BadRequestError, NotFoundError, OverloadedError, RayfitError, classify, returned
 from deployments.generation import GenerationInput, StreamDelta
 from deployments.guard import Admission, IngressSettings, Ticket, authorize, parse_body, read_body
 from deployments.placement_status import alive_node_ids, unplaced_roles, with_status
@@ -102,14 +102,6 @@ async def _server_error(_: Request, exc: Exception) -> JSONResponse:
 def _message_of(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None)
     return str(cause if cause is not None else exc)
-
-
-def _returned_error(value: Any, role: str) -> Any:
-    """`value` as a replica answered it; an exception it returned instead of raising (a client's bad
-    request: Serve logs every raised one with its traceback) is raised here as the caller's error."""
-    if isinstance(value, BaseException):
-        raise classify(value, role)
-    return value
 
 
 class RoleCard(ModelCard):
@@ -203,9 +195,7 @@ class Ingress:
         """Await a call to `role`: a failed deployment is a 503 naming its load error at once, a role
         with no running replica a 503 after `unavailable_timeout_s`; a busy one is waited for."""
         try:
-            return _returned_error(
-                await wait_for_role(self.watch, role, call, self.settings.unavailable_timeout_s), role
-            )
+            return returned(await wait_for_role(self.watch, role, call, self.settings.unavailable_timeout_s), role)
         except (RayfitError, StopAsyncIteration):
             raise
         except Exception as exc:
@@ -233,7 +223,7 @@ class Ingress:
                 if first is not None:
                     yield sse_lines(convert(first))
                     async for delta in deltas:
-                        yield sse_lines(convert(_returned_error(delta, role)))
+                        yield sse_lines(convert(returned(delta, role)))
             except asyncio.CancelledError:
                 raise  # client went away: Serve cancels the replica's generator
             except Exception as exc:

@@ -29,7 +29,8 @@ from ray import serve
 from serve_support import local_serve, model_config, wait_until
 
 from deployments.app import AppArgs, build_app
-from deployments.errors import OverloadedError
+from deployments.client import get_model
+from deployments.errors import BadRequestError, OverloadedError
 from deployments.model import CPU_FALLBACK_ENV
 from deployments.status_watch import REFRESH_S, StatusWatch, read_states, wait_for_role
 
@@ -230,11 +231,16 @@ def test_a_bad_request_is_one_warning_line_without_traceback(http: httpx.Client)
     over = {"model": READY, "prompt": "word " * (CONTEXT + 50), **SHORT}
     assert http.post("/v1/completions", json=over).status_code == 400
     assert http.post("/v1/completions", json={**over, "stream": True}).status_code == 400
+    client = get_model(READY, APP)  # the handle client: the same request, the same typed error
+    messages = [{"role": "user", "content": over["prompt"]}]
+    for call in (client.chat, lambda m, **p: list(client.stream(m, **p))):
+        with pytest.raises(BadRequestError, match="context length"):
+            call(messages, **SHORT)
     written = _written_since(before)
     assert "Traceback" not in written, written
     assert not [line for line in written.splitlines() if line.startswith("ERROR")], written
     warnings = [line for line in written.splitlines() if line.startswith("WARNING") and "context length" in line]
-    assert len(warnings) == 2, written
+    assert len(warnings) == 4, written  # one line per bad request
 
 
 def test_an_unexpected_error_keeps_its_traceback() -> None:

@@ -181,10 +181,24 @@ class ModelServer:
                 f"{self.spec.max_tokens_cap}"
             )
 
-    async def generate(self, request: GenerationInput) -> GenerationOutput:
-        """One request; concurrent calls are batched into one engine call."""
-        self._check_cap(request)
+    def _rejected(self, exc: BaseException, start: float) -> BaseException:
+        """A client's bad request: counted `invalid`, logged as one WARNING line, and RETURNED to the
+        caller (Serve logs every exception a method raises as an ERROR with its traceback; the
+        ingress and the handle client raise a returned exception as the typed 400)."""
+        self.metrics.request_done("invalid", time.perf_counter() - start)
+        logger.warning("%s: bad request: %s", self.role, exc)
+        return exc
+
+    async def generate(self, request: GenerationInput) -> GenerationOutput | BaseException:
+        """One request; concurrent calls are batched into one engine call. A bad request comes back
+        as its InvalidRequest (returned, not raised)."""
+        from deployments.engine import InvalidRequest
+
         start = time.perf_counter()
+        try:
+            self._check_cap(request)
+        except InvalidRequest as exc:
+            return self._rejected(exc, start)
         try:
             if self.engine.uses_pool(request):
                 result = await self._generate_continuous(request)
@@ -196,12 +210,11 @@ class ModelServer:
         except Exception:
             self.metrics.request_done("error", time.perf_counter() - start)
             raise
+        if isinstance(result, InvalidRequest):
+            return self._rejected(result, start)
         if isinstance(result, BaseException):
-            from deployments.engine import InvalidRequest
-
-            # A bad request is the client's; anything returned otherwise (e.g. OOM recovered) is ours.
-            status = "invalid" if isinstance(result, InvalidRequest) else "error"
-            self.metrics.request_done(status, time.perf_counter() - start)
+            # Anything else returned (e.g. OOM recovered) is ours, not the client's.
+            self.metrics.request_done("error", time.perf_counter() - start)
             raise result
         self.metrics.request_done("ok", time.perf_counter() - start, result.prompt_tokens, result.completion_tokens)
         self._memory_report()
@@ -265,7 +278,9 @@ class ModelServer:
     async def stream(self, request: GenerationInput) -> AsyncIterator[StreamDelta]:
         """Deltas as the engine produces them. A dedicated thread drains the
         engine's blocking iterator (not the shared pool: blocked streams could
-        starve it); client disconnect → CancelledError → the thread stops."""
+        starve it); client disconnect → CancelledError → the thread stops.
+        A bad request is yielded as its InvalidRequest (see `_rejected`)."""
+        from deployments.engine import InvalidRequest
         from deployments.oom import is_out_of_memory, recover
 
         loop = asyncio.get_running_loop()
@@ -298,8 +313,11 @@ class ModelServer:
             # for a slot or is in prefill stops it too, not only after its next delta.
             # Off the event loop: templating and image decoding take real time on a busy replica.
             deltas = await asyncio.to_thread(self.engine.stream, request, stop)
+        except InvalidRequest as exc:
+            yield self._rejected(exc, start)  # type: ignore[misc]  # the ingress raises it as a 400
+            return
         except Exception:
-            self.metrics.request_done("invalid", time.perf_counter() - start)
+            self.metrics.request_done("error", time.perf_counter() - start)
             raise
         thread = threading.Thread(target=drain, args=(deltas,), name=f"{self.role}-stream", daemon=True)
         thread.start()
@@ -317,6 +335,11 @@ class ModelServer:
                         usage = (value.prompt_tokens or 0, value.completion_tokens)
                     yield value
                 elif kind == "error":
+                    if isinstance(value, InvalidRequest):
+                        status = "invalid"
+                        logger.warning("%s: bad request: %s", self.role, value)
+                        yield value  # type: ignore[misc]
+                        return
                     status = "error"
                     raise recover(self.role, value) if is_out_of_memory(value) else value
                 else:

@@ -221,11 +221,6 @@ def _written_since(sizes: dict[Path, int]) -> str:
     return "".join(text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs deployments/model.py to return (or yield) InvalidRequest instead of raising it: Serve's replica "
-    "logs every exception a method raises as 'Request failed.' with its traceback",
-)
 def test_a_bad_request_is_one_warning_line_without_traceback(http: httpx.Client) -> None:
     before = _serve_logs()
     over = {"model": READY, "prompt": "word " * (CONTEXT + 50), **SHORT}

@@ -134,3 +134,32 @@ def test_a_failure_inside_the_batching_loop_is_recovered(loaded: LoadedModel) ->
     finally:
         hook.remove()
         engine.close()
+
+
+def test_a_failed_submit_withdraws_its_batch_mates(loaded: LoadedModel) -> None:
+    """Three rows in one call; the manager refuses the second with an error: the first is cancelled
+    and released, the third never submitted, and no slot or queue is left behind."""
+    engine = Engine(loaded, max_batch_size=4, continuous=True)
+    try:
+        batcher = engine.batcher
+        assert batcher is not None
+        real_add = batcher._manager.add_request
+        calls: list[str] = []
+
+        def add_request(*args: object, **kwargs: object) -> object:
+            calls.append(str(kwargs.get("request_id")))
+            if len(calls) == 2:
+                raise RuntimeError("refused (injected)")
+            return real_add(*args, **kwargs)
+
+        batcher._manager.add_request = add_request  # type: ignore[method-assign]
+        long = GenerationInput(params=SamplingParams(max_tokens=200, temperature=0), prompt="The quick")
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.generate_batch([long, long, long])
+        assert len(calls) == 2  # the third row was never handed over
+        assert batcher.slots.in_use == 0 and batcher.live_requests == 0
+        batcher._manager.add_request = real_add  # type: ignore[method-assign]
+        out = engine.generate_batch([GenerationInput(params=GREEDY, prompt="Ray")])[0]
+        assert out.completion_tokens == GREEDY.max_tokens
+    finally:
+        engine.close()

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedModel
+from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingTopPLogitsWarper
 
 from deployments.errors import RetryableGenerationError
 from deployments.kv_slots import RequestCancelled, SequenceSlots
@@ -77,6 +78,41 @@ class TokenUpdate:
 
     tokens: tuple[int, ...]
     finished: bool
+
+
+class _CheapTopP(ContinuousBatchingTopPLogitsWarper):
+    """transformers' per-request top-p, without its vocabulary sort where none is needed.
+
+    Profiled on the demo at 8 concurrent greedy requests, the stock warper's
+    sort over the whole vocabulary took a fifth of every decode step, for
+    rows where it changes nothing. Here a greedy row (top-p 0) keeps its argmax
+    (one max, no sort), a top-p 1 row (OpenAI's default) is left alone, and
+    only rows with 0 < top-p < 1 go through the stock sort.
+    """
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        top_p = tensor_arg[: scores.size(0)].view(dtype=torch.float32)  # [rows]
+        greedy, untouched = top_p <= 0, top_p >= 1
+        out = scores
+        if bool(greedy.any()):
+            best = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.argmax(dim=-1, keepdim=True), True)
+            out = scores.masked_fill(greedy.unsqueeze(-1) & ~best, self.filter_value)
+        nucleus = ~(greedy | untouched)
+        if bool(nucleus.any()):
+            rows = nucleus.nonzero().squeeze(1)
+            out = out.clone() if out is scores else out
+            out[rows] = super().__call__(scores[rows], tensor_arg[: scores.size(0)][rows])
+        return out
+
+
+def _use_cheap_top_p(manager: Any) -> None:
+    """Swap the manager's top-p warper for `_CheapTopP` (same settings)."""
+    processors = manager.logit_processor.logits_processor
+    for index, processor in enumerate(processors):
+        if type(processor) is ContinuousBatchingTopPLogitsWarper:
+            cheap = _CheapTopP.__new__(_CheapTopP)
+            cheap.__dict__.update(processor.__dict__)
+            processors[index] = cheap
 
 
 class ContinuousBatcher:
@@ -149,6 +185,7 @@ class ContinuousBatcher:
         manager = self._model.init_continuous_batching(
             generation_config=self._generation, continuous_batching_config=self._config
         )
+        _use_cheap_top_p(manager)  # before start(): the loop thread builds its batch processor from this list
         manager.start()
         return manager
 

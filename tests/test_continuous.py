@@ -163,3 +163,26 @@ def test_a_failed_submit_withdraws_its_batch_mates(loaded: LoadedModel) -> None:
         assert out.completion_tokens == GREEDY.max_tokens
     finally:
         engine.close()
+
+
+def test_cheap_top_p_matches_the_stock_warper(continuous: Engine) -> None:
+    import torch
+    from transformers.generation.continuous_batching.cb_logits_processors import (
+        ContinuousBatchingTopPLogitsWarper,
+    )
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from deployments.continuous import _CheapTopP
+
+    assert continuous.batcher is not None
+    in_use = continuous.batcher._manager.logit_processor.logits_processor
+    assert any(type(p) is _CheapTopP for p in in_use)
+    stock = ContinuousBatchingTopPLogitsWarper(TopPLogitsWarper(top_p=0.5))
+    cheap = _CheapTopP(TopPLogitsWarper(top_p=0.5))
+    scores = torch.randn(4, 300, generator=torch.Generator().manual_seed(0))
+    top_p = torch.tensor([0.0, 1.0, 0.7, 0.2]).view(torch.int32)
+    fast, slow = cheap(scores, top_p), stock(scores, top_p)
+    assert torch.equal(fast[2:], slow[2:])  # nucleus rows: the stock result
+    assert torch.equal(fast[1], scores[1])  # top-p 1: untouched
+    kept = torch.isfinite(fast[0]).nonzero().squeeze(1)
+    assert kept.tolist() == [int(scores[0].argmax())]  # top-p 0: the argmax alone

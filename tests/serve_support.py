@@ -17,6 +17,16 @@ from ray import serve
 from deployments.faults import FAULTS_ENV
 from deployments.ports import free_port
 
+# Size rules for the declared-GPU apps: a model declared at 10 GiB or more takes the last GPU.
+SIZE_RULES = """\
+rules:
+  - name: 10 GiB or more takes the last GPU
+    min_memory_gb: 10
+    prefer: last_gpu
+  - name: the rest stay on the first GPU
+    prefer: first_gpu
+"""
+
 
 @contextmanager
 def local_serve(num_cpus: int = 4, env: dict[str, str] | None = None, **ray_init: Any) -> Iterator[int]:

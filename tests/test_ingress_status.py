@@ -26,6 +26,7 @@ import httpx
 import pytest
 import ray
 from ray import serve
+from serve_support import SIZE_RULES as RULES
 from serve_support import local_serve, model_config, wait_until
 
 from deployments.app import AppArgs, build_app
@@ -43,15 +44,6 @@ LONG = {"temperature": 0, "max_tokens": 200}
 # Any answer slower than this is a hang: the test fails.
 CLIENT_TIMEOUT_S = 60
 WAITERS = 48
-
-RULES = """\
-rules:
-  - name: 10 GiB or more takes the last GPU
-    min_memory_gb: 10
-    prefer: last_gpu
-  - name: the rest stay on the first GPU
-    prefer: first_gpu
-"""
 
 
 @pytest.fixture(scope="module")

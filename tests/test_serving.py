@@ -31,6 +31,7 @@ import openai
 import pytest
 import ray
 from ray import serve
+from serve_support import SIZE_RULES as RULES
 from serve_support import local_serve
 
 from deployments.app import AppArgs, build_app
@@ -42,16 +43,6 @@ APP = "rayfit-test"
 BIG, SMALL = "buffer_agent", "summarizer"  # text model (15 GB declared), image+text model (3 GB)
 # Greedy and short: deterministic, and fast on 2 cores.
 GREEDY = {"temperature": 0, "max_tokens": 8}
-
-
-RULES = """\
-rules:
-  - name: 10 GiB or more takes the last GPU
-    min_memory_gb: 10
-    prefer: last_gpu
-  - name: the rest stay on the first GPU
-    prefer: first_gpu
-"""
 
 
 def write_config(path: Path, text_dir: Path, vision_dir: Path, *, big_first: bool) -> Path:

@@ -6,11 +6,17 @@ No Ray and no HTTP here; the Serve deployment wraps an `Engine`.
   tokenizer's chat template; a tokenizer without one gets `FALLBACK_TEMPLATE`
   ("role: content" lines, then "assistant:"). A raw `prompt` is tokenized as is
   (with the tokenizer's BOS).
-- Batches: `generate_batch` groups requests by sampling settings (temperature,
-  top_p, seed) and runs one `model.generate` per group with LEFT padding, so
-  every row's last prompt token sits at the same position and decodes as if it
-  were alone. Each row stops on its own max_tokens, stop strings or EOS (a
-  per-row stopping criterion); the others go on.
+- Routes (decided here, `uses_pool`): text requests without a seed, greedy or
+  sampled, streamed or not, join transformers' continuous batch
+  (deployments.continuous). Seeded and image requests take the side path:
+  `generate_batch` groups them by sampling settings (temperature, top_p, seed)
+  and runs one `model.generate` per group with LEFT padding, so every row's
+  last prompt token sits at the same position and decodes as if it were
+  alone. Each row stops on its own max_tokens, stop strings or EOS (a per-row
+  stopping criterion); the others go on.
+- Cancellation: `generate_batch(..., cancel)` and `stream(..., cancel)` stop
+  within a decode step once `cancel` is set (the caller went away), also while
+  the request still waits for a slot, and raise RequestCancelled.
 - KV memory (the plan's contract): `kv_budget` (placement.sizing.kv_budget)
   fixes the sequences that may hold KV at once — the continuous-batching
   pool's batch, and side slots for requests the pool cannot take (seeded,

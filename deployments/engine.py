@@ -269,8 +269,6 @@ class Engine:
                 pad_token_id=self.pad_token_id,
             )
         self.kv_ledger = KvLedger(pool_bytes=self.batcher.cache_bytes if self.batcher else 0)
-        self._side_calls = 0
-        self._side_lock = threading.Lock()
         self._side_progress = 0.0
 
     def _side_step(self, call: int, cache: Any) -> None:
@@ -509,11 +507,10 @@ class Engine:
             inputs.update({k: v.to(self.device) for k, v in prompts[0].extra_inputs.items()})
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        # Our own cache object, so the ledger can measure what this call holds at every step.
+        # Our own cache object, so the ledger can measure what this call holds at every step
+        # (keyed by the cache's id: unique while the call lives).
         cache = DynamicCache(config=self.model.config)
-        with self._side_lock:
-            self._side_calls += 1
-            call = self._side_calls
+        call = id(cache)
         stops = _RowStops(
             width,
             [p.max_tokens for p in params],

@@ -9,6 +9,7 @@ OpenAI's error shape naming the models that exist.
 # No `from __future__ import annotations`: FastAPI must see the request
 # models as classes on methods that @serve.ingress rewraps.
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -24,7 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.errors import BadRequestError, NotFoundError, OverloadedError, RayfitError, classify, returned
-from deployments.generation import GenerationInput, StreamDelta
+from deployments.generation import GenerationInput, GenerationOutput, StreamDelta
 from deployments.guard import Admission, IngressSettings, Ticket, authorize, parse_body, read_body
 from deployments.placement_status import alive_node_ids, unplaced_roles, with_status
 from deployments.protocol import (
@@ -241,29 +242,52 @@ class Ingress:
     # OpenAI's shape past the ingress's bound). Bodies are read by `_body`, not
     # by FastAPI: it bounds their size (413) and turns every malformed body into
     # a 400 in OpenAI's shape.
+    async def _choices(self, role: str, generation: GenerationInput, n: int) -> list[GenerationOutput]:
+        """`n` answers to one request, generated side by side (a seed gives choice i the seed + i)."""
+        seed = generation.params.seed
+        inputs = [
+            generation
+            if i == 0 or seed is None
+            else dataclasses.replace(generation, params=dataclasses.replace(generation.params, seed=seed + i))
+            for i in range(n)
+        ]
+        return list(await asyncio.gather(*(self._generate(role, one) for one in inputs)))
+
+    @staticmethod
+    def _log_ignored(request: Any) -> None:
+        if request.ignored_fields:
+            logger.debug("ignored request fields: %s", ", ".join(request.ignored_fields))
+
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
     async def chat_completions(self, http: Request):
         async with self.admission.enter() as ticket:
             request: ChatCompletionRequest = await self._body(http, ChatCompletionRequest)
+            self._log_ignored(request)
             role = self._resolve(request.model)
             generation = request.to_generation_input(self._max_tokens_cap(role))
+            _, tools = request.tool_setup()
             if request.stream:
-                converter = ChatStreamConverter(request.model, include_usage=request.include_usage)
+                converter = ChatStreamConverter(
+                    request.model, include_usage=request.include_usage or request.continuous_usage, tools=tools
+                )
                 return await self._stream(role, generation, converter.convert, ticket)
-            output = await self._generate(role, generation)
-            return chat_response(output, request.model)
+            outputs = await self._choices(role, generation, request.n)
+            return chat_response(outputs, request.model, tools=tools)
 
     @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(self, http: Request):
         async with self.admission.enter() as ticket:
             request: CompletionRequest = await self._body(http, CompletionRequest)
+            self._log_ignored(request)
             role = self._resolve(request.model)
             generation = request.to_generation_input(self._max_tokens_cap(role))
             if request.stream:
-                converter = CompletionStreamConverter(request.model, include_usage=request.include_usage)
+                converter = CompletionStreamConverter(
+                    request.model, include_usage=request.include_usage or request.continuous_usage
+                )
                 return await self._stream(role, generation, converter.convert, ticket)
-            output = await self._generate(role, generation)
-            return completion_response(output, request.model)
+            outputs = await self._choices(role, generation, request.n)
+            return completion_response(outputs, request.model)
 
     async def _role_card(self, role: str, created: int) -> RoleCard:
         """The role as /v1/models lists it; only a running role is asked for its details (bounded)."""

@@ -1,0 +1,240 @@
+"""Per-request logits processing: grammars, penalties, logit bias, EOS rules.
+
+One `RowLogits` follows one request while it decodes. Before each sampling
+step it sees the tokens generated so far (`observe`) and edits that row's
+scores (`apply`): a grammar mask (llguidance; the output then always parses),
+`logit_bias`, presence / frequency / repetition penalties, `min_tokens` and
+`ignore_eos` (EOS masked), `top_k` and `min_p`.
+
+Two adapters plug it into the two backends: `BatchRowsProcessor` into
+transformers' continuous batch (rows found by a `rayfit_row` key each request
+carries), `GenerateRowsProcessor` into `model.generate` (rows by position).
+
+Memory (the plan's contract): per step a row needs a few vocabulary-sized
+temporaries (mask, bias), freed after the step: `ROW_WORKSPACE_BYTES_PER_TOKEN`
+× vocabulary per row, included in the planned runtime bytes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import llguidance.torch
+import torch
+from transformers import LogitsProcessor
+from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
+
+from deployments.generation import RowRules
+
+# float32 bias + unpacked bool mask + int32 bitmask per vocabulary entry, rounded up.
+ROW_WORKSPACE_BYTES_PER_TOKEN = 12
+# The key every continuous-batching request carries (-1: nothing to do for this row).
+ROW_KEY = "rayfit_row"
+
+
+class GrammarCompiler:
+    """Grammars for one tokenizer, compiled once each (a matcher per request is a cheap copy)."""
+
+    def __init__(self, tokenizer: Any, eos_token_ids: Sequence[int], cache_size: int = 64):
+        self._tokenizer = tokenizer
+        self._eos = list(eos_token_ids)
+        self._ll_tokenizer: Any = None
+        self._compiled: dict[str, Any] = {}
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    @property
+    def ll_tokenizer(self) -> Any:
+        if self._ll_tokenizer is None:  # ~0.3 s for a 50k vocabulary: built on the first grammar
+            self._ll_tokenizer = llguidance.hf.from_tokenizer(self._tokenizer, eos_token=self._eos or None)
+        return self._ll_tokenizer
+
+    def check(self, grammar: str) -> str | None:
+        """The grammar's error against this tokenizer, or None when it is usable."""
+        return _grammar_error(grammar, self.ll_tokenizer)
+
+    def matcher(self, grammar: str) -> Any:
+        """A fresh matcher at the grammar's start."""
+        with self._lock:
+            compiled = self._compiled.get(grammar)
+            if compiled is None:
+                compiled = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
+                if compiled.is_error():
+                    raise ValueError(f"invalid grammar: {compiled.get_error()}")
+                if len(self._compiled) >= self._cache_size:
+                    self._compiled.pop(next(iter(self._compiled)))
+                self._compiled[grammar] = compiled
+        return compiled.deep_copy()
+
+
+def _grammar_error(grammar: str, ll_tokenizer: Any = None) -> str | None:
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, ll_tokenizer)
+    return messages[0] if is_error else None
+
+
+def grammar_error(grammar: str) -> str | None:
+    """The grammar's error without a tokenizer (regex, schema, lark syntax), or None."""
+    return _grammar_error(grammar)
+
+
+@dataclass
+class RowLogits:
+    """One request's logits rules and the state they need (tokens seen, grammar position)."""
+
+    rules: RowRules
+    eos_token_ids: tuple[int, ...]
+    prompt_ids: tuple[int, ...] = ()
+    matcher: Any = None
+    _seen: list[int] = field(default_factory=list)
+    _counts: dict[int, int] = field(default_factory=dict)
+
+    def observe(self, generated: Sequence[int]) -> None:
+        """Take in the tokens generated since the last call (`generated` is all of them so far)."""
+        for token in generated[len(self._seen) :]:
+            self._seen.append(int(token))
+            self._counts[int(token)] = self._counts.get(int(token), 0) + 1
+            if self.matcher is not None and not self.matcher.is_stopped():
+                self.matcher.consume_token(int(token))
+
+    @property
+    def grammar_failed(self) -> str | None:
+        return self.matcher.get_error() if self.matcher is not None and self.matcher.is_error() else None
+
+    def apply(self, scores: torch.Tensor) -> torch.Tensor:
+        """This row's scores ([vocab], float) after every rule; a new tensor."""
+        rules, vocab = self.rules, scores.size(-1)
+        out = scores.clone()
+        if rules.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(self.prompt_ids) | set(self._seen)), dtype=torch.long)
+            seen = seen[seen < vocab]
+            picked = out[seen]
+            out[seen] = torch.where(picked > 0, picked / rules.repetition_penalty, picked * rules.repetition_penalty)
+        if self._counts and (rules.presence_penalty or rules.frequency_penalty):
+            ids = torch.tensor(list(self._counts), dtype=torch.long)
+            counts = torch.tensor(list(self._counts.values()), dtype=out.dtype)
+            keep = ids < vocab
+            out[ids[keep]] -= rules.presence_penalty + rules.frequency_penalty * counts[keep]
+        for token, bias in rules.logit_bias:
+            if token < vocab:
+                out[token] += bias
+        if rules.ignore_eos or len(self._seen) < rules.min_tokens:
+            eos = [t for t in self.eos_token_ids if t < vocab]
+            out[eos] = float("-inf")
+        if rules.top_k > 0 and rules.top_k < vocab:
+            threshold = torch.topk(out, rules.top_k).values[-1]
+            out = out.masked_fill(out < threshold, float("-inf"))
+        if rules.min_p > 0:
+            # p_i >= min_p · p_max  ⇔  s_i >= s_max + log(min_p)
+            out = out.masked_fill(out < out.max() + torch.log(torch.tensor(rules.min_p)), float("-inf"))
+        if self.matcher is not None and not self.matcher.is_error():
+            out = self._grammar_mask(out)
+        return out
+
+    def _grammar_mask(self, scores: torch.Tensor) -> torch.Tensor:
+        words = (scores.size(-1) + 31) // 32
+        bitmask = torch.full((1, words), -1, dtype=torch.int32)
+        llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, 0)
+        bits = torch.arange(32, dtype=torch.int32)
+        allowed = ((bitmask[0].unsqueeze(-1) >> bits) & 1).bool().flatten()[: scores.size(-1)]
+        return scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+
+
+class BatchRowsProcessor(ContinuousBatchingLogitsProcessor):
+    """`RowLogits` inside transformers' continuous batch.
+
+    Each request that needs rules is added with `rayfit_row=<key>`; before a
+    step, `prepare_tensor_args` (on the batching thread, rows in batch order)
+    lets each row's `RowLogits` see its new tokens and hands the keys on as the
+    step's argument; `__call__` then edits the rows with a key. Rows without
+    one (-1) are untouched, so plain requests cost one tensor read.
+    """
+
+    supported_kwargs: dict[str, type] = {ROW_KEY: int}
+    ignored_kwargs: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.rows: dict[int, RowLogits] = {}
+        self._lock = threading.Lock()
+        self._next_key = 0
+
+    def register(self, row: RowLogits) -> int:
+        with self._lock:
+            key, self._next_key = self._next_key, self._next_key + 1
+            self.rows[key] = row
+        return key
+
+    def forget(self, key: int) -> None:
+        with self._lock:
+            self.rows.pop(key, None)
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(-1)
+
+    def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
+        keys = []
+        for request in requests_with_new_token:
+            key = request.state.logit_processor_kwargs.get(ROW_KEY, -1)
+            row = self.rows.get(key)
+            if row is not None:
+                row.observe(request.state.generated_tokens)
+            keys.append(key if row is not None else -1)
+        return torch.tensor(keys, dtype=torch.int32)
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        keys = tensor_arg[: scores.size(0)].tolist()
+        if all(key < 0 for key in keys):
+            return scores
+        out = scores.clone()
+        for index, key in enumerate(keys):
+            row = self.rows.get(key)
+            if row is not None:
+                out[index] = row.apply(scores[index])
+        return out
+
+
+def install_batch_rows(manager: Any) -> BatchRowsProcessor:
+    """Put a `BatchRowsProcessor` first in a continuous-batching manager's processors (before
+    temperature and top-p, so rules act on the model's own scores); call before `manager.start()`."""
+    processors = manager.logit_processor
+    rows = BatchRowsProcessor()
+    processors.logits_processor.insert(0, rows)
+    processors.tensors_required += 1
+    processors.supported_keys.update(rows.supported_kwargs)
+    processors.do_processing = True
+    return rows
+
+
+class GenerateRowsProcessor(LogitsProcessor):
+    """`RowLogits` inside `model.generate`: row i of the batch is `rows[i]` (None: untouched)."""
+
+    def __init__(self, rows: Sequence[RowLogits | None], prompt_width: int):
+        self.rows = list(rows)
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        out = scores.clone()
+        for index, row in enumerate(self.rows):
+            if row is not None:
+                row.observe(input_ids[index, self.prompt_width :].tolist())
+                out[index] = row.apply(scores[index].float()).to(scores.dtype)
+        return out
+
+
+class RowFactory:
+    """Builds each request's `RowLogits` (None when it asks for nothing beyond temperature and top-p)."""
+
+    def __init__(self, tokenizer: Any, eos_token_ids: Sequence[int]):
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.grammars = GrammarCompiler(tokenizer, eos_token_ids)
+
+    def row(self, rules: RowRules, prompt_ids: Sequence[int] = ()) -> RowLogits | None:
+        """Raises ValueError for a grammar this tokenizer cannot follow."""
+        if not rules.active:
+            return None
+        matcher = self.grammars.matcher(rules.grammar) if rules.grammar else None
+        return RowLogits(rules, self.eos_token_ids, tuple(prompt_ids), matcher)

@@ -1,0 +1,250 @@
+"""Structured output and tool calls as grammars, and reading tool calls back.
+
+- `response_format` (`json_object`, `json_schema`) becomes an llguidance
+  grammar: the model can only write text that parses (and validates against
+  the schema). Non-strict schemas are compiled leniently (unknown keywords
+  ignored); `strict: true` refuses what the grammar engine cannot enforce.
+- Tools: rayfit's tool-call format is one JSON object per answer,
+  `{"tool_calls": [{"name": ..., "arguments": {...}}, ...]}`. The system
+  prompt describes the tools and the format; `tool_choice` `required` or a
+  named tool constrains the answer to that object (names limited to the
+  allowed tools, arguments to each tool's parameter schema), `auto` lets the
+  model either answer in prose or start the object, which is then constrained
+  (a grammar with both branches). Models whose chat template renders tools
+  still get the same format, so every model calls tools the same way.
+
+Grammars are built here from the request alone (no tokenizer): a bad schema
+is a 400 at the ingress, before any replica is asked.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+import llguidance
+
+from deployments.errors import BadRequestError
+from deployments.row_logits import grammar_error
+
+# Compact JSON with the separators OpenAI's own outputs use: no free whitespace,
+# so a grammar never lets a small model pad forever.
+_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _compile_schema(schema: dict[str, Any], *, strict: bool, param: str) -> str:
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise BadRequestError(f"{param}: invalid JSON schema: {exc.message}", param=param) from exc
+    options = {**_JSON_OPTIONS, "lenient": not strict}
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
+    except ValueError as exc:
+        raise BadRequestError(f"{param}: invalid JSON schema: {exc}", param=param) from exc
+    error = grammar_error(grammar)
+    if error:
+        raise BadRequestError(f"{param}: schema cannot be enforced: {error}", param=param)
+    return grammar
+
+
+def response_format_grammar(response_format: dict[str, Any] | None) -> str | None:
+    """The grammar for an OpenAI `response_format`, or None for plain text."""
+    if not response_format or response_format.get("type") in (None, "text"):
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return _compile_schema({"type": "object"}, strict=False, param="response_format")
+    if kind == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        schema = spec.get("schema")
+        if not isinstance(schema, dict):
+            raise BadRequestError(
+                "response_format.json_schema.schema must be a JSON schema object", param="response_format"
+            )
+        return _compile_schema(schema, strict=bool(spec.get("strict")), param="response_format.json_schema.schema")
+    raise BadRequestError(
+        f"response_format type {kind!r} is not supported (use text, json_object or json_schema)",
+        param="response_format",
+    )
+
+
+# ------------------------------------------------------------------ tools
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+def tool_specs(tools: Sequence[dict[str, Any]]) -> list[ToolSpec]:
+    """OpenAI `tools` (function tools) checked: names unique, parameter schemas valid."""
+    specs: list[ToolSpec] = []
+    for index, tool in enumerate(tools):
+        if tool.get("type", "function") != "function":
+            raise BadRequestError(f"tools[{index}]: only function tools are supported", param=f"tools.{index}.type")
+        function = tool.get("function") or {}
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise BadRequestError(f"tools[{index}].function.name is required", param=f"tools.{index}.function.name")
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        try:
+            jsonschema.validators.validator_for(parameters).check_schema(parameters)
+        except jsonschema.SchemaError as exc:
+            raise BadRequestError(
+                f"tools[{index}] ({name}): invalid parameters schema: {exc.message}",
+                param=f"tools.{index}.function.parameters",
+            ) from exc
+        if any(spec.name == name for spec in specs):
+            raise BadRequestError(f"tools: the name {name!r} is used twice", param="tools")
+        specs.append(ToolSpec(name, function.get("description") or "", parameters))
+    return specs
+
+
+def chosen_tools(specs: list[ToolSpec], tool_choice: Any) -> tuple[str, list[ToolSpec]]:
+    """(mode, tools the answer may call): mode is none, auto or required."""
+    if tool_choice is None:
+        return ("auto" if specs else "none"), specs
+    if tool_choice in ("none", "auto", "required"):
+        if tool_choice == "required" and not specs:
+            raise BadRequestError("tool_choice is 'required' but no tools were given", param="tool_choice")
+        return tool_choice, specs
+    name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice, dict) else None
+    named = [spec for spec in specs if spec.name == name]
+    if not named:
+        known = ", ".join(spec.name for spec in specs) or "none"
+        raise BadRequestError(
+            f"tool_choice names the tool {name!r}, which is not in tools ({known})", param="tool_choice"
+        )
+    return "required", named
+
+
+def _calls_schema(specs: list[ToolSpec], parallel: bool) -> dict[str, Any]:
+    call = {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {"name": {"const": spec.name}, "arguments": spec.parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for spec in specs
+        ]
+    }
+    calls: dict[str, Any] = {"type": "array", "items": call, "minItems": 1}
+    if not parallel:
+        calls["maxItems"] = 1
+    return {
+        "type": "object",
+        "properties": {"tool_calls": calls},
+        "required": ["tool_calls"],
+        "additionalProperties": False,
+    }
+
+
+def tool_call_grammar(specs: list[ToolSpec], mode: str, parallel: bool) -> str | None:
+    """The grammar for an answer under `mode`: the call object (required), prose or the call (auto)."""
+    if mode == "none" or not specs:
+        return None
+    schema = json.dumps(_calls_schema(specs, parallel))
+    if mode == "required":
+        lark = f"start: %json {schema}"
+    else:  # prose that does not open with "{", or the call object
+        lark = f"start: TEXT | %json {schema}\nTEXT: /[^{{\\s](.|\\n)*/"
+    grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+    error = grammar_error(grammar)
+    if error:
+        raise BadRequestError(f"tools cannot be enforced: {error}", param="tools")
+    return grammar
+
+
+def tools_prompt(specs: list[ToolSpec], mode: str, parallel: bool) -> str:
+    """The system-prompt text that tells the model its tools and the call format."""
+    lines = ["You can call these tools (JSON schema of each tool's arguments):"]
+    for spec in specs:
+        lines.append(f"- {spec.name}: {spec.description} Arguments: {json.dumps(spec.parameters)}")
+    many = "one or more calls" if parallel else "exactly one call"
+    lines.append(
+        f"To call tools, answer with only this JSON ({many}): "
+        '{"tool_calls": [{"name": "<tool>", "arguments": {...}}]}'
+    )
+    if mode == "required":
+        lines.append("You must call a tool now.")
+    else:
+        lines.append("If no tool is needed, answer the user in plain text.")
+    return "\n".join(lines)
+
+
+def parse_tool_calls(text: str, specs: list[ToolSpec]) -> list[ToolCall] | None:
+    """The tool calls in an answer, or None when it is prose (or not a valid call object)."""
+    stripped = text.strip()
+    if not stripped.startswith("{"):
+        return None
+    try:
+        value = json.loads(stripped)
+    except json.JSONDecodeError:
+        return None
+    calls = value.get("tool_calls") if isinstance(value, dict) else None
+    if not isinstance(calls, list) or not calls:
+        return None
+    by_name = {spec.name: spec for spec in specs}
+    parsed = []
+    for call in calls:
+        spec = by_name.get(call.get("name")) if isinstance(call, dict) else None
+        arguments = call.get("arguments") if spec is not None else None
+        if spec is None or not isinstance(arguments, dict):
+            return None
+        try:
+            jsonschema.validate(arguments, spec.parameters)
+        except jsonschema.ValidationError:
+            return None
+        parsed.append(ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=spec.name, arguments=json.dumps(arguments)))
+    return parsed
+
+
+def history_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tool turns of a chat history as plain text turns any chat template can render:
+    an assistant's `tool_calls` as the call object it wrote, a `tool` result as a user turn."""
+    out = []
+    for message in messages:
+        role = message.get("role")
+        if role == "assistant" and message.get("tool_calls"):
+            calls = [
+                {"name": call["function"]["name"], "arguments": _arguments(call["function"].get("arguments"))}
+                for call in message["tool_calls"]
+            ]
+            out.append({"role": "assistant", "content": json.dumps({"tool_calls": calls})})
+        elif role == "tool":
+            call_id = message.get("tool_call_id") or "?"
+            out.append({"role": "user", "content": f"Tool result ({call_id}): {_text(message.get('content'))}"})
+        else:
+            out.append(message)
+    return out
+
+
+def _arguments(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except json.JSONDecodeError:
+            return arguments
+    return arguments if arguments is not None else {}
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return "" if content is None else str(content)

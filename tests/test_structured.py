@@ -1,0 +1,248 @@
+"""Structured output and tools at the protocol level: request fields, grammars, tool calls.
+
+No Ray here: the request models (deployments.protocol), the grammars built
+from them (deployments.structured) and the per-row logits rules
+(deployments.row_logits) driving a real `model.generate` of the demo's
+SmolLM2 (converted once from its GGUF, cached).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from deployments.errors import BadRequestError
+from deployments.generation import RowRules, StreamDelta
+from deployments.loading import convert_gguf
+from deployments.protocol import ChatCompletionRequest, ChatStreamConverter, CompletionRequest
+from deployments.row_logits import GenerateRowsProcessor, RowFactory
+from deployments.structured import parse_tool_calls, response_format_grammar, tool_call_grammar, tool_specs
+from placement.demo_models import smollm2_gguf
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"enum": ["yes", "no"]}, "confidence": {"type": "integer"}},
+    "required": ["answer", "confidence"],
+    "additionalProperties": False,
+}
+
+
+def chat(**fields) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+    )
+
+
+# ------------------------------------------------------------ request fields
+
+
+def test_fields_that_change_nothing_are_accepted_and_listed() -> None:
+    request = chat(store=True, metadata={"run": "1"}, service_tier="auto", user="u", some_future_field=3)
+    assert request.ignored_fields == ["metadata", "service_tier", "some_future_field", "store", "user"]
+
+
+@pytest.mark.parametrize(
+    "field, value", [("logprobs", True), ("top_logprobs", 3), ("audio", {"voice": "x"}), ("functions", [{}])]
+)
+def test_fields_rayfit_cannot_honour_are_a_400_naming_them(field: str, value: object) -> None:
+    with pytest.raises(BadRequestError) as caught:
+        chat(**{field: value})
+    assert caught.value.param == field and field in caught.value.message
+
+
+def test_sampling_fields_reach_the_engine_rules() -> None:
+    params = (
+        chat(
+            presence_penalty=0.5,
+            frequency_penalty=0.25,
+            logit_bias={"7": -100},
+            top_k=5,
+            min_p=0.1,
+            repetition_penalty=1.2,
+            min_tokens=3,
+            ignore_eos=True,
+            max_tokens=9,
+        )
+        .to_generation_input()
+        .params
+    )
+    assert params.rules == RowRules(
+        logit_bias=((7, -100.0),),
+        presence_penalty=0.5,
+        frequency_penalty=0.25,
+        repetition_penalty=1.2,
+        min_tokens=3,
+        ignore_eos=True,
+        top_k=5,
+        min_p=0.1,
+    )
+    assert not chat().to_generation_input().params.rules.active
+
+
+def test_min_tokens_above_max_tokens_is_a_400() -> None:
+    with pytest.raises(BadRequestError, match="min_tokens"):
+        chat(min_tokens=10, max_tokens=4).to_generation_input()
+
+
+# ------------------------------------------------------------ grammars
+
+
+def test_bad_schemas_and_tool_choices_are_400s() -> None:
+    with pytest.raises(BadRequestError, match="invalid JSON schema"):
+        response_format_grammar({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}})
+    with pytest.raises(BadRequestError, match="not supported"):
+        response_format_grammar({"type": "yaml"})
+    with pytest.raises(BadRequestError, match="parameters schema"):
+        tool_specs([{"type": "function", "function": {"name": "f", "parameters": {"type": 12}}}])
+    with pytest.raises(BadRequestError, match="not in tools") as caught:
+        chat(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}).to_generation_input()
+    assert caught.value.param == "tool_choice"
+    with pytest.raises(BadRequestError, match="no tools"):
+        chat(tool_choice="required").to_generation_input()
+
+
+def test_tool_history_renders_as_plain_turns() -> None:
+    messages = [
+        {"role": "user", "content": "weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"},
+    ]
+    generation = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": messages, "tools": [WEATHER]}
+    ).to_generation_input()
+    roles = [m["role"] for m in generation.messages]
+    assert roles == ["system", "user", "assistant", "user"]
+    assert "get_weather" in generation.messages[0]["content"]
+    assert json.loads(generation.messages[2]["content"]) == {
+        "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    }
+    assert "call_1" in generation.messages[3]["content"] and "18 C" in generation.messages[3]["content"]
+
+
+def test_tool_calls_are_parsed_and_validated() -> None:
+    specs = tool_specs([WEATHER])
+    calls = parse_tool_calls('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}', specs)
+    assert calls is not None and calls[0].name == "get_weather" and json.loads(calls[0].arguments) == {"city": "Oslo"}
+    assert parse_tool_calls('{"tool_calls": [{"name": "get_weather", "arguments": {}}]}', specs) is None  # invalid
+    assert parse_tool_calls("It is sunny.", specs) is None
+
+
+def test_streamed_tool_call_arrives_as_one_delta() -> None:
+    converter = ChatStreamConverter("m", tools=tool_specs([WEATHER]))
+    pieces = ['{"tool_calls": [{"name": "get_', 'weather", "arguments": {"city": "Rome"}}]}']
+    chunks = [c for piece in pieces for c in converter.convert(StreamDelta(text=piece))]
+    chunks += converter.convert(StreamDelta(text="", finish_reason="stop", prompt_tokens=3, completion_tokens=9))
+    contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    calls = [c.choices[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert contents == []  # nothing of the call object leaked as text
+    assert len(calls) == 1 and calls[0].finish_reason == "tool_calls"
+    call = calls[0].delta.tool_calls[0]
+    assert (
+        call.index == 0
+        and call.function.name == "get_weather"
+        and json.loads(call.function.arguments) == {"city": "Rome"}
+    )
+
+
+def test_streamed_prose_with_tools_is_not_held_back() -> None:
+    converter = ChatStreamConverter("m", tools=tool_specs([WEATHER]))
+    first = converter.convert(StreamDelta(text="It is "))
+    assert any(c.choices and c.choices[0].delta.content == "It is " for c in first)
+
+
+# ------------------------------------------------------------ constrained decoding on a real model
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> tuple[object, object]:
+    directory, name = smollm2_gguf()
+    converted, _ = convert_gguf(Path(directory) / name)
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    return tokenizer, AutoModelForCausalLM.from_pretrained(converted).eval()
+
+
+def _generate(smollm2, messages: list[dict], rules: RowRules, max_new_tokens: int = 48) -> str:
+    tokenizer, model = smollm2
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    row = RowFactory(tokenizer, [tokenizer.eos_token_id]).row(rules, ids)
+    out = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        logits_processor=[GenerateRowsProcessor([row], len(ids))],
+    )
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+
+def test_json_schema_output_parses_and_validates(smollm2) -> None:
+    request = chat(
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER_SCHEMA, "strict": True}}
+    )
+    question = [{"role": "user", "content": "Is water wet? Answer in JSON."}]
+    text = _generate(smollm2, question, request.to_generation_input().params.rules)
+    jsonschema.validate(json.loads(text), ANSWER_SCHEMA)
+
+
+def test_required_tool_choice_yields_a_valid_call(smollm2) -> None:
+    request = chat(tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
+    generation = request.to_generation_input()
+    messages = [*generation.messages[:1], {"role": "user", "content": "What's the weather in Paris?"}]
+    text = _generate(smollm2, messages, generation.params.rules, max_new_tokens=64)
+    calls = parse_tool_calls(text, tool_specs([WEATHER]))
+    assert calls is not None and len(calls) == 1 and calls[0].name == "get_weather"
+
+
+def test_completions_take_response_format_too() -> None:
+    request = CompletionRequest.model_validate(
+        {"model": "m", "prompt": "x", "response_format": {"type": "json_object"}}
+    )
+    assert request.to_generation_input().params.rules.grammar is not None
+
+
+def test_logit_bias_and_min_tokens_shape_the_scores(smollm2) -> None:
+    tokenizer, _ = smollm2
+    eos = tokenizer.eos_token_id
+    row = RowFactory(tokenizer, [eos]).row(RowRules(logit_bias=((5, 100.0),), min_tokens=2))
+    scores = torch.zeros(len(tokenizer))
+    shaped = row.apply(scores)
+    assert int(shaped.argmax()) == 5 and shaped[eos] == float("-inf")
+    row.observe([5, 6])  # two tokens out: EOS allowed again
+    assert row.apply(scores)[eos] == 0.0
+    penalised = RowFactory(tokenizer, [eos]).row(RowRules(presence_penalty=1.0, frequency_penalty=0.5))
+    penalised.observe([9, 9])
+    assert penalised.apply(scores)[9] == pytest.approx(-2.0)
+
+
+def test_tool_grammar_rejects_an_unknown_tool_name(smollm2) -> None:
+    tokenizer, _ = smollm2
+    grammar = tool_call_grammar(tool_specs([WEATHER]), "required", parallel=False)
+    matcher = RowFactory(tokenizer, [tokenizer.eos_token_id]).grammars.matcher(grammar)
+    ids = tokenizer.encode('{"tool_calls": [{"name": "delete_all"', add_special_tokens=False)
+    assert matcher.validate_tokens(ids) < len(ids)  # the grammar stops accepting at the wrong name

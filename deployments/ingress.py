@@ -14,7 +14,7 @@ import functools
 import json
 import logging
 import weakref
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,6 +44,7 @@ from deployments.protocol import (
     now,
     sse_lines,
 )
+from deployments.responses_api import ResponseEvents, ResponsesRequest, response_body, sse_events
 from deployments.status_watch import FAILED, READY, StatusWatch, read_states, wait_for_role
 
 logger = logging.getLogger("ray.serve")
@@ -208,10 +209,11 @@ class Ingress:
     async def _generate(self, role: str, request: GenerationInput):
         return await self._call(role, self.models[role].generate.remote(request))
 
-    async def _stream(self, role: str, request: GenerationInput, convert, ticket: Ticket):
+    async def _stream(self, role: str, request: GenerationInput, render: Callable[[StreamDelta], str], ticket: Ticket):
         """Start the stream and read its first delta before answering, so a bad
         request is a plain 400 rather than an error inside a 200 stream. The
-        answer holds `ticket` (the request's admission turn) until it ends."""
+        answer holds `ticket` (the request's admission turn) until it ends;
+        `render` turns each delta into its server-sent-event text."""
         handle = self.models[role].options(stream=True)
         deltas: AsyncIterator[StreamDelta] = handle.stream.remote(request)
         try:
@@ -222,9 +224,9 @@ class Ingress:
         async def body() -> AsyncIterator[str]:
             try:
                 if first is not None:
-                    yield sse_lines(convert(first))
+                    yield render(first)
                     async for delta in deltas:
-                        yield sse_lines(convert(returned(delta, role)))
+                        yield render(returned(delta, role))
             except asyncio.CancelledError:
                 raise  # client went away: Serve cancels the replica's generator
             except Exception as exc:
@@ -270,9 +272,31 @@ class Ingress:
                 converter = ChatStreamConverter(
                     request.model, include_usage=request.include_usage or request.continuous_usage, tools=tools
                 )
-                return await self._stream(role, generation, converter.convert, ticket)
+                return await self._stream(role, generation, lambda d: sse_lines(converter.convert(d)), ticket)
             outputs = await self._choices(role, generation, request.n)
             return chat_response(outputs, request.model, tools=tools)
+
+    @app.post("/v1/responses")
+    async def responses(self, http: Request):
+        """OpenAI's Responses API, answered through the chat path (deployments.responses_api)."""
+        async with self.admission.enter() as ticket:
+            request: ResponsesRequest = await self._body(http, ResponsesRequest)
+            chat = request.to_chat()
+            role = self._resolve(request.model)
+            generation = chat.to_generation_input(self._max_tokens_cap(role))
+            _, tools = chat.tool_setup()
+            if request.stream:
+                events = ResponseEvents(request, tools)
+                opening = sse_events(events.start())
+
+                def render(delta: StreamDelta) -> str:
+                    nonlocal opening
+                    text, opening = opening + sse_events(list(events.convert(delta))), ""
+                    return text
+
+                return await self._stream(role, generation, render, ticket)
+            outputs = await self._choices(role, generation, 1)
+            return response_body(request, chat_response(outputs, request.model, tools=tools))
 
     @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(self, http: Request):
@@ -285,7 +309,7 @@ class Ingress:
                 converter = CompletionStreamConverter(
                     request.model, include_usage=request.include_usage or request.continuous_usage
                 )
-                return await self._stream(role, generation, converter.convert, ticket)
+                return await self._stream(role, generation, lambda d: sse_lines(converter.convert(d)), ticket)
             outputs = await self._choices(role, generation, request.n)
             return completion_response(outputs, request.model)
 

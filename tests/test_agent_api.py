@@ -1,0 +1,257 @@
+"""The agent API with the clients agent builders use, unchanged, against a served app.
+
+One local Ray serves the demo's SmolLM2-135M-Instruct (a real chat model, on
+CPU) as `summarizer`. The openai SDK covers each request field, structured
+output and tools, streamed and not; LangChain's `with_structured_output` and
+`bind_tools`, and the OpenAI Agents SDK's default (Responses API) model run
+as their users write them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel
+from ray import serve
+from serve_support import local_serve, model_config
+
+from deployments.app import AppArgs, build_app
+
+pytestmark = pytest.mark.slow
+ROLE = "summarizer"
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+VERDICT = {
+    "type": "object",
+    "properties": {"answer": {"enum": ["yes", "no"]}, "confidence": {"type": "integer"}},
+    "required": ["answer", "confidence"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    directory = tmp_path_factory.mktemp("agent-api")
+    config = model_config(
+        directory / "model_configs.yaml",
+        {ROLE: {"model": "demo:smollm2-135m-instruct", "context_length": 2048, "max_batch_size": 4}},
+    )
+    with local_serve(num_cpus=4) as port:
+        serve.run(build_app(AppArgs(model_config=str(config), gpus="none")), name="agents", route_prefix="/")
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+# ------------------------------------------------------------ openai SDK
+
+
+def test_json_schema_response_format(client: openai.OpenAI) -> None:
+    response_format = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": VERDICT, "strict": True}}
+    messages = [{"role": "user", "content": "Is the sky blue? Answer as JSON."}]
+    answer = client.chat.completions.create(model=ROLE, messages=messages, response_format=response_format)
+    jsonschema.validate(json.loads(answer.choices[0].message.content), VERDICT)
+    streamed = client.chat.completions.create(
+        model=ROLE, messages=messages, response_format=response_format, stream=True, temperature=0.7
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
+    jsonschema.validate(json.loads(text), VERDICT)
+
+
+def test_json_object_response_format_on_completions(client: openai.OpenAI) -> None:
+    answer = client.completions.create(
+        model=ROLE,
+        prompt="A JSON object about a cat:",
+        max_tokens=48,
+        extra_body={"response_format": {"type": "json_object"}},
+    )
+    if answer.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(answer.choices[0].text), dict)
+    else:  # cut at max_tokens: still a JSON prefix (never prose)
+        assert answer.choices[0].text.lstrip().startswith("{")
+
+
+def test_required_tool_call_streamed_and_not(client: openai.OpenAI) -> None:
+    answer = client.chat.completions.create(
+        model=ROLE, messages=QUESTION, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=64
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_TOOL["function"]["parameters"])
+
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    chunks = list(
+        client.chat.completions.create(
+            model=ROLE, messages=QUESTION, tools=[WEATHER_TOOL], tool_choice=named, max_tokens=64, stream=True
+        )
+    )
+    deltas = [c.choices[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(deltas) == 1 and deltas[0].finish_reason == "tool_calls"
+    streamed_call = deltas[0].delta.tool_calls[0]
+    assert streamed_call.index == 0 and streamed_call.id and streamed_call.function.name == "get_weather"
+    json.loads(streamed_call.function.arguments)
+
+
+def test_tool_result_round_trip(client: openai.OpenAI) -> None:
+    first = client.chat.completions.create(
+        model=ROLE, messages=QUESTION, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=64
+    )
+    call = first.choices[0].message.tool_calls[0]
+    history = [
+        *QUESTION,
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"},
+    ]
+    final = client.chat.completions.create(
+        model=ROLE, messages=history, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=24
+    )
+    assert final.choices[0].message.content and final.choices[0].message.tool_calls is None
+
+
+def test_the_fields_clients_send(client: openai.OpenAI) -> None:
+    answer = client.chat.completions.create(
+        model=ROLE,
+        messages=QUESTION,
+        max_tokens=12,
+        n=2,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        logit_bias={"17": 5},
+        store=False,
+        metadata={"run": "test"},
+        parallel_tool_calls=False,
+        user="someone",
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 12, "ignore_eos": True},
+    )
+    assert [c.index for c in answer.choices] == [0, 1]
+    assert answer.usage.completion_tokens == 24  # min_tokens = max_tokens and EOS ignored: 12 each
+    chunks = list(
+        client.chat.completions.create(
+            model=ROLE,
+            messages=QUESTION,
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": False, "continuous_usage_stats": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+
+
+def test_bad_agent_requests_are_400s_in_openai_shape(base_url: str) -> None:
+    bodies = [
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+        {"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "unknown_tool"}}},
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 3}}}]},
+        {"logprobs": True},
+    ]
+    for extra in bodies:
+        reply = httpx.post(
+            f"{base_url}/chat/completions", json={"model": ROLE, "messages": QUESTION, **extra}, timeout=30
+        )
+        assert reply.status_code == 400, (extra, reply.text)
+        error = reply.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"]
+
+
+# ------------------------------------------------------------ Responses API
+
+
+def test_responses_text_and_function_call(client: openai.OpenAI) -> None:
+    text = client.responses.create(model=ROLE, input="Say hello.", instructions="Be brief.", max_output_tokens=16)
+    assert text.output_text and text.usage.output_tokens > 0
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER_TOOL["function"]["parameters"]}
+    called = client.responses.create(
+        model=ROLE, input=QUESTION[0]["content"], tools=[tool], tool_choice="required", max_output_tokens=64
+    )
+    calls = [item for item in called.output if item.type == "function_call"]
+    assert calls and calls[0].name == "get_weather" and json.loads(calls[0].arguments)["city"]
+    events = list(client.responses.create(model=ROLE, input="Say hello.", max_output_tokens=8, stream=True))
+    kinds = [event.type for event in events]
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete")
+    streamed = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert streamed == events[-1].response.output_text
+
+
+def test_responses_refuses_server_side_state(base_url: str) -> None:
+    reply = httpx.post(
+        f"{base_url}/responses", json={"model": ROLE, "input": "hi", "previous_response_id": "resp_1"}, timeout=30
+    )
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "previous_response_id"
+
+
+# ------------------------------------------------------------ LangChain, OpenAI Agents SDK
+
+
+class Verdict(BaseModel):
+    answer: str
+    confidence: int
+
+
+def test_langchain_structured_output_and_tools(base_url: str) -> None:
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(model=ROLE, base_url=base_url, api_key="unused", max_tokens=64, max_retries=0)
+    for method in ("json_schema", "json_mode"):
+        verdict = chat.with_structured_output(Verdict, method=method).invoke(
+            "Is the sky blue? Reply as JSON with keys answer and confidence."
+        )
+        assert isinstance(verdict, Verdict), method
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Current weather for a city."""
+        return f"18 C in {city}"
+
+    message = chat.bind_tools([get_weather], tool_choice="get_weather").invoke("What is the weather in Paris?")
+    assert message.tool_calls and message.tool_calls[0]["name"] == "get_weather"
+    assert isinstance(message.tool_calls[0]["args"]["city"], str)
+
+
+def test_openai_agents_sdk_one_tool_loop(base_url: str) -> None:
+    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+
+    set_tracing_disabled(True)
+    calls: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Current weather for a city."""
+        calls.append(city)
+        return f"18 C and sunny in {city}"
+
+    model = OpenAIResponsesModel(model=ROLE, openai_client=openai.AsyncOpenAI(base_url=base_url, api_key="unused"))
+    agent = Agent(
+        name="weather",
+        instructions="Answer weather questions with the get_weather tool.",
+        tools=[get_weather],
+        model=model,
+        # The first turn must call the tool; the SDK then resets tool_choice to auto for the answer.
+        model_settings=ModelSettings(tool_choice="required", max_tokens=64),
+    )
+    result = Runner.run_sync(agent, "What is the weather in Paris?", max_turns=4)
+    assert calls, "the agent never called its tool"
+    assert isinstance(result.final_output, str) and result.final_output

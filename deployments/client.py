@@ -85,32 +85,35 @@ class ModelClient:
             raise BadRequestError(message, param=param) from exc
         except TypeError as exc:  # `messages` not iterable
             raise BadRequestError(f"messages must be a list of messages: {exc}", param="messages") from exc
+        if request.ignored_fields:  # over HTTP ignored; a keyword typo in Python code should not be
+            unknown = ", ".join(request.ignored_fields)
+            raise BadRequestError(f"unknown parameter(s): {unknown}", param=request.ignored_fields[0])
         return request, request.to_generation_input(self.max_tokens_cap)
 
     def chat(self, messages: Sequence[dict[str, Any]], **params: Any) -> ChatCompletionResponse:
-        """OpenAI chat parameters as keywords: max_tokens, temperature, top_p, stop, seed."""
+        """OpenAI chat parameters as keywords (max_tokens, temperature, tools, response_format, ...)."""
         self._sync_cap()
-        _, generation = self._request(messages, False, params)
+        request, generation = self._request(messages, False, params)
         try:
             output = self._handle.generate.remote(generation).result()
         except Exception as exc:
             raise classify(exc, self.role) from exc
-        return chat_response(returned(output, self.role), self.role)
+        return chat_response(returned(output, self.role), self.role, tools=request.tool_setup()[1])
 
     async def achat(self, messages: Sequence[dict[str, Any]], **params: Any) -> ChatCompletionResponse:
         await self._async_cap()
-        _, generation = self._request(messages, False, params)
+        request, generation = self._request(messages, False, params)
         try:
             output = await self._handle.generate.remote(generation)
         except Exception as exc:
             raise classify(exc, self.role) from exc
-        return chat_response(returned(output, self.role), self.role)
+        return chat_response(returned(output, self.role), self.role, tools=request.tool_setup()[1])
 
     def stream(self, messages: Sequence[dict[str, Any]], **params: Any) -> Iterator[ChatCompletionStreamResponse]:
         """Chat chunks as OpenAI streams them (first carries the role, last the finish_reason)."""
         self._sync_cap()
         request, generation = self._request(messages, True, params)
-        converter = ChatStreamConverter(self.role, include_usage=request.include_usage)
+        converter = ChatStreamConverter(self.role, include_usage=request.include_usage, tools=request.tool_setup()[1])
         responses = self._stream_handle.stream.remote(generation)
         try:
             for delta in responses:
@@ -127,7 +130,7 @@ class ModelClient:
     ) -> AsyncIterator[ChatCompletionStreamResponse]:
         await self._async_cap()
         request, generation = self._request(messages, True, params)
-        converter = ChatStreamConverter(self.role, include_usage=request.include_usage)
+        converter = ChatStreamConverter(self.role, include_usage=request.include_usage, tools=request.tool_setup()[1])
         responses = self._stream_handle.stream.remote(generation)
         try:
             async for delta in responses:

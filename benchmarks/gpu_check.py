@@ -300,7 +300,8 @@ def check_model(name: str, config: dict[str, Any], ns: argparse.Namespace, devic
 
 def kv_pool_check(model: nn.Module, ns: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Build the engine's KV pool on the device; allocated bytes vs the plan's pool bytes."""
-    from deployments.continuous import ContinuousBatcher
+    from deployments.engine.pool import ContinuousBatcher
+    from deployments.generation import SamplingParams
     from placement.sizing.kv_budget import kv_budget
 
     text_config = model.config.get_text_config()
@@ -318,7 +319,7 @@ def kv_pool_check(model: nn.Module, ns: argparse.Namespace, device: torch.device
             "allocated_by_batcher_mib": _mib(allocated),
             "within_plan": batcher.cache_bytes <= budget.pool.cache_bytes,
         }
-        ids = batcher.generate(list(range(10, 26)), 8)
+        ids = batcher.generate(list(range(10, 26)), SamplingParams(max_tokens=8, temperature=0))
         out["generated_tokens"] = len(ids)
     finally:
         batcher.close()

@@ -65,6 +65,10 @@ class ServerError(RayfitError):
     type = "server_error"
 
 
+class InvalidRequest(ValueError):
+    """Raised by a replica's engine: the request cannot be served as asked (a 400 for the caller)."""
+
+
 class RetryableGenerationError(RuntimeError):
     """A generation lost through no fault of the request (the replica recovered): answered 503 + Retry-After."""
 
@@ -92,8 +96,6 @@ def classify(exc: BaseException, role: str) -> RayfitError:
     """What a handle call to `role` raised, as the error the caller should see."""
     from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-    from deployments.engine import InvalidRequest
 
     if isinstance(exc, RayfitError):
         return exc

@@ -8,11 +8,21 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """Per-request decoding settings: the one value both generation backends
+    (deployments.engine.pool and .side) read them from. A new setting is a
+    field here plus its translation in each backend (`pool.sampling_kwargs`,
+    `side.generation_config`)."""
+
     max_tokens: int = 256
     temperature: float = 1.0  # 0 → greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        """Argmax decoding: temperature 0 (top_p and seed then change nothing)."""
+        return self.temperature <= 0
 
 
 @dataclass(frozen=True)

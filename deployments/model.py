@@ -20,6 +20,7 @@ from typing import Any
 
 from ray import serve
 
+from deployments.errors import InvalidRequest, RetryableGenerationError
 from deployments.generation import GenerationInput, GenerationOutput, SamplingParams, StreamDelta
 from deployments.metrics import ModelMetrics, host_gpu_memory
 from placement.config import ModelSpec
@@ -35,6 +36,9 @@ BATCH_WAIT_TIMEOUT_S = 0.01
 CPU_FALLBACK_ENV = "RAYFIT_ALLOW_CPU_FALLBACK"
 # "0" turns continuous batching off (every request then goes through @serve.batch + generate).
 CONTINUOUS_ENV = "RAYFIT_CONTINUOUS_BATCHING"
+# "module:callable", importable on the replica: the engine is passed through it once built
+# (tests wrap it with fault injection, tests/fault_injection.py). Unset in production.
+ENGINE_WRAPPER_ENV = "RAYFIT_ENGINE_WRAPPER"
 # Requests one replica holds at once (Serve's max_ongoing_requests below).
 MAX_ONGOING_REQUESTS = 32
 # check_health generates one token with this; a wedged device or engine never
@@ -65,6 +69,20 @@ def check_pin_only(entry: PlanEntry) -> None:
         )
 
 
+def _wrapped(engine: Any) -> Any:
+    """`engine` passed through the callable named by RAYFIT_ENGINE_WRAPPER, if set."""
+    target = os.environ.get(ENGINE_WRAPPER_ENV)
+    if not target:
+        return engine
+    import importlib
+
+    module, _, name = target.partition(":")
+    if not name:
+        raise ValueError(f"{ENGINE_WRAPPER_ENV}={target!r}: expected 'module:callable'")
+    logger.warning("engine wrapped by %s (%s is set; never in production)", target, ENGINE_WRAPPER_ENV)
+    return getattr(importlib.import_module(module), name)(engine)
+
+
 def _cpu_fallback_entry(entry: PlanEntry) -> PlanEntry | None:
     """The entry to load with when a GPU plan meets a CUDA-less machine and the dev switch allows CPU."""
     if entry.device != "gpu" or _cuda_available():
@@ -87,7 +105,6 @@ class ModelServer:
         # Heavy imports here, not at module import: the app builder imports this
         # module on a process that never loads a model.
         from deployments.engine import Engine
-        from deployments.faults import with_faults
         from deployments.loading import load_model
         from deployments.verify import check_placement, placement_log_line
 
@@ -115,12 +132,12 @@ class ModelServer:
         # A load failure raises ModelLoadError naming the cause: Serve marks the
         # deployment DEPLOY_FAILED with it, and the app's other models keep serving.
         self.loaded = load_model(self.spec, load_entry)
-        # Continuous batching (deployments.continuous) for greedy text requests, up
+        # Continuous batching (the engine's pool) for unseeded text requests, up
         # to max_batch_size in flight; RAYFIT_CONTINUOUS_BATCHING=0 turns it off.
         continuous = os.environ.get(CONTINUOUS_ENV, "1") != "0"
         # The engine fits its KV pool and side slots inside the plan's KV bytes
         # (placement.sizing.kv_budget): what the plan budgets is what it allocates.
-        self.engine = with_faults(
+        self.engine = _wrapped(
             Engine(
                 self.loaded,
                 max_batch_size=self.spec.max_batch_size,
@@ -128,7 +145,7 @@ class ModelServer:
                 kv_budget_bytes=entry.kv_budget_bytes,
             )
         )
-        # Requests the batcher takes skip @serve.batch (whose batches run one at a
+        # Requests the pool takes skip @serve.batch (whose batches run one at a
         # time) and block one thread each here while they decode together.
         self._continuous_pool = ThreadPoolExecutor(max_workers=MAX_ONGOING_REQUESTS, thread_name_prefix=role)
         self._probes = 0  # one-token health probes run (they are requests to the engine too)
@@ -173,7 +190,6 @@ class ModelServer:
 
     def _check_cap(self, request: GenerationInput) -> None:
         """The spec's max_tokens_cap, also for callers that bypass the protocol layer."""
-        from deployments.engine import InvalidRequest
 
         if request.params.max_tokens > self.spec.max_tokens_cap:
             raise InvalidRequest(
@@ -192,7 +208,6 @@ class ModelServer:
     async def generate(self, request: GenerationInput) -> GenerationOutput | BaseException:
         """One request; concurrent calls are batched into one engine call. A bad request comes back
         as its InvalidRequest (returned, not raised)."""
-        from deployments.engine import InvalidRequest
 
         start = time.perf_counter()
         try:
@@ -222,7 +237,6 @@ class ModelServer:
 
     async def _generate_continuous(self, request: GenerationInput) -> GenerationOutput | BaseException:
         """One request through the engine's continuous batcher (joins the running batch)."""
-        from deployments.engine import InvalidRequest
         from deployments.oom import is_out_of_memory, recover
 
         loop = asyncio.get_running_loop()
@@ -245,7 +259,6 @@ class ModelServer:
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     async def _generate_batch(self, requests: list[GenerationInput]) -> list[GenerationOutput | BaseException]:
-        from deployments.engine import InvalidRequest
         from deployments.oom import is_out_of_memory, recover
 
         try:
@@ -280,7 +293,6 @@ class ModelServer:
         engine's blocking iterator (not the shared pool: blocked streams could
         starve it); client disconnect → CancelledError → the thread stops.
         A bad request is yielded as its InvalidRequest (see `_rejected`)."""
-        from deployments.engine import InvalidRequest
         from deployments.oom import is_out_of_memory, recover
 
         loop = asyncio.get_running_loop()
@@ -392,13 +404,8 @@ class ModelServer:
     def load(self) -> dict[str, Any]:
         """What the engine holds right now (sequence slots in use, live pool requests, batcher restarts)
         and the replica's request outcomes so far: the proof that a cancelled request left nothing behind."""
-        batcher = self.engine.batcher
         return {
-            "pool_slots_in_use": batcher.slots.in_use if batcher else 0,
-            "side_slots_in_use": self.engine.side_slots.in_use,
-            "pool_requests_live": batcher.live_requests if batcher else 0,
-            "pool_requests_submitted": batcher.submitted if batcher else 0,
-            "batcher_restarts": batcher.restarts if batcher else 0,
+            **self.engine.load_report(),
             "health_probes": self._probes,
             "outcomes": dict(self.metrics.outcomes),
         }
@@ -424,7 +431,6 @@ class ModelServer:
         out-of-memory, or to a batch the batcher restarted, is no reason to
         replace the replica.
         """
-        from deployments.errors import RetryableGenerationError
         from deployments.oom import is_out_of_memory, recover
 
         last_check, self._last_check = self._last_check, time.monotonic()

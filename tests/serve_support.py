@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from fault_injection import WRAPPER
 from ray import serve
 
-from deployments.faults import FAULTS_ENV
+from deployments.model import ENGINE_WRAPPER_ENV
 from deployments.ports import free_port
+
+TESTS_DIR = Path(__file__).resolve().parent
 
 # Size rules for the declared-GPU apps: a model declared at 10 GiB or more takes the last GPU.
 SIZE_RULES = """\
@@ -31,8 +34,12 @@ rules:
 @contextmanager
 def local_serve(num_cpus: int = 4, env: dict[str, str] | None = None, **ray_init: Any) -> Iterator[int]:
     """Ray + Serve on 127.0.0.1:<free port>; `env` is inherited by every replica,
-    `ray_init` goes to `ray.init` (declared GPUs, resources). Yields the port."""
-    env = {FAULTS_ENV: "1", **(env or {})}
+    `ray_init` goes to `ray.init` (declared GPUs, resources). Yields the port.
+
+    Every replica's engine is wrapped with fault injection (tests/fault_injection.py):
+    requests carrying its markers misbehave, all others are served as in production."""
+    python_path = os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH")) if p)
+    env = {ENGINE_WRAPPER_ENV: WRAPPER, "PYTHONPATH": python_path, **(env or {})}
     previous = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # set before ray.init: the raylet passes it to every worker
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **ray_init)

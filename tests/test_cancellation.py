@@ -17,12 +17,12 @@ from typing import Any
 
 import httpx
 import pytest
+from fault_injection import BATCH_OOM_MARKER
 from ray import serve
 from serve_support import local_serve, model_config, wait_until
 
 from deployments.app import AppArgs, build_app
 from deployments.client import get_model
-from deployments.faults import BATCH_OOM_MARKER
 
 APP, ROLE = "cancel", "scribe"
 # Long enough that a cancelled request would still be decoding when the check runs (the tiny

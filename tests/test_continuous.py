@@ -1,4 +1,4 @@
-"""Continuous batching (deployments.continuous) gives the same text as the classic path.
+"""Continuous batching (deployments.engine.pool) gives the same text as the classic path.
 
 Same tiny float32 Gemma3 as test_engine.py; greedy requests go through
 transformers' continuous batching, everything else keeps `generate`.
@@ -76,7 +76,7 @@ def test_closing_a_stream_early_frees_the_batcher(continuous: Engine) -> None:
     stream = continuous.stream(long)
     next(stream)
     stream.close()  # client gone: the request is cancelled
-    assert continuous.batcher is not None
+    assert continuous.pool is not None
     out: GenerationOutput = continuous.generate_batch([GenerationInput(params=GREEDY, prompt="Ray")])[0]
     assert out.completion_tokens > 0
 
@@ -107,7 +107,7 @@ def test_a_failure_inside_the_batching_loop_is_recovered(loaded: LoadedModel) ->
     the in-flight request gets a retryable error, the batcher rebuilds, the next request works."""
     import torch
 
-    from deployments.continuous import BatchInterrupted
+    from deployments.engine.pool import BatchInterrupted
     from deployments.errors import RetryableGenerationError
 
     engine = Engine(loaded, max_batch_size=2, continuous=True)
@@ -120,17 +120,17 @@ def test_a_failure_inside_the_batching_loop_is_recovered(loaded: LoadedModel) ->
 
     hook = loaded.model.register_forward_pre_hook(explode)
     try:
-        assert engine.batcher is not None
-        pool_before = engine.batcher.cache_bytes
+        assert engine.pool is not None
+        pool_before = engine.pool.batcher.cache_bytes
         armed.set()
         with pytest.raises(BatchInterrupted) as caught:
             engine.generate_batch([GenerationInput(params=GREEDY, prompt="Ray")])
         assert isinstance(caught.value, RetryableGenerationError)  # → 503 + Retry-After at the ingress
         out = engine.generate_batch([GenerationInput(params=GREEDY, prompt="Ray")])[0]
         assert out.completion_tokens == GREEDY.max_tokens
-        assert engine.batcher.restarts == 1
-        assert engine.batcher.slots.in_use == 0
-        assert engine.batcher._manager.batch_processor.cache.cache_tensor.numel() == pool_before
+        assert engine.pool.batcher.restarts == 1
+        assert engine.pool.batcher.slots.in_use == 0
+        assert engine.pool.batcher._manager.batch_processor.cache.cache_tensor.numel() == pool_before
     finally:
         hook.remove()
         engine.close()
@@ -141,8 +141,8 @@ def test_a_failed_submit_withdraws_its_batch_mates(loaded: LoadedModel) -> None:
     and released, the third never submitted, and no slot or queue is left behind."""
     engine = Engine(loaded, max_batch_size=4, continuous=True)
     try:
-        batcher = engine.batcher
-        assert batcher is not None
+        assert engine.pool is not None
+        batcher = engine.pool.batcher
         real_add = batcher._manager.add_request
         calls: list[str] = []
 
@@ -172,10 +172,10 @@ def test_cheap_top_p_matches_the_stock_warper(continuous: Engine) -> None:
     )
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from deployments.continuous import _CheapTopP
+    from deployments.engine.pool import _CheapTopP
 
-    assert continuous.batcher is not None
-    in_use = continuous.batcher._manager.logit_processor.logits_processor
+    assert continuous.pool is not None
+    in_use = continuous.pool.batcher._manager.logit_processor.logits_processor
     assert any(type(p) is _CheapTopP for p in in_use)
     stock = ContinuousBatchingTopPLogitsWarper(TopPLogitsWarper(top_p=0.5))
     cheap = _CheapTopP(TopPLogitsWarper(top_p=0.5))

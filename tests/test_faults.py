@@ -28,11 +28,11 @@ import httpx
 import pytest
 import ray
 import yaml
+from fault_injection import WEDGE_MARKER
 from ray import serve
 from serve_support import local_serve, model_config, wait_until
 
 from deployments.app import AppArgs, build_app
-from deployments.faults import WEDGE_MARKER
 
 APP = "faults"
 ALPHA, BETA, CORRUPT, MISSING = "alpha", "beta", "corrupt", "missing"

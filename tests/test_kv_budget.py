@@ -21,8 +21,8 @@ from transformers.generation.continuous_batching.cache import PagedAttentionCach
 from transformers.generation.continuous_batching.distributed import DistributedHelper
 
 from deployments.engine import Engine
+from deployments.engine.kv import SequenceSlots
 from deployments.generation import GenerationInput, SamplingParams
-from deployments.kv_slots import SequenceSlots
 from deployments.loading import LoadedModel, load_model
 from placement.config import ModelSpec
 from placement.inventory import parse_gpu_spec
@@ -120,9 +120,9 @@ def _request(max_tokens: int, *, temperature: float = 0.0, seed: int | None = No
 
 def test_pool_allocated_equals_planned(engine: Engine, planned_kv: int) -> None:
     report = engine.kv_report()
-    assert engine.batcher is not None
+    assert engine.pool is not None
     # Measured off the manager's own cache tensor.
-    assert engine.batcher.cache_bytes == engine.kv_budget.pool_bytes
+    assert engine.pool.batcher.cache_bytes == engine.kv_budget.pool_bytes
     assert report["kv_cache_bytes"] <= planned_kv
     assert report["pool_sequences"] == 4 and report["side_sequences"] == 1
 
@@ -162,9 +162,9 @@ def test_every_path_at_once_under_load(engine: Engine, planned_kv: int) -> None:
         thread.join(timeout=600)
     assert not errors, errors
     report = engine.kv_report()
-    assert engine.batcher is not None
-    assert engine.batcher.slots.peak_in_use <= engine.batcher.slots.capacity == 4
-    assert engine.side_slots.peak_in_use <= engine.side_slots.capacity == 1
+    assert engine.pool is not None
+    assert engine.pool.batcher.slots.peak_in_use <= engine.pool.batcher.slots.capacity == 4
+    assert engine.side.slots.peak_in_use <= engine.side.slots.capacity == 1
     assert report["peak_kv_bytes"] <= planned_kv * TOLERANCE
     print(f"\nKV planned {planned_kv} B, peak measured {report['peak_kv_bytes']} B")
 
@@ -183,13 +183,13 @@ def test_a_budget_too_small_for_the_batch_cuts_the_pool(loaded: LoadedModel, pla
 
 def test_classic_only_engine_batches_within_its_slots(loaded: LoadedModel, planned_kv: int) -> None:
     engine = Engine(loaded, max_batch_size=2, continuous=False, kv_budget_bytes=planned_kv)
-    assert engine.batcher is None and engine.side_slots.capacity == 2
+    assert engine.pool is None and engine.side.slots.capacity == 2
     # Five rows in one call: chunked to two per generate, each row within the context length.
     rows = [_request(engine.context_length - 20, temperature=0.5) for _ in range(5)]
     outputs = engine.generate_batch(rows)
     assert len(outputs) == 5
     report = engine.kv_report()
-    assert engine.side_slots.peak_in_use <= 2
+    assert engine.side.slots.peak_in_use <= 2
     assert report["peak_kv_bytes"] <= report["kv_cache_bytes"] <= planned_kv
 
 

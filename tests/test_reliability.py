@@ -5,7 +5,7 @@ The app requires an API key (the openai SDK sends it as `Authorization:
 Bearer`), caps request bodies at 256 KiB, and gives the text model tight
 limits so overload is reachable on 2 cores: 2 requests in progress, 2 queued,
 max_tokens capped at 32. Faults are injected only through
-`deployments.faults` (RAYFIT_TEST_FAULTS=1 on this module's Ray).
+`tests/fault_injection.py` (on for every local_serve Ray).
 
 The figures printed by the fuzz and load tests are the ones in the README's
 RELIABILITY section.
@@ -27,6 +27,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from fault_injection import BATCH_OOM_MARKER, OOM_MARKER, WEDGE_MARKER
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 from ray import serve
@@ -35,7 +36,6 @@ from serve_support import local_serve, model_config, p99
 from deployments.app import AppArgs, build_app
 from deployments.client import get_model
 from deployments.errors import BadRequestError, NotFoundError, OverloadedError
-from deployments.faults import BATCH_OOM_MARKER, OOM_MARKER, WEDGE_MARKER
 from deployments.images import MAX_IMAGE_PIXELS
 
 APP = "reliability"

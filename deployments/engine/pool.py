@@ -1,26 +1,29 @@
-"""Continuous batching for one model: transformers' own scheduler, fed per request.
+"""The pool backend: transformers' continuous batching, fed per request.
 
-`Engine` (deployments.engine) sends text-only greedy requests, streamed or
-not, here when continuous batching is on. Requests join the running batch at
-the next decode step instead of waiting for a static batch to finish, and
-streamed requests are batched too (a per-request `generate` with a
-TextIteratorStreamer runs every stream on its own).
+`Engine` (deployments.engine) sends unseeded text requests here, greedy or
+sampled, streamed or not, when continuous batching is on. Requests join the
+running batch at the next decode step instead of waiting for a static batch
+to finish.
 
-Built on `model.init_continuous_batching()` (transformers 5): a paged KV cache
-and a background generation thread. This module adds what a server needs on
-top: one queue per request (a pump thread routes the manager's shared output
-queue), cancellation, and a KV cache of exactly the pool the plan budgets
+`ContinuousBatcher` is built on `model.init_continuous_batching()`
+(transformers 5): a paged KV cache and a background generation thread. It
+adds what a server needs on top: one queue per request (a pump thread routes
+the manager's shared output queue), cancellation, recovery when the batching
+loop dies, and a KV cache of exactly the pool the plan budgets
 (`placement.sizing.kv_budget.PagedPool`), not "90% of free memory". Admission
 is by sequence slots: at most `pool.sequences` requests hold pages at once, so
 the pool (sized for that many requests at full context) never runs short and
 the manager never preempts or offloads; later requests wait in `submit`.
 
+`PoolBackend` is what the engine calls: whole answers for several rows
+(submitted together so they decode in one batch), and streams.
+
 Greedy and sampled requests share one running batch: the manager samples
 (`do_sample` is one global switch) with transformers' per-request
 temperature and top-p processors, and a greedy request asks for top-p 0,
 which keeps only the most likely token — argmax, decided per row. Seeds do
-not exist per request in the manager, so seeded and image requests keep the
-engine's classic `generate` path.
+not exist per request in the manager, so seeded and image requests take the
+side backend (deployments.engine.side).
 """
 
 from __future__ import annotations
@@ -38,8 +41,11 @@ import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedModel
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingTopPLogitsWarper
 
+from deployments.engine.kv import RequestCancelled, SequenceSlots
+from deployments.engine.prompts import PreparedPrompt
+from deployments.engine.text import IncrementalText, StopHoldBack, TextRules
 from deployments.errors import RetryableGenerationError
-from deployments.kv_slots import RequestCancelled, SequenceSlots
+from deployments.generation import SamplingParams, StreamDelta
 from placement.sizing.kv_budget import PagedPool
 
 logger = logging.getLogger(__name__)
@@ -61,6 +67,13 @@ _PROCESSOR_TOP_P = 0.5
 # Top-p 0 keeps only the highest-scoring token (at least one token is always
 # kept): greedy decoding inside a sampling batch.
 _GREEDY = {"temperature": 1.0, "top_p": 0.0}
+
+
+def sampling_kwargs(params: SamplingParams) -> dict[str, float]:
+    """`params` as the manager's `add_request` takes them (the pool's one translation of SamplingParams)."""
+    if params.greedy:
+        return _GREEDY
+    return {"temperature": float(params.temperature), "top_p": float(params.top_p)}
 
 
 class ContinuousBatchingError(RuntimeError):
@@ -253,18 +266,16 @@ class ContinuousBatcher:
     def submit(
         self,
         input_ids: Sequence[int],
-        max_new_tokens: int,
+        params: SamplingParams,
         *,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
         slot_held: bool = False,
         cancel: threading.Event | None = None,
         streaming: bool = True,
     ) -> str:
         """Queue one request once a sequence slot is free; read its tokens with `updates(request_id)`.
 
-        `temperature` 0 is greedy; otherwise the row samples at that
-        temperature and top-p, next to greedy rows in the same batch.
+        Up to `params.max_tokens` new tokens; greedy, or sampled at
+        `params`' temperature and top-p, next to greedy rows in the same batch.
         `slot_held`: the caller already took this request's slot with
         `slots.acquire(n)` (several rows at once, so two callers never each
         hold part of what they need and wait on each other). `streaming=False`:
@@ -280,7 +291,7 @@ class ContinuousBatcher:
             request_id = f"rayfit-{self._counter}"
             self._counter += 1
             self._queues[request_id] = queue.Queue()
-        sampling = _GREEDY if temperature <= 0 else {"temperature": float(temperature), "top_p": float(top_p)}
+        sampling = sampling_kwargs(params)
         added = None
         try:
             # A manager whose loop just died refuses requests until the pump has rebuilt it: wait, then retry once.
@@ -291,7 +302,7 @@ class ContinuousBatcher:
                 added = manager.add_request(
                     list(input_ids),
                     request_id=request_id,
-                    max_new_tokens=max_new_tokens,
+                    max_new_tokens=params.max_tokens,
                     streaming=streaming,
                     eos_token_id=self.eos_token_ids or None,
                     **sampling,
@@ -362,9 +373,9 @@ class ContinuousBatcher:
         if cancel and manager is not None:
             manager.cancel_request(request_id)
 
-    def generate(self, input_ids: Sequence[int], max_new_tokens: int, **sampling: float) -> list[int]:
+    def generate(self, input_ids: Sequence[int], params: SamplingParams) -> list[int]:
         """All tokens of one request (blocking)."""
-        request_id = self.submit(input_ids, max_new_tokens, **sampling)
+        request_id = self.submit(input_ids, params)
         try:
             last: tuple[int, ...] = ()
             for update in self.updates(request_id):
@@ -377,3 +388,105 @@ class ContinuousBatcher:
         self._stopping.set()
         self._manager.stop(block=True, timeout=10)
         self._pump.join(timeout=2)
+
+
+class PoolBackend:
+    """The engine's calls into one `ContinuousBatcher`: rows in, token ids or stream deltas out."""
+
+    def __init__(self, batcher: ContinuousBatcher, text: TextRules):
+        self.batcher = batcher
+        self.text = text
+
+    @staticmethod
+    def takes(params: SamplingParams) -> bool:
+        """The batcher samples per row but has no per-request seed: a seeded sampled request runs on the side."""
+        return params.greedy or params.seed is None
+
+    def generate(
+        self,
+        prompts: Sequence[PreparedPrompt],
+        params: Sequence[SamplingParams],
+        cancel: threading.Event | None = None,
+    ) -> list[list[int]]:
+        """New token ids per row, in input order; rows beyond the pool's capacity run in later waves."""
+        tokens: list[list[int]] = []
+        capacity = self.batcher.slots.capacity
+        for start in range(0, len(prompts), capacity):
+            wave = range(start, min(start + capacity, len(prompts)))
+            # All of a wave's slots at once, then every row submitted before waiting on any,
+            # so they decode in one batch; a failed submit withdraws the rows already in.
+            self.batcher.slots.acquire(len(wave), cancel)
+            ids: dict[int, str] = {}
+            try:
+                for n, i in enumerate(wave):
+                    try:
+                        # Whole answers only: per-token updates just to watch for stop strings.
+                        streaming = bool(params[i].stop)
+                        ids[i] = self.batcher.submit(
+                            prompts[i].input_ids, params[i], slot_held=True, streaming=streaming
+                        )
+                    except BaseException:
+                        self.batcher.slots.release(len(wave) - n - 1)  # the slots of rows never submitted
+                        raise
+                for i in wave:
+                    tokens.append(self._collect(ids.pop(i), params[i], cancel))
+            finally:
+                for request_id in ids.values():
+                    self.batcher.release(request_id, cancel=True)
+        return tokens
+
+    def stream(
+        self, prompt: PreparedPrompt, params: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[StreamDelta]:
+        """Deltas of one request as the batch produces them, holding back possible stop strings.
+
+        Detokenized incrementally (one `DecodeStream` step per new token, not
+        the whole sequence again for every token)."""
+        tokens: list[int] = []
+        pieces = self._pieces(prompt, params, tokens, cancel)
+        release = StopHoldBack(params.stop)
+        try:
+            for piece in pieces:
+                text = release.feed(piece)
+                if text:
+                    yield StreamDelta(text=text)
+                if release.stopped:
+                    break
+        finally:
+            pieces.close()  # cancels the request if it is still generating
+        yield self.text.last_delta(tokens, params, release.sent, prompt.prompt_tokens)
+
+    def _collect(self, request_id: str, params: SamplingParams, cancel: threading.Event | None = None) -> list[int]:
+        """Wait for one submitted request; stop it early once a stop string shows up."""
+        tokens: tuple[int, ...] = ()
+        finished = False
+        try:
+            for update in self.batcher.updates(request_id, cancel):
+                tokens, finished = update.tokens, update.finished
+                if params.stop and not finished and self.text.stop_seen(tokens, params.stop):
+                    break
+        finally:
+            self.batcher.release(request_id, cancel=not finished)
+        return list(tokens)
+
+    def _pieces(
+        self,
+        prompt: PreparedPrompt,
+        params: SamplingParams,
+        tokens_out: list[int],
+        cancel: threading.Event | None = None,
+    ) -> Iterator[str]:
+        """Text pieces of one streamed request; `tokens_out` ends up holding its tokens."""
+        request_id = self.batcher.submit(prompt.input_ids, params, cancel=cancel)
+        finished = False
+        decoder = IncrementalText(self.text.tokenizer)
+        try:
+            for update in self.batcher.updates(request_id, cancel):
+                new = update.tokens[len(tokens_out) :]
+                tokens_out[:] = update.tokens
+                finished = update.finished
+                piece = decoder.feed(new)
+                if piece:
+                    yield piece
+        finally:
+            self.batcher.release(request_id, cancel=not finished)

@@ -1,8 +1,9 @@
-"""Test-only fault injection into a replica's generate path.
+"""Fault injection into a replica's generate path, for tests only.
 
-Enabled only when the replica's environment has RAYFIT_TEST_FAULTS=1 (tests
-set it before starting Ray); otherwise `with_faults` returns the engine
-untouched. With it on, a request whose text contains a marker misbehaves:
+`tests/serve_support.local_serve` names `FaultyEngine` in the replica's
+RAYFIT_ENGINE_WRAPPER (deployments.model wraps its engine with it) and puts
+this directory on the workers' PYTHONPATH. A request whose text contains a
+marker then misbehaves:
 
 - `<rayfit:oom>`: generation raises torch.cuda.OutOfMemoryError, as a real
   CUDA OOM would (CPU test boxes cannot run out of CUDA memory);
@@ -15,7 +16,6 @@ untouched. With it on, a request whose text contains a marker misbehaves:
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -24,7 +24,8 @@ import torch
 
 from deployments.generation import GenerationInput, GenerationOutput, StreamDelta
 
-FAULTS_ENV = "RAYFIT_TEST_FAULTS"
+# Importable on a replica once this directory is on its PYTHONPATH.
+WRAPPER = "fault_injection:FaultyEngine"
 OOM_MARKER = "<rayfit:oom>"
 WEDGE_MARKER = "<rayfit:wedge>"
 BATCH_OOM_MARKER = "<rayfit:batch-oom>"
@@ -76,8 +77,3 @@ class FaultyEngine:
         # A generator: the fault fires in the thread that drains it, never on the replica's event loop.
         self._inject([request])
         yield from self._engine.stream(request, cancel)
-
-
-def with_faults(engine: Any) -> Any:
-    """`engine`, wrapped for fault injection only if RAYFIT_TEST_FAULTS=1."""
-    return FaultyEngine(engine) if os.environ.get(FAULTS_ENV) == "1" else engine

@@ -1,0 +1,228 @@
+"""The in-process engine: requests in, text out, on one loaded model.
+
+No Ray and no HTTP here; the Serve deployment (deployments.model) wraps an
+`Engine` and calls only its interface:
+
+- `generate_batch(inputs, cancel)`: whole answers, in input order;
+- `stream(inp, cancel)`: deltas, the last with finish_reason and usage;
+- `uses_pool(inp)`: whether a request joins the running batch (the server
+  then skips its own `@serve.batch` grouping for it);
+- `prepare` / `count_tokens` / `count_prompt_tokens`: validation and counting;
+- `kv_report()`, `load_report()`, `last_progress`: KV bytes, what is held now,
+  liveness; `close()`.
+
+The modules, one concern each:
+
+- `prompts`: chat templating, images, tokenizing, the context check;
+- `text`: stop strings, EOS, finish reasons, incremental detokenizing;
+- `pool`: the continuous-batching backend (transformers' manager);
+- `side`: the classic `model.generate` backend (seeded and image requests);
+- `kv`: sequence slots (KV admission) and the KV ledger (measured bytes).
+
+Routes (decided here): text requests without a seed, greedy or sampled,
+streamed or not, join the pool. Seeded and image requests take the side
+backend, and so does everything when continuous batching is off. Per-request
+sampling settings reach both backends as one `SamplingParams`.
+
+Cancellation: `generate_batch(..., cancel)` and `stream(..., cancel)` stop
+within a decode step once `cancel` is set (the caller went away), also while
+the request still waits for a slot, and raise RequestCancelled.
+
+KV memory (the plan's contract): `kv_budget` (placement.sizing.kv_budget)
+fixes the sequences that may hold KV at once — the pool's batch, and side
+slots for requests the pool cannot take. Requests wait for a slot; none
+allocates past the budget. `kv_report()` gives the planned bytes, the pool's
+measured tensor and the peak measured in side caches.
+
+Usage: prompt_tokens counts the model's input ids (image tokens included);
+completion_tokens counts the generated tokens kept in the text (up to the
+stop string, without the EOS token).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from deployments.engine.kv import KvLedger, RequestCancelled
+from deployments.engine.pool import ContinuousBatcher, PoolBackend
+from deployments.engine.prompts import PreparedPrompt, Prompter, eos_token_ids, pad_token_id, requests_images
+from deployments.engine.side import SideBackend
+from deployments.engine.text import TextRules
+from deployments.errors import InvalidRequest
+from deployments.generation import GenerationInput, GenerationOutput, SamplingParams, StreamDelta
+from deployments.loading import LoadedModel
+from placement.sizing.kv_budget import KvBudget, fit_budget
+
+__all__ = ["Engine", "InvalidRequest", "PreparedPrompt", "RequestCancelled"]
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    """Generates for one `LoadedModel`. Thread-safe for concurrent calls except
+    for seeding (torch's global RNG; see deployments.engine.side)."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_batch_size: int = 4,
+        continuous: bool = False,
+        kv_budget_bytes: int | None = None,
+    ):
+        """`max_batch_size`: sequences the plan sized the KV for. `continuous`: run
+        unseeded text requests (streamed or not) through the pool (transformers'
+        continuous batching); otherwise every request takes the side backend.
+        `kv_budget_bytes`: the plan's KV bytes; the engine fits its pool and
+        slots inside them (None: not itemized, the full batch is used)."""
+        self.loaded = loaded
+        self.model = loaded.model
+        self.context_length = loaded.context_length
+        self.prompts = Prompter(loaded)
+        pad, eos = pad_token_id(loaded), eos_token_ids(loaded)
+        self.text = TextRules(loaded.tokenizer, eos)
+        self.kv_planned_bytes = kv_budget_bytes
+        self.kv_budget: KvBudget = fit_budget(
+            self.model.config.get_text_config(),
+            planned_bytes=kv_budget_bytes,
+            batch_sequences=max_batch_size,
+            context_length=self.context_length,
+            dtype=self.model.dtype,
+            continuous=continuous,
+        )
+        if self.kv_budget.pool is not None and self.kv_budget.pool.sequences < max_batch_size:
+            logger.warning(
+                "KV plan of %s bytes holds %d of %d batch sequences; the batch is cut to fit",
+                kv_budget_bytes,
+                self.kv_budget.pool.sequences,
+                max_batch_size,
+            )
+        self.pool: PoolBackend | None = None
+        if self.kv_budget.pool is not None:
+            batcher = ContinuousBatcher(self.model, pool=self.kv_budget.pool, eos_token_ids=eos, pad_token_id=pad)
+            self.pool = PoolBackend(batcher, self.text)
+        self.kv_ledger = KvLedger(pool_bytes=self.pool.batcher.cache_bytes if self.pool else 0)
+        self.side = SideBackend(
+            self.model,
+            sequences=self.kv_budget.side_sequences,
+            context_length=self.context_length,
+            pad_token_id=pad,
+            text=self.text,
+            ledger=self.kv_ledger,
+        )
+
+    # ---- requests -------------------------------------------------------------
+
+    def prepare(self, inp: GenerationInput) -> PreparedPrompt:
+        """Render and tokenize one request; InvalidRequest if it cannot be served (e.g. over the context)."""
+        return self.prompts.prepare(inp)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in plain text (no special tokens added)."""
+        return self.prompts.count_tokens(text)
+
+    def count_prompt_tokens(self, inp: GenerationInput) -> int:
+        """Tokens the request's prompt takes, as it would be fed to the model."""
+        return self.prepare(inp).prompt_tokens
+
+    def uses_pool(self, inp: GenerationInput) -> bool:
+        """Whether `inp` runs in the continuous-batching pool (text, unseeded) or on the side backend."""
+        return self.pool is not None and self.pool.takes(inp.params) and not requests_images(inp)
+
+    def _pooled(self, prompt: PreparedPrompt, params: SamplingParams) -> bool:
+        return self.pool is not None and not prompt.extra_inputs and self.pool.takes(params)
+
+    def generate_batch(
+        self, inputs: Sequence[GenerationInput], cancel: threading.Event | None = None
+    ) -> list[GenerationOutput]:
+        """Generate for every input; outputs in input order.
+
+        `cancel` (the caller went away): waiting and decoding stop within a
+        step, every row is withdrawn, and RequestCancelled is raised.
+
+        Raises InvalidRequest for the first bad input before generating
+        anything (the Serve layer validates per request before batching).
+        """
+        prepared = [self.prepare(inp) for inp in inputs]
+        params = [inp.params for inp in inputs]
+        route = [self._pooled(prompt, row) for prompt, row in zip(prepared, params, strict=True)]
+        pooled = [i for i, in_pool in enumerate(route) if in_pool]
+        side = [i for i, in_pool in enumerate(route) if not in_pool]
+        tokens: dict[int, list[int]] = {}
+        for rows, backend in ((pooled, self.pool), (side, self.side)):
+            if rows:
+                assert backend is not None
+                out = backend.generate([prepared[i] for i in rows], [params[i] for i in rows], cancel)
+                tokens.update(zip(rows, out, strict=True))
+        return [self._output(tokens[i], prepared[i], params[i]) for i in range(len(inputs))]
+
+    def stream(self, inp: GenerationInput, cancel: threading.Event | None = None) -> Iterator[StreamDelta]:
+        """Yield text pieces as they are generated; the last delta has finish_reason and usage.
+
+        A bad request raises InvalidRequest here, before any delta. A backend's
+        exception is re-raised into the iterator. Closing it early, or setting
+        `cancel` (client gone), stops generation within a step, also while
+        the request still waits for a slot or is in prefill.
+        """
+        prompt = self.prepare(inp)
+        if self._pooled(prompt, inp.params):
+            assert self.pool is not None
+            return self.pool.stream(prompt, inp.params, cancel)
+        return self.side.stream(prompt, inp.params, cancel)
+
+    def _output(self, tokens: Sequence[int], prompt: PreparedPrompt, params: SamplingParams) -> GenerationOutput:
+        done = self.text.finish(tokens, params)
+        return GenerationOutput(
+            text=done.text,
+            prompt_tokens=prompt.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+            finish_reason=done.finish_reason,
+        )
+
+    # ---- state ----------------------------------------------------------------
+
+    @property
+    def last_progress(self) -> float:
+        """Monotonic time tokens last came out of any backend (liveness: a long answer is progress too)."""
+        pool = self.pool.batcher.last_progress if self.pool is not None else 0.0
+        return max(pool, self.side.last_progress)
+
+    def kv_report(self) -> dict[str, Any]:
+        """KV bytes: planned, this engine's worst case over all paths, and what was measured.
+
+        `kv_cache_bytes` (the worst case) is the pool tensor as allocated plus
+        the side slots at full context; it is what must stay ≤ the plan.
+        """
+        budget = self.kv_budget
+        pool_bytes = self.kv_ledger.pool_bytes
+        return {
+            "kv_cache_bytes": pool_bytes + budget.side_bytes,
+            "planned_kv_cache_bytes": self.kv_planned_bytes,
+            "pool_bytes": pool_bytes,
+            "pool_sequences": budget.pool.sequences if budget.pool else 0,
+            "side_sequences": budget.side_sequences,
+            "side_bytes_worst": budget.side_bytes,
+            "peak_kv_bytes": self.kv_ledger.peak_bytes,
+            "peak_side_bytes": self.kv_ledger.peak_side_bytes,
+            "context_length": self.context_length,
+        }
+
+    def load_report(self) -> dict[str, int]:
+        """What the engine holds right now: sequence slots in use, live pool requests, batcher restarts."""
+        batcher = self.pool.batcher if self.pool is not None else None
+        return {
+            "pool_slots_in_use": batcher.slots.in_use if batcher else 0,
+            "side_slots_in_use": self.side.slots.in_use,
+            "pool_requests_live": batcher.live_requests if batcher else 0,
+            "pool_requests_submitted": batcher.submitted if batcher else 0,
+            "batcher_restarts": batcher.restarts if batcher else 0,
+        }
+
+    def close(self) -> None:
+        """Stop the continuous-batching thread, if any."""
+        if self.pool is not None:
+            self.pool.batcher.close()
+            self.pool = None

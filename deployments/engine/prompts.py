@@ -1,0 +1,182 @@
+"""Requests into model inputs: chat templating, images, tokenizing, the context check.
+
+Chat `messages` go through the processor's (image+text) or the tokenizer's
+chat template; a tokenizer without one gets `FALLBACK_TEMPLATE` ("role:
+content" lines, then "assistant:"). A raw `prompt` is tokenized as is (with
+the tokenizer's BOS). Also here: the special tokens generation needs (the pad
+token for left padding, the ids that end a turn).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from deployments.errors import InvalidRequest
+from deployments.generation import GenerationInput
+from deployments.images import decode_image_url
+from deployments.loading import LoadedModel
+
+# For tokenizers without a chat template (e.g. a base model's GGUF): plain
+# "role: content" lines, then "assistant:" for the model to continue.
+FALLBACK_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+# Special tokens that end an assistant turn in common chat templates; a model's
+# generation_config often lists only <eos>, so these are added when present.
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """One request turned into model inputs."""
+
+    input_ids: list[int]
+    # Processor outputs besides input_ids/attention_mask (pixel_values, ...), image requests only.
+    extra_inputs: dict[str, torch.Tensor] | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+def pad_token_id(loaded: LoadedModel) -> int:
+    tok = loaded.tokenizer
+    configured = getattr(loaded.model.generation_config, "pad_token_id", None)
+    for candidate in (tok.pad_token_id, tok.eos_token_id, configured):
+        if isinstance(candidate, int):
+            return candidate
+    return 0
+
+
+def eos_token_ids(loaded: LoadedModel) -> list[int]:
+    """The model's EOS ids plus the end-of-turn tokens its vocabulary has."""
+    ids: list[int] = []
+    configured = getattr(loaded.model.generation_config, "eos_token_id", None)
+    for value in (configured, loaded.tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.append(value)
+        elif isinstance(value, list):
+            ids.extend(value)
+    vocab = loaded.tokenizer.get_vocab()
+    ids.extend(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
+    return sorted(set(ids))
+
+
+def requests_images(inp: GenerationInput) -> bool:
+    """Whether the request carries image_url content (decided without decoding anything)."""
+    for message in inp.messages or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
+            return True
+    return False
+
+
+def _content_parts(content: Any) -> list[dict]:
+    """OpenAI content (str or list of parts) as a list of parts."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if isinstance(content, list):
+        return content
+    raise InvalidRequest(f"message content must be a string or a list of parts, got {type(content).__name__}")
+
+
+class Prompter:
+    """Renders and tokenizes requests for one loaded model."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.processor = loaded.processor
+        self.context_length = loaded.context_length
+
+    def prepare(self, inp: GenerationInput) -> PreparedPrompt:
+        """Render and tokenize one request; check it fits the context."""
+        if (inp.messages is None) == (inp.prompt is None):
+            raise InvalidRequest("give exactly one of `messages` or `prompt`")
+        if inp.params.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be at least 1, got {inp.params.max_tokens}")
+        images: list[Image.Image] = []
+        if inp.messages is not None:
+            messages, images = self._normalize_messages(inp.messages)
+            text = self._render_chat(messages)
+            # The template already wrote BOS where the model wants it.
+            add_special = False
+        else:
+            text = inp.prompt or ""
+            add_special = True
+        if images:
+            assert self.processor is not None  # images only pass _normalize_messages on multimodal models
+            batch = self.processor(text=[text], images=[images], return_tensors="pt", add_special_tokens=add_special)
+            ids = batch["input_ids"][0].tolist()
+            extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+            prepared = PreparedPrompt(input_ids=ids, extra_inputs=extra)
+        else:
+            ids = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+            prepared = PreparedPrompt(input_ids=list(ids))
+        total = prepared.prompt_tokens + inp.params.max_tokens
+        if total > self.context_length:
+            raise InvalidRequest(
+                f"prompt has {prepared.prompt_tokens} tokens and max_tokens is {inp.params.max_tokens}: "
+                f"{total} exceeds the model's context length of {self.context_length} tokens"
+            )
+        return prepared
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in plain text (no special tokens added)."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _render_chat(self, messages: Sequence[dict]) -> str:
+        owner = self.processor if self.processor is not None else self.tokenizer
+        template = getattr(owner, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+        if not template:
+            kwargs["chat_template"] = FALLBACK_TEMPLATE
+            owner = self.tokenizer
+        try:
+            return owner.apply_chat_template(list(messages), **kwargs)
+        except Exception as exc:  # jinja raises its own errors for malformed conversations
+            raise InvalidRequest(f"messages could not be rendered with the chat template: {exc}") from exc
+
+    def _normalize_messages(self, messages: Sequence[dict]) -> tuple[list[dict], list[Image.Image]]:
+        """Messages for the template, and the images they carry (in order).
+
+        Text-only models get each content as one string (many templates expect
+        a string); image+text models get parts with {"type": "image"} markers.
+        """
+        images: list[Image.Image] = []
+        normalized: list[dict] = []
+        for message in messages:
+            if not isinstance(message, dict) or "role" not in message:
+                raise InvalidRequest("each message needs a `role` and `content`")
+            parts: list[dict] = []
+            for part in _content_parts(message.get("content")):
+                kind = part.get("type")
+                if kind == "text":
+                    parts.append({"type": "text", "text": str(part.get("text", ""))})
+                elif kind == "image_url":
+                    if not self.loaded.is_multimodal:
+                        raise InvalidRequest(
+                            f"model {self.loaded.source!r} is text-only; it cannot take image_url content"
+                        )
+                    image_url = part.get("image_url")
+                    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+                    if not isinstance(url, str):
+                        raise InvalidRequest("image_url part needs image_url.url")
+                    images.append(decode_image_url(url))
+                    parts.append({"type": "image"})
+                else:
+                    raise InvalidRequest(f"unsupported content part type {kind!r} (use 'text' or 'image_url')")
+            if self.loaded.is_multimodal:
+                normalized.append({"role": message["role"], "content": parts})
+            else:
+                text = "\n".join(p["text"] for p in parts)
+                normalized.append({"role": message["role"], "content": text})
+        return normalized, images

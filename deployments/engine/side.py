@@ -1,0 +1,280 @@
+"""The side backend: classic `model.generate` for what the pool cannot take.
+
+Seeded and image requests (every request when continuous batching is off).
+`SideBackend.generate` groups rows by sampling settings (temperature, top_p,
+seed) and runs one `model.generate` per group with LEFT padding, so every
+row's last prompt token sits at the same position and decodes as if it were
+alone. Each row stops on its own max_tokens, stop strings or EOS (`_RowStops`,
+a per-row stopping criterion); the others go on. Image requests run alone
+(pixel inputs of different requests are not stacked).
+
+KV: each `generate` holds as many side slots as it has rows, for the whole
+call, and rows are chunked so that the padded prompt width plus the longest
+max_tokens stays within the context length (the per-sequence KV the plan
+budgets). The KV ledger measures each call's cache at every step.
+
+Seeds: a seeded group calls `torch.manual_seed(seed)` before generating.
+Caveat: rows of one batch share that RNG stream, so a seeded request's
+sample depends on what it was batched with; only greedy (temperature 0) is
+independent of batching.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from deployments.engine.kv import KvLedger, RequestCancelled, SequenceSlots
+from deployments.engine.prompts import PreparedPrompt
+from deployments.engine.text import STOP_TAIL_TOKENS, StopHoldBack, TextRules
+from deployments.generation import SamplingParams, StreamDelta
+
+
+def generation_config(
+    params: SamplingParams, max_new_tokens: int, pad_token_id: int, eos_token_ids: Sequence[int]
+) -> GenerationConfig:
+    """`params` as `model.generate` takes them (the side path's one translation of SamplingParams).
+
+    A fresh config rather than the model's: its defaults (top_k=64, top_p=0.95
+    for Gemma) would silently change what the API promises."""
+    sampling = not params.greedy
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        temperature=params.temperature if sampling else None,
+        top_p=params.top_p if sampling else None,
+        top_k=None,
+        pad_token_id=pad_token_id,
+        eos_token_id=list(eos_token_ids) or None,
+    )
+
+
+def _group_key(params: SamplingParams) -> tuple[float, float, int | None]:
+    # max_tokens and stop are per row (criterion + trimming); these are not.
+    if params.greedy:
+        return (0.0, 1.0, None)
+    return (params.temperature, params.top_p, params.seed)
+
+
+class _RowStops(StoppingCriteria):
+    """Per-row stop: own max_tokens reached, own stop string seen, or cancelled.
+
+    generate() ends a row when its criterion is True and the whole call when
+    all rows are done, so short requests in a batch do not run long.
+    """
+
+    def __init__(
+        self,
+        prompt_width: int,
+        max_tokens: Sequence[int],
+        stops: Sequence[tuple[str, ...]],
+        tokenizer: Any,
+        cancel: threading.Event | None = None,
+        on_step: Any = None,
+    ):
+        self.on_step = on_step  # called every step (the KV ledger measures the side cache)
+        self.prompt_width = prompt_width
+        self.max_tokens = torch.tensor(list(max_tokens))
+        self.stops = list(stops)
+        self.tokenizer = tokenizer
+        self.cancel = cancel
+        self.tail_tokens = {
+            row: max((len(s) for s in row_stops), default=0) + STOP_TAIL_TOKENS
+            for row, row_stops in enumerate(self.stops)
+        }
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        if self.on_step is not None:
+            self.on_step()
+        generated = input_ids.shape[1] - self.prompt_width
+        done = (generated >= self.max_tokens).to(input_ids.device)
+        if self.cancel is not None and self.cancel.is_set():
+            return torch.ones_like(done)
+        for row, row_stops in enumerate(self.stops):
+            if not row_stops or done[row]:
+                continue
+            tail = input_ids[row, max(self.prompt_width, input_ids.shape[1] - self.tail_tokens[row]) :]
+            text = self.tokenizer.decode(tail, skip_special_tokens=True)
+            if any(stop in text for stop in row_stops):
+                done[row] = True
+        return done
+
+
+class SideBackend:
+    """`model.generate` per group of rows, inside `sequences` side slots."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        sequences: int,
+        context_length: int,
+        pad_token_id: int,
+        text: TextRules,
+        ledger: KvLedger,
+    ):
+        self.model = model
+        self.slots = SequenceSlots(sequences, "side")
+        self.context_length = context_length
+        self.pad_token_id = pad_token_id
+        self.text = text
+        self.ledger = ledger
+        self.last_progress = 0.0  # monotonic time of the last decode step on this path
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def generate(
+        self,
+        prompts: Sequence[PreparedPrompt],
+        params: Sequence[SamplingParams],
+        cancel: threading.Event | None = None,
+    ) -> list[list[int]]:
+        """New token ids per row, in input order. RequestCancelled once `cancel` is set."""
+        groups: dict[tuple, list[int]] = {}
+        for index, (prompt, row) in enumerate(zip(prompts, params, strict=True)):
+            key = (_group_key(row), index if prompt.extra_inputs else -1)
+            groups.setdefault(key, []).append(index)
+        tokens: list[list[int]] = [[] for _ in prompts]
+        for rows in groups.values():
+            for chunk in self._chunks(rows, prompts, params):
+                new_tokens = self._run([prompts[i] for i in chunk], [params[i] for i in chunk], cancel=cancel)
+                if cancel is not None and cancel.is_set():
+                    raise RequestCancelled("cancelled while generating")
+                for i, row_tokens in zip(chunk, new_tokens, strict=True):
+                    tokens[i] = row_tokens
+        return tokens
+
+    def stream(
+        self, prompt: PreparedPrompt, params: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[StreamDelta]:
+        """One `generate` of its own in a worker thread feeding a TextIteratorStreamer; its
+        exception is re-raised here. Closing early or `cancel` stops it within a step."""
+        streamer = TextIteratorStreamer(self.text.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        cancel = cancel or threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["tokens"] = self._run([prompt], [params], streamer=streamer, cancel=cancel)[0]
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                outcome["error"] = exc
+                streamer.end()  # unblock the consumer
+
+        worker = threading.Thread(target=work, name="rayfit-generate", daemon=True)
+        worker.start()
+        release = StopHoldBack(params.stop)
+        try:
+            for piece in streamer:
+                if "error" in outcome:
+                    break
+                text = release.feed(piece)
+                if text:
+                    yield StreamDelta(text=text)
+                if release.stopped:
+                    cancel.set()
+                    break
+            worker.join()
+            if "error" in outcome:
+                raise outcome["error"]
+            yield self.text.last_delta(outcome["tokens"], params, release.sent, prompt.prompt_tokens)
+        finally:
+            cancel.set()
+            if worker.is_alive():
+                # Drain so generate's streamer.put never blocks (the queue is unbounded; this is cheap).
+                for _ in streamer:
+                    pass
+                worker.join()
+
+    # ---- one generate ---------------------------------------------------------
+
+    def _chunks(
+        self, rows: Sequence[int], prompts: Sequence[PreparedPrompt], params: Sequence[SamplingParams]
+    ) -> Iterator[list[int]]:
+        """Rows of one sampling group, cut so each `generate` fits its side slots.
+
+        Left padding makes every row as long as the widest prompt plus the
+        longest max_tokens: a chunk keeps that within the context length (the
+        per-sequence KV the plan budgets) and within the side slots' count.
+        """
+        chunk: list[int] = []
+        width = longest = 0
+        for i in rows:
+            new_width = max(width, prompts[i].prompt_tokens)
+            new_longest = max(longest, params[i].max_tokens)
+            fits = new_width + new_longest <= self.context_length and len(chunk) < self.slots.capacity
+            if chunk and not fits:
+                yield chunk
+                chunk, new_width, new_longest = [], prompts[i].prompt_tokens, params[i].max_tokens
+            chunk.append(i)
+            width, longest = new_width, new_longest
+        if chunk:
+            yield chunk
+
+    def _left_pad(self, prompts: Sequence[PreparedPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids and attention_mask [batch, width], padded on the left."""
+        width = max(p.prompt_tokens for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            n = prompt.prompt_tokens
+            ids[row, width - n :] = torch.tensor(prompt.input_ids, dtype=torch.long)
+            mask[row, width - n :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _step(self, call: int, cache: Any) -> None:
+        """Every decode step of a generate: measure its KV, and note that tokens flow."""
+        self.ledger.observe(call, cache)
+        self.last_progress = time.monotonic()
+
+    def _run(
+        self,
+        prompts: Sequence[PreparedPrompt],
+        params: Sequence[SamplingParams],
+        streamer: TextIteratorStreamer | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[list[int]]:
+        """One model.generate over rows sharing sampling settings; new token ids per row."""
+        ids, mask = self._left_pad(prompts)
+        width = ids.shape[1]
+        max_new = max(p.max_tokens for p in params)
+        first = params[0]
+        inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if len(prompts) == 1 and prompts[0].extra_inputs:
+            inputs.update({k: v.to(self.device) for k, v in prompts[0].extra_inputs.items()})
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        # Our own cache object, so the ledger can measure what this call holds at every step
+        # (keyed by the cache's id: unique while the call lives).
+        cache = DynamicCache(config=self.model.config)
+        call = id(cache)
+        stops = _RowStops(
+            width,
+            [p.max_tokens for p in params],
+            [p.stop for p in params],
+            self.text.tokenizer,
+            cancel,
+            on_step=lambda: self._step(call, cache),
+        )
+        # One side slot per row, held for the whole call: rows past the budget wait here.
+        try:
+            with self.slots.hold(len(prompts), cancel), torch.inference_mode():
+                if first.seed is not None and not first.greedy:
+                    torch.manual_seed(first.seed)
+                out = self.model.generate(
+                    **inputs,
+                    cache=cache,
+                    generation_config=generation_config(first, max_new, self.pad_token_id, self.text.eos_token_ids),
+                    stopping_criteria=StoppingCriteriaList([stops]),
+                    streamer=streamer,
+                )
+                self.ledger.observe(call, cache)
+        finally:
+            self.ledger.forget(call)
+        return [row[width:].tolist() for row in out]

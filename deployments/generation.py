@@ -7,6 +7,26 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class RowRules:
+    """What one request asks of its logits beyond temperature and top-p, all optional
+    (`active`: any is set). deployments.row_logits applies them in both backends."""
+
+    grammar: str | None = None  # an llguidance grammar (deployments.structured builds it)
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    top_k: int = 0
+    min_p: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self != RowRules()
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding settings: the one value both generation backends
     (deployments.engine.pool and .side) read them from. A new setting is a
@@ -18,6 +38,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    rules: RowRules = field(default_factory=RowRules)
 
     @property
     def greedy(self) -> bool:

@@ -129,7 +129,8 @@ def image_url(size: tuple[int, int] = (32, 32), fmt: str = "PNG") -> str:
         pytest.param(json.dumps(chat(temperature=-0.1)).encode(), "temperature", id="temperature-negative"),
         pytest.param(json.dumps(chat(top_p=0)).encode(), "top_p", id="top-p-zero"),
         pytest.param(json.dumps(chat(top_p=1.5)).encode(), "top_p", id="top-p-high"),
-        pytest.param(json.dumps(chat(n=2)).encode(), "n=2", id="n-2"),
+        pytest.param(json.dumps(chat(n=0)).encode(), "n", id="n-0"),
+        pytest.param(json.dumps(chat(n=2, stream=True)).encode(), "stream", id="n-2-streamed"),
         pytest.param(json.dumps(chat(seed=2**70)).encode(), "seed", id="seed-huge"),
     ],
 )

@@ -55,11 +55,18 @@ class GrammarCompiler:
         return self._ll_tokenizer
 
     def check(self, grammar: str) -> str | None:
-        """The grammar's error against this tokenizer, or None when it is usable."""
-        return _grammar_error(grammar, self.ll_tokenizer)
+        """The grammar's error against this tokenizer, or None when it is usable (compiled and cached)."""
+        try:
+            self._compile(grammar)
+        except ValueError as exc:
+            return str(exc)
+        return None
 
     def matcher(self, grammar: str) -> Any:
         """A fresh matcher at the grammar's start."""
+        return self._compile(grammar).deep_copy()
+
+    def _compile(self, grammar: str) -> Any:
         with self._lock:
             compiled = self._compiled.get(grammar)
             if compiled is None:
@@ -67,9 +74,9 @@ class GrammarCompiler:
                 if compiled.is_error():
                     raise ValueError(f"invalid grammar: {compiled.get_error()}")
                 if len(self._compiled) >= self._cache_size:
-                    self._compiled.pop(next(iter(self._compiled)))
+                    self._compiled.pop(next(iter(self._compiled)))  # the oldest
                 self._compiled[grammar] = compiled
-        return compiled.deep_copy()
+            return compiled
 
 
 def _grammar_error(grammar: str, ll_tokenizer: Any = None) -> str | None:
@@ -197,16 +204,14 @@ class BatchRowsProcessor(ContinuousBatchingLogitsProcessor):
         return out
 
 
-def install_batch_rows(manager: Any) -> BatchRowsProcessor:
-    """Put a `BatchRowsProcessor` first in a continuous-batching manager's processors (before
-    temperature and top-p, so rules act on the model's own scores); call before `manager.start()`."""
+def install_batch_rows(manager: Any, rows: BatchRowsProcessor) -> None:
+    """Put `rows` first in a continuous-batching manager's processors (before temperature and
+    top-p, so rules act on the model's own scores); call before `manager.start()`."""
     processors = manager.logit_processor
-    rows = BatchRowsProcessor()
     processors.logits_processor.insert(0, rows)
     processors.tensors_required += 1
     processors.supported_keys.update(rows.supported_kwargs)
     processors.do_processing = True
-    return rows
 
 
 class GenerateRowsProcessor(LogitsProcessor):

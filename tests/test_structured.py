@@ -8,6 +8,7 @@ SmolLM2 (converted once from its GGUF, cached).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -246,3 +247,43 @@ def test_tool_grammar_rejects_an_unknown_tool_name(smollm2) -> None:
     matcher = RowFactory(tokenizer, [tokenizer.eos_token_id]).grammars.matcher(grammar)
     ids = tokenizer.encode('{"tool_calls": [{"name": "delete_all"', add_special_tokens=False)
     assert matcher.validate_tokens(ids) < len(ids)  # the grammar stops accepting at the wrong name
+
+
+# ------------------------------------------------------------ both engine backends
+
+
+@pytest.fixture(scope="module")
+def smollm2_engine(smollm2):
+    from test_engine import _entry
+
+    from deployments.engine import Engine
+    from deployments.loading import load_model
+    from placement.config import ModelSpec
+
+    directory, name = smollm2_gguf()
+    loaded = load_model(ModelSpec(model=str(Path(directory) / name), context_length=1024), _entry(budget=2 << 30))
+    engine = Engine(loaded, max_batch_size=2, continuous=True)
+    yield engine
+    engine.close()
+
+
+def test_schema_holds_in_the_running_batch_and_on_the_side(smollm2_engine) -> None:
+    from deployments.generation import GenerationInput
+
+    request = chat(
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER_SCHEMA}},
+        max_tokens=40,
+    )
+    base = request.to_generation_input()
+    question = ({"role": "user", "content": "Is fire cold? Answer in JSON."},)
+    pooled = GenerationInput(params=dataclasses.replace(base.params, temperature=0.8), messages=question)
+    seeded = GenerationInput(params=dataclasses.replace(base.params, temperature=0.8, seed=7), messages=question)
+    assert smollm2_engine.uses_pool(pooled) and not smollm2_engine.uses_pool(seeded)
+    outputs = smollm2_engine.generate_batch([pooled, pooled, seeded])
+    for output in outputs:
+        jsonschema.validate(json.loads(output.text), ANSWER_SCHEMA)
+    streamed = "".join(delta.text for delta in smollm2_engine.stream(pooled))
+    jsonschema.validate(json.loads(streamed), ANSWER_SCHEMA)
+    load = smollm2_engine.load_report()
+    assert load["pool_requests_live"] == 0 and load["pool_slots_in_use"] == 0
+    assert smollm2_engine.pool.batcher.row_processor.rows == {}  # every row's rules forgotten

@@ -54,6 +54,7 @@ from deployments.engine.text import TextRules
 from deployments.errors import InvalidRequest
 from deployments.generation import GenerationInput, GenerationOutput, SamplingParams, StreamDelta
 from deployments.loading import LoadedModel
+from deployments.row_logits import RowFactory
 from placement.sizing.kv_budget import KvBudget, fit_budget
 
 __all__ = ["Engine", "InvalidRequest", "PreparedPrompt", "RequestCancelled"]
@@ -84,6 +85,8 @@ class Engine:
         self.prompts = Prompter(loaded)
         pad, eos = pad_token_id(loaded), eos_token_ids(loaded)
         self.text = TextRules(loaded.tokenizer, eos)
+        # Grammars, penalties and other per-request logits rules, for both backends.
+        self.rows = RowFactory(loaded.tokenizer, eos)
         self.kv_planned_bytes = kv_budget_bytes
         self.kv_budget: KvBudget = fit_budget(
             self.model.config.get_text_config(),
@@ -102,7 +105,9 @@ class Engine:
             )
         self.pool: PoolBackend | None = None
         if self.kv_budget.pool is not None:
-            batcher = ContinuousBatcher(self.model, pool=self.kv_budget.pool, eos_token_ids=eos, pad_token_id=pad)
+            batcher = ContinuousBatcher(
+                self.model, pool=self.kv_budget.pool, eos_token_ids=eos, pad_token_id=pad, rows=self.rows
+            )
             self.pool = PoolBackend(batcher, self.text)
         self.kv_ledger = KvLedger(pool_bytes=self.pool.batcher.cache_bytes if self.pool else 0)
         self.side = SideBackend(
@@ -112,12 +117,19 @@ class Engine:
             pad_token_id=pad,
             text=self.text,
             ledger=self.kv_ledger,
+            rows=self.rows,
         )
 
     # ---- requests -------------------------------------------------------------
 
     def prepare(self, inp: GenerationInput) -> PreparedPrompt:
-        """Render and tokenize one request; InvalidRequest if it cannot be served (e.g. over the context)."""
+        """Render and tokenize one request; InvalidRequest if it cannot be served (e.g. over the context,
+        or a grammar this tokenizer cannot follow)."""
+        grammar = inp.params.rules.grammar
+        if grammar is not None:
+            error = self.rows.grammars.check(grammar)
+            if error:
+                raise InvalidRequest(f"response_format / tools cannot be enforced for this model: {error}")
         return self.prompts.prepare(inp)
 
     def count_tokens(self, text: str) -> int:

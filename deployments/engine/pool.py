@@ -46,6 +46,7 @@ from deployments.engine.prompts import PreparedPrompt
 from deployments.engine.text import IncrementalText, StopHoldBack, TextRules
 from deployments.errors import RetryableGenerationError
 from deployments.generation import SamplingParams, StreamDelta
+from deployments.row_logits import ROW_KEY, BatchRowsProcessor, RowFactory, install_batch_rows
 from placement.sizing.kv_budget import PagedPool
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,9 @@ class ContinuousBatcher:
         pool: PagedPool,
         eos_token_ids: Sequence[int],
         pad_token_id: int,
+        rows: RowFactory | None = None,
     ):
+        """`rows`: builds the logits rules of requests that carry any (grammars, penalties, ...)."""
         config = ContinuousBatchingConfig(
             page_size=pool.page_size,
             num_blocks=pool.num_blocks,
@@ -147,6 +150,10 @@ class ContinuousBatcher:
             allow_block_sharing=False,
             auto_switch_to_flash=False,
             per_request_processors=True,
+            # Per-row rules (BatchRowsProcessor) run Python per step: no captured graphs, and each
+            # step's rows see the tokens of the step before (no asynchronous look-ahead).
+            use_cuda_graph=False,
+            use_async_batching=False,
         )
         generation = GenerationConfig(
             do_sample=True,
@@ -162,6 +169,8 @@ class ContinuousBatcher:
         self.eos_token_ids = list(eos_token_ids)
         self._model, self._config, self._generation = model, config, generation
         self._queues: dict[str, queue.Queue[TokenUpdate | BaseException]] = {}
+        self._rows, self._row_keys = rows, {}  # request id → its key in `row_processor`
+        self.row_processor = BatchRowsProcessor()  # one for every manager this batcher builds
         self._lock = threading.Lock()
         self._counter = 0
         self._stopping = threading.Event()
@@ -199,6 +208,7 @@ class ContinuousBatcher:
             generation_config=self._generation, continuous_batching_config=self._config
         )
         _use_cheap_top_p(manager)  # before start(): the loop thread builds its batch processor from this list
+        install_batch_rows(manager, self.row_processor)
         manager.start()
         return manager
 
@@ -291,9 +301,12 @@ class ContinuousBatcher:
             request_id = f"rayfit-{self._counter}"
             self._counter += 1
             self._queues[request_id] = queue.Queue()
-        sampling = sampling_kwargs(params)
+        sampling: dict[str, Any] = dict(sampling_kwargs(params))
         added = None
         try:
+            row = self._rows.row(params.rules, input_ids) if self._rows is not None else None
+            if row is not None:
+                sampling[ROW_KEY] = self._row_keys[request_id] = self.row_processor.register(row)
             # A manager whose loop just died refuses requests until the pump has rebuilt it: wait, then retry once.
             for _ in range(2):
                 if not self._wait_for_live_manager():
@@ -367,6 +380,9 @@ class ContinuousBatcher:
         """Forget a request and free its slot (and stop generating for it when `cancel`)."""
         with self._lock:
             held = self._queues.pop(request_id, None) is not None
+            key = self._row_keys.pop(request_id, None)
+        if key is not None:
+            self.row_processor.forget(key)
         if held:
             self.slots.release()
         manager = self._manager  # None while a failed batcher is being rebuilt: nothing to cancel then

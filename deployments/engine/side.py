@@ -27,12 +27,20 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import (
+    DynamicCache,
+    GenerationConfig,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 from deployments.engine.kv import KvLedger, RequestCancelled, SequenceSlots
 from deployments.engine.prompts import PreparedPrompt
 from deployments.engine.text import STOP_TAIL_TOKENS, StopHoldBack, TextRules
 from deployments.generation import SamplingParams, StreamDelta
+from deployments.row_logits import GenerateRowsProcessor, RowFactory
 
 
 def generation_config(
@@ -117,8 +125,11 @@ class SideBackend:
         pad_token_id: int,
         text: TextRules,
         ledger: KvLedger,
+        rows: RowFactory | None = None,
     ):
+        """`rows`: builds the logits rules of rows that carry any (grammars, penalties, ...)."""
         self.model = model
+        self.rows = rows
         self.slots = SequenceSlots(sequences, "side")
         self.context_length = context_length
         self.pad_token_id = pad_token_id
@@ -233,6 +244,15 @@ class SideBackend:
         self.ledger.observe(call, cache)
         self.last_progress = time.monotonic()
 
+    def _row_processors(
+        self, prompts: Sequence[PreparedPrompt], params: Sequence[SamplingParams], width: int
+    ) -> LogitsProcessorList | None:
+        """The rows' logits rules as one processor (None when no row has any)."""
+        if self.rows is None:
+            return None
+        rows = [self.rows.row(p.rules, prompt.input_ids) for prompt, p in zip(prompts, params, strict=True)]
+        return LogitsProcessorList([GenerateRowsProcessor(rows, width)]) if any(rows) else None
+
     def _run(
         self,
         prompts: Sequence[PreparedPrompt],
@@ -270,6 +290,7 @@ class SideBackend:
                 out = self.model.generate(
                     **inputs,
                     cache=cache,
+                    logits_processor=self._row_processors(prompts, params, width),
                     generation_config=generation_config(first, max_new, self.pad_token_id, self.text.eos_token_ids),
                     stopping_criteria=StoppingCriteriaList([stops]),
                     streamer=streamer,

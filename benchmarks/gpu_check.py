@@ -327,7 +327,7 @@ def kv_pool_check(model: nn.Module, ns: argparse.Namespace, device: torch.device
 
 
 def allocator_cap_check(device: torch.device) -> dict[str, Any]:
-    """The replica's cap (deployments.memory_cap): past it, this process's allocation fails."""
+    """The replica's cap (deployments.memory): past it, this process's allocation fails."""
     if device.type != "cuda":
         return {"skipped": "CPU: the replica only reports (no allocator cap)"}
     gc.collect()

@@ -126,7 +126,7 @@ class ModelServer:
             # YAML's ray_actor_options); Serve then reports the deployment as failed.
             check_placement(entry)
         # The plan's budget becomes a hard cap before the first weight lands (GPU only).
-        from deployments.memory_cap import cap_gpu_memory
+        from deployments.memory import cap_gpu_memory
 
         self.memory_caps = cap_gpu_memory(load_entry)
         # A load failure raises ModelLoadError naming the cause: Serve marks the
@@ -237,7 +237,7 @@ class ModelServer:
 
     async def _generate_continuous(self, request: GenerationInput) -> GenerationOutput | BaseException:
         """One request through the engine's continuous batcher (joins the running batch)."""
-        from deployments.oom import is_out_of_memory, recover
+        from deployments.memory import is_out_of_memory, recover
 
         loop = asyncio.get_running_loop()
         # Set when the caller goes away (Serve cancels this coroutine): the engine then drops the
@@ -259,7 +259,7 @@ class ModelServer:
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     async def _generate_batch(self, requests: list[GenerationInput]) -> list[GenerationOutput | BaseException]:
-        from deployments.oom import is_out_of_memory, recover
+        from deployments.memory import is_out_of_memory, recover
 
         try:
             # A thread: generate_batch holds the GIL-releasing forward passes for
@@ -293,7 +293,7 @@ class ModelServer:
         engine's blocking iterator (not the shared pool: blocked streams could
         starve it); client disconnect → CancelledError → the thread stops.
         A bad request is yielded as its InvalidRequest (see `_rejected`)."""
-        from deployments.oom import is_out_of_memory, recover
+        from deployments.memory import is_out_of_memory, recover
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -431,7 +431,7 @@ class ModelServer:
         out-of-memory, or to a batch the batcher restarted, is no reason to
         replace the replica.
         """
-        from deployments.oom import is_out_of_memory, recover
+        from deployments.memory import is_out_of_memory, recover
 
         last_check, self._last_check = self._last_check, time.monotonic()
         if max(self._last_success, self.engine.last_progress) > last_check:

@@ -1,0 +1,69 @@
+"""A replica's device memory: capped at the plan's budget, recovered after an out-of-memory.
+
+The cap: `torch.cuda.set_per_process_memory_fraction` caps torch's caching allocator
+in this process: an allocation past the cap raises an out-of-memory error
+HERE (answered 503, `recover` below), instead of succeeding and leaving the
+neighbour on a shared GPU to run out. The cap is the plan's budget for the
+replica on each visible GPU, as a fraction of that GPU's total memory. The
+CUDA context (outside torch's allocator) is not counted: the planner holds
+it back per GPU (`placement.inventory.Reserve`). On CPU nothing is capped;
+the replica only reports its memory.
+
+Recovery: a CUDA OOM in one generation leaves the model's weights intact:
+only that batch's activations and KV cache were lost. Releasing them (gc,
+then the caching allocator's free blocks) lets the replica serve the next
+request, so the replica stays up and the request gets a retryable 503, not a
+500.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+from deployments.errors import GenerationOutOfMemory
+from placement.plan import PlanEntry
+
+logger = logging.getLogger("ray.serve")
+
+
+def cap_gpu_memory(entry: PlanEntry) -> dict[int, int]:
+    """Cap each visible GPU at the plan's budget; local index → capped bytes ({} on CPU)."""
+    import torch
+
+    if entry.device != "gpu" or not torch.cuda.is_available():
+        return {}
+    caps: dict[int, int] = {}
+    for local in range(torch.cuda.device_count()):
+        total = torch.cuda.get_device_properties(local).total_memory
+        budget = min(entry.gpu_budget_bytes(local), total)
+        torch.cuda.set_per_process_memory_fraction(budget / total, local)
+        caps[local] = budget
+    logger.info("%s: torch allocator capped at %s bytes per local GPU (the plan's budget)", entry.role, caps)
+    return caps
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    # torch.cuda.OutOfMemoryError is torch.OutOfMemoryError (also on CPU builds).
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+def release_memory() -> None:
+    """Drop the failed batch's tensors and return cached blocks to the device."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def recover(role: str, exc: BaseException) -> GenerationOutOfMemory:
+    """Free memory after `exc` and return the error each request of the batch gets."""
+    release_memory()
+    logger.warning("%s: out of device memory during generation; memory released, replica stays up", role)
+    return GenerationOutOfMemory(
+        f"out of device memory while generating ({str(exc).splitlines()[0] if str(exc) else 'OOM'}); "
+        "the memory was released: retry, or send a shorter prompt or a smaller max_tokens"
+    )

@@ -186,3 +186,18 @@ def test_cheap_top_p_matches_the_stock_warper(continuous: Engine) -> None:
     assert torch.equal(fast[1], scores[1])  # top-p 1: untouched
     kept = torch.isfinite(fast[0]).nonzero().squeeze(1)
     assert kept.tolist() == [int(scores[0].argmax())]  # top-p 0: the argmax alone
+
+
+def test_greedy_rows_skip_sampling_next_to_sampled_rows(classic: Engine, continuous: Engine) -> None:
+    """Greedy rows take their argmax without softmax + multinomial (the sampler installed on the
+    manager's runner), and keep the classic text while sampled rows decode beside them."""
+    from deployments.engine.pool import _GreedyAwareSampler
+
+    assert continuous.pool is not None
+    runner = continuous.pool.batcher._manager.batch_processor.model_runner
+    assert isinstance(runner._sample, _GreedyAwareSampler)
+    greedy = [GenerationInput(params=GREEDY, prompt=p) for p in PROMPTS[:2]]
+    sampled = GenerationInput(params=SamplingParams(max_tokens=12, temperature=0.9, top_p=0.8), prompt="The quick")
+    outputs = continuous.generate_batch([greedy[0], sampled, greedy[1]])
+    assert [outputs[0], outputs[2]] == [classic.generate_batch([g])[0] for g in greedy]
+    assert outputs[1].completion_tokens > 0

@@ -104,9 +104,13 @@ class _CheapTopP(ContinuousBatchingTopPLogitsWarper):
     only rows with 0 < top-p < 1 go through the stock sort.
     """
 
+    # This step's greedy rows [rows] (bool), for `_GreedyAwareSampler`; None once it has read them.
+    greedy_rows: torch.Tensor | None = None
+
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         top_p = tensor_arg[: scores.size(0)].view(dtype=torch.float32)  # [rows]
         greedy, untouched = top_p <= 0, top_p >= 1
+        self.greedy_rows = greedy
         out = scores
         if bool(greedy.any()):
             best = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.argmax(dim=-1, keepdim=True), True)
@@ -119,14 +123,50 @@ class _CheapTopP(ContinuousBatchingTopPLogitsWarper):
         return out
 
 
-def _use_cheap_top_p(manager: Any) -> None:
-    """Swap the manager's top-p warper for `_CheapTopP` (same settings)."""
+def _use_cheap_top_p(manager: Any) -> _CheapTopP | None:
+    """Swap the manager's top-p warper for `_CheapTopP` (same settings); the new warper."""
     processors = manager.logit_processor.logits_processor
     for index, processor in enumerate(processors):
         if type(processor) is ContinuousBatchingTopPLogitsWarper:
             cheap = _CheapTopP.__new__(_CheapTopP)
             cheap.__dict__.update(processor.__dict__)
             processors[index] = cheap
+            return cheap
+    return None
+
+
+class _GreedyAwareSampler:
+    """The model runner's sampling step, without softmax and multinomial for greedy rows.
+
+    The manager samples every row (`do_sample` is one switch): softmax over the
+    vocabulary, then a multinomial draw, also for greedy rows whose scores
+    `_CheapTopP` already cut to their argmax (profiled: ~9% of a decode step).
+    Here every row takes its argmax, and only sampled rows go through softmax +
+    multinomial. A greedy row gets the same token as before; sampled rows draw
+    from the same distribution (their random draws differ, none is seeded).
+    With log probabilities asked for, or no greedy row, the stock step runs.
+    """
+
+    def __init__(self, runner: Any, top_p: _CheapTopP):
+        self.stock = runner._sample
+        self.runner = runner
+        self.top_p = top_p
+
+    def __call__(self, scores: torch.Tensor, output_ids: torch.Tensor) -> None:
+        logits = scores[0]  # [rows, vocab]
+        greedy, self.top_p.greedy_rows = self.top_p.greedy_rows, None
+        if self.runner.return_logprobs or greedy is None or greedy.numel() != logits.size(0):
+            return self.stock(scores, output_ids)
+        if not bool(greedy.any()):
+            return self.stock(scores, output_ids)  # every row samples: nothing to skip
+        next_tokens = logits.argmax(dim=-1)  # [rows]
+        sampled = ~greedy
+        if bool(sampled.any()):
+            rows = sampled.nonzero().squeeze(1)
+            probs = torch.nn.functional.softmax(logits[rows], dim=-1)  # [sampled rows, vocab]
+            next_tokens[rows] = torch.multinomial(probs, num_samples=1).squeeze(-1)
+        output_ids[0, : next_tokens.size(0)].copy_(next_tokens)
+        return None
 
 
 class ContinuousBatcher:
@@ -207,7 +247,8 @@ class ContinuousBatcher:
         manager = self._model.init_continuous_batching(
             generation_config=self._generation, continuous_batching_config=self._config
         )
-        _use_cheap_top_p(manager)  # before start(): the loop thread builds its batch processor from this list
+        # Before start(): the loop thread builds its batch processor from this list.
+        self._top_p = _use_cheap_top_p(manager)
         install_batch_rows(manager, self.row_processor)
         manager.start()
         return manager
@@ -218,6 +259,9 @@ class ContinuousBatcher:
         while time.monotonic() < deadline:
             processor = self._manager.batch_processor
             if processor is not None:
+                # Before any request is admitted (`_ready` is still clear): every step samples this way.
+                if self._top_p is not None:
+                    processor.model_runner._sample = _GreedyAwareSampler(processor.model_runner, self._top_p)
                 tensor = processor.cache.cache_tensor
                 return int(tensor.numel() * tensor.element_size())
             if not self._manager.is_running():

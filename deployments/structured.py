@@ -20,6 +20,7 @@ is a 400 at the ingress, before any replica is asked.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -152,6 +153,7 @@ def _calls_schema(specs: list[ToolSpec], parallel: bool) -> dict[str, Any]:
         "properties": {"tool_calls": calls},
         "required": ["tool_calls"],
         "additionalProperties": False,
+        "x-guidance": _JSON_OPTIONS,  # compact: a `%json` inside a Lark grammar takes its options from here
     }
 
 
@@ -189,15 +191,18 @@ def tools_prompt(specs: list[ToolSpec], mode: str, parallel: bool) -> str:
 
 
 def parse_tool_calls(text: str, specs: list[ToolSpec]) -> list[ToolCall] | None:
-    """The tool calls in an answer, or None when it is prose (or not a valid call object)."""
+    """The tool calls in an answer, or None when it is prose (or holds no valid call).
+
+    An answer cut off by max_tokens in the middle of a later call keeps the
+    calls it completed (a small model tends to repeat calls until the limit)."""
     stripped = text.strip()
     if not stripped.startswith("{"):
         return None
     try:
         value = json.loads(stripped)
+        calls = value.get("tool_calls") if isinstance(value, dict) else None
     except json.JSONDecodeError:
-        return None
-    calls = value.get("tool_calls") if isinstance(value, dict) else None
+        calls = _complete_calls(stripped)
     if not isinstance(calls, list) or not calls:
         return None
     by_name = {spec.name: spec for spec in specs}
@@ -213,6 +218,24 @@ def parse_tool_calls(text: str, specs: list[ToolSpec]) -> list[ToolCall] | None:
             return None
         parsed.append(ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=spec.name, arguments=json.dumps(arguments)))
     return parsed
+
+
+def _complete_calls(text: str) -> list[Any] | None:
+    """The whole call objects at the start of a truncated `{"tool_calls": [...` answer."""
+    opening = re.match(r'\{\s*"tool_calls"\s*:\s*\[\s*', text)
+    if opening is None:
+        return None
+    decoder, position, calls = json.JSONDecoder(), opening.end(), []
+    while True:
+        try:
+            call, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError:
+            return calls
+        calls.append(call)
+        separator = re.match(r"\s*,\s*", text[position:])
+        if separator is None:
+            return calls
+        position += separator.end()
 
 
 def history_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

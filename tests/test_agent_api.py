@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Literal
 
 import httpx
 import jsonschema
@@ -206,7 +207,7 @@ def test_responses_refuses_server_side_state(base_url: str) -> None:
 
 
 class Verdict(BaseModel):
-    answer: str
+    answer: Literal["yes", "no"]
     confidence: int
 
 
@@ -214,12 +215,15 @@ def test_langchain_structured_output_and_tools(base_url: str) -> None:
     from langchain_core.tools import tool
     from langchain_openai import ChatOpenAI
 
-    chat = ChatOpenAI(model=ROLE, base_url=base_url, api_key="unused", max_tokens=64, max_retries=0)
-    for method in ("json_schema", "json_mode"):
-        verdict = chat.with_structured_output(Verdict, method=method).invoke(
-            "Is the sky blue? Reply as JSON with keys answer and confidence."
-        )
-        assert isinstance(verdict, Verdict), method
+    # Greedy, as extraction code usually runs; a 135M model sampled at 1.0 can ramble inside a string.
+    chat = ChatOpenAI(model=ROLE, base_url=base_url, api_key="unused", max_tokens=64, max_retries=0, temperature=0)
+    question = "Is the sky blue? Reply as JSON with keys answer (yes or no) and confidence (an integer)."
+    verdict = chat.with_structured_output(Verdict, method="json_schema").invoke(question)
+    assert isinstance(verdict, Verdict)
+    # json_mode sends no schema (only "some JSON object"): what is guaranteed is a JSON object;
+    # whether its keys match is up to the model.
+    raw = chat.with_structured_output(Verdict, method="json_mode", include_raw=True).invoke(question)["raw"]
+    assert isinstance(json.loads(raw.content), dict)
 
     @tool
     def get_weather(city: str) -> str:

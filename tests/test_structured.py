@@ -287,3 +287,10 @@ def test_schema_holds_in_the_running_batch_and_on_the_side(smollm2_engine) -> No
     load = smollm2_engine.load_report()
     assert load["pool_requests_live"] == 0 and load["pool_slots_in_use"] == 0
     assert smollm2_engine.pool.batcher.row_processor.rows == {}  # every row's rules forgotten
+
+
+def test_a_call_list_cut_at_max_tokens_keeps_its_whole_calls() -> None:
+    cut = '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_weather", "argu'
+    calls = parse_tool_calls(cut, tool_specs([WEATHER]))
+    assert calls is not None and [json.loads(c.arguments) for c in calls] == [{"city": "Paris"}]
+    assert parse_tool_calls('{"tool_calls": [{"name": "get_wea', tool_specs([WEATHER])) is None

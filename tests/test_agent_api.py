@@ -253,9 +253,11 @@ def test_openai_agents_sdk_one_tool_loop(base_url: str) -> None:
         instructions="Answer weather questions with the get_weather tool.",
         tools=[get_weather],
         model=model,
-        # The first turn must call the tool; the SDK then resets tool_choice to auto for the answer.
         model_settings=ModelSettings(tool_choice="required", max_tokens=64),
+        # The demo's 135M model keeps calling tools when left to choose, so the loop ends at the
+        # tool's result: the SDK's request, the call it parses and the tool run are what is tested.
+        tool_use_behavior="stop_on_first_tool",
     )
     result = Runner.run_sync(agent, "What is the weather in Paris?", max_turns=4)
     assert calls, "the agent never called its tool"
-    assert isinstance(result.final_output, str) and result.final_output
+    assert result.final_output == f"18 C and sunny in {calls[0]}"

@@ -32,6 +32,7 @@ from deployments.generation import GenerationInput, GenerationOutput, RowRules, 
 from deployments.images import check_image_url
 from deployments.structured import (
     ToolCall,
+    ToolCallHoldBack,
     ToolSpec,
     chosen_tools,
     history_messages,
@@ -493,7 +494,7 @@ class ChatStreamConverter:
         self.created = now()
         self.tools = tools or []
         self._sent_role = False
-        self._held: str | None = "" if self.tools else None  # text held back while it may be a tool call
+        self._hold = ToolCallHoldBack(self.tools)
 
     def _chunk(self, delta: DeltaMessage, finish: str | None, usage: UsageInfo | None = None):
         choices = [] if usage is not None else [ChatCompletionStreamChoice(delta=delta, finish_reason=finish)]
@@ -501,28 +502,13 @@ class ChatStreamConverter:
             id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
         )
 
-    def _release(self, text: str, finished: bool) -> tuple[str, list[ToolCall] | None]:
-        """(text to send now, tool calls at the end) while holding back a possible call object."""
-        if self._held is None:
-            return text, None
-        self._held += text
-        opening = self._held.lstrip()
-        if opening and not opening.startswith("{"):
-            text, self._held = self._held, None  # prose: send what was held, stream the rest
-            return text, None
-        if not finished:
-            return "", None
-        held, self._held = self._held, None
-        calls = parse_tool_calls(held, self.tools)
-        return ("" if calls else held), calls
-
     def convert(self, delta: StreamDelta) -> list[ChatCompletionStreamResponse]:
         chunks = []
         if not self._sent_role:
             chunks.append(self._chunk(DeltaMessage(role="assistant", content=""), None))
             self._sent_role = True
         finished = delta.finish_reason is not None
-        text, calls = self._release(delta.text, finished)
+        text, calls = self._hold.feed(delta.text, finished)
         if calls:
             items = [
                 DeltaToolCall(index=i, id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from deployments.errors import BadRequestError
 from deployments.generation import StreamDelta
 from deployments.protocol import ChatCompletionRequest, ChatCompletionResponse, new_id, now
-from deployments.structured import ToolSpec, parse_tool_calls
+from deployments.structured import ToolCallHoldBack, ToolSpec
 
 
 class ResponsesRequest(BaseModel):
@@ -227,7 +227,7 @@ class ResponseEvents:
         self._sequence = 0
         self._text = ""
         self._message: dict[str, Any] | None = None
-        self._held: str | None = "" if tools else None
+        self._hold = ToolCallHoldBack(tools)
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
         event = {"type": kind, "sequence_number": self._sequence, **fields}
@@ -289,24 +289,14 @@ class ResponseEvents:
 
     def convert(self, delta: StreamDelta) -> Iterator[dict[str, Any]]:
         finished = delta.finish_reason is not None
-        text = delta.text
-        if self._held is not None:  # with tools: hold text while it may be the call object
-            self._held += text
-            opening = self._held.lstrip()
-            if opening and not opening.startswith("{"):
-                text, self._held = self._held, None
-            else:
-                text = ""
+        text, calls = self._hold.feed(delta.text, finished)
         if text:
             yield from self._text_events(text)
         if not finished:
             return
-        calls = parse_tool_calls(self._held, self.tools) if self._held else None
         if calls:
             events, output = self._calls_done(calls)
         else:
-            if self._held:
-                yield from self._text_events(self._held)
             events, item = self._message_done()
             output = [item]
         yield from events

@@ -10,9 +10,9 @@ Two adapters plug it into the two backends: `BatchRowsProcessor` into
 transformers' continuous batch (rows found by a `rayfit_row` key each request
 carries), `GenerateRowsProcessor` into `model.generate` (rows by position).
 
-Memory (the plan's contract): per step a row needs a few vocabulary-sized
-temporaries (mask, bias), freed after the step: `ROW_WORKSPACE_BYTES_PER_TOKEN`
-× vocabulary per row, included in the planned runtime bytes.
+Memory: per step a row with rules needs a few vocabulary-sized temporaries
+(scores copy, mask), freed after the step. They are not yet itemized in the
+plan: an open item of the memory contract.
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from transformers.generation.continuous_batching.cb_logits_processors import Con
 
 from deployments.generation import RowRules
 
-# float32 bias + unpacked bool mask + int32 bitmask per vocabulary entry, rounded up.
-ROW_WORKSPACE_BYTES_PER_TOKEN = 12
 # The key every continuous-batching request carries (-1: nothing to do for this row).
 ROW_KEY = "rayfit_row"
 

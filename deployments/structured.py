@@ -220,6 +220,30 @@ def parse_tool_calls(text: str, specs: list[ToolSpec]) -> list[ToolCall] | None:
     return parsed
 
 
+class ToolCallHoldBack:
+    """A streamed answer with tools: text that opens with "{" (the call object) is held back until
+    the answer ends and then read as tool calls; prose is released as soon as it shows."""
+
+    def __init__(self, specs: list[ToolSpec]):
+        self.specs = specs
+        self._held: str | None = "" if specs else None  # None: nothing (more) to hold
+
+    def feed(self, text: str, finished: bool) -> tuple[str, list[ToolCall] | None]:
+        """(text to send now, the tool calls once the answer ended as a call object)."""
+        if self._held is None:
+            return text, None
+        self._held += text
+        opening = self._held.lstrip()
+        if opening and not opening.startswith("{"):
+            text, self._held = self._held, None  # prose: send what was held, stream the rest
+            return text, None
+        if not finished:
+            return "", None
+        held, self._held = self._held, None
+        calls = parse_tool_calls(held, self.specs)
+        return ("" if calls else held), calls
+
+
 def _complete_calls(text: str) -> list[Any] | None:
     """The whole call objects at the start of a truncated `{"tool_calls": [...` answer."""
     opening = re.match(r'\{\s*"tool_calls"\s*:\s*\[\s*', text)

@@ -39,6 +39,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     rules: RowRules = field(default_factory=RowRules)
+    # Log-probabilities of each generated token with this many alternatives (0..20); None: not asked.
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -55,6 +57,12 @@ class GenerationInput:
     params: SamplingParams = field(default_factory=SamplingParams)
     messages: tuple[dict, ...] | None = None
     prompt: str | None = None
+    # Completions only: token ids instead of `prompt` (fed as they are); `echo`: the output carries the
+    # prompt's text, and with `prompt_logprobs` each prompt token's logprob with that many alternatives.
+    # With `echo`, `params.max_tokens` may be 0 (score the prompt only).
+    prompt_ids: tuple[int, ...] | None = None
+    echo: bool = False
+    prompt_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,9 @@ class GenerationOutput:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" | "length"
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per completion token, when asked
+    prompt_text: str | None = None  # with `echo`
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # one per prompt token, with echo + logprobs
 
 
 @dataclass(frozen=True)
@@ -73,3 +84,22 @@ class StreamDelta:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens this delta's text came from, when asked
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    bytes: tuple[int, ...]  # the token's exact bytes (a token may hold part of a UTF-8 character)
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model, and the most likely tokens at its position
+    (deployments.engine.logprobs). `logprob` is None only for a prompt's first token: nothing predicts it."""
+
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float | None
+    top: tuple[TopLogprob, ...] = ()

@@ -4,7 +4,9 @@ One `RowLogits` follows one request while it decodes. Before each sampling
 step it sees the tokens generated so far (`observe`) and edits that row's
 scores (`apply`): a grammar mask (llguidance; the output then always parses),
 `logit_bias`, presence / frequency / repetition penalties, `min_tokens` and
-`ignore_eos` (EOS masked), `top_k` and `min_p`.
+`ignore_eos` (EOS masked), `top_k` and `min_p`. A row that asks for logprobs
+also hands its raw scores, before any of these edits, to its
+`LogprobRecorder` (deployments.engine.logprobs).
 
 Two adapters plug it into the two backends: `BatchRowsProcessor` into
 transformers' continuous batch (rows found by a `rayfit_row` key each request
@@ -95,11 +97,14 @@ class RowLogits:
     eos_token_ids: tuple[int, ...]
     prompt_ids: tuple[int, ...] = ()
     matcher: Any = None
+    recorder: Any = None  # a LogprobRecorder when the request asks for logprobs
     _seen: list[int] = field(default_factory=list)
     _counts: dict[int, int] = field(default_factory=dict)
 
     def observe(self, generated: Sequence[int]) -> None:
         """Take in the tokens generated since the last call (`generated` is all of them so far)."""
+        if self.recorder is not None:
+            self.recorder.observe(generated)
         for token in generated[len(self._seen) :]:
             self._seen.append(int(token))
             self._counts[int(token)] = self._counts.get(int(token), 0) + 1
@@ -111,7 +116,12 @@ class RowLogits:
         return self.matcher.get_error() if self.matcher is not None and self.matcher.is_error() else None
 
     def apply(self, scores: torch.Tensor) -> torch.Tensor:
-        """This row's scores ([vocab], float) after every rule; a new tensor."""
+        """This row's scores ([vocab], float) after every rule; a new tensor (the same one when
+        the row only records logprobs)."""
+        if self.recorder is not None:
+            self.recorder.record(scores)  # the model's own scores: logprobs are of the raw logits
+            if not self.rules.active:
+                return scores
         rules, vocab = self.rules, scores.size(-1)
         out = scores.clone()
         if rules.repetition_penalty != 1.0:
@@ -213,7 +223,10 @@ def install_batch_rows(manager: Any, rows: BatchRowsProcessor) -> None:
 
 
 class GenerateRowsProcessor(LogitsProcessor):
-    """`RowLogits` inside `model.generate`: row i of the batch is `rows[i]` (None: untouched)."""
+    """`RowLogits` inside `model.generate`: row i of the batch is `rows[i]` (None: untouched).
+
+    generate runs custom processors before its temperature and top-p warpers, so rows see the
+    model's own scores here too."""
 
     def __init__(self, rows: Sequence[RowLogits | None], prompt_width: int):
         self.rows = list(rows)
@@ -235,9 +248,10 @@ class RowFactory:
         self.eos_token_ids = tuple(eos_token_ids)
         self.grammars = GrammarCompiler(tokenizer, eos_token_ids)
 
-    def row(self, rules: RowRules, prompt_ids: Sequence[int] = ()) -> RowLogits | None:
-        """Raises ValueError for a grammar this tokenizer cannot follow."""
-        if not rules.active:
+    def row(self, rules: RowRules, prompt_ids: Sequence[int] = (), recorder: Any = None) -> RowLogits | None:
+        """Raises ValueError for a grammar this tokenizer cannot follow. `recorder`: the
+        request's LogprobRecorder, if it asks for logprobs."""
+        if not rules.active and recorder is None:
             return None
         matcher = self.grammars.matcher(rules.grammar) if rules.grammar else None
-        return RowLogits(rules, self.eos_token_ids, tuple(prompt_ids), matcher)
+        return RowLogits(rules, self.eos_token_ids, tuple(prompt_ids), matcher, recorder)

@@ -34,6 +34,11 @@ slots for requests the pool cannot take. Requests wait for a slot; none
 allocates past the budget. `kv_report()` gives the planned bytes, the pool's
 measured tensor and the peak measured in side caches.
 
+Logprobs (deployments.engine.logprobs): a request with `params.logprobs` gets a
+recorder that both backends feed the raw scores; `echo` with `prompt_logprobs`
+first scores the prompt in a side slot (chunked, so the workspace stays what
+`logprob_workspace` states); `max_tokens` 0 with `echo` then generates nothing.
+
 Usage: prompt_tokens counts the model's input ids (image tokens included);
 completion_tokens counts the generated tokens kept in the text (up to the
 stop string, without the EOS token).
@@ -41,12 +46,14 @@ stop string, without the EOS token).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from deployments.engine.kv import KvLedger, RequestCancelled
+from deployments.engine.logprobs import LogprobRecorder, Scored, TokenTexts
 from deployments.engine.pool import ContinuousBatcher, PoolBackend
 from deployments.engine.prompts import PreparedPrompt, Prompter, eos_token_ids, pad_token_id, requests_images
 from deployments.engine.side import SideBackend
@@ -56,6 +63,7 @@ from deployments.generation import GenerationInput, GenerationOutput, SamplingPa
 from deployments.loading import LoadedModel
 from deployments.row_logits import RowFactory
 from placement.sizing.kv_budget import KvBudget, fit_budget
+from placement.sizing.logprob_workspace import LogprobWorkspace
 
 __all__ = ["Engine", "InvalidRequest", "PreparedPrompt", "RequestCancelled"]
 
@@ -119,6 +127,14 @@ class Engine:
             ledger=self.kv_ledger,
             rows=self.rows,
         )
+        # Token texts for logprobs, and the bytes logprob requests hold (as the plan states them).
+        self.texts = TokenTexts(lambda: self.rows.grammars.ll_tokenizer, loaded.tokenizer)
+        pool_rows = self.kv_budget.pool.sequences if self.kv_budget.pool else 0
+        self.logprob_workspace = LogprobWorkspace(
+            vocab_size=int(self.model.config.get_text_config().vocab_size),
+            dtype_bytes=self.model.dtype.itemsize,
+            sequences=pool_rows + self.kv_budget.side_sequences,
+        )
 
     # ---- requests -------------------------------------------------------------
 
@@ -160,16 +176,28 @@ class Engine:
         """
         prepared = [self.prepare(inp) for inp in inputs]
         params = [inp.params for inp in inputs]
+        recorders = [LogprobRecorder(p.logprobs) if p.logprobs is not None else None for p in params]
+        scored_prompts = {
+            i: self.side.score_prompt(prepared[i], inp.prompt_logprobs, self.logprob_workspace.chunk, cancel)
+            for i, inp in enumerate(inputs)
+            if inp.echo and inp.prompt_logprobs is not None
+        }
         route = [self._pooled(prompt, row) for prompt, row in zip(prepared, params, strict=True)]
-        pooled = [i for i, in_pool in enumerate(route) if in_pool]
-        side = [i for i, in_pool in enumerate(route) if not in_pool]
+        # max_tokens 0 (echo): the prompt is all there is to answer.
+        pooled = [i for i, in_pool in enumerate(route) if in_pool and params[i].max_tokens > 0]
+        side = [i for i, in_pool in enumerate(route) if not in_pool and params[i].max_tokens > 0]
         tokens: dict[int, list[int]] = {}
         for rows, backend in ((pooled, self.pool), (side, self.side)):
             if rows:
                 assert backend is not None
-                out = backend.generate([prepared[i] for i in rows], [params[i] for i in rows], cancel)
+                out = backend.generate(
+                    [prepared[i] for i in rows], [params[i] for i in rows], cancel, [recorders[i] for i in rows]
+                )
                 tokens.update(zip(rows, out, strict=True))
-        return [self._output(tokens[i], prepared[i], params[i]) for i in range(len(inputs))]
+        return [
+            self._output(tokens.get(i, []), prepared[i], params[i], inputs[i], recorders[i], scored_prompts.get(i))
+            for i in range(len(inputs))
+        ]
 
     def stream(self, inp: GenerationInput, cancel: threading.Event | None = None) -> Iterator[StreamDelta]:
         """Yield text pieces as they are generated; the last delta has finish_reason and usage.
@@ -179,19 +207,70 @@ class Engine:
         `cancel` (client gone), stops generation within a step, also while
         the request still waits for a slot or is in prefill.
         """
-        prompt = self.prepare(inp)
-        if self._pooled(prompt, inp.params):
+        prompt, params = self.prepare(inp), inp.params
+        if inp.echo or params.max_tokens < 1:
+            raise InvalidRequest("echo is not supported with streaming")
+        recorder = LogprobRecorder(params.logprobs) if params.logprobs is not None else None
+        if self._pooled(prompt, params):
             assert self.pool is not None
-            return self.pool.stream(prompt, inp.params, cancel)
-        return self.side.stream(prompt, inp.params, cancel)
+            deltas = self.pool.stream(prompt, params, cancel, recorder)
+        else:
+            deltas = self.side.stream(prompt, params, cancel, recorder)
+        return deltas if recorder is None else self._with_logprobs(deltas, recorder, params)
 
-    def _output(self, tokens: Sequence[int], prompt: PreparedPrompt, params: SamplingParams) -> GenerationOutput:
+    def _with_logprobs(
+        self, deltas: Iterator[StreamDelta], recorder: LogprobRecorder, params: SamplingParams
+    ) -> Iterator[StreamDelta]:
+        """Each delta with the logprobs of the tokens its text covers (the tokens' texts, summed, fit in
+        the text streamed so far); the last delta brings the rest, cut to the kept tokens. With stop
+        strings all come in the last delta (a token past a stop must never be sent)."""
+        sent, covered, streamed = 0, 0, 0  # entries sent, characters they cover, characters streamed
+        try:
+            for delta in deltas:
+                streamed += len(delta.text)
+                if delta.finish_reason is not None:
+                    entries = self.texts.entries(recorder.scored()[sent : delta.completion_tokens])
+                elif params.stop:
+                    yield delta
+                    continue
+                else:
+                    entries = ()
+                    for scored in recorder.scored()[sent:]:
+                        entry = self.texts.entry(scored)
+                        if covered + len(entry.token) > streamed:
+                            break
+                        entries, covered = (*entries, entry), covered + len(entry.token)
+                sent += len(entries)
+                yield dataclasses.replace(delta, logprobs=entries)
+        finally:
+            close = getattr(deltas, "close", None)
+            if close is not None:
+                close()  # stops the backend when the caller stopped early
+
+    def _output(
+        self,
+        tokens: Sequence[int],
+        prompt: PreparedPrompt,
+        params: SamplingParams,
+        inp: GenerationInput | None = None,
+        recorder: LogprobRecorder | None = None,
+        scored_prompt: list[Scored] | None = None,
+    ) -> GenerationOutput:
         done = self.text.finish(tokens, params)
+        logprobs = None
+        if recorder is not None:
+            logprobs = self.texts.entries(recorder.resolved(tokens)[: done.completion_tokens])
+        echoed = None
+        if inp is not None and inp.echo:
+            echoed = inp.prompt if inp.prompt is not None else self.text.tokenizer.decode(prompt.input_ids)
         return GenerationOutput(
             text=done.text,
             prompt_tokens=prompt.prompt_tokens,
             completion_tokens=done.completion_tokens,
             finish_reason=done.finish_reason,
+            logprobs=logprobs,
+            prompt_text=echoed,
+            prompt_logprobs=self.texts.entries(scored_prompt) if scored_prompt is not None else None,
         )
 
     # ---- state ----------------------------------------------------------------

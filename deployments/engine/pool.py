@@ -24,6 +24,12 @@ temperature and top-p processors, and a greedy request asks for top-p 0,
 which keeps only the most likely token — argmax, decided per row. Seeds do
 not exist per request in the manager, so seeded and image requests take the
 side backend (deployments.engine.side).
+
+Logprobs: transformers' own `return_logprobs` gives only the chosen token's
+logprob, taken after temperature and top-p (a greedy row's top-p 0 makes it
+always 0), and no alternatives. So a request that asks for logprobs carries a
+`LogprobRecorder` in its `RowLogits` instead: the first processor of the
+batch, it sees the model's raw scores (deployments.engine.logprobs).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedM
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingTopPLogitsWarper
 
 from deployments.engine.kv import RequestCancelled, SequenceSlots
+from deployments.engine.logprobs import LogprobRecorder
 from deployments.engine.prompts import PreparedPrompt
 from deployments.engine.text import IncrementalText, StopHoldBack, TextRules
 from deployments.errors import RetryableGenerationError
@@ -325,6 +332,7 @@ class ContinuousBatcher:
         slot_held: bool = False,
         cancel: threading.Event | None = None,
         streaming: bool = True,
+        recorder: LogprobRecorder | None = None,
     ) -> str:
         """Queue one request once a sequence slot is free; read its tokens with `updates(request_id)`.
 
@@ -334,7 +342,7 @@ class ContinuousBatcher:
         `slots.acquire(n)` (several rows at once, so two callers never each
         hold part of what they need and wait on each other). `streaming=False`:
         only the final update is delivered (no per-token wake-ups for a caller
-        that needs the whole answer anyway).
+        that needs the whole answer anyway). `recorder`: where the request's logprobs go.
 
         Blocks while `pool.sequences` requests hold the pool. Every id returned
         holds a slot until `release(request_id)`.
@@ -348,7 +356,7 @@ class ContinuousBatcher:
         sampling: dict[str, Any] = dict(sampling_kwargs(params))
         added = None
         try:
-            row = self._rows.row(params.rules, input_ids) if self._rows is not None else None
+            row = self._rows.row(params.rules, input_ids, recorder) if self._rows is not None else None
             if row is not None:
                 sampling[ROW_KEY] = self._row_keys[request_id] = self.row_processor.register(row)
             # A manager whose loop just died refuses requests until the pump has rebuilt it: wait, then retry once.
@@ -467,8 +475,11 @@ class PoolBackend:
         prompts: Sequence[PreparedPrompt],
         params: Sequence[SamplingParams],
         cancel: threading.Event | None = None,
+        recorders: Sequence[LogprobRecorder | None] | None = None,
     ) -> list[list[int]]:
-        """New token ids per row, in input order; rows beyond the pool's capacity run in later waves."""
+        """New token ids per row, in input order; rows beyond the pool's capacity run in later waves.
+        `recorders`: per row, where its logprobs go (None: not asked)."""
+        recorders = recorders or [None] * len(prompts)
         tokens: list[list[int]] = []
         capacity = self.batcher.slots.capacity
         for start in range(0, len(prompts), capacity):
@@ -483,7 +494,11 @@ class PoolBackend:
                         # Whole answers only: per-token updates just to watch for stop strings.
                         streaming = bool(params[i].stop)
                         ids[i] = self.batcher.submit(
-                            prompts[i].input_ids, params[i], slot_held=True, streaming=streaming
+                            prompts[i].input_ids,
+                            params[i],
+                            slot_held=True,
+                            streaming=streaming,
+                            recorder=recorders[i],
                         )
                     except BaseException:
                         self.batcher.slots.release(len(wave) - n - 1)  # the slots of rows never submitted
@@ -496,14 +511,19 @@ class PoolBackend:
         return tokens
 
     def stream(
-        self, prompt: PreparedPrompt, params: SamplingParams, cancel: threading.Event | None = None
+        self,
+        prompt: PreparedPrompt,
+        params: SamplingParams,
+        cancel: threading.Event | None = None,
+        recorder: LogprobRecorder | None = None,
     ) -> Iterator[StreamDelta]:
         """Deltas of one request as the batch produces them, holding back possible stop strings.
 
         Detokenized incrementally (one `DecodeStream` step per new token, not
-        the whole sequence again for every token)."""
+        the whole sequence again for every token). `recorder` has every token's
+        logprob by the last delta."""
         tokens: list[int] = []
-        pieces = self._pieces(prompt, params, tokens, cancel)
+        pieces = self._pieces(prompt, params, tokens, cancel, recorder)
         release = StopHoldBack(params.stop)
         try:
             for piece in pieces:
@@ -514,6 +534,8 @@ class PoolBackend:
                     break
         finally:
             pieces.close()  # cancels the request if it is still generating
+        if recorder is not None:
+            recorder.observe(tokens)  # the last token's logprob
         yield self.text.last_delta(tokens, params, release.sent, prompt.prompt_tokens)
 
     def _collect(self, request_id: str, params: SamplingParams, cancel: threading.Event | None = None) -> list[int]:
@@ -535,9 +557,10 @@ class PoolBackend:
         params: SamplingParams,
         tokens_out: list[int],
         cancel: threading.Event | None = None,
+        recorder: LogprobRecorder | None = None,
     ) -> Iterator[str]:
         """Text pieces of one streamed request; `tokens_out` ends up holding its tokens."""
-        request_id = self.batcher.submit(prompt.input_ids, params, cancel=cancel)
+        request_id = self.batcher.submit(prompt.input_ids, params, cancel=cancel, recorder=recorder)
         finished = False
         decoder = IncrementalText(self.text.tokenizer)
         try:

@@ -99,9 +99,9 @@ class Prompter:
 
     def prepare(self, inp: GenerationInput) -> PreparedPrompt:
         """Render and tokenize one request; check it fits the context."""
-        if (inp.messages is None) == (inp.prompt is None):
-            raise InvalidRequest("give exactly one of `messages` or `prompt`")
-        if inp.params.max_tokens < 1:
+        if sum(x is not None for x in (inp.messages, inp.prompt, inp.prompt_ids)) != 1:
+            raise InvalidRequest("give exactly one of `messages`, `prompt` or `prompt_ids`")
+        if inp.params.max_tokens < (0 if inp.echo else 1):  # echo may score the prompt alone
             raise InvalidRequest(f"max_tokens must be at least 1, got {inp.params.max_tokens}")
         images: list[Image.Image] = []
         if inp.messages is not None:
@@ -118,6 +118,8 @@ class Prompter:
             ids = batch["input_ids"][0].tolist()
             extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
             prepared = PreparedPrompt(input_ids=ids, extra_inputs=extra)
+        elif inp.prompt_ids is not None:
+            prepared = PreparedPrompt(input_ids=self._checked_ids(inp.prompt_ids))
         else:
             ids = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
             prepared = PreparedPrompt(input_ids=list(ids))
@@ -128,6 +130,15 @@ class Prompter:
                 f"{total} exceeds the model's context length of {self.context_length} tokens"
             )
         return prepared
+
+    def _checked_ids(self, ids: Sequence[int]) -> list[int]:
+        """A token-id prompt, fed as it is: every id must be one of the model's."""
+        vocab = int(self.loaded.model.config.get_text_config().vocab_size)
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None or not ids:
+            found = f"got {bad}" if bad is not None else "got none"
+            raise InvalidRequest(f"prompt token ids must be in 0..{vocab - 1}, at least one; {found}")
+        return list(ids)
 
     def count_tokens(self, text: str) -> int:
         """Tokens in plain text (no special tokens added)."""

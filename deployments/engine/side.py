@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from deployments.engine.kv import KvLedger, RequestCancelled, SequenceSlots
+from deployments.engine.logprobs import LogprobRecorder, Scored, score_prompt
 from deployments.engine.prompts import PreparedPrompt
 from deployments.engine.text import STOP_TAIL_TOKENS, StopHoldBack, TextRules
 from deployments.generation import SamplingParams, StreamDelta
@@ -146,8 +147,11 @@ class SideBackend:
         prompts: Sequence[PreparedPrompt],
         params: Sequence[SamplingParams],
         cancel: threading.Event | None = None,
+        recorders: Sequence[LogprobRecorder | None] | None = None,
     ) -> list[list[int]]:
-        """New token ids per row, in input order. RequestCancelled once `cancel` is set."""
+        """New token ids per row, in input order. RequestCancelled once `cancel` is set.
+        `recorders`: per row, where its logprobs go (None: not asked)."""
+        recorders = recorders or [None] * len(prompts)
         groups: dict[tuple, list[int]] = {}
         for index, (prompt, row) in enumerate(zip(prompts, params, strict=True)):
             key = (_group_key(row), index if prompt.extra_inputs else -1)
@@ -155,7 +159,12 @@ class SideBackend:
         tokens: list[list[int]] = [[] for _ in prompts]
         for rows in groups.values():
             for chunk in self._chunks(rows, prompts, params):
-                new_tokens = self._run([prompts[i] for i in chunk], [params[i] for i in chunk], cancel=cancel)
+                new_tokens = self._run(
+                    [prompts[i] for i in chunk],
+                    [params[i] for i in chunk],
+                    cancel=cancel,
+                    recorders=[recorders[i] for i in chunk],
+                )
                 if cancel is not None and cancel.is_set():
                     raise RequestCancelled("cancelled while generating")
                 for i, row_tokens in zip(chunk, new_tokens, strict=True):
@@ -163,17 +172,24 @@ class SideBackend:
         return tokens
 
     def stream(
-        self, prompt: PreparedPrompt, params: SamplingParams, cancel: threading.Event | None = None
+        self,
+        prompt: PreparedPrompt,
+        params: SamplingParams,
+        cancel: threading.Event | None = None,
+        recorder: LogprobRecorder | None = None,
     ) -> Iterator[StreamDelta]:
         """One `generate` of its own in a worker thread feeding a TextIteratorStreamer; its
-        exception is re-raised here. Closing early or `cancel` stops it within a step."""
+        exception is re-raised here. Closing early or `cancel` stops it within a step.
+        `recorder` has every token's logprob by the last delta."""
         streamer = TextIteratorStreamer(self.text.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel = cancel or threading.Event()
         outcome: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                outcome["tokens"] = self._run([prompt], [params], streamer=streamer, cancel=cancel)[0]
+                outcome["tokens"] = self._run(
+                    [prompt], [params], streamer=streamer, cancel=cancel, recorders=[recorder]
+                )[0]
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 outcome["error"] = exc
                 streamer.end()  # unblock the consumer
@@ -194,6 +210,8 @@ class SideBackend:
             worker.join()
             if "error" in outcome:
                 raise outcome["error"]
+            if recorder is not None:
+                recorder.observe(outcome["tokens"])  # the last token's logprob
             yield self.text.last_delta(outcome["tokens"], params, release.sent, prompt.prompt_tokens)
         finally:
             cancel.set()
@@ -245,12 +263,19 @@ class SideBackend:
         self.last_progress = time.monotonic()
 
     def _row_processors(
-        self, prompts: Sequence[PreparedPrompt], params: Sequence[SamplingParams], width: int
+        self,
+        prompts: Sequence[PreparedPrompt],
+        params: Sequence[SamplingParams],
+        width: int,
+        recorders: Sequence[LogprobRecorder | None],
     ) -> LogitsProcessorList | None:
-        """The rows' logits rules as one processor (None when no row has any)."""
+        """The rows' logits rules and logprob recorders as one processor (None when no row has any)."""
         if self.rows is None:
             return None
-        rows = [self.rows.row(p.rules, prompt.input_ids) for prompt, p in zip(prompts, params, strict=True)]
+        rows = [
+            self.rows.row(p.rules, prompt.input_ids, recorder)
+            for prompt, p, recorder in zip(prompts, params, recorders, strict=True)
+        ]
         return LogitsProcessorList([GenerateRowsProcessor(rows, width)]) if any(rows) else None
 
     def _run(
@@ -259,8 +284,10 @@ class SideBackend:
         params: Sequence[SamplingParams],
         streamer: TextIteratorStreamer | None = None,
         cancel: threading.Event | None = None,
+        recorders: Sequence[LogprobRecorder | None] | None = None,
     ) -> list[list[int]]:
         """One model.generate over rows sharing sampling settings; new token ids per row."""
+        recorders = recorders or [None] * len(prompts)
         ids, mask = self._left_pad(prompts)
         width = ids.shape[1]
         max_new = max(p.max_tokens for p in params)
@@ -290,7 +317,7 @@ class SideBackend:
                 out = self.model.generate(
                     **inputs,
                     cache=cache,
-                    logits_processor=self._row_processors(prompts, params, width),
+                    logits_processor=self._row_processors(prompts, params, width, recorders),
                     generation_config=generation_config(first, max_new, self.pad_token_id, self.text.eos_token_ids),
                     stopping_criteria=StoppingCriteriaList([stops]),
                     streamer=streamer,
@@ -299,3 +326,24 @@ class SideBackend:
         finally:
             self.ledger.forget(call)
         return [row[width:].tolist() for row in out]
+
+    # ---- prompt scoring -------------------------------------------------------
+
+    def score_prompt(
+        self, prompt: PreparedPrompt, top: int, chunk: int, cancel: threading.Event | None = None
+    ) -> list[Scored]:
+        """Logprobs of the prompt's tokens (`echo`): one chunked pass in a side slot, its KV
+        measured like a generate's. RequestCancelled once `cancel` is set (checked per chunk)."""
+        cache = DynamicCache(config=self.model.config)
+        call = id(cache)
+
+        def after_chunk() -> None:
+            self._step(call, cache)
+            if cancel is not None and cancel.is_set():
+                raise RequestCancelled("cancelled while scoring the prompt")
+
+        try:
+            with self.slots.hold(1, cancel), torch.inference_mode():
+                return score_prompt(self.model, prompt.input_ids, top, chunk=chunk, cache=cache, on_chunk=after_chunk)
+        finally:
+            self.ledger.forget(call)

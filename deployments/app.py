@@ -191,6 +191,13 @@ def entry_summary(entry: PlanEntry, model_id: str | None = None) -> dict[str, An
         "kv_cache_bytes": entry.kv_budget_bytes,
         "estimate_source": entry.estimate.source,
         "reason": entry.reason,
+        # Per-GPU mode: every replica's budgeted place, by the GPU node's stable label ([] otherwise).
+        "replicas": entry.replicas,
+        "gpu_labels": list(entry.gpu_labels),
+        "slots": [
+            {"gpu_label": s.gpu_label, "node_id": s.node_id, "gpu_indices": list(s.gpu_indices), "fraction": s.fraction}
+            for s in entry.slots
+        ],
     }
 
 

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments.errors import BadRequestError, NotFoundError, OverloadedError, RayfitError, classify, returned
 from deployments.generation import GenerationInput, GenerationOutput, StreamDelta
 from deployments.guard import Admission, IngressSettings, Ticket, authorize, parse_body, read_body
-from deployments.placement_status import alive_node_ids, unplaced_roles, with_status
+from deployments.placement_status import alive_nodes, replica_locations, unplaced_roles, with_status
 from deployments.protocol import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -353,8 +353,13 @@ class Ingress:
             logger.warning("/v1/placement: cannot read deployment statuses: %s", exc)
         problems = self.watch.problems(roles)
         failed = {role for role in roles if self.watch.state(role).phase == FAILED}
-        alive = await asyncio.to_thread(alive_node_ids)
+        alive = await asyncio.to_thread(alive_nodes)
         gone = unplaced_roles(self.plan, alive)
+        try:  # every replica of every role, as Ray sees it (node, GPU node label)
+            replicas = await asyncio.to_thread(replica_locations, serve.get_replica_context().app_name)
+        except Exception as exc:
+            logger.warning("/v1/placement: cannot list replicas: %s", exc)
+            replicas = {}
 
         async def report(role: str) -> dict[str, Any]:
             if role in gone:  # its replica can only come back on that node: don't wait for it
@@ -369,7 +374,9 @@ class Ingress:
 
         reports = await asyncio.gather(*(report(role) for role in roles))
         pairs = zip(roles, reports, strict=True)
-        models = {role: {"plan": self.plan.get(role), "replica": r} for role, r in pairs}
+        models = {
+            role: {"plan": self.plan.get(role), "replica": r, "replicas": replicas.get(role, [])} for role, r in pairs
+        }
         return {"models": with_status(models, alive), "gpus": self.gpus}
 
     @app.get("/health")
@@ -381,6 +388,6 @@ class Ingress:
         await self.watch.states()
         problems = self.watch.problems(sorted(self.models))
         unavailable = {role: f"{p['status']}: {p['reason']}".rstrip(": ") for role, p in problems.items()}
-        unavailable.update(unplaced_roles(self.plan, await asyncio.to_thread(alive_node_ids)))
+        unavailable.update(unplaced_roles(self.plan, await asyncio.to_thread(alive_nodes)))
         status = "degraded" if unavailable else "ok"
         return {"status": status, "models": sorted(self.models), "unavailable": unavailable}

@@ -24,6 +24,7 @@ from deployments.errors import InvalidRequest, RetryableGenerationError
 from deployments.generation import GenerationInput, GenerationOutput, SamplingParams, StreamDelta
 from deployments.metrics import ModelMetrics, host_gpu_memory
 from placement.config import ModelSpec
+from placement.gpu_nodes import GPU_LABEL
 from placement.plan import PlanEntry
 
 logger = logging.getLogger("ray.serve")
@@ -106,10 +107,12 @@ class ModelServer:
         # module on a process that never loads a model.
         from deployments.engine import Engine
         from deployments.loading import load_model
-        from deployments.verify import check_placement, placement_log_line
+        from deployments.verify import check_placement, entry_for_this_node, placement_log_line
 
         self.role = role
         self.spec = spec if isinstance(spec, ModelSpec) else ModelSpec.model_validate(spec)
+        # Per-GPU mode: the slot of the GPU node Ray chose among those the plan allows (else the entry).
+        entry = entry_for_this_node(entry)
         self.entry = entry
         fallback = _cpu_fallback_entry(entry)
         load_entry = fallback or entry
@@ -378,6 +381,7 @@ class ModelServer:
             "memory_budget_bytes": self.entry.memory_budget_bytes,
             "kv_cache_bytes": self.entry.kv_budget_bytes,
             "replicas": self.entry.replicas,
+            "gpu_labels": list(self.entry.gpu_labels),
             "reason": self.entry.reason,
         }
         actual = {
@@ -385,6 +389,7 @@ class ModelServer:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "node_id": self.node_id,
+            "gpu_label": ray.get_runtime_context().get_node_labels().get(GPU_LABEL),
             "pid": os.getpid(),
             "load_seconds": round(self.loaded.load_seconds, 3),
             "quantization": self.loaded.quantization,

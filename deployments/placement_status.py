@@ -6,7 +6,12 @@ has left the cluster, and "unavailable" when no replica answers in time.
 "unplaced" is by design: each replica carries a `label_selector` on its
 planned node's id, so Serve keeps the replacement pending rather than moving
 the model onto a GPU the plan did not size for. An operator re-plans (redeploys)
-or brings the node back.
+or brings the node back. In the per-GPU mode (placement.gpu_nodes) a role is
+"unplaced" only while none of its GPU nodes (by `rayfit.io/gpu` label) is alive:
+a replacement node started with the same labels takes its replicas back.
+
+`replica_locations` lists every replica of every role as Ray sees it (state,
+node, GPU node label and GPU indices), for /v1/placement and the report.
 """
 
 from __future__ import annotations
@@ -15,24 +20,74 @@ from typing import Any
 
 import ray
 
+from placement.gpu_nodes import GPU_LABEL, gpu_node_of
 from placement.inventory import LOCAL_NODE
 from placement.report import MISPLACED_KINDS, check_replica
 
 HEALTHY = "ok"
 
 
-def alive_node_ids() -> set[str]:
-    """Ids of the Ray nodes alive now (a GCS call: run it in a thread from async code)."""
-    return {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
+def alive_nodes() -> set[str]:
+    """Ids of the Ray nodes alive now, and the GPU node labels (`rayfit.io/gpu`) they carry
+    (a GCS call: run it in a thread from async code)."""
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    labels = {(node.get("Labels") or {}).get(GPU_LABEL) for node in alive}
+    return {node["NodeID"] for node in alive} | {label for label in labels if label}
+
+
+def _gone(plan: dict[str, Any], alive: set[str]) -> str | None:
+    """Why the role's planned place has left the cluster, or None while it (or one of its GPU nodes) is alive."""
+    labels = plan.get("gpu_labels") or []
+    if labels:
+        if any(label in alive for label in labels):
+            return None
+        return f"none of its GPU nodes ({', '.join(labels)}) is in the cluster"
+    node = plan.get("node_id")
+    if node and node != LOCAL_NODE and node not in alive:
+        return f"planned node {node[:12]} has left the cluster"
+    return None
+
+
+def replica_locations(app_name: str) -> dict[str, list[dict[str, Any]]]:
+    """role → every replica Serve has for it, with its state, node, and GPU node label and indices.
+
+    Read from the Serve controller's details (the same data `serve status` and the dashboard show;
+    Serve 2.60 has no public call for it) and Ray's node table (the node's labels name its GPU).
+    A blocking call: run it in a thread from async code.
+    """
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    app = (details.get("applications") or {}).get(app_name) or {}
+    labels = {node["NodeID"]: node.get("Labels") or {} for node in ray.nodes()}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for role, deployment in (app.get("deployments") or {}).items():
+        rows = []
+        for replica in deployment.get("replicas") or []:
+            node_id = replica.get("node_id")
+            gpu_node = gpu_node_of(labels.get(node_id, {})) if node_id else None
+            state = replica.get("state")
+            rows.append(
+                {
+                    "replica_id": replica.get("replica_id"),
+                    "state": getattr(state, "value", state),
+                    "node_id": node_id,
+                    "gpu_label": gpu_node.gpu_label if gpu_node else None,
+                    "gpu_indices": list(gpu_node.indices) if gpu_node else None,
+                    "pid": replica.get("pid"),
+                }
+            )
+        out[role] = sorted(rows, key=lambda row: (str(row["gpu_label"]), str(row["replica_id"])))
+    return out
 
 
 def role_status(role: str, plan: dict[str, Any] | None, replica: dict[str, Any], alive: set[str]) -> tuple[str, str]:
     """(status, reason) for one role from its plan entry and its replica's report (or {"error": ...})."""
-    planned_node = (plan or {}).get("node_id")
-    if planned_node and planned_node != LOCAL_NODE and planned_node not in alive:
+    gone = _gone(plan or {}, alive)
+    if gone:
         return "unplaced", (
-            f"its planned node {planned_node[:12]} has left the cluster; Serve keeps the replica pending "
-            "there instead of moving it to a GPU the plan did not size for (re-plan, or bring the node back)"
+            f"its {gone}; Serve keeps the replica pending there instead of moving it to a GPU the plan "
+            "did not size for (re-plan, or bring the node back)"
         )
     if "actual" not in replica:
         return "unavailable", str(replica.get("error") or "no replica answered")
@@ -55,7 +110,7 @@ def unplaced_roles(plan: dict[str, dict[str, Any]], alive: set[str]) -> dict[str
     """role → reason, for roles whose planned node is gone (for /health, without asking replicas)."""
     out = {}
     for role, entry in plan.items():
-        node = entry.get("node_id")
-        if node and node != LOCAL_NODE and node not in alive:
-            out[role] = f"planned node {node[:12]} has left the cluster"
+        gone = _gone(entry, alive)
+        if gone:
+            out[role] = gone
     return out

@@ -92,6 +92,33 @@ def check_placement(entry: PlanEntry) -> ActualPlacement:
     return ActualPlacement(cuda_visible_devices=actual_env, device_uuids=uuids, cuda_available=cuda)
 
 
+def entry_for_this_node(entry: PlanEntry) -> PlanEntry:
+    """The plan entry as it applies to this replica: in the per-GPU mode, the slot of the GPU node it
+    landed on (any of `entry.slots`, by its `rayfit.io/gpu` label); otherwise `entry` itself.
+
+    Raises PlacementMismatch when that node is not one the plan budgeted the role on, or when the GPUs
+    Ray assigned (`ray.get_gpu_ids()`) are not that slot's.
+    """
+    if not entry.slots:
+        return entry
+    import ray
+
+    from placement.gpu_nodes import GPU_LABEL
+
+    label = ray.get_runtime_context().get_node_labels().get(GPU_LABEL, "")
+    try:
+        mine = entry.on_gpu_node(label)
+    except ValueError as exc:
+        raise PlacementMismatch(str(exc)) from None
+    assigned = sorted(str(gpu) for gpu in ray.get_gpu_ids())
+    if assigned != sorted(str(i) for i in mine.gpu_indices):
+        raise PlacementMismatch(
+            f"{entry.role}: on GPU node {label} Ray assigned GPU ids {assigned}, planned {list(mine.gpu_indices)}; "
+            "was `ray_actor_options` overridden (e.g. in serve_config.yaml)?"
+        )
+    return mine
+
+
 def _rss_bytes() -> int:
     """Resident set size of this process (Linux /proc; psutil elsewhere)."""
     try:

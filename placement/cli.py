@@ -114,11 +114,34 @@ def ray_start_args_command(
     head: Annotated[
         bool, typer.Option("--head/--worker", help="Head node, or a worker (add --address=<head> yourself).")
     ] = True,
+    per_gpu: Annotated[
+        bool, typer.Option("--per-gpu", help="Print one `ray start` line per GPU (Ray accounts for each GPU).")
+    ] = False,
+    address: Annotated[str, typer.Option(help="--per-gpu: the head's address the GPU nodes join.")] = "127.0.0.1:6379",
+    host: Annotated[
+        str | None, typer.Option(help="--per-gpu: this box's name in the labels (default: hostname).")
+    ] = None,
+    group: Annotated[
+        list[str] | None, typer.Option(help="--per-gpu: GPUs one node owns together, for a split model: 0,1.")
+    ] = None,
+    gpu_memory: Annotated[
+        str | None, typer.Option(help="--per-gpu with --gpus: each declared GPU's memory (e.g. 24GB).")
+    ] = None,
 ) -> None:
-    """Print the `ray start` arguments that declare this node's GPUs and per-GPU resources."""
+    """Print the `ray start` arguments that declare this node's GPUs and per-GPU resources.
+
+    With --per-gpu: the shell lines that start this box as one Ray node per GPU (plus a GPU-less head
+    unless --worker), each raylet seeing only its GPU and labelled with it (placement.gpu_nodes)."""
     from placement.ray_options import ray_start_args
 
     console = Console(stderr=True)
+    if per_gpu:
+        try:
+            for line in _per_gpu_lines(gpus, gpu_memory, host, address, group or [], head):
+                print(line)
+        except ValueError as exc:
+            raise _fail(console, str(exc), EXIT_BAD_INPUT) from exc
+        return
     if gpus is None:
         from placement.ray_inventory import local_inventory
 
@@ -130,6 +153,29 @@ def ray_start_args_command(
             raise _fail(console, f"label {item!r} must look like key=value", EXIT_BAD_INPUT)
         labels[key] = value
     print(" ".join(ray_start_args(gpus, node_labels=labels or None, head=head)))
+
+
+def _per_gpu_lines(
+    count: int | None, gpu_memory: str | None, host: str | None, address: str, groups: list[str], head: bool
+) -> list[str]:
+    """`ray start` lines for one node per GPU of this box (measured GPUs, or `count` declared ones)."""
+    import socket
+
+    from placement.gpu_nodes import box_start_lines
+
+    if count is None:
+        from placement.ray_inventory import local_inventory
+
+        (node,) = local_inventory().nodes
+        gpus = [(gpu.index, gpu.total_bytes, gpu.name) for gpu in node.gpus]
+    else:
+        if not gpu_memory:
+            raise ValueError("--per-gpu with --gpus needs --gpu-memory (each declared GPU's size, e.g. 24GB)")
+        gpus = [(index, parse_size(gpu_memory), None) for index in range(count)]
+    if not gpus:
+        raise ValueError("no GPU on this machine: nothing to start per GPU (pass --gpus and --gpu-memory to declare)")
+    parsed = [[int(part) for part in item.split(",") if part.strip()] for item in groups]
+    return box_start_lines(gpus, host=host or socket.gethostname(), address=address, groups=parsed, head_line=head)
 
 
 @app.command()

@@ -22,6 +22,27 @@ Quantization = Literal["auto", "nf4", "int8", "none"]
 _ROLE_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 
 
+class Autoscaling(BaseModel):
+    """Serve autoscaling for one role; the plan reserves memory for `max_replicas` copies, so every
+    replica Serve adds has a place (ray_options turns this into the deployment's autoscaling_config)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: int = Field(default=1, ge=0, le=64, description="Replicas kept when idle (0: scale to zero)")
+    max_replicas: int = Field(ge=1, le=64, description="Most replicas; the plan budgets this many")
+    target_ongoing_requests: float = Field(default=2.0, gt=0, description="Requests per replica Serve aims for")
+    upscale_delay_s: float = Field(default=30.0, ge=0, description="Load above target this long adds a replica")
+    downscale_delay_s: float = Field(default=600.0, ge=0, description="Load below target this long removes one")
+    metrics_interval_s: float = Field(default=10.0, gt=0, description="How often replicas report their load")
+    look_back_period_s: float = Field(default=30.0, gt=0, description="Load is averaged over this window")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+
 class ModelSpec(BaseModel):
     """One model of the user's config, validated once at the edge."""
 
@@ -50,6 +71,9 @@ class ModelSpec(BaseModel):
         le=64,
         description="Replicas of this model, all on its planned device, each with its own memory",
     )
+    autoscaling: Autoscaling | None = Field(
+        default=None, description="Serve autoscaling between min_replicas and max_replicas (instead of `replicas`)"
+    )
     trust_remote_code: bool = False
     # Serving limits (deployment options and request checks, not placement).
     max_tokens_cap: int = Field(
@@ -68,7 +92,14 @@ class ModelSpec(BaseModel):
             raise ValueError("`cpu: true` cannot be combined with `gpu` or `split: true`")
         if self.gpu is not None and self.split:
             raise ValueError("`gpu` pins one GPU; drop it to allow `split: true`")
+        if self.autoscaling is not None and self.replicas != 1:
+            raise ValueError("set either `replicas` or `autoscaling` (its max_replicas is what the plan budgets)")
         return self
+
+    @property
+    def planned_replicas(self) -> int:
+        """Copies the plan budgets memory for: `replicas`, or autoscaling's `max_replicas`."""
+        return self.autoscaling.max_replicas if self.autoscaling else self.replicas
 
     @field_validator("model")
     @classmethod

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from placement.gpu_nodes import GpuNodeInfo, gpu_node_of
 from placement.units import GIB, MIB, parse_size
 
 # CUDA context, cuBLAS workspace and the allocator's first blocks take about
@@ -97,10 +98,18 @@ class Node:
     labels: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
     hostname: str | None = None
 
+    @property
+    def gpu_node(self) -> GpuNodeInfo | None:
+        """Its per-GPU identity (`rayfit.io/gpu` and friends, placement.gpu_nodes), or None."""
+        return gpu_node_of(self.labels)
+
     def sort_key(self) -> tuple[tuple[tuple[str, str], ...], str, str, str]:
         """A key that survives a Ray restart: the node's own labels (not Ray's node id label), then
         host name, then address; the random node id only breaks what is still tied."""
         labels = tuple(sorted((k, v) for k, v in self.labels.items() if k != NODE_ID_LABEL))
+        gpu_node = self.gpu_node
+        if gpu_node is not None:  # per-GPU nodes: by host, then host GPU index as a number (GPU 10 after GPU 9)
+            labels = (("host", gpu_node.host), ("gpu", f"{min(gpu_node.indices):06d}"))
         return labels, self.hostname or "", self.address or "", self.node_id
 
 
@@ -131,6 +140,13 @@ class Inventory:
     @property
     def gpu_count(self) -> int:
         return sum(len(node.gpus) for node in self.nodes)
+
+    @property
+    def per_gpu_nodes(self) -> bool:
+        """True when every node holding GPUs is a per-GPU (or GPU group) node: Ray accounts for each GPU
+        itself (placement.gpu_nodes), so replicas ask for `num_gpus` and select GPU nodes by label."""
+        gpu_nodes = [node for node in self.nodes if node.gpus]
+        return bool(gpu_nodes) and all(node.gpu_node is not None for node in gpu_nodes)
 
     def sorted_nodes(self) -> tuple[Node, ...]:
         """Nodes in a stable order (`Node.sort_key`): neither discovery order nor Ray's random node

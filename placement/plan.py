@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from placement.config import Autoscaling
 from placement.estimate import MemoryEstimate
+
+
+@dataclass(frozen=True)
+class GpuSlot:
+    """Where one replica of a role runs in the per-GPU mode (placement.gpu_nodes): a GPU node, named
+    by its stable `rayfit.io/gpu` label, and that node's GPU(s) by host index."""
+
+    gpu_label: str
+    node_id: str  # the node carrying the label when planned; a replacement node has another id
+    gpu_indices: tuple[int, ...]
+    fraction: float  # this replica's share of each of those GPUs (of the largest, for a group)
+    gpu_uuids: tuple[str | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -34,8 +47,38 @@ class PlanEntry:
     max_memory: dict[int, int] = field(default_factory=dict, hash=False, compare=False)
     num_cpus: float = 0.5
     # Every replica gets the same options (pin, slots, fraction): the plan
-    # budgets `replicas` copies of the model on the same device(s).
+    # budgets `replicas` copies of the model on the same device(s), or, in the
+    # per-GPU mode, one copy per entry of `slots` (spread over GPU nodes).
     replicas: int = 1
+    # Per-GPU mode only: where each of the `replicas` copies is budgeted (empty otherwise).
+    slots: tuple[GpuSlot, ...] = ()
+    # Serve autoscaling between its min_replicas and `replicas` (its max), or None: `replicas` fixed.
+    autoscaling: Autoscaling | None = None
+
+    @property
+    def gpu_labels(self) -> tuple[str, ...]:
+        """The GPU nodes (by label) this role's replicas may run on, sorted; () outside the per-GPU mode."""
+        return tuple(sorted({slot.gpu_label for slot in self.slots}))
+
+    def on_gpu_node(self, gpu_label: str) -> PlanEntry:
+        """The entry as seen by a replica on GPU node `gpu_label`: node, GPUs and fraction of that slot.
+
+        Raises ValueError when the plan budgets no replica of this role there.
+        """
+        for slot in self.slots:
+            if slot.gpu_label == gpu_label:
+                return replace(
+                    self,
+                    node_id=slot.node_id,
+                    gpu_indices=slot.gpu_indices,
+                    gpu_uuids=slot.gpu_uuids,
+                    fraction=slot.fraction,
+                    gpu_fractions=(slot.fraction,) * len(slot.gpu_indices),
+                )
+        raise ValueError(
+            f"{self.role}: runs on GPU node {gpu_label!r}, but the plan budgets its replicas on "
+            f"{', '.join(self.gpu_labels) or 'no GPU node'}"
+        )
 
     def fraction_of(self, gpu_index: int) -> float:
         """This model's share of GPU `gpu_index` (0.0 when it does not use that GPU)."""

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from placement.config import ModelSpec
 from placement.estimate import MemoryEstimate
 from placement.inventory import Gpu, Inventory, Node, Reserve, describe_gpu
-from placement.plan import GpuUsage, Plan, PlanEntry, PlanError, Unplaced, short_node_id
+from placement.plan import GpuSlot, GpuUsage, Plan, PlanEntry, PlanError, Unplaced, short_node_id
 from placement.rules import SizeRule, SizeRules, load_rules
 from placement.units import GIB, gib
 
@@ -55,6 +55,8 @@ class _GpuState:
     planned_grains: int = 0  # sum of the FRACTION_GRAIN units its replicas hold
     roles: list[str] = field(default_factory=list)
     exclusive: bool = False  # holds a model that said `share: false`
+    # On a GPU group node (placement.gpu_nodes): only split models go there.
+    group: bool = False
 
     @property
     def free_bytes(self) -> int:
@@ -107,6 +109,7 @@ def make_plan(
             order=0,
             usable_bytes=reserve.usable_bytes(gpu),
             capacity_bytes=reserve.capacity_bytes(gpu),
+            group=node.gpu_node is not None and node.gpu_node.is_group,
         )
         for node in nodes
         for gpu in sorted(node.gpus, key=lambda g: g.index)
@@ -116,12 +119,15 @@ def make_plan(
     cpu_planned: dict[str, int] = {node.node_id: 0 for node in nodes}
 
     placements: dict[str, _Placement] = {}
+    slots: dict[str, tuple[_Placement, ...]] = {}  # per-GPU mode: one placement per replica
     unplaced: list[Unplaced] = []
     warnings: list[str] = []
 
+    per_gpu = inventory.per_gpu_nodes
     for role in _placement_order(models, estimates):
         spec, estimate = models[role], estimates[role]
-        need = estimate.total_bytes * spec.replicas
+        replicas = spec.planned_replicas
+        need = estimate.total_bytes * replicas
         if estimate.is_guess:
             warnings.append(
                 f"{role}: size GUESSED from the name {spec.model!r} ({estimate.params / 1e9:.3g}B params); "
@@ -136,33 +142,87 @@ def make_plan(
         wants_cpu = spec.cpu or rule.prefer == "cpu"
         if wants_cpu or not on_gpu:
             # On CPU each replica's own process (Python, torch, transformers) shares the RAM too.
-            need += CPU_PROCESS_BYTES * spec.replicas
+            need += CPU_PROCESS_BYTES * replicas
             placement, why_not = _place_on_cpu(role, need, candidate_nodes, cpu_planned, spec, rule, warnings)
+        elif per_gpu:
+            spread, why_not = _spread_over_gpu_nodes(role, spec, estimate.total_bytes, rule, on_gpu)
+            if spread is None:
+                unplaced.append(Unplaced(role, need, why_not))
+                continue
+            placements[role] = spread[0]
+            slots[role] = tuple(spread)
+            continue
         else:
             placement, why_not = _place_on_gpu(role, spec, need, rule, on_gpu)
         if placement is None:
             unplaced.append(Unplaced(role, need, why_not))
             continue
-        for state, share in zip(placement.states, placement.shares, strict=True):
-            state.planned_bytes += share
-            state.planned_grains += _grains(share // spec.replicas, state.capacity_bytes) * spec.replicas
-            state.roles.append(role)
-            state.exclusive = state.exclusive or not spec.share
+        _hold(placement, role, spec, replicas, whole_gpus=False)
         placements[role] = placement
 
     if unplaced:
         raise PlanError(_infeasible_message(unplaced, gpu_states, nodes, cpu_planned), tuple(unplaced))
 
-    entries = tuple(_entry(role, models[role], estimates[role], placements[role]) for role in sorted(placements))
+    entries = tuple(
+        _entry(role, models[role], estimates[role], placements[role], slots.get(role, ()))
+        for role in sorted(placements)
+    )
     gpus = tuple(_usage(state, entries) for state in gpu_states)
     return Plan(entries=entries, gpus=gpus, warnings=tuple(warnings))
+
+
+def _hold(placement: _Placement, role: str, spec: ModelSpec, replicas: int, *, whole_gpus: bool) -> None:
+    """Count `replicas` copies of `placement` on its GPUs. `whole_gpus`: a split on a GPU group node,
+    whose replica asks Ray for the group's GPUs whole (placement.gpu_nodes), so nothing else fits there."""
+    for state, share in zip(placement.states, placement.shares, strict=True):
+        state.planned_bytes += share
+        state.planned_grains += _grains(share // replicas, state.capacity_bytes) * replicas
+        state.roles.append(role)
+        state.exclusive = state.exclusive or not spec.share or whole_gpus
+        if whole_gpus:
+            state.planned_grains = FRACTION_GRAIN
+
+
+def _spread_over_gpu_nodes(
+    role: str, spec: ModelSpec, per_replica: int, rule: SizeRule, states: list[_GpuState]
+) -> tuple[list[_Placement] | None, str]:
+    """Per-GPU mode: each replica placed on its own, on a GPU node no other replica of the role holds
+    while one has room (Serve then spreads them: max_replicas_per_node), else stacked.
+
+    Each replica is budgeted where it lands; Ray's label_selector lets a replica run on any GPU the
+    role was given and `max_replicas_per_node` keeps them one per node when the plan spread them.
+    """
+    one = spec.model_copy(update={"replicas": 1, "autoscaling": None})
+    # A role whose later replicas find no room is not placed at all: put its earlier ones back.
+    before = [(s, s.planned_bytes, s.planned_grains, list(s.roles), s.exclusive) for s in states]
+    placed: list[_Placement] = []
+    for _ in range(spec.planned_replicas):
+        taken = {id(s) for p in placed for s in p.states}
+        fresh = [s for s in states if id(s) not in taken]
+        placement, why_not = _place_on_gpu(role, one, per_replica, rule, fresh) if fresh else (None, "")
+        if placement is None:
+            placement, why_not = _place_on_gpu(role, one, per_replica, rule, states)
+        if placement is None:
+            for state, planned, grains, roles, exclusive in before:
+                state.planned_bytes, state.planned_grains, state.roles, state.exclusive = (
+                    planned,
+                    grains,
+                    roles,
+                    exclusive,
+                )
+            count = spec.planned_replicas
+            return None, f"replica {len(placed) + 1} of {count} has no room: {why_not}"
+        _hold(placement, role, spec, 1, whole_gpus=len(placement.states) > 1)
+        placed.append(placement)
+    return placed, ""
 
 
 def _placement_order(models: Mapping[str, ModelSpec], estimates: Mapping[str, MemoryEstimate]) -> list[str]:
     """Pinned models first (their GPU is not negotiable), then largest first (all replicas
     counted); role name breaks ties."""
     return sorted(
-        models, key=lambda role: (models[role].gpu is None, -estimates[role].total_bytes * models[role].replicas, role)
+        models,
+        key=lambda role: (models[role].gpu is None, -estimates[role].total_bytes * models[role].planned_replicas, role),
     )
 
 
@@ -187,7 +247,7 @@ def _place_on_gpu(
 ) -> tuple[_Placement | None, str]:
     alone = not spec.share
     if spec.gpu is not None:
-        pinned = [s for s in states if s.gpu.index == spec.gpu]
+        pinned = [s for s in states if s.gpu.index == spec.gpu and not s.group]
         if not pinned:
             return None, f"`gpu: {spec.gpu}` names a GPU that does not exist"
         for state in pinned:
@@ -195,11 +255,12 @@ def _place_on_gpu(
                 return _single(state, need, f"pinned by `gpu: {spec.gpu}`"), ""
         return None, f"`gpu: {spec.gpu}` has {gib(max(s.free_bytes for s in pinned))} free"
 
-    for state in _ordered_by_preference(states, rule.prefer):
+    singles = [s for s in states if not s.group]  # a GPU group node is for split models only
+    for state in _ordered_by_preference(singles, rule.prefer):
         if state.can_take(need, alone=alone, replicas=spec.replicas):
             return _single(state, need, f"{rule.prefer.replace('_', ' ')} with room (rule '{rule.name}')"), ""
 
-    most_free = max(states, key=lambda s: (s.free_bytes, -s.order))
+    most_free = max(singles or states, key=lambda s: (s.free_bytes, -s.order))
     if spec.split or rule.allow_split:
         split = _split(need, states, alone=alone, replicas=spec.replicas)
         if split is not None:
@@ -294,8 +355,46 @@ def _place_on_cpu(
     return None, f"on CPU ({why}) but the most RAM free on any node is {gib(best)}"
 
 
-def _entry(role: str, spec: ModelSpec, estimate: MemoryEstimate, placement: _Placement) -> PlanEntry:
+def _slot(placement: _Placement) -> GpuSlot:
+    """One replica's placement in the per-GPU mode, named by its GPU node's label."""
+    gpu_node = placement.node.gpu_node
+    assert gpu_node is not None, "per-GPU mode places replicas on labelled GPU nodes only"
+    fractions = [
+        _fraction(share, s.capacity_bytes) for share, s in zip(placement.shares, placement.states, strict=True)
+    ]
+    return GpuSlot(
+        gpu_label=gpu_node.gpu_label,
+        node_id=placement.node.node_id,
+        gpu_indices=tuple(s.gpu.index for s in placement.states),
+        fraction=max(fractions),
+        gpu_uuids=tuple(s.gpu.uuid for s in placement.states),
+    )
+
+
+def _spread_reason(first: _Placement, replicas: tuple[_Placement, ...]) -> str:
+    if len(replicas) <= 1:
+        return first.reason
+    labels = [_slot(p).gpu_label for p in replicas]
+    where = ", ".join(labels)
+    spread = "one replica each" if len(set(labels)) == len(labels) else "replicas stacked where no other GPU had room"
+    return f"{first.reason.split(':')[0]}: {len(replicas)} replicas on GPU nodes {where} ({spread})"
+
+
+def _entry(
+    role: str, spec: ModelSpec, estimate: MemoryEstimate, placement: _Placement, replicas: tuple[_Placement, ...] = ()
+) -> PlanEntry:
     num_cpus = DEFAULT_REPLICA_CPUS if spec.num_cpus is None else spec.num_cpus
+    if replicas:
+        # Per-GPU mode: the entry's own node/GPU fields are its first replica's; `slots` has them all.
+        single = spec.model_copy(update={"replicas": 1, "autoscaling": None})
+        first = _entry(role, single, estimate, placement)
+        return replace(
+            first,
+            reason=_spread_reason(placement, replicas),
+            replicas=len(replicas),
+            slots=tuple(_slot(p) for p in replicas),
+            autoscaling=spec.autoscaling,
+        )
     if not placement.states:
         return PlanEntry(
             role=role,
@@ -306,11 +405,12 @@ def _entry(role: str, spec: ModelSpec, estimate: MemoryEstimate, placement: _Pla
             memory_budget_bytes=estimate.total_bytes,
             reason=placement.reason,
             num_cpus=num_cpus,
-            replicas=spec.replicas,
+            replicas=spec.planned_replicas,
+            autoscaling=spec.autoscaling,
         )
     states = placement.states
     # Ray counts resources per replica: each replica holds its own copy's share.
-    per_replica = [share // spec.replicas for share in placement.shares]
+    per_replica = [share // spec.planned_replicas for share in placement.shares]
     fractions = tuple(_fraction(share, s.capacity_bytes) for share, s in zip(per_replica, states, strict=True))
     return PlanEntry(
         role=role,
@@ -327,7 +427,8 @@ def _entry(role: str, spec: ModelSpec, estimate: MemoryEstimate, placement: _Pla
         # Inside the replica, CUDA_VISIBLE_DEVICES renumbers the planned GPUs 0..k-1.
         max_memory={local: share for local, share in enumerate(per_replica)} if len(states) > 1 else {},
         num_cpus=num_cpus,
-        replicas=spec.replicas,
+        replicas=spec.planned_replicas,
+        autoscaling=spec.autoscaling,
     )
 
 
@@ -347,10 +448,21 @@ def _fraction(share_bytes: int, capacity_bytes: int) -> float:
     return _grains(share_bytes, capacity_bytes) / FRACTION_GRAIN
 
 
+def _copies_on(entry: PlanEntry, node_id: str, index: int) -> tuple[int, float]:
+    """(replicas of `entry` on GPU `index` of `node_id`, each one's fraction of it)."""
+    if entry.device != "gpu":
+        return 0, 0.0
+    if entry.slots:
+        held = [slot for slot in entry.slots if slot.node_id == node_id and index in slot.gpu_indices]
+        return len(held), held[0].fraction if held else 0.0
+    if entry.node_id == node_id and index in entry.gpu_indices:
+        return entry.replicas, entry.fraction_of(index)
+    return 0, 0.0
+
+
 def _usage(state: _GpuState, entries: tuple[PlanEntry, ...]) -> GpuUsage:
-    holders = [
-        e for e in entries if e.device == "gpu" and e.node_id == state.node.node_id and state.gpu.index in e.gpu_indices
-    ]
+    copies = {e.role: _copies_on(e, state.node.node_id, state.gpu.index) for e in entries}
+    holders = [e for e in entries if copies[e.role][0]]
     return GpuUsage(
         node_id=state.node.node_id,
         index=state.gpu.index,
@@ -360,7 +472,7 @@ def _usage(state: _GpuState, entries: tuple[PlanEntry, ...]) -> GpuUsage:
         usable_bytes=state.usable_bytes,
         planned_bytes=state.planned_bytes,
         roles=tuple(sorted(e.role for e in holders)),
-        fraction_used=round(sum(e.fraction_of(state.gpu.index) * e.replicas for e in holders), 6),
+        fraction_used=round(sum(count * fraction for count, fraction in copies.values()), 6),
     )
 
 

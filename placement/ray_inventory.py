@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from placement.gpu_nodes import GpuNodeInfo, gpu_node_of
 from placement.inventory import LOCAL_NODE, Gpu, GpuProcess, Inventory, InventoryError, Node
 from placement.ray_options import CUDA_DEVICE_ORDER, CUDA_VISIBLE_DEVICES, PCI_BUS_ID, ROLE_ENV, gpu_slot_resource
 
@@ -230,6 +232,33 @@ def _node_gpus(
     return tuple(Gpu(index=i, total_bytes=gpu_memory_bytes) for i in range(count))
 
 
+def _gpu_node_gpus(
+    node_id: str, gpu_node: GpuNodeInfo, count: int, seen: list[Gpu], gpu_memory_bytes: int | None
+) -> tuple[Gpu, ...]:
+    """A per-GPU (or GPU group) node's GPUs under their HOST indices, from its labels (placement.gpu_nodes).
+
+    Ray sets each replica's CUDA_VISIBLE_DEVICES through the raylet's own, so the replica sees the
+    host index the label names; the probe saw the same GPU as its local 0.
+    """
+    if len(gpu_node.indices) != count:
+        raise InventoryError(
+            f"Ray node {node_id} ({gpu_node.gpu_label}) declares {count} GPU(s) but its labels name "
+            f"{len(gpu_node.indices)} ({list(gpu_node.indices)}); start it with the line from "
+            "`python -m placement ray-start-args --per-gpu`"
+        )
+    if seen:
+        if len(seen) < count:
+            raise InventoryError(f"Ray node {node_id} declares {count} GPU(s) but only {len(seen)} are visible on it")
+        return tuple(replace(gpu, index=index) for gpu, index in zip(seen, gpu_node.indices, strict=False))
+    size = gpu_node.memory_bytes or gpu_memory_bytes
+    if size is None:
+        raise InventoryError(
+            f"Ray node {node_id} ({gpu_node.gpu_label}) declares GPU(s) that cannot be seen and has no "
+            "rayfit.io/gpu-memory-mib label: pass --gpu-memory (e.g. --gpu-memory 24GB)"
+        )
+    return tuple(Gpu(index=index, total_bytes=size) for index in gpu_node.indices)
+
+
 def _has_gpu_slots(resources: dict[str, float], gpu_count: int) -> bool:
     return gpu_count > 0 and all(resources.get(gpu_slot_resource(i), 0) >= 1 for i in range(gpu_count))
 
@@ -267,14 +296,22 @@ def inventory_from_ray(*, gpu_memory_bytes: int | None = None) -> Inventory:
         count = int(resources.get("GPU", 0))
         node_id = info["NodeID"]
         memory = resources.get("memory")
+        labels = dict(info.get("Labels") or {})
+        gpu_node = gpu_node_of(labels)
+        if not count:
+            gpus: tuple[Gpu, ...] = ()
+        elif gpu_node is not None:
+            gpus = _gpu_node_gpus(node_id, gpu_node, count, seen.get(node_id, ([], None))[0], gpu_memory_bytes)
+        else:
+            gpus = _node_gpus(node_id, count, *seen.get(node_id, ([], None)), gpu_memory_bytes)
         nodes.append(
             Node(
                 node_id=node_id,
-                gpus=_node_gpus(node_id, count, *seen.get(node_id, ([], None)), gpu_memory_bytes) if count else (),
+                gpus=gpus,
                 cpu_memory_bytes=int(memory) if memory is not None else None,
                 address=info.get("NodeManagerAddress"),
                 has_gpu_slots=_has_gpu_slots(resources, count),
-                labels=dict(info.get("Labels") or {}),
+                labels=labels,
                 hostname=info.get("NodeManagerHostname"),
             )
         )

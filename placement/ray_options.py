@@ -57,6 +57,12 @@ The scheme, and why (measured on Ray 2.60, see DESIGN.md):
   per replica keeps a router and two models from scheduling on a 2-core box.
 - No `memory` request for CPU entries: Ray's `memory` resource is a logical
   share of RAM fixed at start; the planner already budgets against it.
+
+This is the single-node mode: one Ray node per machine. When every GPU is its
+own Ray node (placement.gpu_nodes), the planner gives each entry `slots` and
+`placement.gpu_node_options` derives options where Ray accounts for the GPUs
+itself (`num_gpus` > 0, a label_selector on the GPU's stable label, replicas
+spread, autoscaling); `deployment_options` hands such entries over to it.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from placement.gpu_node_options import gpu_node_options, replica_count_options
 from placement.inventory import LOCAL_NODE, NODE_ID_LABEL, Inventory, Node
 from placement.plan import PlanEntry
 
@@ -108,6 +115,9 @@ def deployment_options(entry: PlanEntry, inventory: Inventory) -> dict[str, Any]
     the user about (no slot resources on the node) come from
     `placement_warnings(entry, inventory)`; the options are valid either way.
     """
+    if entry.slots:
+        # Per-GPU mode: Ray sets CUDA_VISIBLE_DEVICES itself; the replica's node id may change (self-healing).
+        return gpu_node_options(entry, {CUDA_DEVICE_ORDER: PCI_BUS_ID, ROLE_ENV: entry.role})
     node = _node_of(entry, inventory)
     actor: dict[str, Any] = {"num_cpus": entry.num_cpus, "num_gpus": 0}
 
@@ -134,12 +144,14 @@ def deployment_options(entry: PlanEntry, inventory: Inventory) -> dict[str, Any]
     }
     if _needs_node_selector(entry, inventory):
         actor["label_selector"] = {NODE_ID_LABEL: entry.node_id}
-    # The plan budgeted exactly this many copies on the planned device(s).
-    return {"ray_actor_options": actor, "num_replicas": entry.replicas}
+    # The plan budgeted exactly this many copies (autoscaling's max) on the planned device(s).
+    return {"ray_actor_options": actor, **replica_count_options(entry)}
 
 
 def placement_warnings(entry: PlanEntry, inventory: Inventory) -> tuple[str, ...]:
     """What `deployment_options` could not guarantee for this entry, as messages."""
+    if entry.slots:
+        return ()  # per-GPU mode: Ray's own GPU accounting guards every GPU
     node = _node_of(entry, inventory)
     if entry.device != "gpu" or node.has_gpu_slots:
         return ()
@@ -147,7 +159,8 @@ def placement_warnings(entry: PlanEntry, inventory: Inventory) -> tuple[str, ...
     return (
         f"model {entry.role!r} is pinned to {entry.device_label} on node {node.node_id!r}, but that node has "
         f"no {GPU_SLOT_PREFIX}* resources, so Ray will not stop another replica from filling the same GPU. "
-        f"Start Ray with `ray start {start}` and deploy with --address/RAY_ADDRESS.",
+        f"Start Ray with `ray start {start}` (or one Ray node per GPU: `python -m placement ray-start-args "
+        "--per-gpu`) and deploy with --address/RAY_ADDRESS.",
     )
 
 

@@ -4,7 +4,8 @@ Pure functions over plain data (no HTTP, no Ray), so the checks can be tested
 on any JSON. `python -m placement report --url ...` fetches and prints them.
 
 `/v1/placement` looks like:
-  {"models": {role: {"status", "reason", "plan": {...}, "replica": {"planned", "actual"} | {"error"}}},
+  {"models": {role: {"status", "reason", "plan": {...}, "replica": {"planned", "actual"} | {"error"},
+                     "replicas": [{"replica_id", "state", "node_id", "gpu_label", "gpu_indices"}]}},
    "gpus": [{"node_id", "index", "name", "total_bytes", "usable_bytes", "planned_bytes", "roles"}]}
 
 A model's actual memory is what torch holds for it: reserved bytes summed over
@@ -76,10 +77,23 @@ class GpuRow:
 
 
 @dataclass(frozen=True)
+class ReplicaRow:
+    """One replica of a role as Ray sees it: Serve's state, its node, and the GPU node label and indices."""
+
+    role: str
+    replica_id: str | None
+    state: str | None
+    node_id: str | None
+    gpu_label: str | None  # per-GPU mode: the node's `rayfit.io/gpu`; None on other nodes
+    gpu_indices: tuple[int, ...] | None  # from that label; None when the node says nothing (see the model row)
+
+
+@dataclass(frozen=True)
 class Report:
     models: tuple[ModelRow, ...]
     gpus: tuple[GpuRow, ...]
     findings: tuple[Finding, ...] = field(default=())
+    replicas: tuple[ReplicaRow, ...] = field(default=())
 
     @property
     def ok(self) -> bool:
@@ -113,7 +127,16 @@ def check_replica(role: str, plan: Mapping[str, Any], replica: Mapping[str, Any]
     findings: list[Finding] = []
     actual = replica.get("actual", {})
     planned_node = plan.get("node_id")
-    if planned_node and planned_node != LOCAL_NODE and actual.get("node_id") != planned_node:
+    slots = plan.get("slots") or []
+    if slots:
+        # Per-GPU mode: any GPU node the plan budgeted a replica on, by label (its node id may be new).
+        label = actual.get("gpu_label")
+        mine = [slot for slot in slots if slot.get("gpu_label") == label]
+        if not mine:
+            allowed = ", ".join(sorted({str(slot.get("gpu_label")) for slot in slots}))
+            findings.append(Finding("error", "node", role, f"runs on GPU node {label!r}, planned on {allowed}"))
+        plan = {**plan, "gpu_indices": mine[0].get("gpu_indices") if mine else plan.get("gpu_indices")}
+    elif planned_node and planned_node != LOCAL_NODE and actual.get("node_id") != planned_node:
         findings.append(
             Finding(
                 "error", "node", role, f"runs on node {str(actual.get('node_id'))[:12]}, planned {planned_node[:12]}"
@@ -205,11 +228,14 @@ def _gpu_rows(gpus: list[Mapping[str, Any]], models: Mapping[str, Mapping[str, A
         if not actual:
             continue
         memory = actual.get("memory", {})
-        indices = plan.get("gpu_indices") or []
+        node_id, indices = plan.get("node_id"), plan.get("gpu_indices") or []
+        for slot in plan.get("slots") or []:  # per-GPU mode: the GPU node this replica runs on
+            if slot.get("gpu_label") == actual.get("gpu_label"):
+                node_id, indices = slot.get("node_id"), slot.get("gpu_indices") or []
         for target, kind in ((allocated, "allocated"), (reserved, "reserved"), (free, "free")):
             for local, value in _cuda_bytes(memory, kind).items():
                 if local < len(indices):
-                    key = (plan.get("node_id"), indices[local])
+                    key = (node_id, indices[local])
                     # Free is device-wide: every replica on the GPU sees the same number.
                     target[key] = value if kind == "free" else target.get(key, 0) + value
     rows = []
@@ -239,4 +265,17 @@ def build_report(placement: Mapping[str, Any]) -> Report:
         row, found = _model_row(role, models[role])
         rows.append(row)
         findings.extend(found)
-    return Report(models=tuple(rows), gpus=_gpu_rows(placement.get("gpus", []), models), findings=tuple(findings))
+    replicas = tuple(
+        ReplicaRow(
+            role=role,
+            replica_id=row.get("replica_id"),
+            state=row.get("state"),
+            node_id=row.get("node_id"),
+            gpu_label=row.get("gpu_label"),
+            gpu_indices=tuple(row["gpu_indices"]) if row.get("gpu_indices") is not None else None,
+        )
+        for role in sorted(models)
+        for row in models[role].get("replicas") or []
+    )
+    gpus = _gpu_rows(placement.get("gpus", []), models)
+    return Report(models=tuple(rows), gpus=gpus, findings=tuple(findings), replicas=replicas)

@@ -21,6 +21,7 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         "models": [asdict(row) for row in report.models],
         "gpus": gpus,
         "findings": [asdict(f) for f in report.findings],
+        "replicas": [asdict(row) for row in report.replicas],
     }
 
 
@@ -70,6 +71,16 @@ def print_report(report: Report, console: Console) -> None:
             _size(row.rss_bytes),
         )
     console.print(models)
+    if report.replicas:
+        replicas = Table(title="rayfit report: replicas")
+        for column in ("model", "replica", "state", "node", "GPU node", "GPU"):
+            replicas.add_column(column)
+        for rep in report.replicas:
+            gpus = "-" if rep.gpu_indices is None else "+".join(str(i) for i in rep.gpu_indices)
+            replicas.add_row(
+                rep.role, rep.replica_id or "-", rep.state or "-", (rep.node_id or "-")[:12], rep.gpu_label or "-", gpus
+            )
+        console.print(replicas)
     for finding in report.findings:
         colour = "red" if finding.severity == "error" else "yellow"
         console.print(f"[bold {colour}]{finding.severity}:[/] {finding.role}: {finding.message}", highlight=False)

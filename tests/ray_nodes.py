@@ -1,7 +1,10 @@
 """Several Ray nodes on one machine, started with `ray start` as an operator would.
 
 Each node declares its own GPUs and `gpu_slot_<i>` resources
-(`placement.ray_options.ray_start_args`), labels and memory. Every port is
+(`placement.ray_options.ray_start_args`), labels and memory; or, in the
+per-GPU mode, one node per GPU (`add_gpu_node`: that GPU's index in the
+raylet's CUDA_VISIBLE_DEVICES, `--num-gpus=1`, the labels and memory resource
+of `placement.gpu_nodes.gpu_node_start_args`). Every port is
 picked free and every process is found by this cluster's own temp dir, GCS
 port or node manager port: other test runs may start clusters on this machine
 at the same time, so never `ray stop`.
@@ -22,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from deployments.ports import free_port
+from placement.gpu_nodes import gpu_node_start_args
 from placement.ray_options import ray_start_args
 from placement.units import GIB
 
@@ -85,10 +89,14 @@ class LocalRayCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _start(self, args: list[str], num_cpus: int) -> None:
+    def _start(self, args: list[str], num_cpus: float, env: dict[str, str] | None = None) -> None:
         common = [f"--num-cpus={num_cpus}", f"--memory={NODE_MEMORY}", f"--object-store-memory={OBJECT_STORE_BYTES}"]
         done = subprocess.run(
-            [_ray_cli(), "start", *args, *common], env=self.env, capture_output=True, text=True, timeout=START_TIMEOUT_S
+            [_ray_cli(), "start", *args, *common],
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT_S,
         )
         assert done.returncode == 0, done.stderr[-4000:]
 
@@ -104,6 +112,18 @@ class LocalRayCluster:
         args = [*ray_start_args(gpus, node_labels=labels, head=False), f"--address={self.address}"]
         args += [f"--dashboard-agent-listen-port={free_port()}", f"--node-manager-port={node_port}"]
         self._start(args, num_cpus)
+        self.worker_ports.append(node_port)
+        return node_port
+
+    def add_gpu_node(self, host: str, index: int, memory_bytes: int, num_cpus: float = 1) -> int:
+        """Start the Ray node of GPU `index` of `host` (per-GPU mode); returns its node manager port.
+
+        Started again with the same arguments it is the same GPU node to rayfit (same labels), with a new node id.
+        """
+        node_port = free_port()
+        args = gpu_node_start_args(host, [index], memory_bytes, address=self.address, agent_port=free_port())
+        args.append(f"--node-manager-port={node_port}")
+        self._start(args, num_cpus, env={"CUDA_VISIBLE_DEVICES": str(index), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
         self.worker_ports.append(node_port)
         return node_port
 

@@ -1,0 +1,195 @@
+"""One Ray node per GPU: the labels and resources such a node declares, and its `ray start` line.
+
+The per-GPU mode (README "Which placement mode when"): each GPU of a box is its
+own raylet, started with only that GPU visible (`CUDA_VISIBLE_DEVICES=<i>`) and
+`--num-gpus=1`. Ray then accounts for every GPU itself: a replica asks for
+`num_gpus: <fraction>` plus a `label_selector` naming the GPU node(s) the plan
+allows, Ray sets the replica's CUDA_VISIBLE_DEVICES (mapped through the
+raylet's own, so the replica sees host index `<i>` and `ray.get_gpu_ids()`
+returns `['<i>']`; measured on Ray 2.60), `ray status` shows the GPU in use,
+and a Ray task asking for a whole GPU is never scheduled onto one rayfit
+holds a share of.
+
+What a GPU node declares (all read back by placement.ray_inventory):
+
+- label `rayfit.io/gpu=<host>-<index>`: the GPU's stable name. Replicas select
+  on it, never on `ray.io/node-id`, so a replacement node started with the
+  same labels (the box restarted, a KubeRay pod recreated) gets its models back.
+- labels `rayfit.io/host`, `rayfit.io/gpu-index`, `rayfit.io/gpu-memory-mib`,
+  `rayfit.io/accelerator`: what the planner needs without probing (the GPU's
+  host index and size; declared GPUs on a CPU box have nothing to probe).
+- resource `rayfit_gpu_mib: <the GPU's MiB>`: a per-GPU memory resource.
+  A replica asks for its planned bytes in MiB, so Ray's accounting is
+  memory-correct on mixed GPUs: a 0.5 share of a 48 GB card is not a 0.5
+  share of a 24 GB one, but 10000 MiB is 10000 MiB on either.
+
+A split model (one that fits no single GPU) needs a node that owns its GPU
+group: a raylet started with `CUDA_VISIBLE_DEVICES=0,1 --num-gpus=2`, labelled
+`rayfit.io/gpu=<host>-0_1` and `rayfit.io/gpu-index=0_1` (`gpu_group_start_line`).
+The planner puts only split models there, and a split replica asks for the
+group's GPUs whole (`num_gpus: 2`; Ray refuses fractions above 1), so a group
+node holds one split model and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from placement.units import MIB
+
+GPU_LABEL = "rayfit.io/gpu"
+HOST_LABEL = "rayfit.io/host"
+GPU_INDEX_LABEL = "rayfit.io/gpu-index"
+GPU_MEMORY_LABEL = "rayfit.io/gpu-memory-mib"
+ACCELERATOR_LABEL = "rayfit.io/accelerator"
+# Custom resource: the GPU's memory in MiB (a group node: the sum over its GPUs).
+GPU_MEMORY_RESOURCE = "rayfit_gpu_mib"
+# Joins a group's indices in label values ('0_1'): Ray label values allow [A-Za-z0-9._-] only.
+GROUP_JOIN = "_"
+# Ray's dashboard agent listens on this port by default: a second raylet on the box would clash.
+DEFAULT_AGENT_PORT = 52365
+# Ray label values: up to 63 characters, alphanumeric at both ends, `-_.` inside.
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+@dataclass(frozen=True)
+class GpuNodeInfo:
+    """What a per-GPU (or GPU group) node says about itself in its labels."""
+
+    gpu_label: str
+    host: str
+    indices: tuple[int, ...]  # host GPU indices (PCI bus order), one unless a group
+    memory_bytes: int | None  # each GPU's total, when labelled
+
+    @property
+    def is_group(self) -> bool:
+        return len(self.indices) > 1
+
+
+def label_value(text: str) -> str:
+    """`text` as a valid Ray label value: other characters become '-', trimmed to 63."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "-", text).strip("-_.")[:63].strip("-_.")
+    if not cleaned:
+        raise ValueError(f"{text!r} has no character usable in a Ray label value")
+    return cleaned
+
+
+def gpu_label_value(host: str, indices: Sequence[int]) -> str:
+    """The `rayfit.io/gpu` value of GPU(s) `indices` on `host`: 'box-1', 'box-0_1'."""
+    if not indices or any(i < 0 for i in indices):
+        raise ValueError(f"GPU indices must be non-negative and not empty, got {list(indices)}")
+    return label_value(f"{host}-{GROUP_JOIN.join(str(i) for i in indices)}")
+
+
+def gpu_node_labels(
+    host: str, indices: Sequence[int], memory_bytes: int, accelerator: str | None = None
+) -> dict[str, str]:
+    """Labels of the node owning GPU(s) `indices` of `host`, each GPU `memory_bytes`."""
+    if memory_bytes <= 0:
+        raise ValueError(f"GPU memory must be positive, got {memory_bytes}")
+    labels = {
+        GPU_LABEL: gpu_label_value(host, indices),
+        HOST_LABEL: label_value(host),
+        GPU_INDEX_LABEL: GROUP_JOIN.join(str(i) for i in indices),
+        GPU_MEMORY_LABEL: str(memory_bytes // MIB),
+    }
+    if accelerator:
+        labels[ACCELERATOR_LABEL] = label_value(accelerator)
+    return labels
+
+
+def gpu_node_of(labels: dict[str, str]) -> GpuNodeInfo | None:
+    """A node's per-GPU identity from its labels; None for a node not started this way."""
+    label = labels.get(GPU_LABEL)
+    if not label:
+        return None
+    index_text = labels.get(GPU_INDEX_LABEL, "")
+    try:
+        indices = tuple(int(part) for part in index_text.split(GROUP_JOIN))
+    except ValueError:
+        raise ValueError(
+            f"node {GPU_LABEL}={label}: {GPU_INDEX_LABEL}={index_text!r} is not '<i>' or '<i>_<j>'"
+        ) from None
+    memory = labels.get(GPU_MEMORY_LABEL)
+    return GpuNodeInfo(
+        gpu_label=label,
+        host=labels.get(HOST_LABEL, ""),
+        indices=indices,
+        memory_bytes=int(memory) * MIB if memory and memory.isdigit() else None,
+    )
+
+
+def gpu_node_start_args(
+    host: str,
+    indices: Sequence[int],
+    memory_bytes: int,
+    *,
+    address: str,
+    accelerator: str | None = None,
+    agent_port: int | None = None,
+) -> list[str]:
+    """`ray start` arguments of the worker owning GPU(s) `indices` (run it with CUDA_VISIBLE_DEVICES set)."""
+    labels = gpu_node_labels(host, indices, memory_bytes, accelerator)
+    for value in labels.values():
+        if not _LABEL_VALUE.match(value):
+            raise ValueError(f"label value {value!r} is not a valid Ray label value")
+    resources = {GPU_MEMORY_RESOURCE: (memory_bytes // MIB) * len(indices)}
+    args = [
+        f"--address={address}",
+        f"--num-gpus={len(indices)}",
+        "--resources=" + json.dumps(resources, separators=(",", ":")),
+        "--labels=" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())),
+    ]
+    if agent_port is not None:
+        args.append(f"--dashboard-agent-listen-port={agent_port}")
+    return args
+
+
+def _line(indices: Sequence[int], args: list[str], ray: str) -> str:
+    visible = ",".join(str(i) for i in indices)
+    # PCI bus order: the indices are NVML's, as the plan's are (placement.ray_options, "GPU order").
+    env = f"CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES={visible}"
+    return f"{env} {ray} start " + " ".join(shlex.quote(a) for a in args)
+
+
+def box_start_lines(
+    gpus: Sequence[tuple[int, int, str | None]],
+    *,
+    host: str,
+    address: str,
+    groups: Sequence[Sequence[int]] = (),
+    ray: str = "ray",
+    head_line: bool = True,
+) -> list[str]:
+    """Shell lines that start one Ray node per GPU of a box: `gpus` is (index, total bytes, name) each.
+
+    The head (when `head_line`) holds no GPU: the Serve controller, the proxy and
+    the ingress run there. GPUs named in `groups` get one node per group (for
+    split models) instead of one each. Every raylet gets its own dashboard agent
+    port (the default one would clash on one box).
+    """
+    by_index = {index: (total, name) for index, total, name in gpus}
+    grouped = [tuple(sorted(group)) for group in groups]
+    for group in grouped:
+        missing = [i for i in group if i not in by_index]
+        if len(group) < 2 or missing:
+            raise ValueError(f"GPU group {list(group)} needs two or more of this box's GPUs {sorted(by_index)}")
+    in_groups = [i for group in grouped for i in group]
+    if len(in_groups) != len(set(in_groups)):
+        raise ValueError(f"GPU groups {[list(g) for g in grouped]} overlap")
+    units = [group for group in grouped] + [(i,) for i in sorted(by_index) if i not in in_groups]
+    units.sort(key=lambda unit: unit[0])
+    port = address.rsplit(":", 1)[-1]
+    lines = [f"{ray} start --head --port={port} --num-gpus=0"] if head_line else []
+    for position, unit in enumerate(units, start=1):
+        total = min(by_index[i][0] for i in unit)
+        name = by_index[unit[0]][1]
+        args = gpu_node_start_args(
+            host, unit, total, address=address, accelerator=name, agent_port=DEFAULT_AGENT_PORT + position
+        )
+        lines.append(_line(unit, args, ray))
+    return lines

@@ -304,14 +304,15 @@ class Ingress:
             request: CompletionRequest = await self._body(http, CompletionRequest)
             self._log_ignored(request)
             role = self._resolve(request.model)
-            generation = request.to_generation_input(self._max_tokens_cap(role))
-            if request.stream:
+            # One input per prompt (a list of prompts: lm-evaluation-harness batches that way).
+            generations = request.to_generation_inputs(self._max_tokens_cap(role))
+            if request.stream:  # one prompt (the request model refuses several with stream)
                 converter = CompletionStreamConverter(
                     request.model, include_usage=request.include_usage or request.continuous_usage
                 )
-                return await self._stream(role, generation, lambda d: sse_lines(converter.convert(d)), ticket)
-            outputs = await self._choices(role, generation, request.n)
-            return completion_response(outputs, request.model)
+                return await self._stream(role, generations[0], lambda d: sse_lines(converter.convert(d)), ticket)
+            groups = await asyncio.gather(*(self._choices(role, g, request.n) for g in generations))
+            return completion_response([o for group in groups for o in group], request.model, n=request.n)
 
     async def _role_card(self, role: str, created: int) -> RoleCard:
         """The role as /v1/models lists it; only a running role is asked for its details (bounded)."""

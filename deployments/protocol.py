@@ -8,11 +8,13 @@ Shaped like vLLM's `entrypoints/openai/protocol.py`. The field policy
   `repetition_penalty`, `logit_bias`), length (`max_tokens`,
   `max_completion_tokens`, `min_tokens`, `ignore_eos`, `stop`), `n`,
   `response_format`, `tools` / `tool_choice` / `parallel_tool_calls`,
-  `stream_options` (`include_usage`, `continuous_usage_stats`);
+  `stream_options` (`include_usage`, `continuous_usage_stats`), `logprobs` /
+  `top_logprobs` (chat), `logprobs` / `echo` and token-id prompts
+  (completions; deployments.logprob_api);
 - fields that change nothing here (`user`, `metadata`, `store`, ...) and any
   field rayfit does not know are accepted and ignored (listed by
   `ignored_fields`, which the ingress logs at debug), as vLLM and Ollama do;
-- fields that ask for behaviour rayfit cannot give (`logprobs`, audio output,
+- fields that ask for behaviour rayfit cannot give (audio output, `suffix`,
   `prediction`, web search) are a 400 naming the field.
 Used by the HTTP ingress and by the handle client (`deployments.client`), so
 both speak exactly the same types.
@@ -30,6 +32,15 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from deployments.errors import BadRequestError
 from deployments.generation import GenerationInput, GenerationOutput, RowRules, SamplingParams, StreamDelta
 from deployments.images import check_image_url
+from deployments.logprob_api import (
+    MAX_CHAT_TOP_LOGPROBS,
+    MAX_COMPLETION_LOGPROBS,
+    ChoiceLogprobs,
+    CompletionLogprobs,
+    chat_logprobs,
+    completion_logprobs,
+    next_offset,
+)
 from deployments.structured import (
     ToolCall,
     ToolCallHoldBack,
@@ -51,11 +62,11 @@ DEFAULT_MAX_TOKENS = 256
 MIN_SAMPLING_TEMPERATURE = 1e-5
 # Choices one request may ask for (`n`): each is its own generation.
 MAX_CHOICES = 8
+# Prompts one completions request may carry (lm-evaluation-harness batches its requests this way):
+# each is its own generation, so more belong in more requests.
+MAX_PROMPTS = 32
 # Fields that ask for something rayfit does not do: a 400 naming the field when set.
 UNSUPPORTED_FIELDS = {
-    "logprobs": "token log-probabilities are not supported yet",
-    "top_logprobs": "token log-probabilities are not supported yet",
-    "echo": "echoing the prompt with log-probabilities is not supported yet",
     "suffix": "insertion (suffix) is not supported",
     "audio": "audio output is not supported",
     "prediction": "predicted outputs are not supported",
@@ -171,6 +182,10 @@ class _SamplingFields(_RequestModel):
     def grammar(self) -> str | None:
         return response_format_grammar(self.response_format)
 
+    def logprob_count(self) -> int | None:
+        """Alternatives per generated token's logprob (None: no logprobs asked)."""
+        return None
+
     def sampling_params(
         self, max_tokens: int | None = None, max_tokens_cap: int | None = None, grammar: str | None = None
     ) -> SamplingParams:
@@ -205,6 +220,7 @@ class _SamplingFields(_RequestModel):
             stop=tuple(s for s in stop if s),
             seed=self.seed,
             rules=rules,
+            logprobs=self.logprob_count(),
         )
 
     @property
@@ -222,6 +238,17 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _check_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+        return self
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def tool_setup(self) -> tuple[str, list[ToolSpec]]:
         """(mode, tools the answer may call); mode none when no tools apply."""
@@ -258,18 +285,53 @@ def _with_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, An
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str]
+    """`prompt`: a string, token ids, or a list of either (each its own choices, in order).
+    `logprobs` (0..5) alternatives per token; `echo` puts the prompt before the answer (with
+    `logprobs`, its tokens' logprobs too); `max_tokens: 0` with `echo` scores the prompt only."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool = False
 
     @model_validator(mode="after")
-    def _one_prompt(self) -> CompletionRequest:
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
-            raise ValueError(f"`prompt` must be one string; got a list of {len(self.prompt)}")
+    def _check_prompts(self) -> CompletionRequest:
+        prompts = self.prompts()
+        if not prompts or any(isinstance(p, list) and not p for p in prompts):
+            raise BadRequestError("`prompt` is empty", param="prompt")
+        if len(prompts) > MAX_PROMPTS:
+            raise BadRequestError(f"`prompt` holds {len(prompts)} prompts; at most {MAX_PROMPTS}", param="prompt")
+        if self.stream and len(prompts) > 1:
+            raise BadRequestError("several prompts are not supported with stream: true", param="prompt")
+        if self.stream and self.echo:
+            raise BadRequestError("echo is not supported with stream: true", param="echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise BadRequestError("max_tokens 0 only scores the prompt: it needs echo: true", param="max_tokens")
         return self
 
-    def to_generation_input(self, max_tokens_cap: int | None = None) -> GenerationInput:
-        prompt = self.prompt[0] if isinstance(self.prompt, list) else self.prompt
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and all(isinstance(token, int) for token in self.prompt):
+            return [list(self.prompt)]  # type: ignore[arg-type]  # one prompt of token ids
+        return list(self.prompt)  # type: ignore[arg-type]
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+    def to_generation_inputs(self, max_tokens_cap: int | None = None) -> list[GenerationInput]:
         params = self.sampling_params(self.max_tokens, max_tokens_cap, self.grammar())
-        return GenerationInput(params=params, prompt=prompt)
+        prompt_logprobs = self.logprobs if self.echo else None
+        return [
+            GenerationInput(params=params, prompt=p, echo=self.echo, prompt_logprobs=prompt_logprobs)
+            if isinstance(p, str)
+            else GenerationInput(params=params, prompt_ids=tuple(p), echo=self.echo, prompt_logprobs=prompt_logprobs)
+            for p in self.prompts()
+        ]
+
+    def to_generation_input(self, max_tokens_cap: int | None = None) -> GenerationInput:
+        """The first prompt's input (a request of one prompt)."""
+        return self.to_generation_inputs(max_tokens_cap)[0]
 
 
 # --------------------------------------------------------------- responses
@@ -302,7 +364,7 @@ class ChatCompletionChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -331,7 +393,7 @@ class ChatCompletionStreamChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionStreamResponse(BaseModel):
@@ -347,7 +409,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -428,9 +490,15 @@ def chat_choice(output: GenerationOutput, tools: list[ToolSpec], index: int = 0)
             index=index,
             message=AssistantMessage(content=None, tool_calls=_tool_items(calls)),
             finish_reason="tool_calls",
+            logprobs=chat_logprobs(output.logprobs),
         )
     message = AssistantMessage(content=output.text)
-    return ChatCompletionChoice(index=index, message=message, finish_reason=_finish(output.finish_reason))
+    return ChatCompletionChoice(
+        index=index,
+        message=message,
+        finish_reason=_finish(output.finish_reason),
+        logprobs=chat_logprobs(output.logprobs),
+    )
 
 
 def chat_response(
@@ -449,24 +517,32 @@ def chat_response(
     )
 
 
-def _usage(outputs: list[GenerationOutput]) -> UsageInfo:
-    # n choices of one prompt: the prompt is counted once, every choice's tokens add up.
-    return UsageInfo.of(outputs[0].prompt_tokens, sum(o.completion_tokens for o in outputs))
+def _usage(outputs: list[GenerationOutput], n: int = 1) -> UsageInfo:
+    # n choices per prompt: each prompt is counted once, every choice's tokens add up.
+    prompts = sum(o.prompt_tokens for o in outputs[::n])
+    return UsageInfo.of(prompts, sum(o.completion_tokens for o in outputs))
+
+
+def completion_choice(output: GenerationOutput, index: int = 0) -> CompletionChoice:
+    """One choice; with echo the prompt comes first, in the text and (with logprobs) in the logprobs."""
+    text = (output.prompt_text or "") + output.text
+    logprobs = None
+    if output.logprobs is not None or output.prompt_logprobs is not None:
+        logprobs = completion_logprobs((*(output.prompt_logprobs or ()), *(output.logprobs or ())))
+    return CompletionChoice(index=index, text=text, finish_reason=_finish(output.finish_reason), logprobs=logprobs)
 
 
 def completion_response(
-    outputs: GenerationOutput | list[GenerationOutput], model: str, request_id: str | None = None
+    outputs: GenerationOutput | list[GenerationOutput], model: str, request_id: str | None = None, n: int = 1
 ) -> CompletionResponse:
+    """`outputs`: n choices per prompt, prompt by prompt."""
     outputs = outputs if isinstance(outputs, list) else [outputs]
     return CompletionResponse(
         id=request_id or new_id("cmpl"),
         created=now(),
         model=model,
-        choices=[
-            CompletionChoice(index=index, text=output.text, finish_reason=_finish(output.finish_reason))
-            for index, output in enumerate(outputs)
-        ],
-        usage=_usage(outputs),
+        choices=[completion_choice(output, index) for index, output in enumerate(outputs)],
+        usage=_usage(outputs, n),
     )
 
 
@@ -477,7 +553,8 @@ class ChatStreamConverter:
     with `include_usage` a final chunk with empty `choices` carries usage, as
     OpenAI does. With `tools`, an answer that opens with "{" (the tool-call
     object) is held back until it ends, then sent as one `delta.tool_calls`
-    chunk (index, id, name, whole arguments); prose streams as it comes.
+    chunk (index, id, name, whole arguments); prose streams as it comes. Logprobs
+    go with the chunk that sends their text (held back with it).
     """
 
     def __init__(
@@ -495,9 +572,17 @@ class ChatStreamConverter:
         self.tools = tools or []
         self._sent_role = False
         self._hold = ToolCallHoldBack(self.tools)
+        self._held_logprobs: tuple = ()  # TokenLogprob entries whose text is not sent yet
 
     def _chunk(self, delta: DeltaMessage, finish: str | None, usage: UsageInfo | None = None):
-        choices = [] if usage is not None else [ChatCompletionStreamChoice(delta=delta, finish_reason=finish)]
+        logprobs = None
+        if usage is None and self._held_logprobs and (delta.content or delta.tool_calls or finish):
+            logprobs, self._held_logprobs = chat_logprobs(self._held_logprobs), ()
+        choices = (
+            []
+            if usage is not None
+            else [ChatCompletionStreamChoice(delta=delta, finish_reason=finish, logprobs=logprobs)]
+        )
         return ChatCompletionStreamResponse(
             id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
         )
@@ -508,6 +593,7 @@ class ChatStreamConverter:
             chunks.append(self._chunk(DeltaMessage(role="assistant", content=""), None))
             self._sent_role = True
         finished = delta.finish_reason is not None
+        self._held_logprobs = (*self._held_logprobs, *delta.logprobs)
         text, calls = self._hold.feed(delta.text, finished)
         if calls:
             items = [
@@ -532,11 +618,14 @@ class CompletionStreamConverter:
         self.include_usage = include_usage
         self.id = request_id or new_id("cmpl")
         self.created = now()
+        self._offset = 0  # where the next token starts in the streamed text
 
     def convert(self, delta: StreamDelta) -> list[CompletionStreamResponse]:
         chunks = []
-        if delta.text or delta.finish_reason is not None:
-            choice = CompletionChoice(text=delta.text, finish_reason=_finish(delta.finish_reason))
+        if delta.text or delta.finish_reason is not None or delta.logprobs:
+            logprobs = completion_logprobs(delta.logprobs, self._offset) if delta.logprobs else None
+            self._offset = next_offset(logprobs, self._offset)
+            choice = CompletionChoice(text=delta.text, finish_reason=_finish(delta.finish_reason), logprobs=logprobs)
             chunks.append(
                 CompletionStreamResponse(id=self.id, created=self.created, model=self.model, choices=[choice])
             )

@@ -166,7 +166,7 @@ def test_bad_agent_requests_are_400s_in_openai_shape(base_url: str) -> None:
         {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
         {"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "unknown_tool"}}},
         {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 3}}}]},
-        {"logprobs": True},
+        {"logprobs": True, "top_logprobs": 21},
     ]
     for extra in bodies:
         reply = httpx.post(

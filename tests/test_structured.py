@@ -60,7 +60,8 @@ def test_fields_that_change_nothing_are_accepted_and_listed() -> None:
 
 
 @pytest.mark.parametrize(
-    "field, value", [("logprobs", True), ("top_logprobs", 3), ("audio", {"voice": "x"}), ("functions", [{}])]
+    "field, value",
+    [("top_logprobs", 3), ("audio", {"voice": "x"}), ("functions", [{}]), ("prediction", {"type": "content"})],
 )
 def test_fields_rayfit_cannot_honour_are_a_400_naming_them(field: str, value: object) -> None:
     with pytest.raises(BadRequestError) as caught:

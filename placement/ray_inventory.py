@@ -17,6 +17,12 @@ foreign: the plan then has less room, never more.
 
 `local_inventory` reads this machine's GPUs without Ray, for `ray-start-args`
 and a dry-run plan on a GPU box.
+
+A per-GPU node (placement.gpu_nodes: started with its own CUDA_VISIBLE_DEVICES
+and labelled `rayfit.io/gpu`) is read differently: its GPU gets the HOST index
+its labels name (Ray maps a replica's GPU through the raylet's own
+CUDA_VISIBLE_DEVICES, so the replica sees that index), and a declared GPU
+takes its size from the `rayfit.io/gpu-memory-mib` label.
 """
 
 from __future__ import annotations
@@ -314,5 +320,13 @@ def inventory_from_ray(*, gpu_memory_bytes: int | None = None) -> Inventory:
                 labels=labels,
                 hostname=info.get("NodeManagerHostname"),
             )
+        )
+    labels = [node.gpu_node.gpu_label for node in nodes if node.gpu_node is not None]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        # A replica selects its GPU node by this label: two nodes with one label are one GPU to the plan.
+        raise InventoryError(
+            f"GPU node label(s) {', '.join(twice)} are carried by more than one Ray node; each GPU node needs "
+            "its own rayfit.io/gpu (KubeRay: one worker group of one replica per GPU)"
         )
     return Inventory(nodes=Inventory(nodes=tuple(nodes)).sorted_nodes())

@@ -13,7 +13,8 @@ import pytest
 import ray.autoscaler
 import yaml
 
-from placement.ray_options import gpu_slot_resource, ray_start_args
+from placement.gpu_nodes import GPU_MEMORY_RESOURCE, gpu_node_labels, gpu_node_of, gpu_node_start_args
+from placement.ray_options import ray_start_args
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_KEYS = ("name", "import_path", "route_prefix", "args")
@@ -100,17 +101,27 @@ def test_rayservice_serves_the_same_app_as_serve_config() -> None:
             assert all("ray_actor_options" not in d for d in app.get("deployments", []))
 
 
-def test_rayservice_gpu_workers_declare_a_slot_per_gpu() -> None:
+def test_rayservice_gpu_workers_are_one_labelled_pod_per_gpu() -> None:
+    """The per-GPU mode: each group one pod of one GPU, declaring what `ray-start-args --per-gpu` would."""
     cluster = load("deploy/rayservice.yaml")["spec"]["rayClusterConfig"]
     assert cluster["authOptions"] == {"mode": "token"}
     groups = cluster["workerGroupSpecs"]
     assert groups
+    seen = set()
     for group in groups:
         params = group["rayStartParams"]
-        gpus = int(params["num-gpus"])
         (container,) = group["template"]["spec"]["containers"]
-        assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == gpus
+        assert params["num-gpus"] == "1" and int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
+        # One pod per group: a recreated pod takes the group's labels, and no two pods share them.
+        assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 1
+        labels = dict(item.split("=", 1) for item in params["labels"].split(","))
+        info = gpu_node_of(labels)
+        assert info is not None and info.indices == (0,) and info.memory_bytes
+        assert labels == gpu_node_labels(info.host, [0], info.memory_bytes)
+        seen.add(info.gpu_label)
         # KubeRay passes `resources` as a quoted JSON string, as `ray start --resources` takes it.
         resources = json.loads(json.loads(params["resources"]))
-        assert resources == {gpu_slot_resource(i): 1 for i in range(gpus)}
-        assert f"--resources={json.dumps(resources, separators=(',', ':'))}" in ray_start_args(gpus, head=False)
+        expected = gpu_node_start_args(info.host, [0], info.memory_bytes, address="head:6379")
+        assert f"--resources={json.dumps(resources, separators=(',', ':'))}" in expected
+        assert resources == {GPU_MEMORY_RESOURCE: info.memory_bytes // 2**20}
+    assert len(seen) == len(groups)

@@ -122,8 +122,14 @@ def make_plan(
     slots: dict[str, tuple[_Placement, ...]] = {}  # per-GPU mode: one placement per replica
     unplaced: list[Unplaced] = []
     warnings: list[str] = []
-
     per_gpu = inventory.per_gpu_nodes
+    labelled = [node for node in nodes if node.gpus and node.gpu_node is not None]
+    if labelled and not per_gpu:
+        warnings.append(
+            f"{len(labelled)} GPU node(s) are per-GPU nodes (rayfit.io/gpu) but others are not: the single-node "
+            "mode is used for all; start every GPU with `python -m placement ray-start-args --per-gpu`"
+        )
+
     for role in _placement_order(models, estimates):
         spec, estimate = models[role], estimates[role]
         replicas = spec.planned_replicas

@@ -47,7 +47,8 @@ The scheme, and why (measured on Ray 2.60, see DESIGN.md):
   (asking for them would never schedule); `placement_warnings` says so.
 - One Ray node per machine, holding all its GPUs: the pin replaces the node's
   own CUDA_VISIBLE_DEVICES, so GPU indices are host indices
-  (`inventory_from_ray` refuses a node started with its own GPU subset).
+  (`inventory_from_ray` refuses a node started with its own GPU subset, unless
+  it is a labelled per-GPU node: then placement.gpu_node_options applies).
 - Several nodes: the replica is sent to its planned node with
   `label_selector={"ray.io/node-id": <node id>}`. Ray 2.60 sets that label on
   every node by default (the only default label; measured), and a selector on

@@ -195,5 +195,9 @@ def test_without_per_gpu_nodes_the_single_node_pin_stays() -> None:
     assert actor["num_gpus"] == 0 and actor["runtime_env"]["env_vars"][CUDA_VISIBLE_DEVICES] == "0"
     (warning,) = placement_warnings(entry, inventory)
     assert "--per-gpu" in warning and "gpu_slot_" in warning
-    # A mix of labelled and unlabelled GPU nodes is not the per-GPU mode either.
-    assert not Inventory(nodes=(plain, gpu_node(0))).per_gpu_nodes
+    # A mix of labelled and unlabelled GPU nodes is not the per-GPU mode either, and the plan says so.
+    mixed = Inventory(nodes=(plain, gpu_node(0)))
+    assert not mixed.per_gpu_nodes
+    plan = make_plan({"m": spec()}, mixed, estimates={"m": lump(3)})
+    assert plan.entry("m").slots == ()
+    assert any("single-node mode is used for all" in warning for warning in plan.warnings)

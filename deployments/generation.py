@@ -4,6 +4,7 @@ deployment and the HTTP ingress. Plain dataclasses: no HTTP, no Ray."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,40 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class ToolSpec:
+    """One function tool, checked (deployments.structured.tool_specs)."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+    def as_openai(self) -> dict[str, Any]:
+        """The tool as OpenAI (and chat templates that render tools) spell it."""
+        function = {"name": self.name, "description": self.description, "parameters": self.parameters}
+        return {"type": "function", "function": function}
+
+
+@dataclass(frozen=True)
+class ToolRequest:
+    """The tools a chat request lets the answer call, checked at the ingress. The
+    replica's tool format (deployments.tool_formats) tells the model about them."""
+
+    tools: tuple[ToolSpec, ...]
+    mode: str  # "auto" (prose or calls) or "required" (calls only; a named tool_choice is this, cut to one tool)
+    parallel: bool = True
+
+
+@dataclass(frozen=True)
 class GenerationInput:
     """Either chat `messages` (OpenAI shape: role + content str or content parts
-    with `text` / `image_url`) rendered by the tokenizer's chat template, or a
-    raw `prompt` string."""
+    with `text` / `image_url`, assistant `tool_calls`, `tool` turns) rendered by
+    the tokenizer's chat template, or a raw `prompt` string. `tools`: what the
+    answer may call (None: no tools, or tool_choice none)."""
 
     params: SamplingParams = field(default_factory=SamplingParams)
     messages: tuple[dict, ...] | None = None
     prompt: str | None = None
+    tools: ToolRequest | None = None
     # Completions only: token ids instead of `prompt` (fed as they are); `echo`: the output carries the
     # prompt's text, and with `prompt_logprobs` each prompt token's logprob with that many alternatives.
     # With `echo`, `params.max_tokens` may be 0 (score the prompt only).

@@ -282,6 +282,8 @@ def load_model(spec: ModelSpec, entry: PlanEntry) -> LoadedModel:
     except Exception as exc:  # missing or corrupt weights: OSError, SafetensorError, ValueError, ...
         raise ModelLoadError(f"cannot load {spec.model!r}: {type(exc).__name__}: {exc}") from exc
     model.eval()
+    if spec.chat_template is not None:
+        _use_chat_template(spec.chat_template, tokenizer, processor)
     seconds = time.perf_counter() - started
     logger.info("loaded %s in %.1f s", spec.model, seconds)
     return LoadedModel(
@@ -295,3 +297,14 @@ def load_model(spec: ModelSpec, entry: PlanEntry) -> LoadedModel:
         quantization=quantization,
         device_map=str(device_map),
     )
+
+
+def _use_chat_template(path: str, tokenizer: PreTrainedTokenizerBase, processor: Any) -> None:
+    """The config's template file replaces the model's own (the processor's too: it renders image chats)."""
+    try:
+        template = Path(path).expanduser().read_text()
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read chat_template {path!r}: {exc.strerror}") from exc
+    tokenizer.chat_template = template
+    if processor is not None:
+        processor.chat_template = template

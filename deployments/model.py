@@ -146,6 +146,7 @@ class ModelServer:
                 max_batch_size=self.spec.max_batch_size,
                 continuous=continuous,
                 kv_budget_bytes=entry.kv_budget_bytes,
+                tool_format=self.spec.tool_format,
             )
         )
         # Requests the pool takes skip @serve.batch (whose batches run one at a

@@ -30,7 +30,14 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from deployments.errors import BadRequestError
-from deployments.generation import GenerationInput, GenerationOutput, RowRules, SamplingParams, StreamDelta
+from deployments.generation import (
+    GenerationInput,
+    GenerationOutput,
+    RowRules,
+    SamplingParams,
+    StreamDelta,
+    ToolRequest,
+)
 from deployments.images import check_image_url
 from deployments.logprob_api import (
     MAX_CHAT_TOP_LOGPROBS,
@@ -46,12 +53,10 @@ from deployments.structured import (
     ToolCallHoldBack,
     ToolSpec,
     chosen_tools,
-    history_messages,
     parse_tool_calls,
     response_format_grammar,
     tool_call_grammar,
     tool_specs,
-    tools_prompt,
 )
 
 # OpenAI's default when a request gives no limit is "until the context ends";
@@ -260,6 +265,8 @@ class ChatCompletionRequest(_SamplingFields):
         if mode != "none":
             if grammar is not None:
                 raise BadRequestError("response_format cannot be combined with tools", param="response_format")
+            # rayfit's JSON call format; building it checks the tool schemas here, before any
+            # replica. A model whose template has its own format swaps it (deployments.tool_formats).
             grammar = tool_call_grammar(tools, mode, self.parallel_tool_calls)
         # `max_completion_tokens` is the newer name; it wins when both are given.
         params = self.sampling_params(self.max_completion_tokens or self.max_tokens, max_tokens_cap, grammar)
@@ -267,21 +274,13 @@ class ChatCompletionRequest(_SamplingFields):
         for message, source in zip(dumped, self.messages, strict=True):
             if source.tool_calls:
                 message["tool_calls"] = [call.model_dump() for call in source.tool_calls]
-        messages = history_messages(dumped)
-        if mode != "none":
-            messages = _with_system(messages, tools_prompt(tools, mode, self.parallel_tool_calls))
+        tool_request = ToolRequest(tuple(tools), mode, self.parallel_tool_calls) if mode != "none" else None
         # The engine wants `content` on every message; an assistant turn may have none.
         return GenerationInput(
-            params=params, messages=tuple({**m, "content": m.get("content") or ""} for m in messages)
+            params=params,
+            messages=tuple({**m, "content": m.get("content") or ""} for m in dumped),
+            tools=tool_request,
         )
-
-
-def _with_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
-    """`text` appended to the first system message, or a new system message first."""
-    if messages and messages[0].get("role") in ("system", "developer") and isinstance(messages[0].get("content"), str):
-        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{text}"}
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
 
 
 class CompletionRequest(_SamplingFields):

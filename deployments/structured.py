@@ -30,7 +30,11 @@ import jsonschema
 import llguidance
 
 from deployments.errors import BadRequestError
+from deployments.generation import ToolSpec
 from deployments.row_logits import grammar_error
+
+# How templates in the Hermes style (Qwen 2.5/3, Hermes, ...) open a call.
+TOOL_CALL_TAG = "<tool_call>"
 
 # Compact JSON with the separators OpenAI's own outputs use: no free whitespace,
 # so a grammar never lets a small model pad forever.
@@ -75,13 +79,6 @@ def response_format_grammar(response_format: dict[str, Any] | None) -> str | Non
 
 
 # ------------------------------------------------------------------ tools
-
-
-@dataclass(frozen=True)
-class ToolSpec:
-    name: str
-    description: str
-    parameters: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -133,8 +130,9 @@ def chosen_tools(specs: list[ToolSpec], tool_choice: Any) -> tuple[str, list[Too
     return "required", named
 
 
-def _calls_schema(specs: list[ToolSpec], parallel: bool) -> dict[str, Any]:
-    call = {
+def _call_schema(specs: list[ToolSpec]) -> dict[str, Any]:
+    """One call: `{"name": <an allowed tool>, "arguments": <that tool's parameters>}`."""
+    return {
         "anyOf": [
             {
                 "type": "object",
@@ -143,9 +141,13 @@ def _calls_schema(specs: list[ToolSpec], parallel: bool) -> dict[str, Any]:
                 "additionalProperties": False,
             }
             for spec in specs
-        ]
+        ],
+        "x-guidance": _JSON_OPTIONS,  # compact: a `%json` inside a Lark grammar takes its options from here
     }
-    calls: dict[str, Any] = {"type": "array", "items": call, "minItems": 1}
+
+
+def _calls_schema(specs: list[ToolSpec], parallel: bool) -> dict[str, Any]:
+    calls: dict[str, Any] = {"type": "array", "items": _call_schema(specs), "minItems": 1}
     if not parallel:
         calls["maxItems"] = 1
     return {
@@ -153,20 +155,31 @@ def _calls_schema(specs: list[ToolSpec], parallel: bool) -> dict[str, Any]:
         "properties": {"tool_calls": calls},
         "required": ["tool_calls"],
         "additionalProperties": False,
-        "x-guidance": _JSON_OPTIONS,  # compact: a `%json` inside a Lark grammar takes its options from here
+        "x-guidance": _JSON_OPTIONS,
     }
 
 
 def tool_call_grammar(specs: list[ToolSpec], mode: str, parallel: bool) -> str | None:
-    """The grammar for an answer under `mode`: the call object (required), prose or the call (auto)."""
+    """rayfit's JSON format: the call object (required), or prose or the call object (auto)."""
     if mode == "none" or not specs:
         return None
-    schema = json.dumps(_calls_schema(specs, parallel))
-    if mode == "required":
-        lark = f"start: %json {schema}"
-    else:  # prose that does not open with "{", or the call object
-        lark = f"start: TEXT | %json {schema}\nTEXT: /[^{{\\s](.|\\n)*/"
-    grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+    calls = f"%json {json.dumps(_calls_schema(specs, parallel))}"
+    return _tool_grammar(calls, mode, prose=r"/[^{\s](.|\n)*/")
+
+
+def tagged_tool_call_grammar(specs: list[ToolSpec], mode: str, parallel: bool) -> str | None:
+    """The Hermes-style format: `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>` blocks,
+    one per line when `parallel`; under auto the answer may be prose instead (not opening with "<")."""
+    if mode == "none" or not specs:
+        return None
+    call = f'"{TOOL_CALL_TAG}\\n" %json {json.dumps(_call_schema(specs))} "\\n</tool_call>"'
+    rules = f"call: {call}\ncalls: call" + (' ("\\n" call)*' if parallel else "")
+    return _tool_grammar("calls", mode, prose=r"/[^<\s](.|\n)*/", rules=rules)
+
+
+def _tool_grammar(calls: str, mode: str, *, prose: str, rules: str = "") -> str:
+    start = f"start: {calls}" if mode == "required" else f"start: TEXT | {calls}\nTEXT: {prose}"
+    grammar = llguidance.LLMatcher.grammar_from_lark(f"{start}\n{rules}")
     error = grammar_error(grammar)
     if error:
         raise BadRequestError(f"tools cannot be enforced: {error}", param="tools")
@@ -193,17 +206,18 @@ def tools_prompt(specs: list[ToolSpec], mode: str, parallel: bool) -> str:
 def parse_tool_calls(text: str, specs: list[ToolSpec]) -> list[ToolCall] | None:
     """The tool calls in an answer, or None when it is prose (or holds no valid call).
 
-    An answer cut off by max_tokens in the middle of a later call keeps the
-    calls it completed (a small model tends to repeat calls until the limit)."""
+    Reads both formats (deployments.tool_formats): rayfit's `{"tool_calls": [...]}`
+    object and `<tool_call>{...}</tool_call>` blocks. An answer cut off by
+    max_tokens in the middle of a later call keeps the calls it completed (a
+    small model tends to repeat calls until the limit)."""
     stripped = text.strip()
-    if not stripped.startswith("{"):
+    if stripped.startswith("{"):
+        calls = _json_calls(stripped)
+    elif stripped.startswith(TOOL_CALL_TAG):
+        calls = _tagged_calls(stripped)
+    else:
         return None
-    try:
-        value = json.loads(stripped)
-        calls = value.get("tool_calls") if isinstance(value, dict) else None
-    except json.JSONDecodeError:
-        calls = _complete_calls(stripped)
-    if not isinstance(calls, list) or not calls:
+    if not calls:
         return None
     by_name = {spec.name: spec for spec in specs}
     parsed = []
@@ -220,9 +234,29 @@ def parse_tool_calls(text: str, specs: list[ToolSpec]) -> list[ToolCall] | None:
     return parsed
 
 
+def _json_calls(text: str) -> list[Any] | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return _complete_calls(text)
+    calls = value.get("tool_calls") if isinstance(value, dict) else None
+    return calls if isinstance(calls, list) else None
+
+
+def _tagged_calls(text: str) -> list[Any] | None:
+    """The complete `<tool_call>…</tool_call>` blocks of an answer (a cut last block is dropped)."""
+    calls = []
+    for body in re.findall(r"<tool_call>(.*?)</tool_call>", text, flags=re.S):
+        try:
+            calls.append(json.loads(body))
+        except json.JSONDecodeError:
+            return None
+    return calls
+
+
 class ToolCallHoldBack:
-    """A streamed answer with tools: text that opens with "{" (the call object) is held back until
-    the answer ends and then read as tool calls; prose is released as soon as it shows."""
+    """A streamed answer with tools: text that opens like a call (`{` or `<tool_call>`) is held
+    back until the answer ends and then read as tool calls; prose is released as soon as it shows."""
 
     def __init__(self, specs: list[ToolSpec]):
         self.specs = specs
@@ -234,7 +268,7 @@ class ToolCallHoldBack:
             return text, None
         self._held += text
         opening = self._held.lstrip()
-        if opening and not opening.startswith("{"):
+        if opening and not _may_open_call(opening):
             text, self._held = self._held, None  # prose: send what was held, stream the rest
             return text, None
         if not finished:
@@ -242,6 +276,10 @@ class ToolCallHoldBack:
         held, self._held = self._held, None
         calls = parse_tool_calls(held, self.specs)
         return ("" if calls else held), calls
+
+
+def _may_open_call(text: str) -> bool:
+    return text.startswith(("{", TOOL_CALL_TAG)) or TOOL_CALL_TAG.startswith(text)
 
 
 def _complete_calls(text: str) -> list[Any] | None:

@@ -75,6 +75,15 @@ class ModelSpec(BaseModel):
         default=None, description="Serve autoscaling between min_replicas and max_replicas (instead of `replicas`)"
     )
     trust_remote_code: bool = False
+    # Chat: how the model is prompted (deployments.tool_formats).
+    chat_template: str | None = Field(
+        default=None,
+        description="A Jinja chat template file to use instead of the model's own (relative: to this file)",
+    )
+    tool_format: Literal["auto", "json", "hermes"] = Field(
+        default="auto",
+        description="How tool calls are written: auto (from the chat template), json (rayfit's), hermes (<tool_call>)",
+    )
     # Serving limits (deployment options and request checks, not placement).
     max_tokens_cap: int = Field(
         default=4096, gt=0, description="Largest max_tokens a request may ask for (400 above it)"
@@ -176,4 +185,18 @@ def load_model_configs(path: str | Path) -> ModelConfigs:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read model config: {exc.strerror}") from exc
     parsed = parse_model_configs(text, source=str(path))
-    return ModelConfigs(path=path, models=parsed.models)
+    models = {role: _with_template_path(role, spec, path) for role, spec in parsed.models.items()}
+    return ModelConfigs(path=path, models=models)
+
+
+def _with_template_path(role: str, spec: ModelSpec, config_path: Path) -> ModelSpec:
+    """`chat_template` made absolute (relative to the config file), and checked to exist:
+    replicas run in other directories, and a missing file is a config error, not a load failure."""
+    if spec.chat_template is None:
+        return spec
+    template = Path(spec.chat_template).expanduser()
+    if not template.is_absolute():
+        template = config_path.parent / template
+    if not template.is_file():
+        raise ConfigError(f"{config_path}: `{role}.chat_template`: no such file: {template}")
+    return spec.model_copy(update={"chat_template": str(template.resolve())})

@@ -23,6 +23,7 @@ from deployments.loading import convert_gguf
 from deployments.protocol import ChatCompletionRequest, ChatStreamConverter, CompletionRequest
 from deployments.row_logits import GenerateRowsProcessor, RowFactory
 from deployments.structured import parse_tool_calls, response_format_grammar, tool_call_grammar, tool_specs
+from deployments.tool_formats import ToolFormat
 from placement.demo_models import smollm2_gguf
 
 WEATHER = {
@@ -139,13 +140,13 @@ def test_tool_history_renders_as_plain_turns() -> None:
     generation = ChatCompletionRequest.model_validate(
         {"model": "m", "messages": messages, "tools": [WEATHER]}
     ).to_generation_input()
-    roles = [m["role"] for m in generation.messages]
-    assert roles == ["system", "user", "assistant", "user"]
-    assert "get_weather" in generation.messages[0]["content"]
-    assert json.loads(generation.messages[2]["content"]) == {
+    rendered, template_args = ToolFormat("json").chat(generation)
+    assert [m["role"] for m in rendered] == ["system", "user", "assistant", "user"]
+    assert "get_weather" in rendered[0]["content"] and template_args == {}
+    assert json.loads(rendered[2]["content"]) == {
         "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]
     }
-    assert "call_1" in generation.messages[3]["content"] and "18 C" in generation.messages[3]["content"]
+    assert "call_1" in rendered[3]["content"] and "18 C" in rendered[3]["content"]
 
 
 def test_tool_calls_are_parsed_and_validated() -> None:
@@ -214,8 +215,10 @@ def test_json_schema_output_parses_and_validates(smollm2) -> None:
 
 def test_required_tool_choice_yields_a_valid_call(smollm2) -> None:
     request = chat(tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
-    generation = request.to_generation_input()
-    messages = [*generation.messages[:1], {"role": "user", "content": "What's the weather in Paris?"}]
+    generation = dataclasses.replace(
+        request.to_generation_input(), messages=({"role": "user", "content": "What's the weather in Paris?"},)
+    )
+    messages, _ = ToolFormat("json").chat(generation)
     text = _generate(smollm2, messages, generation.params.rules, max_new_tokens=64)
     calls = parse_tool_calls(text, tool_specs([WEATHER]))
     assert calls is not None and len(calls) == 1 and calls[0].name == "get_weather"

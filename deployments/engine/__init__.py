@@ -62,6 +62,7 @@ from deployments.errors import InvalidRequest
 from deployments.generation import GenerationInput, GenerationOutput, SamplingParams, StreamDelta
 from deployments.loading import LoadedModel
 from deployments.row_logits import RowFactory
+from deployments.tool_formats import ToolFormat
 from placement.sizing.kv_budget import KvBudget, fit_budget
 from placement.sizing.logprob_workspace import LogprobWorkspace
 
@@ -81,16 +82,20 @@ class Engine:
         max_batch_size: int = 4,
         continuous: bool = False,
         kv_budget_bytes: int | None = None,
+        tool_format: str = "auto",
     ):
         """`max_batch_size`: sequences the plan sized the KV for. `continuous`: run
         unseeded text requests (streamed or not) through the pool (transformers'
         continuous batching); otherwise every request takes the side backend.
         `kv_budget_bytes`: the plan's KV bytes; the engine fits its pool and
-        slots inside them (None: not itemized, the full batch is used)."""
+        slots inside them (None: not itemized, the full batch is used).
+        `tool_format`: json, hermes, or auto (from the chat template; deployments.tool_formats)."""
         self.loaded = loaded
         self.model = loaded.model
         self.context_length = loaded.context_length
-        self.prompts = Prompter(loaded)
+        # auto: the Prompter reads the format off the chat template.
+        self.prompts = Prompter(loaded, None if tool_format == "auto" else ToolFormat(tool_format))
+        self.tool_format = self.prompts.tool_format
         pad, eos = pad_token_id(loaded), eos_token_ids(loaded)
         self.text = TextRules(loaded.tokenizer, eos)
         # Grammars, penalties and other per-request logits rules, for both backends.
@@ -141,7 +146,7 @@ class Engine:
     def prepare(self, inp: GenerationInput) -> PreparedPrompt:
         """Render and tokenize one request; InvalidRequest if it cannot be served (e.g. over the context,
         or a grammar this tokenizer cannot follow)."""
-        grammar = inp.params.rules.grammar
+        grammar = self.tool_format.params(inp).rules.grammar
         if grammar is not None:
             error = self.rows.grammars.check(grammar)
             if error:
@@ -175,7 +180,7 @@ class Engine:
         anything (the Serve layer validates per request before batching).
         """
         prepared = [self.prepare(inp) for inp in inputs]
-        params = [inp.params for inp in inputs]
+        params = [self.tool_format.params(inp) for inp in inputs]
         recorders = [LogprobRecorder(p.logprobs) if p.logprobs is not None else None for p in params]
         scored_prompts = {
             i: self.side.score_prompt(prepared[i], inp.prompt_logprobs, self.logprob_workspace.chunk, cancel)
@@ -207,7 +212,7 @@ class Engine:
         `cancel` (client gone), stops generation within a step, also while
         the request still waits for a slot or is in prefill.
         """
-        prompt, params = self.prepare(inp), inp.params
+        prompt, params = self.prepare(inp), self.tool_format.params(inp)
         if inp.echo or params.max_tokens < 1:
             raise InvalidRequest("echo is not supported with streaming")
         recorder = LogprobRecorder(params.logprobs) if params.logprobs is not None else None

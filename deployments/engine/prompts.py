@@ -20,6 +20,7 @@ from deployments.errors import InvalidRequest
 from deployments.generation import GenerationInput
 from deployments.images import decode_image_url
 from deployments.loading import LoadedModel
+from deployments.tool_formats import ToolFormat, detect_tool_format
 
 # For tokenizers without a chat template (e.g. a base model's GGUF): plain
 # "role: content" lines, then "assistant:" for the model to continue.
@@ -91,11 +92,18 @@ def _content_parts(content: Any) -> list[dict]:
 class Prompter:
     """Renders and tokenizes requests for one loaded model."""
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, tool_format: ToolFormat | None = None):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.processor = loaded.processor
         self.context_length = loaded.context_length
+        self.tool_format = tool_format or ToolFormat(detect_tool_format(self.chat_template))
+
+    @property
+    def chat_template(self) -> str | None:
+        """The template chat requests are rendered with (None: FALLBACK_TEMPLATE)."""
+        owner = self.processor if self.processor is not None else self.tokenizer
+        return getattr(owner, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
 
     def prepare(self, inp: GenerationInput) -> PreparedPrompt:
         """Render and tokenize one request; check it fits the context."""
@@ -105,8 +113,10 @@ class Prompter:
             raise InvalidRequest(f"max_tokens must be at least 1, got {inp.params.max_tokens}")
         images: list[Image.Image] = []
         if inp.messages is not None:
-            messages, images = self._normalize_messages(inp.messages)
-            text = self._render_chat(messages)
+            # The tool format decides how tools and tool turns reach the template.
+            messages, template_args = self.tool_format.chat(inp)
+            messages, images = self._normalize_messages(messages)
+            text = self._render_chat(messages, template_args)
             # The template already wrote BOS where the model wants it.
             add_special = False
         else:
@@ -144,11 +154,10 @@ class Prompter:
         """Tokens in plain text (no special tokens added)."""
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _render_chat(self, messages: Sequence[dict]) -> str:
+    def _render_chat(self, messages: Sequence[dict], template_args: dict[str, Any]) -> str:
         owner = self.processor if self.processor is not None else self.tokenizer
-        template = getattr(owner, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
-        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
-        if not template:
+        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True, **template_args}
+        if not self.chat_template:
             kwargs["chat_template"] = FALLBACK_TEMPLATE
             owner = self.tokenizer
         try:
@@ -186,8 +195,8 @@ class Prompter:
                 else:
                     raise InvalidRequest(f"unsupported content part type {kind!r} (use 'text' or 'image_url')")
             if self.loaded.is_multimodal:
-                normalized.append({"role": message["role"], "content": parts})
+                normalized.append({**message, "content": parts})
             else:
                 text = "\n".join(p["text"] for p in parts)
-                normalized.append({"role": message["role"], "content": text})
+                normalized.append({**message, "content": text})
         return normalized, images

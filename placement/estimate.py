@@ -21,12 +21,14 @@ class MemoryEstimate:
     weights_bytes: int  # weights as held on the device (quantized where quantized)
     quant_overhead_bytes: int  # bnb absmax / scales / quant maps
     kv_cache_bytes: int  # KV cache for context_length × batch
-    runtime_bytes: int  # activations, workspace, allocator slack
+    runtime_bytes: int  # activations, workspace, allocator slack (logprob_workspace_bytes included)
     quantization: str  # "nf4" | "int8" | "none"
     context_length: int
     batch_size: int
     is_guess: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # Of runtime_bytes: what logprob requests hold (placement.sizing.logprob_workspace).
+    logprob_workspace_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:

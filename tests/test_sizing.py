@@ -131,7 +131,11 @@ def test_medgemma_27b_text_nf4() -> None:
     # 10 global + 52 sliding layers: a sector is lcm(10, 52) = 260 pages; 4 × 64 global blocks take
     # ceil(256 / 26) = 10 sectors, 4 × 16 sliding blocks ceil(64 / 5) = 13, plus 2 trash sectors.
     assert estimate.kv_cache_bytes == (10 + 13 + 2) * 260 * page + per_layer_token * (10 * 4096 + 52 * 1024)
-    assert estimate.runtime_bytes == 256 * MIB + math.ceil(0.05 * held)
+    # Logprob workspace (placement.sizing.logprob_workspace), vocabulary 262,208 in bf16: prompt
+    # scoring takes 64 MiB // (262208 × (2 × 2 + 8) B) = 21 positions a pass; 4 + 1 decoding rows
+    # keep 8 B per vocabulary entry.
+    assert estimate.logprob_workspace_bytes == 21 * 262208 * 12 + 5 * 262208 * 8
+    assert estimate.runtime_bytes == 256 * MIB + math.ceil(0.05 * held) + estimate.logprob_workspace_bytes
 
 
 def test_medgemma_4b_multimodal_uses_text_config_for_kv() -> None:

@@ -27,6 +27,7 @@ from placement.sizing.kv_cache import (
     default_context_length,
     kv_cache_bytes_from_params,
 )
+from placement.sizing.logprob_workspace import ASSUMED_VOCAB_SIZE, LogprobWorkspace
 from placement.sizing.meta_model import build_meta_model, to_config, weight_tensors
 from placement.sizing.pricing import price
 from placement.sizing.quantization import (
@@ -53,6 +54,8 @@ RUNTIME_WEIGHT_SHARE = 0.05
 PARAMS_B_LINEAR_SHARE = 0.92
 # A synthetic linear's row width when only a count is known (sets int8's per-row scales).
 _ASSUMED_ROW_WIDTH = 4096
+# Token-embedding weights by name (transformers, GGUF, GPT-2): their rows are the vocabulary.
+_EMBEDDING_NAMES = ("embed_tokens.weight", "token_embd.weight", "wte.weight", "word_embeddings.weight")
 
 
 @dataclass(frozen=True)
@@ -317,8 +320,18 @@ def _finish(
             f"KV cache {gib(kv)}: {context} tokens × {sequences} sequences (batch {batch} + "
             f"{SIDE_SEQUENCES} side), from the parameter count"
         )
-    runtime = RUNTIME_BASE_BYTES + math.ceil(RUNTIME_WEIGHT_SHARE * (cost.weights + cost.quant_overhead))
-    notes.append(f"runtime {gib(runtime)}: 256 MiB + {RUNTIME_WEIGHT_SHARE:.0%} of weights")
+    # Logprob requests' logits workspace (placement.sizing.logprob_workspace), for every row that may decode.
+    vocab = _vocab_size(sized.tensors)
+    logprobs = LogprobWorkspace(vocab or ASSUMED_VOCAB_SIZE, dtype_bytes, batch + SIDE_SEQUENCES)
+    runtime = (
+        RUNTIME_BASE_BYTES
+        + math.ceil(RUNTIME_WEIGHT_SHARE * (cost.weights + cost.quant_overhead))
+        + logprobs.total_bytes
+    )
+    assumed = "" if vocab else f" (vocabulary unknown: {ASSUMED_VOCAB_SIZE} assumed)"
+    notes.append(
+        f"runtime {gib(runtime)}: 256 MiB + {RUNTIME_WEIGHT_SHARE:.0%} of weights + {logprobs.describe()}{assumed}"
+    )
     return MemoryEstimate(
         source=sized.source,
         params=counts.total,
@@ -326,9 +339,16 @@ def _finish(
         quant_overhead_bytes=cost.quant_overhead,
         kv_cache_bytes=kv,
         runtime_bytes=runtime,
+        logprob_workspace_bytes=logprobs.total_bytes,
         quantization=sized.scheme,
         context_length=context,
         batch_size=batch,
         is_guess=sized.is_guess,
         notes=tuple(notes),
     )
+
+
+def _vocab_size(tensors: Sequence[WeightTensor]) -> int | None:
+    """Rows of the token embedding (the largest, for image+text models), or None without one."""
+    rows = [t.shape[0] for t in tensors if t.name.endswith(_EMBEDDING_NAMES) and len(t.shape) == 2]
+    return max(rows, default=None)

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import llguidance
@@ -89,6 +90,28 @@ def grammar_error(grammar: str) -> str | None:
     return _grammar_error(grammar)
 
 
+# Byte value → the 0 (allowed) / -inf (masked) bias of its 8 tokens, per (dtype, device).
+_BYTE_BIAS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_BYTE_SHIFTS = torch.tensor([0, 8, 16, 24], dtype=torch.int32)
+
+
+def grammar_bias(bitmask: torch.Tensor, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """llguidance's [rows, words] int32 bitmask (bit j of word w set: token 32·w + j allowed)
+    as a [rows, vocab] additive bias: 0 where allowed, -inf where masked.
+
+    Adding it is branch-free, where `masked_fill` with a bool mask slows down on CPU as the
+    mask gets irregular (8 rows × 49k tokens of random bits: 1.85 ms vs 0.21 ms here). One
+    table lookup per mask byte, for all rows together."""
+    table = _BYTE_BIAS.get((dtype, device))
+    if table is None:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1  # [byte, bit]
+        table = torch.zeros(256, 8, dtype=dtype).masked_fill_(bits == 0, float("-inf")).to(device)
+        _BYTE_BIAS[(dtype, device)] = table
+    mask_bytes = ((bitmask.unsqueeze(-1) >> _BYTE_SHIFTS) & 0xFF).flatten(1)  # [rows, 4·words], token order
+    bias = table.index_select(0, mask_bytes.flatten().long().to(device))
+    return bias.view(bitmask.size(0), -1)[:, :vocab]
+
+
 @dataclass
 class RowLogits:
     """One request's logits rules and the state they need (tokens seen, grammar position)."""
@@ -115,9 +138,24 @@ class RowLogits:
     def grammar_failed(self) -> str | None:
         return self.matcher.get_error() if self.matcher is not None and self.matcher.is_error() else None
 
-    def apply(self, scores: torch.Tensor) -> torch.Tensor:
+    @property
+    def masks_grammar(self) -> bool:
+        """Whether this row's next step takes a grammar mask."""
+        return self.matcher is not None and not self.matcher.is_error()
+
+    @cached_property
+    def grammar_only(self) -> bool:
+        """Nothing to do for this row but the grammar mask (no other rule, no logprobs)."""
+        return self.recorder is None and self.matcher is not None and not replace(self.rules, grammar=None).active
+
+    def fill_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
+        """The grammar's allowed next tokens into row `index` of an int32 [rows, words] CPU bitmask."""
+        llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, index)
+
+    def apply(self, scores: torch.Tensor, grammar: bool = True) -> torch.Tensor:
         """This row's scores ([vocab], float) after every rule; a new tensor (the same one when
-        the row only records logprobs)."""
+        the row only records logprobs). `grammar=False`: all but the grammar mask (the caller
+        masks the batch's grammar rows together)."""
         if self.recorder is not None:
             self.recorder.record(scores)  # the model's own scores: logprobs are of the raw logits
             if not self.rules.active:
@@ -146,17 +184,14 @@ class RowLogits:
         if rules.min_p > 0:
             # p_i >= min_p · p_max  ⇔  s_i >= s_max + log(min_p)
             out = out.masked_fill(out < out.max() + torch.log(torch.tensor(rules.min_p)), float("-inf"))
-        if self.matcher is not None and not self.matcher.is_error():
+        if grammar and self.masks_grammar:
             out = self._grammar_mask(out)
         return out
 
     def _grammar_mask(self, scores: torch.Tensor) -> torch.Tensor:
-        words = (scores.size(-1) + 31) // 32
-        bitmask = torch.full((1, words), -1, dtype=torch.int32)
-        llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, 0)
-        bits = torch.arange(32, dtype=torch.int32)
-        allowed = ((bitmask[0].unsqueeze(-1) >> bits) & 1).bool().flatten()[: scores.size(-1)]
-        return scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+        bitmask = torch.full((1, (scores.size(-1) + 31) // 32), -1, dtype=torch.int32)
+        self.fill_bitmask(bitmask, 0)
+        return scores + grammar_bias(bitmask, scores.size(-1), scores.dtype, scores.device)[0]
 
 
 class BatchRowsProcessor(ContinuousBatchingLogitsProcessor):
@@ -166,7 +201,9 @@ class BatchRowsProcessor(ContinuousBatchingLogitsProcessor):
     step, `prepare_tensor_args` (on the batching thread, rows in batch order)
     lets each row's `RowLogits` see its new tokens and hands the keys on as the
     step's argument; `__call__` then edits the rows with a key. Rows without
-    one (-1) are untouched, so plain requests cost one tensor read.
+    one (-1) are untouched, so plain requests cost one tensor read. The grammar
+    rows of a step are masked together: their bitmasks filled into one
+    preallocated tensor, turned into one additive bias and added in one op.
     """
 
     supported_kwargs: dict[str, type] = {ROW_KEY: int}
@@ -176,6 +213,7 @@ class BatchRowsProcessor(ContinuousBatchingLogitsProcessor):
         self.rows: dict[int, RowLogits] = {}
         self._lock = threading.Lock()
         self._next_key = 0
+        self._bitmask: torch.Tensor | None = None  # [rows, words] int32, reused step to step
 
     def register(self, row: RowLogits) -> int:
         with self._lock:
@@ -205,11 +243,33 @@ class BatchRowsProcessor(ContinuousBatchingLogitsProcessor):
         if all(key < 0 for key in keys):
             return scores
         out = scores.clone()
+        grammar_rows: list[tuple[int, RowLogits]] = []
         for index, key in enumerate(keys):
             row = self.rows.get(key)
             if row is not None:
-                out[index] = row.apply(scores[index])
+                if not row.grammar_only:
+                    out[index] = row.apply(scores[index], grammar=False)
+                if row.masks_grammar:
+                    grammar_rows.append((index, row))
+        if grammar_rows:
+            self._mask_grammar_rows(out, grammar_rows)
         return out
+
+    def _mask_grammar_rows(self, out: torch.Tensor, grammar_rows: list[tuple[int, RowLogits]]) -> None:
+        """Each grammar row's mask on `out` ([batch rows, vocab]), in place."""
+        count, vocab = len(grammar_rows), out.size(-1)
+        words = (vocab + 31) // 32
+        if self._bitmask is None or self._bitmask.size(0) < count or self._bitmask.size(1) != words:
+            self._bitmask = torch.empty((max(count, out.size(0)), words), dtype=torch.int32)
+        bitmask = self._bitmask[:count]
+        bitmask.fill_(-1)
+        for slot, (_, row) in enumerate(grammar_rows):
+            row.fill_bitmask(bitmask, slot)
+        bias = grammar_bias(bitmask, vocab, out.dtype, out.device)
+        if count == out.size(0):
+            out.add_(bias)
+        else:
+            out.index_add_(0, torch.tensor([i for i, _ in grammar_rows], device=out.device), bias)
 
 
 def install_batch_rows(manager: Any, rows: BatchRowsProcessor) -> None:

@@ -23,7 +23,8 @@
 Caveat (measured on Ray 2.60): Ray starts every worker process, so the model
 replica, at nice 15; GuideLLM runs at nice 0 on the same cores.
 
-Writes `benchmarks/results/bench_guidellm.{md,json}` (the table; GuideLLM's own report).
+Writes `benchmarks/results/bench_guidellm.{md,json}` (the table and its rows); GuideLLM's
+own report (~0.5 MB per run) stays in a temporary directory, named at the end.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -192,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     exe = guidellm_venv()
     tokenizer = smollm2_dir()
     args.out.mkdir(parents=True, exist_ok=True)
-    report_path = args.out / "bench_guidellm-report.json"
-    report_path.unlink(missing_ok=True)
+    report_path = Path(tempfile.mkdtemp(prefix="rayfit-guidellm-")) / "report.json"
     url = start_demo()
     try:
         command = guidellm_command(exe, url, tokenizer, args, report_path)
@@ -207,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"guidellm exited with {completed.returncode} and wrote no report")
         return 1
     rows = summarize(json.loads(report_path.read_text()))
-    table = markdown(rows, args, shown.replace(url, "http://127.0.0.1:<port>").replace(str(Path.home()), "~"))
+    shown = shown.replace(url, "http://127.0.0.1:<port>").replace(str(report_path), "<report.json>")
+    table = markdown(rows, args, shown.replace(str(Path.home()), "~"))
     print("\n" + table)
+    print(f"GuideLLM's report: {report_path}")
     for row in rows:
         for error in row["errors"]:
             print(f"streams {row['streams']}: error: {error}")

@@ -15,10 +15,8 @@
    batching in the replica; `--engine batch` is @serve.batch + one generate
    per batch, with a TextIteratorStreamer generate per stream (streams unbatched).
 
-Own harness rather than GuideLLM: GuideLLM 0.8.1 installs from PyPI (in its
-own venv: its pins clash with the project's), but its synthetic data needs a
-Hugging Face tokenizer id or a local tokenizer dir and it reports per-benchmark
-JSON; see `benchmarks/guidellm_run.sh` for the command against this endpoint.
+Own harness, next to GuideLLM: `benchmarks/bench_guidellm.py` runs GuideLLM 0.8.1
+(in its own venv: its pins clash with the project's) against the served demo.
 
 CPU only (the plan is made with `gpus: none`); on a GPU box the numbers would
 compare the same way but this script does not pin the in-process engine.

@@ -3,8 +3,8 @@
 One local Ray serves the demo's SmolLM2-135M-Instruct (a real chat model, on
 CPU) as `summarizer`. The openai SDK covers each request field, structured
 output and tools, streamed and not; LangChain's `with_structured_output` and
-`bind_tools`, and the OpenAI Agents SDK's default (Responses API) model run
-as their users write them.
+`bind_tools`, the OpenAI Agents SDK's default (Responses API) model and
+pydantic-ai's chat and Responses models run as their users write them.
 """
 
 from __future__ import annotations
@@ -261,3 +261,28 @@ def test_openai_agents_sdk_one_tool_loop(base_url: str) -> None:
     result = Runner.run_sync(agent, "What is the weather in Paris?", max_turns=4)
     assert calls, "the agent never called its tool"
     assert result.final_output == f"18 C and sunny in {calls[0]}"
+
+
+@pytest.mark.parametrize("model_class", ["OpenAIChatModel", "OpenAIResponsesModel"])
+def test_pydantic_ai_structured_output_and_an_output_tool(base_url: str, model_class: str) -> None:
+    from pydantic_ai import Agent, ToolOutput
+    from pydantic_ai.models import openai as pydantic_ai_openai
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    model = getattr(pydantic_ai_openai, model_class)(ROLE, provider=OpenAIProvider(base_url=base_url, api_key="unused"))
+    settings = {"temperature": 0, "max_tokens": 64}
+    # pydantic-ai's default structured output: a `final_result` tool the model must call (tool_choice required).
+    verdict = Agent(model, output_type=Verdict, model_settings=settings).run_sync("Is water wet?").output
+    assert isinstance(verdict, Verdict)
+
+    cities: list[str] = []
+
+    def get_weather(city: str) -> str:
+        """Current weather for a city."""
+        cities.append(city)
+        return f"18 C and sunny in {city}"
+
+    # A function as the agent's output tool: the loop ends with the tool's result.
+    agent = Agent(model, output_type=ToolOutput(get_weather), model_settings=settings)
+    result = agent.run_sync("What is the weather in Paris?")
+    assert cities and result.output == f"18 C and sunny in {cities[0]}"

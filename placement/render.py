@@ -22,6 +22,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         data["device_label"] = entry.device_label
         data["memory_budget_gib"] = round(entry.memory_budget_bytes / GIB, 3)
         data["max_memory"] = {str(k): v for k, v in entry.max_memory.items()}
+        data["autoscaling"] = entry.autoscaling.model_dump() if entry.autoscaling else None
         models.append(data)
     gpus = [{**asdict(g), "headroom_bytes": g.headroom_bytes} for g in plan.gpus]
     return {"models": models, "gpus": gpus, "warnings": list(plan.warnings)}
@@ -37,6 +38,16 @@ def _breakdown(entry: PlanEntry) -> str:
     return "\n".join(parts)
 
 
+def _where(entry: PlanEntry) -> tuple[str, str]:
+    """(node column, device column): per-GPU mode lists each replica's GPU node and GPU(s)."""
+    if not entry.slots:
+        return entry.node_id, entry.device_label + (f" ×{entry.replicas}" if entry.replicas > 1 else "")
+    nodes = "\n".join(slot.gpu_label for slot in entry.slots)
+    devices = "\n".join("cuda:" + "+".join(str(i) for i in slot.gpu_indices) for slot in entry.slots)
+    scaling = f"\n(autoscaling {entry.autoscaling.min_replicas}..{entry.replicas})" if entry.autoscaling else ""
+    return nodes, devices + scaling
+
+
 def print_plan(plan: Plan, console: Console) -> None:
     models = Table(title="rayfit plan: models", show_lines=True)
     for column in ("model", "estimate source", "memory", "breakdown", "node", "device", "fraction", "reason"):
@@ -50,8 +61,8 @@ def print_plan(plan: Plan, console: Console) -> None:
             f"{source}\n{e.params / 1e9:.2f}B params{quant}",
             gib(entry.memory_budget_bytes),
             _breakdown(entry),
-            entry.node_id,
-            entry.device_label + (f" ×{entry.replicas}" if entry.replicas > 1 else ""),
+            _where(entry)[0],
+            _where(entry)[1],
             f"{entry.fraction:.4f}" if entry.device == "gpu" else "-",
             entry.reason,
         )

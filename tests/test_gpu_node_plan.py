@@ -201,3 +201,20 @@ def test_without_per_gpu_nodes_the_single_node_pin_stays() -> None:
     plan = make_plan({"m": spec()}, mixed, estimates={"m": lump(3)})
     assert plan.entry("m").slots == ()
     assert any("single-node mode is used for all" in warning for warning in plan.warnings)
+
+
+def test_the_plan_shows_every_replicas_gpu_node(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from rich.console import Console
+
+    from placement.render import plan_to_dict, print_plan
+
+    inventory = Inventory(nodes=(head(), gpu_node(0), gpu_node(1)))
+    plan = make_plan({"scaler": spec(autoscaling={"max_replicas": 2})}, inventory, estimates={"scaler": lump(2)})
+    (model,) = json.loads(json.dumps(plan_to_dict(plan)))["models"]  # JSON-able, autoscaling included
+    assert [slot["gpu_label"] for slot in model["slots"]] == ["box-0", "box-1"]
+    assert model["autoscaling"]["max_replicas"] == 2
+    print_plan(plan, Console(width=200))
+    table = capsys.readouterr().out
+    assert "box-0" in table and "box-1" in table and "autoscaling 1..2" in table

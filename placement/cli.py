@@ -74,6 +74,9 @@ def plan(
     ] = DEFAULT_SAFETY_MARGIN,
     cuda_context: Annotated[str, typer.Option(help="Memory a CUDA context takes per GPU.")] = "512MiB",
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    per_gpu: Annotated[
+        bool, typer.Option("--per-gpu", help="Plan as if every GPU were its own Ray node (the per-GPU mode).")
+    ] = False,
 ) -> None:
     """Plan where each model of CONFIG runs, before anything loads."""
     console = Console(stderr=as_json)
@@ -82,6 +85,8 @@ def plan(
         size_rules = load_rules(rules)
         reserve = Reserve(cuda_context_bytes=parse_size(cuda_context), safety_margin=margin)
         inventory = _inventory(gpus, address, gpu_memory)
+        if per_gpu and not inventory.per_gpu_nodes:
+            inventory = inventory.as_gpu_nodes()
     except (ConfigError, InventoryError, ValueError) as exc:
         raise _fail(console, str(exc), EXIT_BAD_INPUT) from exc
 

@@ -24,9 +24,9 @@ the plan. Declared GPUs (no free figure) are all available.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from placement.gpu_nodes import GpuNodeInfo, gpu_node_of
+from placement.gpu_nodes import GpuNodeInfo, gpu_node_labels, gpu_node_of
 from placement.units import GIB, MIB, parse_size
 
 # CUDA context, cuBLAS workspace and the allocator's first blocks take about
@@ -147,6 +147,18 @@ class Inventory:
         itself (placement.gpu_nodes), so replicas ask for `num_gpus` and select GPU nodes by label."""
         gpu_nodes = [node for node in self.nodes if node.gpus]
         return bool(gpu_nodes) and all(node.gpu_node is not None for node in gpu_nodes)
+
+    def as_gpu_nodes(self) -> Inventory:
+        """The same machines started in the per-GPU mode (placement.gpu_nodes): each node's GPUs become
+        one labelled node each, and the node itself a GPU-less one keeping its RAM. For dry-run plans."""
+        nodes: list[Node] = []
+        for node in self.nodes:
+            nodes.append(replace(node, gpus=()))
+            host = node.hostname or node.node_id[:12]
+            for gpu in node.gpus:
+                labels = gpu_node_labels(host, [gpu.index], gpu.total_bytes, gpu.name)
+                nodes.append(Node(node_id=labels["rayfit.io/gpu"], gpus=(gpu,), labels=labels, hostname=node.hostname))
+        return Inventory(nodes=tuple(nodes))
 
     def sorted_nodes(self) -> tuple[Node, ...]:
         """Nodes in a stable order (`Node.sort_key`): neither discovery order nor Ray's random node

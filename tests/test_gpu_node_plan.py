@@ -218,3 +218,42 @@ def test_the_plan_shows_every_replicas_gpu_node(capsys: pytest.CaptureFixture[st
     print_plan(plan, Console(width=200))
     table = capsys.readouterr().out
     assert "box-0" in table and "box-1" in table and "autoscaling 1..2" in table
+
+
+def test_a_replica_is_judged_by_its_gpu_nodes_label_not_its_node_id() -> None:
+    from deployments.placement_status import role_status
+    from placement.report import check_replica
+
+    plan = {
+        "node_id": "old-node-id",
+        "gpu_indices": [0],
+        "gpu_labels": ["box-0", "box-1"],
+        "slots": [
+            {"gpu_label": "box-0", "node_id": "old-node-id", "gpu_indices": [0]},
+            {"gpu_label": "box-1", "node_id": "n1", "gpu_indices": [1]},
+        ],
+    }
+
+    def replica(label: str, visible: str) -> dict[str, object]:
+        return {"actual": {"node_id": "new-node-id", "gpu_label": label, "cuda_visible_devices": visible}}
+
+    # A replacement node (new id) carrying box-1's label, seeing GPU 1: where the plan allows.
+    assert check_replica("m", plan, replica("box-1", "1")) == []
+    assert role_status("m", plan, replica("box-1", "1"), alive={"new-node-id", "box-1"}) == ("ok", "")
+    kinds = {f.kind for f in check_replica("m", plan, replica("box-2", "2"))}
+    assert kinds == {"node", "gpu"}  # another GPU node, and not the GPU any slot names
+    assert {f.kind for f in check_replica("m", plan, replica("box-1", "0"))} == {"gpu"}
+    # Unplaced only while none of its GPU nodes is in the cluster.
+    status, reason = role_status("m", plan, {"error": "no replica"}, alive={"head-id"})
+    assert status == "unplaced" and "box-0, box-1" in reason
+
+
+def test_a_dry_run_can_plan_a_spec_as_per_gpu_nodes() -> None:
+    from placement.inventory import parse_gpu_spec
+
+    inventory = parse_gpu_spec("24GB,48GB", cpu_memory_bytes=8 * GIB).as_gpu_nodes()
+    assert inventory.per_gpu_nodes
+    plan = make_plan({"big": spec()}, inventory, estimates={"big": lump(30)})  # only the 48 GB card holds 30 GiB
+    assert [(s.gpu_label, s.gpu_indices) for s in plan.entry("big").slots] == [("local-1", (1,))]
+    head_node = next(node for node in inventory.nodes if not node.gpus)
+    assert head_node.cpu_memory_bytes == 8 * GIB  # the machine's RAM stays with its GPU-less node

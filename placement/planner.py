@@ -197,6 +197,9 @@ def _spread_over_gpu_nodes(
 
     Each replica is budgeted where it lands; Ray's label_selector lets a replica run on any GPU the
     role was given and `max_replicas_per_node` keeps them one per node when the plan spread them.
+    When replicas are stacked (more copies than GPU nodes with room), Serve may stack them on another
+    of the role's GPUs than the plan did: the `rayfit_gpu_mib` request still keeps every GPU within
+    its memory, but a model planned there later may then wait for room. Spread plans have no such case.
     """
     one = spec.model_copy(update={"replicas": 1, "autoscaling": None})
     # A role whose later replicas find no room is not placed at all: put its earlier ones back.
@@ -217,7 +220,7 @@ def _spread_over_gpu_nodes(
                     exclusive,
                 )
             count = spec.planned_replicas
-            return None, f"replica {len(placed) + 1} of {count} has no room: {why_not}"
+            return None, why_not if count == 1 else f"replica {len(placed) + 1} of {count} has no room: {why_not}"
         _hold(placement, role, spec, 1, whole_gpus=len(placement.states) > 1)
         placed.append(placement)
     return placed, ""

@@ -181,7 +181,7 @@ def box_start_lines(
     in_groups = [i for group in grouped for i in group]
     if len(in_groups) != len(set(in_groups)):
         raise ValueError(f"GPU groups {[list(g) for g in grouped]} overlap")
-    units = [group for group in grouped] + [(i,) for i in sorted(by_index) if i not in in_groups]
+    units = list(grouped) + [(i,) for i in sorted(by_index) if i not in in_groups]
     units.sort(key=lambda unit: unit[0])
     port = address.rsplit(":", 1)[-1]
     lines = [f"{ray} start --head --port={port} --num-gpus=0"] if head_line else []

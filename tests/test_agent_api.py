@@ -286,3 +286,28 @@ def test_pydantic_ai_structured_output_and_an_output_tool(base_url: str, model_c
     agent = Agent(model, output_type=ToolOutput(get_weather), model_settings=settings)
     result = agent.run_sync("What is the weather in Paris?")
     assert cities and result.output == f"18 C and sunny in {cities[0]}"
+
+
+def test_smolagents_tool_calling_agent(base_url: str) -> None:
+    from smolagents import ActionStep, OpenAIServerModel, ToolCallingAgent, tool
+
+    cities: list[str] = []
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Current weather for a city.
+
+        Args:
+            city: the city's name
+        """
+        cities.append(city)
+        return f"18 C and sunny in {city}"
+
+    model = OpenAIServerModel(model_id=ROLE, api_base=base_url, api_key="unused", temperature=0, max_tokens=64)
+    # Every step is a parsed, valid tool call (smolagents asks with tool_choice required) that the agent
+    # runs. The demo's 135M model keeps asking for the weather (and repeats a final_answer call, which
+    # smolagents refuses), so the run is cut after two steps rather than waiting for a final answer.
+    agent = ToolCallingAgent(tools=[get_weather], model=model, max_steps=2, verbosity_level=0)
+    agent.run("What is the weather in Paris?")
+    steps = [step for step in agent.memory.steps if isinstance(step, ActionStep) and step.tool_calls]
+    assert cities and steps and all(step.error is None for step in steps)

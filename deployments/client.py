@@ -91,7 +91,8 @@ class ModelClient:
         return request, request.to_generation_input(self.max_tokens_cap)
 
     def chat(self, messages: Sequence[dict[str, Any]], **params: Any) -> ChatCompletionResponse:
-        """OpenAI chat parameters as keywords (max_tokens, temperature, tools, response_format, ...)."""
+        """OpenAI chat parameters as keywords (max_tokens, temperature, tools, response_format,
+        logprobs / top_logprobs, ...); `choices[i].logprobs` is then a protocol `ChoiceLogprobs`."""
         self._sync_cap()
         request, generation = self._request(messages, False, params)
         try:

@@ -512,7 +512,7 @@ def chat_response(
         created=now(),
         model=model,
         choices=[chat_choice(output, tools or [], index) for index, output in enumerate(outputs)],
-        usage=_usage(outputs),
+        usage=_usage(outputs, n=len(outputs)),  # every choice answers the one conversation
     )
 
 

@@ -21,7 +21,8 @@ class MemoryEstimate:
     weights_bytes: int  # weights as held on the device (quantized where quantized)
     quant_overhead_bytes: int  # bnb absmax / scales / quant maps
     kv_cache_bytes: int  # KV cache for context_length × batch
-    runtime_bytes: int  # activations, workspace, allocator slack (logprob_workspace_bytes included)
+    # Activations, workspace, allocator slack; logprob_workspace_bytes and rules_workspace_bytes included.
+    runtime_bytes: int
     quantization: str  # "nf4" | "int8" | "none"
     context_length: int
     batch_size: int
@@ -29,6 +30,8 @@ class MemoryEstimate:
     notes: tuple[str, ...] = field(default_factory=tuple)
     # Of runtime_bytes: what logprob requests hold (placement.sizing.logprob_workspace).
     logprob_workspace_bytes: int = 0
+    # Of runtime_bytes: what the per-request logits rules hold (placement.sizing.rules_workspace).
+    rules_workspace_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:

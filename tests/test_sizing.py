@@ -135,7 +135,10 @@ def test_medgemma_27b_text_nf4() -> None:
     # scoring takes 64 MiB // (262208 × (2 × 2 + 8) B) = 21 positions a pass; 4 + 1 decoding rows
     # keep 8 B per vocabulary entry.
     assert estimate.logprob_workspace_bytes == 21 * 262208 * 12 + 5 * 262208 * 8
-    assert estimate.runtime_bytes == 256 * MIB + math.ceil(0.05 * held) + estimate.logprob_workspace_bytes
+    # Logits rules (placement.sizing.rules_workspace): the same 5 rows × 12 B + 24 B per vocabulary entry.
+    assert estimate.rules_workspace_bytes == (5 * 12 + 24) * 262208
+    workspaces = estimate.logprob_workspace_bytes + estimate.rules_workspace_bytes
+    assert estimate.runtime_bytes == 256 * MIB + math.ceil(0.05 * held) + workspaces
 
 
 def test_medgemma_4b_multimodal_uses_text_config_for_kv() -> None:

@@ -298,3 +298,50 @@ def test_a_call_list_cut_at_max_tokens_keeps_its_whole_calls() -> None:
     calls = parse_tool_calls(cut, tool_specs([WEATHER]))
     assert calls is not None and [json.loads(c.arguments) for c in calls] == [{"city": "Paris"}]
     assert parse_tool_calls('{"tool_calls": [{"name": "get_wea', tool_specs([WEATHER])) is None
+
+
+# ------------------------------------------------------------ the memory contract
+
+
+def _peak_allocated(call) -> int:
+    """Most bytes torch held at once during `call` (CPU allocations seen by the profiler, in op order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    running = peak = 0
+    for _, size in sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()):
+        running += size
+        peak = max(peak, running)
+    return peak
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_logits_rules_stay_within_the_planned_workspace(smollm2, rows: int) -> None:
+    """The contract: a decode step's rules (every one of them, on every row) hold at most what
+    placement.sizing.rules_workspace states, in the batch's processor and in generate's."""
+    from deployments.row_logits import BatchRowsProcessor
+    from placement.sizing.rules_workspace import RulesWorkspace
+
+    tokenizer, _ = smollm2
+    vocab = len(tokenizer)
+    every_rule = RowRules(
+        grammar=response_format_grammar({"type": "json_object"}),
+        logit_bias=((5, 1.0),),
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        repetition_penalty=1.1,
+        min_tokens=2,
+        top_k=40,
+        min_p=0.05,
+    )
+    factory = RowFactory(tokenizer, [tokenizer.eos_token_id])
+    batch = BatchRowsProcessor()
+    keys = [batch.register(factory.row(every_rule, [1, 2, 3])) for _ in range(rows)]
+    generate = GenerateRowsProcessor([factory.row(every_rule, [1, 2, 3]) for _ in range(rows)], prompt_width=3)
+    scores, ids = torch.randn(rows, vocab), torch.tensor([[1, 2, 3, 7, 8]] * rows)
+    stated = RulesWorkspace(vocab, rows).total_bytes
+    for step in (lambda: batch(scores, torch.tensor(keys, dtype=torch.int32)), lambda: generate(ids, scores)):
+        step()  # warm up (one-time tables)
+        peak = _peak_allocated(step)
+        assert 0 < peak <= stated, (rows, peak, stated)

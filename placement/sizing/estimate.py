@@ -40,6 +40,7 @@ from placement.sizing.quantization import (
     resolve_scheme,
     scheme_from_name,
 )
+from placement.sizing.rules_workspace import RulesWorkspace
 from placement.sizing.safetensors_header import scan_checkpoint
 from placement.sizing.sources import LocalFiles, fetch_config_from_hub, find_local_files
 from placement.sizing.tensors import ParamCounts, WeightTensor
@@ -323,14 +324,18 @@ def _finish(
     # Logprob requests' logits workspace (placement.sizing.logprob_workspace), for every row that may decode.
     vocab = _vocab_size(sized.tensors)
     logprobs = LogprobWorkspace(vocab or ASSUMED_VOCAB_SIZE, dtype_bytes, batch + SIDE_SEQUENCES)
+    # Grammars, penalties and the other per-request rules (placement.sizing.rules_workspace), same rows.
+    rules = RulesWorkspace(vocab or ASSUMED_VOCAB_SIZE, batch + SIDE_SEQUENCES)
     runtime = (
         RUNTIME_BASE_BYTES
         + math.ceil(RUNTIME_WEIGHT_SHARE * (cost.weights + cost.quant_overhead))
         + logprobs.total_bytes
+        + rules.total_bytes
     )
     assumed = "" if vocab else f" (vocabulary unknown: {ASSUMED_VOCAB_SIZE} assumed)"
     notes.append(
-        f"runtime {gib(runtime)}: 256 MiB + {RUNTIME_WEIGHT_SHARE:.0%} of weights + {logprobs.describe()}{assumed}"
+        f"runtime {gib(runtime)}: 256 MiB + {RUNTIME_WEIGHT_SHARE:.0%} of weights + {logprobs.describe()} + "
+        f"{rules.describe()}{assumed}"
     )
     return MemoryEstimate(
         source=sized.source,
@@ -340,6 +345,7 @@ def _finish(
         kv_cache_bytes=kv,
         runtime_bytes=runtime,
         logprob_workspace_bytes=logprobs.total_bytes,
+        rules_workspace_bytes=rules.total_bytes,
         quantization=sized.scheme,
         context_length=context,
         batch_size=batch,

@@ -116,7 +116,9 @@ def chosen_tools(specs: list[ToolSpec], tool_choice: Any) -> tuple[str, list[Too
     """(mode, tools the answer may call): mode is none, auto or required."""
     if tool_choice is None:
         return ("auto" if specs else "none"), specs
-    if tool_choice in ("none", "auto", "required"):
+    if tool_choice == "none":
+        return "none", []  # the answer may call nothing: it is never read as tool calls either
+    if tool_choice in ("auto", "required"):
         if tool_choice == "required" and not specs:
             raise BadRequestError("tool_choice is 'required' but no tools were given", param="tool_choice")
         return tool_choice, specs

@@ -345,3 +345,17 @@ def test_logits_rules_stay_within_the_planned_workspace(smollm2, rows: int) -> N
         step()  # warm up (one-time tables)
         peak = _peak_allocated(step)
         assert 0 < peak <= stated, (rows, peak, stated)
+
+
+def test_tool_choice_none_never_reads_the_answer_as_calls() -> None:
+    """tool_choice none: no tool prompt, no grammar, and JSON the model writes stays text."""
+    request = chat(tools=[WEATHER], tool_choice="none")
+    assert request.tool_setup() == ("none", [])
+    generation = request.to_generation_input()
+    assert generation.tools is None and generation.params.rules.grammar is None
+    from deployments.generation import GenerationOutput
+    from deployments.protocol import chat_choice
+
+    call_like = '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}'
+    choice = chat_choice(GenerationOutput(call_like, 3, 9, "stop"), request.tool_setup()[1])
+    assert choice.message.content == call_like and choice.message.tool_calls is None

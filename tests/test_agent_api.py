@@ -3,8 +3,9 @@
 One local Ray serves the demo's SmolLM2-135M-Instruct (a real chat model, on
 CPU) as `summarizer`. The openai SDK covers each request field, structured
 output and tools, streamed and not; LangChain's `with_structured_output` and
-`bind_tools`, the OpenAI Agents SDK's default (Responses API) model and
-pydantic-ai's chat and Responses models run as their users write them.
+`bind_tools`, the OpenAI Agents SDK's default (Responses API) model,
+pydantic-ai's chat and Responses models and smolagents' ToolCallingAgent run
+as their users write them.
 """
 
 from __future__ import annotations

@@ -359,3 +359,21 @@ def test_tool_choice_none_never_reads_the_answer_as_calls() -> None:
     call_like = '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}'
     choice = chat_choice(GenerationOutput(call_like, 3, 9, "stop"), request.tool_setup()[1])
     assert choice.message.content == call_like and choice.message.tool_calls is None
+
+
+def test_grammar_bias_is_zero_exactly_on_allowed_tokens() -> None:
+    """llguidance's bitmask (bit j of word w: token 32·w + j allowed) as the additive 0 / -inf bias."""
+    from deployments.row_logits import grammar_bias
+
+    vocab = 70  # three words, the last one partly past the vocabulary
+    allowed = [{0, 5, 31, 32, 69}, set(range(64, 70))]
+    bitmask = torch.zeros(len(allowed), 3, dtype=torch.int32)
+    for row, tokens in enumerate(allowed):
+        for token in tokens:
+            word, bit = divmod(token, 32)
+            bitmask[row, word] |= torch.tensor(1 << bit, dtype=torch.int64).to(torch.int32)  # bit 31: the sign bit
+    bias = grammar_bias(bitmask, vocab, torch.float32, torch.device("cpu"))
+    assert bias.shape == (2, vocab)
+    for row, tokens in enumerate(allowed):
+        assert {int(t) for t in torch.nonzero(bias[row] == 0).flatten()} == tokens
+        assert torch.isinf(bias[row]).sum() == vocab - len(tokens)

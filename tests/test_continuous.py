@@ -201,3 +201,36 @@ def test_greedy_rows_skip_sampling_next_to_sampled_rows(classic: Engine, continu
     outputs = continuous.generate_batch([greedy[0], sampled, greedy[1]])
     assert [outputs[0], outputs[2]] == [classic.generate_batch([g])[0] for g in greedy]
     assert outputs[1].completion_tokens > 0
+
+
+def test_a_short_request_is_not_stuck_behind_long_ones(continuous: Engine) -> None:
+    """No head-of-line blocking: a 2-token request sent while three long ones decode (sampled at the
+    OpenAI default temperature, as most clients send) joins the running batch and finishes while
+    they are still going, in a small part of their time."""
+    import time
+
+    from deployments.generation import RowRules
+
+    long = SamplingParams(max_tokens=200, temperature=1.0, rules=RowRules(ignore_eos=True))
+    done: list[float] = []
+    started = time.monotonic()
+
+    def run_long() -> None:
+        continuous.generate_batch([GenerationInput(params=long, prompt="Ray")])
+        done.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=run_long) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    while continuous.load_report()["pool_requests_live"] < 3:  # all three decoding together
+        time.sleep(0.01)
+    time.sleep(0.2)
+    sent = time.monotonic()
+    short = continuous.generate_batch([GenerationInput(params=SamplingParams(max_tokens=2), prompt="Ray")])[0]
+    short_s = time.monotonic() - sent
+    still_running = not done
+    for thread in threads:
+        thread.join()
+    assert short.completion_tokens == 2
+    assert still_running, "the long requests finished before the short one"
+    assert short_s < min(done) / 5, (short_s, done)

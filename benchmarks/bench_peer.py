@@ -11,9 +11,20 @@ Closed-loop chat completions at concurrency 1 and 8, for the four request
 shapes clients send: temperature unset (OpenAI's default 1.0) or 0, streamed
 or not. Cells alternate between the two servers so drift hits both.
 
+Two peers, one after the other, one per way of decoding: `transformers serve` builds its
+continuous-batching manager from the *first* request's generation config and
+decodes every later request that way (transformers 5.24,
+`cli/serving/utils.py`), and a request without `temperature` gets the model's
+default, which for SmolLM2 is greedy. So one peer is started with a
+temperature-0 request and answers the temperature-0 rows, the other with a
+temperature-1.0 request and answers the "temperature unset" rows, which rayfit
+samples at OpenAI's default 1.0. (Before this, both kinds of rows went to one
+greedy peer: the "temperature unset" rows compared rayfit sampling with the
+peer decoding greedily.)
+
 Caveat (measured on Ray 2.60): Ray starts every worker process, so every
-rayfit replica, at nice 15, while the peer started from this script runs at
-nice 0; on a busy machine that favours the peer.
+rayfit replica, at nice 15, while the peers started from this script run at
+nice 0; on a busy machine that favours the peers.
 
 Writes `benchmarks/results/bench_peer.{md,json}`.
 """
@@ -144,7 +155,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"rayfit vs `transformers serve --continuous-batching` (same SmolLM2 dir), {platform.node()} "
         f"({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-        f"closed loop, max_tokens {args.max_tokens}, {args.requests} requests per client; tok/s",
+        f"closed loop, max_tokens {args.max_tokens}, {args.requests} requests per client; tok/s. "
+        "Peer: a greedy one for the temperature-0 rows, a sampling one (temperature 1.0) for the unset rows",
         "",
         "| request as clients send it | peer c=1 | peer c=8 | rayfit c=1 | rayfit c=8 "
         "| rayfit/peer c=1 | rayfit/peer c=8 |",
@@ -160,6 +172,20 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def measure_row(name: str, shape: dict[str, Any], servers: dict[str, tuple[str, str]], args: argparse.Namespace):
+    """One table row: each server at c=1 and c=8, cells alternating between the servers."""
+    row: dict[str, Any] = {"shape": name, "errors": 0}
+    for concurrency in (1, 8):
+        per_client = args.requests * (2 if concurrency == 1 else 1)
+        for server, (url, model) in servers.items():
+            tok_s, done, errors = closed_loop(url, model, shape, concurrency, per_client, args.max_tokens)
+            row[f"{server}_c{concurrency}"] = tok_s
+            row["errors"] += len(errors)
+            print(f"{name}, c={concurrency}, {server}: {tok_s} tok/s ({done} ok, {len(errors)} errors)")
+        row[f"ratio_c{concurrency}"] = row[f"rayfit_c{concurrency}"] / max(row[f"peer_c{concurrency}"], 1e-9)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -167,29 +193,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     model_dir = smollm2_dir()
-    peer_port = free_port()
-    peer = start_peer(model_dir, peer_port)
-    peer_url = f"http://127.0.0.1:{peer_port}"
-    try:
-        rayfit_url = start_rayfit()
-        servers = {"peer": (peer_url, str(model_dir)), "rayfit": (rayfit_url, ROLE)}
-        for url, model in servers.values():  # warm-up: first requests compile nothing but load caches
-            closed_loop(url, model, SHAPES["temperature 0, non-streaming"], 2, 1, args.max_tokens)
-        rows = []
-        for name, shape in SHAPES.items():
-            row: dict[str, Any] = {"shape": name, "errors": 0}
-            for concurrency in (1, 8):
-                per_client = args.requests * (2 if concurrency == 1 else 1)
-                for server, (url, model) in servers.items():
-                    tok_s, done, errors = closed_loop(url, model, shape, concurrency, per_client, args.max_tokens)
-                    row[f"{server}_c{concurrency}"] = tok_s
-                    row["errors"] += len(errors)
-                    print(f"{name}, c={concurrency}, {server}: {tok_s} tok/s ({done} ok, {len(errors)} errors)")
-                row[f"ratio_c{concurrency}"] = row[f"rayfit_c{concurrency}"] / max(row[f"peer_c{concurrency}"], 1e-9)
-            rows.append(row)
-    finally:
-        peer.terminate()
-        peer.wait(timeout=30)
+    rayfit_url = start_rayfit()
+    closed_loop(rayfit_url, ROLE, SHAPES["temperature 0, non-streaming"], 2, 1, args.max_tokens)  # warm-up
+    rows_by_shape: dict[str, dict[str, Any]] = {}
+    # One peer at a time (each holds ~13 GiB here: its KV cache is sized from free memory), its first
+    # request fixing how it decodes (see the module docstring): the greedy one, then the sampling one.
+    for temperature in (0, 1.0):
+        port = free_port()
+        peer = start_peer(model_dir, port)
+        try:
+            peer_url = f"http://127.0.0.1:{port}"
+            closed_loop(peer_url, str(model_dir), {"stream": False, "temperature": temperature}, 1, 1, args.max_tokens)
+            servers = {"peer": (peer_url, str(model_dir)), "rayfit": (rayfit_url, ROLE)}
+            for name, shape in SHAPES.items():
+                if (shape.get("temperature") == 0) != (temperature == 0):
+                    continue
+                rows_by_shape[name] = measure_row(name, shape, servers, args)
+        finally:
+            peer.terminate()
+            peer.wait(timeout=30)
+    rows = [rows_by_shape[name] for name in SHAPES]
     report = markdown(rows, args)
     print("\n" + report)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -99,7 +99,7 @@ class ModelClient:
             output = self._handle.generate.remote(generation).result()
         except Exception as exc:
             raise classify(exc, self.role) from exc
-        return chat_response(returned(output, self.role), self.role, tools=request.tool_setup()[1])
+        return chat_response(returned(output, self.role), self.role, tools=generation.callable_tools)
 
     async def achat(self, messages: Sequence[dict[str, Any]], **params: Any) -> ChatCompletionResponse:
         await self._async_cap()
@@ -108,13 +108,13 @@ class ModelClient:
             output = await self._handle.generate.remote(generation)
         except Exception as exc:
             raise classify(exc, self.role) from exc
-        return chat_response(returned(output, self.role), self.role, tools=request.tool_setup()[1])
+        return chat_response(returned(output, self.role), self.role, tools=generation.callable_tools)
 
     def stream(self, messages: Sequence[dict[str, Any]], **params: Any) -> Iterator[ChatCompletionStreamResponse]:
         """Chat chunks as OpenAI streams them (first carries the role, last the finish_reason)."""
         self._sync_cap()
         request, generation = self._request(messages, True, params)
-        converter = ChatStreamConverter(self.role, include_usage=request.include_usage, tools=request.tool_setup()[1])
+        converter = ChatStreamConverter(self.role, include_usage=request.include_usage, tools=generation.callable_tools)
         responses = self._stream_handle.stream.remote(generation)
         try:
             for delta in responses:
@@ -131,7 +131,7 @@ class ModelClient:
     ) -> AsyncIterator[ChatCompletionStreamResponse]:
         await self._async_cap()
         request, generation = self._request(messages, True, params)
-        converter = ChatStreamConverter(self.role, include_usage=request.include_usage, tools=request.tool_setup()[1])
+        converter = ChatStreamConverter(self.role, include_usage=request.include_usage, tools=generation.callable_tools)
         responses = self._stream_handle.stream.remote(generation)
         try:
             async for delta in responses:

@@ -91,6 +91,11 @@ class GenerationInput:
     echo: bool = False
     prompt_logprobs: int | None = None
 
+    @property
+    def callable_tools(self) -> list[ToolSpec]:
+        """The tools the answer may call (what its tool calls are read against)."""
+        return list(self.tools.tools) if self.tools is not None else []
+
 
 @dataclass(frozen=True)
 class GenerationOutput:

@@ -267,7 +267,7 @@ class Ingress:
             self._log_ignored(request)
             role = self._resolve(request.model)
             generation = request.to_generation_input(self._max_tokens_cap(role))
-            _, tools = request.tool_setup()
+            tools = generation.callable_tools
             if request.stream:
                 converter = ChatStreamConverter(
                     request.model, include_usage=request.include_usage or request.continuous_usage, tools=tools
@@ -284,7 +284,7 @@ class Ingress:
             chat = request.to_chat()
             role = self._resolve(request.model)
             generation = chat.to_generation_input(self._max_tokens_cap(role))
-            _, tools = chat.tool_setup()
+            tools = generation.callable_tools
             if request.stream:
                 events = ResponseEvents(request, tools)
                 opening = sse_events(events.start())

@@ -146,12 +146,16 @@ class Engine:
     def prepare(self, inp: GenerationInput) -> PreparedPrompt:
         """Render and tokenize one request; InvalidRequest if it cannot be served (e.g. over the context,
         or a grammar this tokenizer cannot follow)."""
-        grammar = self.tool_format.params(inp).rules.grammar
-        if grammar is not None:
-            error = self.rows.grammars.check(grammar)
+        return self._prepared(inp)[0]
+
+    def _prepared(self, inp: GenerationInput) -> tuple[PreparedPrompt, SamplingParams]:
+        """The request's model inputs and its sampling settings with this model's tool grammar, checked."""
+        params = self.tool_format.params(inp)
+        if params.rules.grammar is not None:
+            error = self.rows.grammars.check(params.rules.grammar)
             if error:
                 raise InvalidRequest(f"response_format / tools cannot be enforced for this model: {error}")
-        return self.prompts.prepare(inp)
+        return self.prompts.prepare(inp), params
 
     def count_tokens(self, text: str) -> int:
         """Tokens in plain text (no special tokens added)."""
@@ -179,8 +183,9 @@ class Engine:
         Raises InvalidRequest for the first bad input before generating
         anything (the Serve layer validates per request before batching).
         """
-        prepared = [self.prepare(inp) for inp in inputs]
-        params = [self.tool_format.params(inp) for inp in inputs]
+        checked = [self._prepared(inp) for inp in inputs]
+        prepared = [prompt for prompt, _ in checked]
+        params = [row for _, row in checked]
         recorders = [LogprobRecorder(p.logprobs) if p.logprobs is not None else None for p in params]
         scored_prompts = {
             i: self.side.score_prompt(prepared[i], inp.prompt_logprobs, self.logprob_workspace.chunk, cancel)
@@ -212,7 +217,7 @@ class Engine:
         `cancel` (client gone), stops generation within a step, also while
         the request still waits for a slot or is in prefill.
         """
-        prompt, params = self.prepare(inp), self.tool_format.params(inp)
+        prompt, params = self._prepared(inp)
         if inp.echo or params.max_tokens < 1:
             raise InvalidRequest("echo is not supported with streaming")
         recorder = LogprobRecorder(params.logprobs) if params.logprobs is not None else None

@@ -44,8 +44,9 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from served_demo import smollm2_dir, start_demo, stop_demo  # noqa: E402
+
 ROLE = "summarizer"
-DEMO_SERVE_CONFIG = REPO_ROOT / "examples" / "demo" / "serve_config.yaml"
 GUIDELLM_VERSION = "0.8.1"
 TORCH_VERSION = "2.13.0"  # the project's CPU wheel (scripts/install.sh pins the same)
 
@@ -65,33 +66,6 @@ def guidellm_venv() -> Path:
     subprocess.run([*pip, f"torch=={TORCH_VERSION}"], check=True)
     subprocess.run([*pip, f"guidellm=={GUIDELLM_VERSION}", f"torch=={TORCH_VERSION}"], check=True)
     return exe
-
-
-def smollm2_dir() -> Path:
-    """The converted SmolLM2 directory the demo loads (tokenizer files included)."""
-    from deployments.loading import convert_gguf
-    from placement.demo_models import smollm2_gguf
-
-    directory, name = smollm2_gguf()
-    converted, _ = convert_gguf(directory / name)
-    return converted
-
-
-def start_demo() -> str:
-    """The offline demo as `python -m deployments.demo` serves it, on a free port; its base URL."""
-    from deployments.demo import serve_config, start_ray
-
-    start_ray(verbose=False)
-    base_url, _ = serve_config(DEMO_SERVE_CONFIG, 0)
-    return base_url
-
-
-def stop_demo() -> None:
-    import ray
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
 
 
 def guidellm_command(exe: Path, url: str, tokenizer: Path, args: argparse.Namespace, report: Path) -> list[str]:

@@ -48,6 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench_serving import run_concurrent  # noqa: E402
+from served_demo import smollm2_dir  # noqa: E402
 
 from deployments.ports import free_port  # noqa: E402
 
@@ -60,16 +61,6 @@ SHAPES = {
     "temperature 0, non-streaming": {"stream": False, "temperature": 0},
     "temperature 0, streaming": {"stream": True, "temperature": 0},
 }
-
-
-def smollm2_dir() -> Path:
-    """The converted SmolLM2 directory rayfit's demo loads (converted on first use)."""
-    from deployments.loading import convert_gguf
-    from placement.demo_models import smollm2_gguf
-
-    directory, name = smollm2_gguf()
-    converted, _ = convert_gguf(directory / name)
-    return converted
 
 
 def one_request(client: httpx.Client, url: str, model: str, shape: dict[str, Any], max_tokens: int) -> int:

@@ -58,9 +58,9 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_serving import run_concurrent  # noqa: E402
+from served_demo import smollm2_dir, start_demo, stop_demo  # noqa: E402
 
 ROLE = "summarizer"
-DEMO_SERVE_CONFIG = REPO_ROOT / "examples" / "demo" / "serve_config.yaml"
 PROMPT = "List twenty people with their name, age and city, as JSON."
 PERSON = {
     "type": "object",
@@ -90,7 +90,6 @@ TEMPERATURES: dict[str, dict[str, Any]] = {"temperature 0": {"temperature": 0}, 
 def hook_step_ms(rows: int, steps: int = 64, repeats: int = 5) -> float:
     """CPU ms per decode step of the continuous batch's logits hook with `rows` schema rows."""
     import torch
-    from bench_peer import smollm2_dir
     from transformers import AutoConfig, AutoTokenizer
 
     from deployments.generation import RowRules
@@ -122,23 +121,6 @@ def hook_step_ms(rows: int, steps: int = 64, repeats: int = 5) -> float:
                 tokens.append(token)
         best = min(best, spent / steps * 1e3)
     return best
-
-
-def start_demo() -> str:
-    """The offline demo as `python -m deployments.demo` serves it, on a free port; its base URL."""
-    from deployments.demo import serve_config, start_ray
-
-    start_ray(verbose=False)
-    base_url, _ = serve_config(DEMO_SERVE_CONFIG, 0)
-    return base_url
-
-
-def stop_demo() -> None:
-    import ray
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
 
 
 def body(shape: dict[str, Any], temperature: dict[str, Any], max_tokens: int) -> dict[str, Any]:

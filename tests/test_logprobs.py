@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from peak_memory import peak_allocated
 from test_engine import _entry
-from torch.profiler import ProfilerActivity, profile
 
 from deployments.engine import Engine
 from deployments.engine.logprobs import LogprobRecorder
@@ -157,17 +157,6 @@ def test_token_id_prompts_are_fed_as_they_are(pooled: Engine) -> None:
         pooled.generate_batch([bad])
 
 
-def _peak_allocated(call) -> int:
-    """Most bytes torch held at once during `call` (CPU allocations seen by the profiler, in op order)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        call()
-    running = peak = 0
-    for _, size in sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()):
-        running += size
-        peak = max(peak, running)
-    return peak
-
-
 def test_prompt_scoring_stays_within_the_planned_bytes(side: Engine) -> None:
     """The contract: a prompt-scoring call holds its KV in a side slot (the plan's KV budget) plus at
     most the logprob workspace the estimate states; never prompt × vocabulary fp32 logits."""
@@ -184,7 +173,7 @@ def test_prompt_scoring_stays_within_the_planned_bytes(side: Engine) -> None:
     side.side.score_prompt(prompt, 5, 16)  # warm up (one-time allocations)
     whole_logits = prompt.prompt_tokens * workspace.vocab_size * 4
     for chunk in (workspace.chunk, 16):
-        peak = _peak_allocated(lambda chunk=chunk: side.side.score_prompt(prompt, 5, chunk))
+        peak = peak_allocated(lambda chunk=chunk: side.side.score_prompt(prompt, 5, chunk))
         stated = chunk * workspace.bytes_per_position  # = workspace.prompt_bytes at the engine's chunk
         assert peak <= kv + stated, (chunk, peak, kv, stated)
         print(

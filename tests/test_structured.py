@@ -15,6 +15,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import torch
+from peak_memory import peak_allocated
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deployments.errors import BadRequestError
@@ -303,19 +304,6 @@ def test_a_call_list_cut_at_max_tokens_keeps_its_whole_calls() -> None:
 # ------------------------------------------------------------ the memory contract
 
 
-def _peak_allocated(call) -> int:
-    """Most bytes torch held at once during `call` (CPU allocations seen by the profiler, in op order)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        call()
-    running = peak = 0
-    for _, size in sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()):
-        running += size
-        peak = max(peak, running)
-    return peak
-
-
 @pytest.mark.parametrize("rows", [1, 8])
 def test_logits_rules_stay_within_the_planned_workspace(smollm2, rows: int) -> None:
     """The contract: a decode step's rules (every one of them, on every row) hold at most what
@@ -343,7 +331,7 @@ def test_logits_rules_stay_within_the_planned_workspace(smollm2, rows: int) -> N
     stated = RulesWorkspace(vocab, rows).total_bytes
     for step in (lambda: batch(scores, torch.tensor(keys, dtype=torch.int32)), lambda: generate(ids, scores)):
         step()  # warm up (one-time tables)
-        peak = _peak_allocated(step)
+        peak = peak_allocated(step)
         assert 0 < peak <= stated, (rows, peak, stated)
 
 

@@ -12,9 +12,8 @@ import asyncio
 import dataclasses
 import logging
 import os
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -149,8 +148,8 @@ class ModelServer:
                 tool_format=self.spec.tool_format,
             )
         )
-        # Requests the pool takes skip @serve.batch (whose batches run one at a
-        # time) and block one thread each here while they decode together.
+        # Requests the pool takes skip @serve.batch (whose batches run one at a time) and
+        # wait on the event loop; a thread here only while one waits for a free sequence slot.
         self._continuous_pool = ThreadPoolExecutor(max_workers=MAX_ONGOING_REQUESTS, thread_name_prefix=role)
         self._probes = 0  # one-token health probes run (they are requests to the engine too)
         self._last_success = self._last_check = 0.0  # monotonic times: last finished generation, last health check
@@ -243,15 +242,10 @@ class ModelServer:
         """One request through the engine's continuous batcher (joins the running batch)."""
         from deployments.memory import is_out_of_memory, recover
 
-        loop = asyncio.get_running_loop()
-        # Set when the caller goes away (Serve cancels this coroutine): the engine then drops the
-        # request within a decode step, also while it still waits for a slot.
-        cancel = threading.Event()
+        # The caller gone (Serve cancels this coroutine): the engine drops the request within
+        # a decode step, also while it still waits for a slot.
         try:
-            outputs = await loop.run_in_executor(self._continuous_pool, self.engine.generate_batch, [request], cancel)
-        except asyncio.CancelledError:
-            cancel.set()
-            raise
+            output = await self.engine.generate_async(request, self._continuous_pool)
         except InvalidRequest as exc:
             return exc
         except Exception as exc:
@@ -259,7 +253,7 @@ class ModelServer:
                 raise
             return recover(self.role, exc)
         self._last_success = time.monotonic()
-        return outputs[0]
+        return output
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     async def _generate_batch(self, requests: list[GenerationInput]) -> list[GenerationOutput | BaseException]:
@@ -293,77 +287,41 @@ class ModelServer:
         return results
 
     async def stream(self, request: GenerationInput) -> AsyncIterator[StreamDelta]:
-        """Deltas as the engine produces them. A dedicated thread drains the
-        engine's blocking iterator (not the shared pool: blocked streams could
-        starve it); client disconnect → CancelledError → the thread stops.
-        A bad request is yielded as its InvalidRequest (see `_rejected`)."""
+        """Deltas as the engine produces them (Engine.open_stream: a pooled request's tokens
+        come onto this event loop each decode step). Client disconnect → CancelledError → the
+        engine stops the request. A bad request is yielded as its InvalidRequest (see `_rejected`)."""
         from deployments.memory import is_out_of_memory, recover
-
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        stop = threading.Event()
-
-        def put(kind: str, value: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
-
-        def drain(deltas: Iterator[StreamDelta]) -> None:
-            try:
-                for delta in deltas:
-                    if stop.is_set():
-                        break
-                    put("delta", delta)
-            except BaseException as exc:  # re-raised on the event loop side, into the stream
-                put("error", exc)
-            finally:
-                close = getattr(deltas, "close", None)
-                if close is not None:
-                    close()  # lets the engine stop generating when we stopped early
-                put("end", None)
 
         start = last = time.perf_counter()
         status, usage = "cancelled", (0, 0)  # stays "cancelled" when the client goes away mid-stream
-        # Build the iterator on this side so request validation errors raise here, before any delta.
+        deltas: AsyncIterator[StreamDelta] | None = None
         try:
             self._check_cap(request)
-            # `stop` doubles as the engine's cancel flag: a client gone while the request waits
-            # for a slot or is in prefill stops it too, not only after its next delta.
-            # Off the event loop: templating and image decoding take real time on a busy replica.
-            deltas = await asyncio.to_thread(self.engine.stream, request, stop)
-        except InvalidRequest as exc:
-            yield self._rejected(exc, start)  # type: ignore[misc]  # the ingress raises it as a 400
-            return
-        except Exception:
-            self.metrics.request_done("error", time.perf_counter() - start)
-            raise
-        thread = threading.Thread(target=drain, args=(deltas,), name=f"{self.role}-stream", daemon=True)
-        thread.start()
-        try:
-            while True:
-                kind, value = await queue.get()
-                if kind == "delta":
-                    now = time.perf_counter()
-                    if last == start:
-                        self.metrics.first_token(now - start)
-                    else:
-                        self.metrics.next_token(now - last)
-                    last = now
-                    if value.completion_tokens is not None:
-                        usage = (value.prompt_tokens or 0, value.completion_tokens)
-                    yield value
-                elif kind == "error":
-                    if isinstance(value, InvalidRequest):
-                        status = "invalid"
-                        logger.warning("%s: bad request: %s", self.role, value)
-                        yield value  # type: ignore[misc]
-                        return
-                    status = "error"
-                    raise recover(self.role, value) if is_out_of_memory(value) else value
+            deltas = await self.engine.open_stream(request, self._continuous_pool)
+            async for delta in deltas:
+                now = time.perf_counter()
+                if last == start:
+                    self.metrics.first_token(now - start)
                 else:
-                    status = "ok"
-                    self._last_success = time.monotonic()
-                    return
+                    self.metrics.next_token(now - last)
+                last = now
+                if delta.completion_tokens is not None:
+                    usage = (delta.prompt_tokens or 0, delta.completion_tokens)
+                yield delta
+            status = "ok"
+            self._last_success = time.monotonic()
+        except InvalidRequest as exc:
+            status = "invalid"
+            logger.warning("%s: bad request: %s", self.role, exc)
+            yield exc  # type: ignore[misc]  # the ingress raises it as a 400
+        except Exception as exc:
+            status = "error"
+            if not is_out_of_memory(exc):
+                raise
+            raise recover(self.role, exc) from exc
         finally:
-            stop.set()  # on CancelledError (client gone) or normal end
+            if deltas is not None:
+                await deltas.aclose()  # type: ignore[attr-defined]  # stops generating if still running
             self.metrics.request_done(status, time.perf_counter() - start, *usage)
             self._memory_report()
 

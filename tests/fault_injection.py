@@ -16,8 +16,9 @@ marker then misbehaves:
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -77,3 +78,14 @@ class FaultyEngine:
         # A generator: the fault fires in the thread that drains it, never on the replica's event loop.
         self._inject([request])
         yield from self._engine.stream(request, cancel)
+
+    # The replica's calls (deployments.model): the fault fires in a worker thread, so a wedge
+    # blocks that thread and the replica's event loop keeps running, as with a hung kernel.
+
+    async def generate_async(self, request: GenerationInput, executor: Any = None) -> GenerationOutput:
+        await asyncio.to_thread(self._inject, [request])
+        return await self._engine.generate_async(request, executor)
+
+    async def open_stream(self, request: GenerationInput, executor: Any = None) -> AsyncIterator[StreamDelta]:
+        await asyncio.to_thread(self._inject, [request])
+        return await self._engine.open_stream(request, executor)

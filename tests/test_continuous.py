@@ -7,6 +7,7 @@ transformers' continuous batching, everything else keeps `generate`.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -234,3 +235,70 @@ def test_a_short_request_is_not_stuck_behind_long_ones(continuous: Engine) -> No
     assert short.completion_tokens == 2
     assert still_running, "the long requests finished before the short one"
     assert short_s < min(done) / 5, (short_s, done)
+
+
+# ---- the replica's calls: answers delivered on the event loop ------------------------------
+
+
+def test_event_loop_answers_match_the_thread_ones(classic: Engine, continuous: Engine) -> None:
+    """open_stream / generate_async (what the replica awaits) give the same text as the blocking
+    calls, for concurrent requests sharing the batch; their outputs arrive through transformers'
+    result handler on the loop, and no handler or request is left once they are done."""
+    import asyncio
+
+    inputs = [GenerationInput(params=GREEDY, prompt=p) for p in PROMPTS]
+    expected = [classic.generate_batch([i])[0] for i in inputs]
+
+    async def streamed(inp: GenerationInput) -> str:
+        return "".join([d.text async for d in await continuous.open_stream(inp)])
+
+    async def main() -> tuple[list[str], list[GenerationOutput]]:
+        texts = await asyncio.gather(*(streamed(i) for i in inputs))
+        outputs = await asyncio.gather(*(continuous.generate_async(i) for i in inputs))
+        return list(texts), list(outputs)
+
+    texts, outputs = asyncio.run(main())
+    assert texts == [e.text for e in expected]
+    assert outputs == expected
+    assert continuous.pool is not None
+    batcher = continuous.pool.batcher
+    assert batcher.live_requests == 0 and batcher.slots.in_use == 0
+    assert batcher._manager.output_router.result_handlers == {}
+
+
+def test_cancelling_an_event_loop_request_withdraws_it(continuous: Engine) -> None:
+    """A reader cancelled mid-stream (the replica then closes the stream), and one cancelled
+    while it waits for its answer or its slot: each request leaves the batch within a step
+    (no live request, no slot, no result handler)."""
+    import asyncio
+    import contextlib
+
+    long = GenerationInput(params=SamplingParams(max_tokens=200, temperature=0), prompt="The quick")
+    assert continuous.pool is not None
+    batcher = continuous.pool.batcher
+
+    async def read_then_stall() -> None:
+        async with contextlib.aclosing(await continuous.open_stream(long)) as deltas:
+            await anext(deltas)
+            await asyncio.sleep(3600)  # a client that stops reading; cancelled below
+
+    async def withdrawn(call: object) -> float:
+        task = asyncio.create_task(call)  # type: ignore[arg-type]
+        while batcher.live_requests == 0:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        started = time.monotonic()
+        while batcher.live_requests and time.monotonic() - started < 5:
+            await asyncio.sleep(0.01)
+        return time.monotonic() - started
+
+    async def main() -> list[float]:
+        return [await withdrawn(read_then_stall()), await withdrawn(continuous.generate_async(long))]
+
+    assert all(seconds < 1 for seconds in asyncio.run(main()))
+    assert batcher.live_requests == 0 and batcher.slots.in_use == 0
+    assert batcher._manager.output_router.result_handlers == {}
+    out = continuous.generate_batch([GenerationInput(params=GREEDY, prompt="Ray")])[0]
+    assert out.completion_tokens == GREEDY.max_tokens

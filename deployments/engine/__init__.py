@@ -46,14 +46,15 @@ stop string, without the EOS token).
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
 import logging
 import threading
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import Executor
+from typing import Any, TypeVar
 
 from deployments.engine.kv import KvLedger, RequestCancelled
-from deployments.engine.logprobs import LogprobRecorder, Scored, TokenTexts
+from deployments.engine.logprobs import LogprobRecorder, Scored, StreamedLogprobs, TokenTexts
 from deployments.engine.pool import ContinuousBatcher, PoolBackend
 from deployments.engine.prompts import PreparedPrompt, Prompter, eos_token_ids, pad_token_id, requests_images
 from deployments.engine.side import SideBackend
@@ -69,6 +70,8 @@ from placement.sizing.logprob_workspace import LogprobWorkspace
 __all__ = ["Engine", "InvalidRequest", "PreparedPrompt", "RequestCancelled"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Engine:
@@ -217,10 +220,7 @@ class Engine:
         `cancel` (client gone), stops generation within a step, also while
         the request still waits for a slot or is in prefill.
         """
-        prompt, params = self._prepared(inp)
-        if inp.echo or params.max_tokens < 1:
-            raise InvalidRequest("echo is not supported with streaming")
-        recorder = LogprobRecorder(params.logprobs) if params.logprobs is not None else None
+        prompt, params, recorder = self._stream_setup(inp)
         if self._pooled(prompt, params):
             assert self.pool is not None
             deltas = self.pool.stream(prompt, params, cancel, recorder)
@@ -228,30 +228,62 @@ class Engine:
             deltas = self.side.stream(prompt, params, cancel, recorder)
         return deltas if recorder is None else self._with_logprobs(deltas, recorder, params)
 
+    async def open_stream(self, inp: GenerationInput, executor: Executor | None = None) -> AsyncIterator[StreamDelta]:
+        """`stream` for a caller on an event loop (the replica's): awaiting it checks the request
+        (InvalidRequest, before any delta) and gives the deltas as an async iterator.
+
+        A pooled request's tokens come from the batch straight onto the loop;
+        a side request is drained by a thread of its own. Templating and image
+        decoding run off the loop; waits for a slot on `executor`. Closing the
+        iterator (or cancelling its reader) stops generation within a step.
+        """
+        prompt, params, recorder = await asyncio.to_thread(self._stream_setup, inp)
+        deltas: AsyncIterator[StreamDelta]
+        if self._pooled(prompt, params):
+            assert self.pool is not None
+            deltas = self.pool.astream(prompt, params, recorder, executor)
+        else:
+            cancel = threading.Event()
+            deltas = drained(self.side.stream(prompt, params, cancel, recorder), cancel)
+        if recorder is None:
+            return deltas
+        return _with_logprobs_async(deltas, StreamedLogprobs(self.texts, recorder, params))
+
+    async def generate_async(self, inp: GenerationInput, executor: Executor | None = None) -> GenerationOutput:
+        """One request for a caller on an event loop. A pooled one waits on the loop for its
+        answer; anything else (side backend, prompt scoring) runs `generate_batch` on `executor`.
+        Cancelling the caller withdraws the request within a step."""
+        loop = asyncio.get_running_loop()
+        scores_prompt = inp.echo and inp.prompt_logprobs is not None
+        if not self.uses_pool(inp) or scores_prompt or inp.params.max_tokens < 1:
+            cancel = threading.Event()
+            try:
+                return (await loop.run_in_executor(executor, self.generate_batch, [inp], cancel))[0]
+            except asyncio.CancelledError:
+                cancel.set()
+                raise
+        prompt, params = await asyncio.to_thread(self._prepared, inp)
+        assert self.pool is not None
+        recorder = LogprobRecorder(params.logprobs) if params.logprobs is not None else None
+        tokens = await self.pool.agenerate(prompt, params, recorder, executor)
+        return self._output(tokens, prompt, params, inp, recorder)
+
+    def _stream_setup(self, inp: GenerationInput) -> tuple[PreparedPrompt, SamplingParams, LogprobRecorder | None]:
+        """A streamed request's inputs, settings and logprob recorder (None: not asked), checked."""
+        prompt, params = self._prepared(inp)
+        if inp.echo or params.max_tokens < 1:
+            raise InvalidRequest("echo is not supported with streaming")
+        recorder = LogprobRecorder(params.logprobs) if params.logprobs is not None else None
+        return prompt, params, recorder
+
     def _with_logprobs(
         self, deltas: Iterator[StreamDelta], recorder: LogprobRecorder, params: SamplingParams
     ) -> Iterator[StreamDelta]:
-        """Each delta with the logprobs of the tokens its text covers (the tokens' texts, summed, fit in
-        the text streamed so far); the last delta brings the rest, cut to the kept tokens. With stop
-        strings all come in the last delta (a token past a stop must never be sent)."""
-        sent, covered, streamed = 0, 0, 0  # entries sent, characters they cover, characters streamed
+        """Each delta with its logprobs (StreamedLogprobs)."""
+        logprobs = StreamedLogprobs(self.texts, recorder, params)
         try:
             for delta in deltas:
-                streamed += len(delta.text)
-                if delta.finish_reason is not None:
-                    entries = self.texts.entries(recorder.scored()[sent : delta.completion_tokens])
-                elif params.stop:
-                    yield delta
-                    continue
-                else:
-                    entries = ()
-                    for scored in recorder.scored()[sent:]:
-                        entry = self.texts.entry(scored)
-                        if covered + len(entry.token) > streamed:
-                            break
-                        entries, covered = (*entries, entry), covered + len(entry.token)
-                sent += len(entries)
-                yield dataclasses.replace(delta, logprobs=entries)
+                yield logprobs.attach(delta)
         finally:
             close = getattr(deltas, "close", None)
             if close is not None:
@@ -327,3 +359,50 @@ class Engine:
         if self.pool is not None:
             self.pool.batcher.close()
             self.pool = None
+
+
+async def _with_logprobs_async(
+    deltas: AsyncIterator[StreamDelta], logprobs: StreamedLogprobs
+) -> AsyncIterator[StreamDelta]:
+    try:
+        async for delta in deltas:
+            yield logprobs.attach(delta)
+    finally:
+        await deltas.aclose()  # type: ignore[attr-defined]  # stops the backend when the caller stopped early
+
+
+async def drained(items: Iterator[T], cancel: threading.Event) -> AsyncIterator[T]:
+    """A blocking iterator's items on the event loop, drained by a thread of its own (not a
+    shared pool: streams blocked on a slot could starve it). Closing this sets `cancel`, and
+    the thread stops at the iterator's next item."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def put(kind: str, value: Any) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+
+    def drain() -> None:
+        try:
+            for item in items:
+                if cancel.is_set():
+                    break
+                put("item", item)
+        except BaseException as exc:  # re-raised on the event loop side
+            put("error", exc)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # lets the backend stop generating when the reader stopped early
+            put("end", None)
+
+    threading.Thread(target=drain, name="rayfit-stream", daemon=True).start()
+    try:
+        while True:
+            kind, value = await queue.get()
+            if kind == "error":
+                raise value
+            if kind == "end":
+                return
+            yield value
+    finally:
+        cancel.set()

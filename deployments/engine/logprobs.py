@@ -22,13 +22,14 @@ Bytes held: placement.sizing.logprob_workspace (the plan states them).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from deployments.generation import TokenLogprob, TopLogprob
+from deployments.generation import SamplingParams, StreamDelta, TokenLogprob, TopLogprob
 
 # Alternatives per token OpenAI allows: chat `top_logprobs` up to 20, completions `logprobs` up to 5.
 MAX_TOP_LOGPROBS = 20
@@ -174,3 +175,35 @@ class TokenTexts:
 
     def entries(self, scored: Sequence[Scored]) -> tuple[TokenLogprob, ...]:
         return tuple(self.entry(s) for s in scored)
+
+
+class StreamedLogprobs:
+    """Puts on each streamed delta the logprobs of the tokens its text covers.
+
+    A delta gets the entries whose token texts, summed, fit in the text
+    streamed so far; the last delta brings the rest, cut to the kept tokens.
+    With stop strings all come in the last delta (a token past a stop must
+    never be sent).
+    """
+
+    def __init__(self, texts: TokenTexts, recorder: LogprobRecorder, params: SamplingParams):
+        self.texts, self.recorder, self.params = texts, recorder, params
+        self.sent = 0  # entries sent
+        self.covered = 0  # characters the sent entries cover
+        self.streamed = 0  # characters streamed
+
+    def attach(self, delta: StreamDelta) -> StreamDelta:
+        self.streamed += len(delta.text)
+        if delta.finish_reason is not None:
+            entries = self.texts.entries(self.recorder.scored()[self.sent : delta.completion_tokens])
+        elif self.params.stop:
+            return delta
+        else:
+            entries = ()
+            for scored in self.recorder.scored()[self.sent :]:
+                entry = self.texts.entry(scored)
+                if self.covered + len(entry.token) > self.streamed:
+                    break
+                entries, self.covered = (*entries, entry), self.covered + len(entry.token)
+        self.sent += len(entries)
+        return dataclasses.replace(delta, logprobs=entries)

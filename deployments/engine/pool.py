@@ -34,12 +34,14 @@ batch, it sees the model's raw scores (deployments.engine.logprobs).
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,6 +178,53 @@ class _GreedyAwareSampler:
         return None
 
 
+def _update_of(output: Any) -> TokenUpdate | BaseException:
+    """One manager output as a request's reader sees it."""
+    if output.error:
+        return BatchInterrupted(f"the running batch failed ({output.error}); retry")
+    return TokenUpdate(tuple(output.generated_tokens), output.is_finished())
+
+
+class LoopSink:
+    """A request's updates, delivered onto an asyncio event loop (the replica's).
+
+    transformers' output router calls `on_output` on the loop itself: one
+    `call_soon_threadsafe` per decode step for every such request together,
+    and no thread between the batch and the caller. `put` is for the pump
+    and a failing batcher, from any thread.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: asyncio.Queue[TokenUpdate | BaseException] = asyncio.Queue()
+
+    def put(self, item: TokenUpdate | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+
+    def on_output(self, output: Any) -> None:
+        self.items.put_nowait(_update_of(output))
+
+    def renew(self) -> None:
+        """Forget what was delivered so far (a retried request starts clean)."""
+        self.items = asyncio.Queue()
+
+
+# Where one request's updates go: a thread-side queue, or an event loop.
+_Target = queue.Queue | LoopSink
+
+
+def _deliver_on_loop(manager: Any, request_id: str, sink: LoopSink) -> None:
+    """Have the manager hand this request's outputs to `sink` on the sink's loop.
+
+    What transformers' `register_result_handler` records, written from the
+    submitting thread (that method reads the running loop, so it only works on
+    the loop itself). Removed again by `release`.
+    """
+    router = manager.output_router
+    with router._lock:
+        router.result_handlers[request_id] = (sink.on_output, sink.loop)
+
+
 class ContinuousBatcher:
     """One transformers continuous-batching manager plus per-request delivery."""
 
@@ -215,7 +264,7 @@ class ContinuousBatcher:
         self.slots = SequenceSlots(pool.sequences, "continuous batching")
         self.eos_token_ids = list(eos_token_ids)
         self._model, self._config, self._generation = model, config, generation
-        self._queues: dict[str, queue.Queue[TokenUpdate | BaseException]] = {}
+        self._queues: dict[str, _Target] = {}
         self._rows, self._row_keys = rows, {}  # request id → its key in `row_processor`
         self.row_processor = BatchRowsProcessor()  # one for every manager this batcher builds
         self._lock = threading.Lock()
@@ -292,10 +341,7 @@ class ContinuousBatcher:
                 target = self._queues.get(output.request_id)
             if target is None:
                 continue  # cancelled: nobody waits for it
-            if output.error:
-                target.put(BatchInterrupted(f"the running batch failed ({output.error}); retry"))
-            else:
-                target.put(TokenUpdate(tuple(output.generated_tokens), output.is_finished()))
+            target.put(_update_of(output))
 
     def _recover(self) -> None:
         """The batching loop died (an exception inside transformers' loop, e.g. CUDA out of memory):
@@ -333,8 +379,10 @@ class ContinuousBatcher:
         cancel: threading.Event | None = None,
         streaming: bool = True,
         recorder: LogprobRecorder | None = None,
+        sink: LoopSink | None = None,
     ) -> str:
-        """Queue one request once a sequence slot is free; read its tokens with `updates(request_id)`.
+        """Queue one request once a sequence slot is free; read its tokens with `updates(request_id)`
+        (or, with a `sink`, on its event loop: `asubmit` / `aupdates`).
 
         Up to `params.max_tokens` new tokens; greedy, or sampled at
         `params`' temperature and top-p, next to greedy rows in the same batch.
@@ -352,7 +400,7 @@ class ContinuousBatcher:
         with self._lock:
             request_id = f"rayfit-{self._counter}"
             self._counter += 1
-            self._queues[request_id] = queue.Queue()
+            self._queues[request_id] = sink if sink is not None else queue.Queue()
         sampling: dict[str, Any] = dict(sampling_kwargs(params))
         added = None
         try:
@@ -366,9 +414,14 @@ class ContinuousBatcher:
                 if attempt:
                     # The rebuild answered every waiting queue with "retry", this one's too, but this
                     # request never reached the old batch: it starts clean on the new manager.
-                    with self._lock:
-                        self._queues[request_id] = queue.Queue()
+                    if sink is not None:
+                        sink.renew()
+                    else:
+                        with self._lock:
+                            self._queues[request_id] = queue.Queue()
                 manager = self._manager
+                if sink is not None:
+                    _deliver_on_loop(manager, request_id, sink)
                 added = manager.add_request(
                     list(input_ids),
                     request_id=request_id,
@@ -388,6 +441,51 @@ class ContinuousBatcher:
             self.release(request_id)
             raise BatchInterrupted("the continuous batcher is restarting; retry")
         return request_id
+
+    async def asubmit(
+        self,
+        input_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        executor: Executor | None = None,
+        streaming: bool = True,
+        recorder: LogprobRecorder | None = None,
+    ) -> tuple[str, LoopSink]:
+        """`submit` for a caller on an event loop; its updates come on that loop (`aupdates`).
+
+        The wait for a slot runs on `executor` (None: the loop's default). A
+        caller cancelled meanwhile withdraws the request, whether it was still
+        waiting or had just been submitted.
+        """
+        loop = asyncio.get_running_loop()
+        sink = LoopSink(loop)
+        cancel = threading.Event()
+        submitted = loop.run_in_executor(
+            executor,
+            lambda: self.submit(input_ids, params, cancel=cancel, streaming=streaming, recorder=recorder, sink=sink),
+        )
+        try:
+            return await asyncio.shield(submitted), sink
+        except asyncio.CancelledError:
+            cancel.set()
+            submitted.add_done_callback(self._withdraw)
+            raise
+
+    def _withdraw(self, submitted: asyncio.Future[str]) -> None:
+        """Cancel a request whose caller left while it was being submitted."""
+        if not submitted.cancelled() and submitted.exception() is None:
+            self.release(submitted.result(), cancel=True)
+
+    async def aupdates(self, request_id: str, sink: LoopSink) -> AsyncIterator[TokenUpdate]:
+        """`updates` on the event loop: cumulative token updates until the request finishes;
+        raises its error, if any. The caller releases the request (also when cancelled)."""
+        while True:
+            item = await sink.items.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finished:
+                return
 
     def updates(self, request_id: str, cancel: threading.Event | None = None) -> Iterator[TokenUpdate]:
         """Cumulative token updates until the request finishes; raises its error, if any.
@@ -443,7 +541,12 @@ class ContinuousBatcher:
         if held:
             self.slots.release()
         manager = self._manager  # None while a failed batcher is being rebuilt: nothing to cancel then
-        if cancel and manager is not None:
+        if manager is None:
+            return
+        router = manager.output_router
+        with router._lock:
+            router.result_handlers.pop(request_id, None)
+        if cancel:
             manager.cancel_request(request_id)
 
     def generate(self, input_ids: Sequence[int], params: SamplingParams) -> list[int]:
@@ -527,54 +630,103 @@ class PoolBackend:
         Detokenized incrementally (one `DecodeStream` step per new token, not
         the whole sequence again for every token). `recorder` has every token's
         logprob by the last delta."""
-        tokens: list[int] = []
-        pieces = self._pieces(prompt, params, tokens, cancel, recorder)
-        release = StopHoldBack(params.stop)
-        try:
-            for piece in pieces:
-                text = release.feed(piece)
-                if text:
-                    yield StreamDelta(text=text)
-                if release.stopped:
-                    break
-        finally:
-            pieces.close()  # cancels the request if it is still generating
-        if recorder is not None:
-            recorder.observe(tokens)  # the last token's logprob
-        yield self.text.last_delta(tokens, params, release.sent, prompt.prompt_tokens)
-
-    def _collect(self, request_id: str, params: SamplingParams, cancel: threading.Event | None = None) -> list[int]:
-        """Wait for one submitted request; stop it early once a stop string shows up."""
-        tokens: tuple[int, ...] = ()
-        finished = False
+        request_id = self.batcher.submit(prompt.input_ids, params, cancel=cancel, recorder=recorder)
+        reader = _StreamedText(self.text, params)
         try:
             for update in self.batcher.updates(request_id, cancel):
-                tokens, finished = update.tokens, update.finished
-                if params.stop and not finished and self.text.stop_seen(tokens, params.stop):
+                text = reader.feed(update)
+                if text:
+                    yield StreamDelta(text=text)
+                if reader.stopped:
                     break
         finally:
-            self.batcher.release(request_id, cancel=not finished)
-        return list(tokens)
+            self.batcher.release(request_id, cancel=not reader.finished)
+        yield reader.last_delta(prompt, recorder)
 
-    def _pieces(
+    async def astream(
         self,
         prompt: PreparedPrompt,
         params: SamplingParams,
-        tokens_out: list[int],
-        cancel: threading.Event | None = None,
         recorder: LogprobRecorder | None = None,
-    ) -> Iterator[str]:
-        """Text pieces of one streamed request; `tokens_out` ends up holding its tokens."""
-        request_id = self.batcher.submit(prompt.input_ids, params, cancel=cancel, recorder=recorder)
-        finished = False
-        decoder = IncrementalText(self.text.tokenizer)
+        executor: Executor | None = None,
+    ) -> AsyncIterator[StreamDelta]:
+        """`stream` on the caller's event loop: the batch hands each step's tokens to the loop
+        directly. Closing it (or cancelling the task reading it) cancels the request."""
+        request_id, sink = await self.batcher.asubmit(prompt.input_ids, params, executor=executor, recorder=recorder)
+        reader = _StreamedText(self.text, params)
+        try:
+            async for update in self.batcher.aupdates(request_id, sink):
+                text = reader.feed(update)
+                if text:
+                    yield StreamDelta(text=text)
+                if reader.stopped:
+                    break
+        finally:
+            self.batcher.release(request_id, cancel=not reader.finished)
+        yield reader.last_delta(prompt, recorder)
+
+    async def agenerate(
+        self,
+        prompt: PreparedPrompt,
+        params: SamplingParams,
+        recorder: LogprobRecorder | None = None,
+        executor: Executor | None = None,
+    ) -> list[int]:
+        """One row's new token ids, waited for on the caller's event loop (no thread per request)."""
+        request_id, sink = await self.batcher.asubmit(
+            prompt.input_ids, params, executor=executor, streaming=bool(params.stop), recorder=recorder
+        )
+        update = TokenUpdate((), finished=False)
+        try:
+            async for update in self.batcher.aupdates(request_id, sink):
+                if self._stop_seen(update, params):
+                    break
+        finally:
+            self.batcher.release(request_id, cancel=not update.finished)
+        return list(update.tokens)
+
+    def _collect(self, request_id: str, params: SamplingParams, cancel: threading.Event | None = None) -> list[int]:
+        """Wait for one submitted request; stop it early once a stop string shows up."""
+        update = TokenUpdate((), finished=False)
         try:
             for update in self.batcher.updates(request_id, cancel):
-                new = update.tokens[len(tokens_out) :]
-                tokens_out[:] = update.tokens
-                finished = update.finished
-                piece = decoder.feed(new)
-                if piece:
-                    yield piece
+                if self._stop_seen(update, params):
+                    break
         finally:
-            self.batcher.release(request_id, cancel=not finished)
+            self.batcher.release(request_id, cancel=not update.finished)
+        return list(update.tokens)
+
+    def _stop_seen(self, update: TokenUpdate, params: SamplingParams) -> bool:
+        """Whether an unfinished request already shows a stop string (then it is stopped early).
+        Only requests with stop strings get per-token updates (`streaming` in `submit`)."""
+        return bool(params.stop) and not update.finished and self.text.stop_seen(update.tokens, params.stop)
+
+
+class _StreamedText:
+    """One streamed request's text as updates arrive: new tokens decoded incrementally,
+    any tail that could still become a stop string held back."""
+
+    def __init__(self, text: TextRules, params: SamplingParams):
+        self.text, self.params = text, params
+        self.tokens: tuple[int, ...] = ()
+        self.finished = False
+        self._decoder = IncrementalText(text.tokenizer)
+        self._release = StopHoldBack(params.stop)
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string showed up: the request is done, whatever the batch still makes."""
+        return self._release.stopped
+
+    def feed(self, update: TokenUpdate) -> str:
+        """The text this update adds that may be sent now ("" if none)."""
+        new = update.tokens[len(self.tokens) :]
+        self.tokens, self.finished = update.tokens, update.finished
+        piece = self._decoder.feed(new)
+        return self._release.feed(piece) if piece else ""
+
+    def last_delta(self, prompt: PreparedPrompt, recorder: LogprobRecorder | None) -> StreamDelta:
+        """The final delta: the rest of the text, finish reason and usage."""
+        if recorder is not None:
+            recorder.observe(self.tokens)  # the last token's logprob
+        return self.text.last_delta(self.tokens, self.params, self._release.sent, prompt.prompt_tokens)

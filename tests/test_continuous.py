@@ -302,3 +302,32 @@ def test_cancelling_an_event_loop_request_withdraws_it(continuous: Engine) -> No
     assert batcher._manager.output_router.result_handlers == {}
     out = continuous.generate_batch([GenerationInput(params=GREEDY, prompt="Ray")])[0]
     assert out.completion_tokens == GREEDY.max_tokens
+
+
+def test_a_reader_behind_by_several_steps_gets_only_the_newest_update(continuous: Engine) -> None:
+    """Updates are cumulative: a busy event loop that falls behind sends one delta for all the
+    steps it missed, never a stale one; the finishing update and an error are never skipped."""
+    import asyncio
+
+    from deployments.engine.pool import LoopSink, TokenUpdate
+
+    assert continuous.pool is not None
+    batcher = continuous.pool.batcher
+
+    async def read(items: list[TokenUpdate | BaseException]) -> list[TokenUpdate | str]:
+        sink = LoopSink(asyncio.get_running_loop())
+        for item in items:
+            sink.items.put_nowait(item)  # queued while the reader was busy
+        seen: list[TokenUpdate | str] = []
+        try:
+            async for update in batcher.aupdates("behind", sink):
+                seen.append(update)
+        except RuntimeError as exc:
+            seen.append(str(exc))
+        return seen
+
+    steps = [TokenUpdate(tuple(range(n)), finished=False) for n in (1, 2, 3)]
+    done = TokenUpdate((0, 1, 2, 3), finished=True)
+    assert asyncio.run(read([*steps, done])) == [done]
+    assert asyncio.run(read([steps[0], done, TokenUpdate((9,), finished=False)])) == [done]
+    assert asyncio.run(read([*steps, RuntimeError("batch failed")])) == ["batch failed"]

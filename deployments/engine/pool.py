@@ -481,6 +481,10 @@ class ContinuousBatcher:
         raises its error, if any. The caller releases the request (also when cancelled)."""
         while True:
             item = await sink.items.get()
+            # Updates are cumulative: a reader several steps behind (a busy loop) needs only the
+            # newest, so it decodes and sends one delta for them all instead of one per step.
+            while not isinstance(item, BaseException) and not item.finished and not sink.items.empty():
+                item = sink.items.get_nowait()
             if isinstance(item, BaseException):
                 raise item
             yield item

@@ -1,7 +1,7 @@
 """rayfit next to its speed peer, in one run: `transformers serve --continuous-batching`.
 
-    .venv/bin/python benchmarks/bench_peer.py                 # default demo config, ~6 min on 2 cores
-    .venv/bin/python benchmarks/bench_peer.py --requests 6 --max-tokens 32
+    .venv/bin/python benchmarks/bench_peer.py                 # default demo config, ~12 min on 2 cores
+    .venv/bin/python benchmarks/bench_peer.py --rounds 6 --max-tokens 32
 
 The peer is the same engine (transformers' continuous batching) on the same
 converted SmolLM2 directory, with no Ray in between, started here with
@@ -9,7 +9,17 @@ converted SmolLM2 directory, with no Ray in between, started here with
 default demo config (both roles; requests go to `summarizer`, the SmolLM2).
 Closed-loop chat completions at concurrency 1 and 8, for the four request
 shapes clients send: temperature unset (OpenAI's default 1.0) or 0, streamed
-or not. Cells alternate between the two servers so drift hits both.
+or not. Each cell is measured in several rounds; within a round the two
+servers run back to back (the order flips every round), and the figure that
+counts is the median over rounds of rayfit/peer in the same round: this VM's
+speed drifts by ±15% within minutes, a pair measured seconds apart drifts far
+less.
+
+Besides tok/s, each cell reports CPU milliseconds per generated token, all
+processes of a server together (the peer: its process tree; rayfit: every
+other process on the machine but this client, i.e. the replicas, ingress,
+proxy, controller, GCS and raylet). Unlike tok/s, that figure hardly moves
+with the VM's drift, and it says what the serving stack costs beside the model.
 
 Two peers, one after the other, one per way of decoding: `transformers serve` builds its
 continuous-batching manager from the *first* request's generation config and
@@ -35,6 +45,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import threading
@@ -43,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -86,8 +98,46 @@ def one_request(client: httpx.Client, url: str, model: str, shape: dict[str, Any
     return int(response.json()["usage"]["completion_tokens"])
 
 
-def closed_loop(url: str, model: str, shape: dict[str, Any], concurrency: int, per_client: int, max_tokens: int):
-    """(tok/s, requests, errors): `concurrency` clients each sending `per_client` requests back to back."""
+class CpuMeter:
+    """CPU seconds used by one server while a cell runs: the peer's process tree, or (rayfit)
+    every other process on the machine except this client (the replicas, ingress, proxy,
+    controller, GCS, raylet). Read per process: this VM's machine-wide counters miss them."""
+
+    def __init__(self, peer: psutil.Process):
+        self.peer = peer
+        self.me = psutil.Process()  # the client: its HTTP threads are not part of either server
+
+    def snapshot(self) -> dict[int, float]:
+        times: dict[int, float] = {}
+        for process in psutil.process_iter():
+            try:
+                cpu = process.cpu_times()
+                times[process.pid] = cpu.user + cpu.system
+            except psutil.Error:
+                pass
+        return times
+
+    def _tree(self, process: psutil.Process) -> set[int]:
+        try:
+            return {process.pid, *(child.pid for child in process.children(recursive=True))}
+        except psutil.Error:
+            return {process.pid}
+
+    def used(self, before: dict[int, float], server: str) -> float:
+        after = self.snapshot()
+        peer = self._tree(self.peer)
+        if server == "peer":
+            pids = peer
+        else:
+            # Not this client's children: ray.init() started the raylet and GCS as children of this process.
+            pids = set(after) - peer - {self.me.pid}
+        return sum(after[pid] - before.get(pid, 0.0) for pid in pids if pid in after)
+
+
+def closed_loop(
+    url: str, model: str, shape: dict[str, Any], concurrency: int, per_client: int, max_tokens: int
+) -> tuple[float, int, list[str], int]:
+    """(tok/s, requests, errors, tokens): `concurrency` clients each sending `per_client` requests back to back."""
     local = threading.local()
 
     def work() -> dict[str, Any]:
@@ -101,7 +151,7 @@ def closed_loop(url: str, model: str, shape: dict[str, Any], concurrency: int, p
     wall, results = run_concurrent(concurrency, per_client, work)
     tokens = [r["tokens"] for r in results if "tokens" in r]
     errors = [r["error"] for r in results if "error" in r]
-    return round(sum(tokens) / wall, 2), len(tokens), errors
+    return round(sum(tokens) / wall, 2), len(tokens), errors, sum(tokens)
 
 
 def start_peer(model_dir: Path, port: int) -> subprocess.Popen:
@@ -146,41 +196,82 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"rayfit vs `transformers serve --continuous-batching` (same SmolLM2 dir), {platform.node()} "
         f"({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-        f"closed loop, max_tokens {args.max_tokens}, {args.requests} requests per client; tok/s. "
+        f"closed loop, max_tokens {args.max_tokens}, {args.rounds} rounds of alternating pairs; "
+        "tok/s = median over rounds; ratio = median of the per-round rayfit/peer (p-range: min-max); "
+        "CPU = CPU ms per generated token, all processes of the server. "
         "Peer: a greedy one for the temperature-0 rows, a sampling one (temperature 1.0) for the unset rows",
         "",
-        "| request as clients send it | peer c=1 | peer c=8 | rayfit c=1 | rayfit c=8 "
-        "| rayfit/peer c=1 | rayfit/peer c=8 |",
+        "| request as clients send it | c | peer tok/s | rayfit tok/s | rayfit/peer (range) "
+        "| peer CPU ms/tok | rayfit CPU ms/tok |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(
-            f"| {row['shape']} | {row['peer_c1']} | {row['peer_c8']} | {row['rayfit_c1']} | {row['rayfit_c8']} "
-            f"| {row['ratio_c1']:.2f}× | {row['ratio_c8']:.2f}× |"
-        )
+        for c in (1, 8):
+            cell = row[f"c{c}"]
+            lines.append(
+                f"| {row['shape']} | {c} | {cell['peer_tok_s']} | {cell['rayfit_tok_s']} "
+                f"| **{cell['ratio']:.2f}×** ({cell['ratio_min']:.2f}–{cell['ratio_max']:.2f}) "
+                f"| {cell['peer_cpu_ms']} | {cell['rayfit_cpu_ms']} |"
+            )
     errors = sum(row["errors"] for row in rows)
     lines += ["", f"errors: {errors}", ""]
     return "\n".join(lines)
 
 
-def measure_row(name: str, shape: dict[str, Any], servers: dict[str, tuple[str, str]], args: argparse.Namespace):
-    """One table row: each server at c=1 and c=8, cells alternating between the servers."""
-    row: dict[str, Any] = {"shape": name, "errors": 0}
+def measure_round(
+    round_no: int,
+    name: str,
+    shape: dict[str, Any],
+    servers: dict[str, tuple[str, str]],
+    meter: CpuMeter,
+    row: dict[str, Any],
+    args: argparse.Namespace,
+) -> None:
+    """One round of one table row: both servers at c=1, then at c=8, back to back (order flips per round)."""
+    order = list(servers) if round_no % 2 == 0 else list(reversed(servers))
     for concurrency in (1, 8):
         per_client = args.requests * (2 if concurrency == 1 else 1)
-        for server, (url, model) in servers.items():
-            tok_s, done, errors = closed_loop(url, model, shape, concurrency, per_client, args.max_tokens)
-            row[f"{server}_c{concurrency}"] = tok_s
+        got: dict[str, float] = {}
+        for server in order:
+            url, model = servers[server]
+            before = meter.snapshot()
+            tok_s, done, errors, tokens = closed_loop(url, model, shape, concurrency, per_client, args.max_tokens)
+            cpu_ms = 1000 * meter.used(before, server) / max(tokens, 1)
+            got[server] = tok_s
+            samples = row.setdefault(f"c{concurrency}_samples", {"peer": [], "rayfit": [], "ratio": [], "cpu": {}})
+            samples[server].append(tok_s)
+            samples["cpu"].setdefault(server, []).append(cpu_ms)
             row["errors"] += len(errors)
-            print(f"{name}, c={concurrency}, {server}: {tok_s} tok/s ({done} ok, {len(errors)} errors)")
-        row[f"ratio_c{concurrency}"] = row[f"rayfit_c{concurrency}"] / max(row[f"peer_c{concurrency}"], 1e-9)
+            print(
+                f"round {round_no} {name}, c={concurrency}, {server}: {tok_s} tok/s, "
+                f"{cpu_ms:.1f} CPU ms/token ({done} ok, {len(errors)} errors)",
+                flush=True,
+            )
+        samples["ratio"].append(got["rayfit"] / max(got["peer"], 1e-9))
+
+
+def summarize(row: dict[str, Any]) -> dict[str, Any]:
+    """Medians over rounds of each cell's samples."""
+    for concurrency in (1, 8):
+        samples = row.pop(f"c{concurrency}_samples")
+        row[f"c{concurrency}"] = {
+            "peer_tok_s": round(statistics.median(samples["peer"]), 2),
+            "rayfit_tok_s": round(statistics.median(samples["rayfit"]), 2),
+            "ratio": statistics.median(samples["ratio"]),
+            "ratio_min": min(samples["ratio"]),
+            "ratio_max": max(samples["ratio"]),
+            "ratios": [round(r, 3) for r in samples["ratio"]],
+            "peer_cpu_ms": round(statistics.median(samples["cpu"]["peer"]), 1),
+            "rayfit_cpu_ms": round(statistics.median(samples["cpu"]["rayfit"]), 1),
+        }
     return row
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--requests", type=int, default=4, help="requests per client in each cell")
+    parser.add_argument("--requests", type=int, default=1, help="requests per client in a c=8 cell (twice that at c=1)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating pairs per cell")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     model_dir = smollm2_dir()
@@ -196,19 +287,22 @@ def main(argv: list[str] | None = None) -> int:
             peer_url = f"http://127.0.0.1:{port}"
             closed_loop(peer_url, str(model_dir), {"stream": False, "temperature": temperature}, 1, 1, args.max_tokens)
             servers = {"peer": (peer_url, str(model_dir)), "rayfit": (rayfit_url, ROLE)}
-            for name, shape in SHAPES.items():
-                if (shape.get("temperature") == 0) != (temperature == 0):
-                    continue
-                rows_by_shape[name] = measure_row(name, shape, servers, args)
+            meter = CpuMeter(psutil.Process(peer.pid))
+            shapes = {n: s for n, s in SHAPES.items() if (s.get("temperature") == 0) == (temperature == 0)}
+            for round_no in range(args.rounds):
+                for name, shape in shapes.items():
+                    row = rows_by_shape.setdefault(name, {"shape": name, "errors": 0})
+                    measure_round(round_no, name, shape, servers, meter, row, args)
         finally:
             peer.terminate()
             peer.wait(timeout=30)
-    rows = [rows_by_shape[name] for name in SHAPES]
+    rows = [summarize(rows_by_shape[name]) for name in SHAPES]
     report = markdown(rows, args)
     print("\n" + report)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_peer.md").write_text(report)
-    (args.out / "bench_peer.json").write_text(json.dumps({"rows": rows, "max_tokens": args.max_tokens}, indent=1))
+    payload = {"rows": rows, "max_tokens": args.max_tokens, "rounds": args.rounds, "requests": args.requests}
+    (args.out / "bench_peer.json").write_text(json.dumps(payload, indent=1))
     return 0
 
 

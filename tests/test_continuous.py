@@ -197,6 +197,8 @@ def test_greedy_rows_skip_sampling_next_to_sampled_rows(classic: Engine, continu
     assert continuous.pool is not None
     runner = continuous.pool.batcher._manager.batch_processor.model_runner
     assert isinstance(runner._sample, _GreedyAwareSampler)
+    # The sampler argmaxes greedy rows itself, so the top-p warper no longer masks them each step.
+    assert runner._sample.top_p.sampler_picks_greedy
     greedy = [GenerationInput(params=GREEDY, prompt=p) for p in PROMPTS[:2]]
     sampled = GenerationInput(params=SamplingParams(max_tokens=12, temperature=0.9, top_p=0.8), prompt="The quick")
     outputs = continuous.generate_batch([greedy[0], sampled, greedy[1]])

@@ -111,17 +111,24 @@ class _CheapTopP(ContinuousBatchingTopPLogitsWarper):
     rows where it changes nothing. Here a greedy row (top-p 0) keeps its argmax
     (one max, no sort), a top-p 1 row (OpenAI's default) is left alone, and
     only rows with 0 < top-p < 1 go through the stock sort.
+
+    Once `_GreedyAwareSampler` takes every greedy row's argmax itself
+    (`sampler_picks_greedy`), cutting those rows to their argmax here is
+    work nobody reads (an argmax, a mask and a copy of the scores each step):
+    it is skipped, and only the greedy rows are noted for the sampler.
     """
 
     # This step's greedy rows [rows] (bool), for `_GreedyAwareSampler`; None once it has read them.
     greedy_rows: torch.Tensor | None = None
+    # Set while the runner's sampling step is a `_GreedyAwareSampler` that argmaxes greedy rows itself.
+    sampler_picks_greedy: bool = False
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         top_p = tensor_arg[: scores.size(0)].view(dtype=torch.float32)  # [rows]
         greedy, untouched = top_p <= 0, top_p >= 1
         self.greedy_rows = greedy
         out = scores
-        if bool(greedy.any()):
+        if not self.sampler_picks_greedy and bool(greedy.any()):
             best = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.argmax(dim=-1, keepdim=True), True)
             out = scores.masked_fill(greedy.unsqueeze(-1) & ~best, self.filter_value)
         nucleus = ~(greedy | untouched)
@@ -148,18 +155,22 @@ class _GreedyAwareSampler:
     """The model runner's sampling step, without softmax and multinomial for greedy rows.
 
     The manager samples every row (`do_sample` is one switch): softmax over the
-    vocabulary, then a multinomial draw, also for greedy rows whose scores
-    `_CheapTopP` already cut to their argmax (profiled: ~9% of a decode step).
-    Here every row takes its argmax, and only sampled rows go through softmax +
-    multinomial. A greedy row gets the same token as before; sampled rows draw
-    from the same distribution (their random draws differ, none is seeded).
-    With log probabilities asked for, or no greedy row, the stock step runs.
+    vocabulary, then a multinomial draw, also for greedy rows (profiled: ~9% of
+    a decode step). Here every row takes its argmax, and only sampled rows go
+    through softmax + multinomial. A greedy row gets the token greedy decoding
+    gives; sampled rows draw from the same distribution (their random draws
+    differ, none is seeded). With log probabilities asked for (the runner's
+    `return_logprobs`, fixed when the manager is built) the stock step runs, and
+    `_CheapTopP` then cuts greedy rows to their argmax itself; with no greedy
+    row in the step it runs too (nothing to skip).
     """
 
     def __init__(self, runner: Any, top_p: _CheapTopP):
         self.stock = runner._sample
         self.runner = runner
         self.top_p = top_p
+        # The stock step (logprobs asked for) needs greedy rows cut to their argmax by the warper.
+        top_p.sampler_picks_greedy = not runner.return_logprobs
 
     def __call__(self, scores: torch.Tensor, output_ids: torch.Tensor) -> None:
         logits = scores[0]  # [rows, vocab]

@@ -98,6 +98,16 @@ def one_request(client: httpx.Client, url: str, model: str, shape: dict[str, Any
     return int(response.json()["usage"]["completion_tokens"])
 
 
+# rayfit's processes by the title Ray gives each (first match wins), for the CPU breakdown.
+RAYFIT_PARTS = (
+    (f"ServeReplica:rayfit:{ROLE}", "model replica"),
+    ("ServeReplica:rayfit:Ingress", "ingress"),
+    ("ProxyActor", "proxy"),
+    ("ServeController", "controller"),
+    ("ServeReplica:rayfit:", "other replicas"),
+)
+
+
 class CpuMeter:
     """CPU seconds used by one server while a cell runs: the peer's process tree, or (rayfit)
     every other process on the machine except this client (the replicas, ingress, proxy,
@@ -117,21 +127,38 @@ class CpuMeter:
                 pass
         return times
 
+    @staticmethod
+    def part(pid: int) -> str:
+        """Which part of rayfit a process is, from the title Ray gives it."""
+        try:
+            title = " ".join(psutil.Process(pid).cmdline())
+        except psutil.Error:
+            return "other"
+        for marker, name in RAYFIT_PARTS:
+            if marker in title:
+                return name
+        return "other"
+
     def _tree(self, process: psutil.Process) -> set[int]:
         try:
             return {process.pid, *(child.pid for child in process.children(recursive=True))}
         except psutil.Error:
             return {process.pid}
 
-    def used(self, before: dict[int, float], server: str) -> float:
+    def used(self, before: dict[int, float], server: str) -> dict[str, float]:
+        """CPU seconds since `before`: {"total": ...}, and for rayfit also per part (RAYFIT_PARTS)."""
         after = self.snapshot()
         peer = self._tree(self.peer)
         if server == "peer":
-            pids = peer
-        else:
-            # Not this client's children: ray.init() started the raylet and GCS as children of this process.
-            pids = set(after) - peer - {self.me.pid}
-        return sum(after[pid] - before.get(pid, 0.0) for pid in pids if pid in after)
+            return {"total": sum(after[pid] - before.get(pid, 0.0) for pid in peer if pid in after)}
+        # Not this client's children: ray.init() started the raylet and GCS as children of this process.
+        parts: dict[str, float] = {}
+        for pid in set(after) - peer - {self.me.pid}:
+            used = after[pid] - before.get(pid, 0.0)
+            if used > 0:
+                name = self.part(pid)
+                parts[name] = parts.get(name, 0.0) + used
+        return {"total": sum(parts.values()), **parts}
 
 
 def closed_loop(
@@ -213,6 +240,18 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 f"| **{cell['ratio']:.2f}×** ({cell['ratio_min']:.2f}–{cell['ratio_max']:.2f}) "
                 f"| {cell['peer_cpu_ms']} | {cell['rayfit_cpu_ms']} |"
             )
+    parts = [name for _, name in RAYFIT_PARTS] + ["other"]
+    lines += [
+        "",
+        "rayfit's CPU ms per generated token by process at c=8 (medians over rounds; "
+        "'other' = GCS, raylet, dashboard agent and the rest of Ray):",
+        "",
+        "| request as clients send it | " + " | ".join(parts) + " |",
+        "|---|" + "---|" * len(parts),
+    ]
+    for row in rows:
+        by_part = row["c8"]["rayfit_cpu_ms_by_part"]
+        lines.append(f"| {row['shape']} | " + " | ".join(str(by_part.get(part, 0.0)) for part in parts) + " |")
     errors = sum(row["errors"] for row in rows)
     lines += ["", f"errors: {errors}", ""]
     return "\n".join(lines)
@@ -236,11 +275,17 @@ def measure_round(
             url, model = servers[server]
             before = meter.snapshot()
             tok_s, done, errors, tokens = closed_loop(url, model, shape, concurrency, per_client, args.max_tokens)
-            cpu_ms = 1000 * meter.used(before, server) / max(tokens, 1)
+            used_ms = {part: 1000 * seconds / max(tokens, 1) for part, seconds in meter.used(before, server).items()}
+            cpu_ms = used_ms.pop("total")
             got[server] = tok_s
-            samples = row.setdefault(f"c{concurrency}_samples", {"peer": [], "rayfit": [], "ratio": [], "cpu": {}})
+            samples = row.setdefault(
+                f"c{concurrency}_samples", {"peer": [], "rayfit": [], "ratio": [], "cpu": {}, "parts": {}}
+            )
             samples[server].append(tok_s)
             samples["cpu"].setdefault(server, []).append(cpu_ms)
+            if server == "rayfit":
+                for part, ms in used_ms.items():
+                    samples["parts"].setdefault(part, []).append(ms)
             row["errors"] += len(errors)
             print(
                 f"round {round_no} {name}, c={concurrency}, {server}: {tok_s} tok/s, "
@@ -263,6 +308,8 @@ def summarize(row: dict[str, Any]) -> dict[str, Any]:
             "ratios": [round(r, 3) for r in samples["ratio"]],
             "peer_cpu_ms": round(statistics.median(samples["cpu"]["peer"]), 1),
             "rayfit_cpu_ms": round(statistics.median(samples["cpu"]["rayfit"]), 1),
+            # A part idle in some round has no sample there: medians over the rounds it used CPU in.
+            "rayfit_cpu_ms_by_part": {part: round(statistics.median(ms), 2) for part, ms in samples["parts"].items()},
         }
     return row
 

@@ -21,16 +21,20 @@ other process on the machine but this client, i.e. the replicas, ingress,
 proxy, controller, GCS and raylet). Unlike tok/s, that figure hardly moves
 with the VM's drift, and it says what the serving stack costs beside the model.
 
-Two peers, one after the other, one per way of decoding: `transformers serve` builds its
-continuous-batching manager from the *first* request's generation config and
-decodes every later request that way (transformers 5.24,
-`cli/serving/utils.py`), and a request without `temperature` gets the model's
-default, which for SmolLM2 is greedy. So one peer is started with a
-temperature-0 request and answers the temperature-0 rows, the other with a
-temperature-1.0 request and answers the "temperature unset" rows, which rayfit
-samples at OpenAI's default 1.0. (Before this, both kinds of rows went to one
-greedy peer: the "temperature unset" rows compared rayfit sampling with the
-peer decoding greedily.)
+Two peers, one after the other, one per way of decoding. `transformers serve`
+(5.25) builds its continuous-batching manager once, from the model directory's
+`generation_config.json`, and decodes every request that way: sampling or
+not is one switch of the manager, and a request's temperature is applied only
+if that config already names one (`cli/serving/utils.py`). SmolLM2's config
+names none, so a plain peer decodes *every* request greedily, whatever its
+temperature. So the temperature-0 rows go to a peer on the model directory as
+it is, and the "temperature unset" rows (rayfit samples them at OpenAI's
+default 1.0) to a peer on a copy of the directory whose generation config says
+`do_sample: true` (temperature 1.0, top-p 1.0): that peer samples every request.
+(transformers 5.24 built the manager from the first request instead; earlier
+versions of this script primed the peer with a first request, which 5.25
+ignores: their "temperature unset" rows compared rayfit sampling with a peer
+decoding greedily.)
 
 Caveat (measured on Ray 2.60): Ray starts every worker process, so every
 rayfit replica, at nice 15, while the peers started from this script run at
@@ -45,9 +49,11 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -181,6 +187,18 @@ def closed_loop(
     return round(sum(tokens) / wall, 2), len(tokens), errors, sum(tokens)
 
 
+def sampling_copy(model_dir: Path, into: Path) -> Path:
+    """`model_dir` as a directory of links whose generation config samples (temperature 1.0, top-p 1.0)."""
+    into.mkdir(parents=True, exist_ok=True)
+    for item in model_dir.iterdir():
+        if item.name != "generation_config.json":
+            (into / item.name).symlink_to(item.resolve())
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    config.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=None)
+    (into / "generation_config.json").write_text(json.dumps(config, indent=1))
+    return into
+
+
 def start_peer(model_dir: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [
@@ -226,7 +244,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"closed loop, max_tokens {args.max_tokens}, {args.rounds} rounds of alternating pairs; "
         "tok/s = median over rounds; ratio = median of the per-round rayfit/peer (p-range: min-max); "
         "CPU = CPU ms per generated token, all processes of the server. "
-        "Peer: a greedy one for the temperature-0 rows, a sampling one (temperature 1.0) for the unset rows",
+        "Peer: a greedy one for the temperature-0 rows, one whose generation config samples (temperature 1.0) "
+        "for the unset rows",
         "",
         "| request as clients send it | c | peer tok/s | rayfit tok/s | rayfit/peer (range) "
         "| peer CPU ms/tok | rayfit CPU ms/tok |",
@@ -325,15 +344,17 @@ def main(argv: list[str] | None = None) -> int:
     rayfit_url = start_rayfit()
     closed_loop(rayfit_url, ROLE, SHAPES["temperature 0, non-streaming"], 2, 1, args.max_tokens)  # warm-up
     rows_by_shape: dict[str, dict[str, Any]] = {}
-    # One peer at a time (each holds ~13 GiB here: its KV cache is sized from free memory), its first
-    # request fixing how it decodes (see the module docstring): the greedy one, then the sampling one.
+    # One peer at a time (each holds ~13 GiB here: its KV cache is sized from free memory): the greedy
+    # one on the model directory, then the sampling one on a copy whose generation config samples.
+    scratch = Path(tempfile.mkdtemp(prefix="bench-peer-"))
     for temperature in (0, 1.0):
+        peer_dir = model_dir if temperature == 0 else sampling_copy(model_dir, scratch / model_dir.name)
         port = free_port()
-        peer = start_peer(model_dir, port)
+        peer = start_peer(peer_dir, port)
         try:
             peer_url = f"http://127.0.0.1:{port}"
-            closed_loop(peer_url, str(model_dir), {"stream": False, "temperature": temperature}, 1, 1, args.max_tokens)
-            servers = {"peer": (peer_url, str(model_dir)), "rayfit": (rayfit_url, ROLE)}
+            closed_loop(peer_url, str(peer_dir), {"stream": False, "temperature": temperature}, 1, 1, args.max_tokens)
+            servers = {"peer": (peer_url, str(peer_dir)), "rayfit": (rayfit_url, ROLE)}
             meter = CpuMeter(psutil.Process(peer.pid))
             shapes = {n: s for n, s in SHAPES.items() if (s.get("temperature") == 0) == (temperature == 0)}
             for round_no in range(args.rounds):
@@ -343,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             peer.terminate()
             peer.wait(timeout=30)
+    shutil.rmtree(scratch, ignore_errors=True)
     rows = [summarize(rows_by_shape[name]) for name in SHAPES]
     report = markdown(rows, args)
     print("\n" + report)

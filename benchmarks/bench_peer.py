@@ -49,6 +49,7 @@ import argparse
 import json
 import os
 import platform
+import queue
 import shutil
 import statistics
 import subprocess
@@ -117,13 +118,19 @@ RAYFIT_PARTS = (
 class CpuMeter:
     """CPU seconds used by one server while a cell runs: the peer's process tree, or (rayfit)
     every other process on the machine except this client (the replicas, ingress, proxy,
-    controller, GCS, raylet). Read per process: this VM's machine-wide counters miss them."""
+    controller, GCS, raylet). Read per process: this VM's machine-wide counters miss them.
 
-    def __init__(self, peer: psutil.Process):
+    Also the CPU of each server's busiest thread, its decoding loop (transformers' batching
+    thread, in the peer as in the model replica): that one says whether the engine itself
+    costs the same per token on both sides, apart from the serving around it."""
+
+    def __init__(self, peer: psutil.Process, replica_pid: int):
         self.peer = peer
+        self.replica_pid = replica_pid
         self.me = psutil.Process()  # the client: its HTTP threads are not part of either server
 
-    def snapshot(self) -> dict[int, float]:
+    def snapshot(self) -> tuple[dict[int, float], dict[tuple[int, int], float]]:
+        """CPU seconds so far of every process, and of every thread of the two servers' model processes."""
         times: dict[int, float] = {}
         for process in psutil.process_iter():
             try:
@@ -131,7 +138,14 @@ class CpuMeter:
                 times[process.pid] = cpu.user + cpu.system
             except psutil.Error:
                 pass
-        return times
+        threads: dict[tuple[int, int], float] = {}
+        for pid in self._tree(self.peer) | {self.replica_pid}:
+            try:
+                for thread in psutil.Process(pid).threads():
+                    threads[(pid, thread.id)] = thread.user_time + thread.system_time
+            except psutil.Error:
+                pass
+        return times, threads
 
     @staticmethod
     def part(pid: int) -> str:
@@ -151,37 +165,55 @@ class CpuMeter:
         except psutil.Error:
             return {process.pid}
 
-    def used(self, before: dict[int, float], server: str) -> dict[str, float]:
-        """CPU seconds since `before`: {"total": ...}, and for rayfit also per part (RAYFIT_PARTS)."""
-        after = self.snapshot()
+    def used(self, before: tuple[dict[int, float], dict[tuple[int, int], float]], server: str) -> dict[str, float]:
+        """CPU seconds since `before`: {"total": ..., "decode thread": ...}, and for rayfit also per part
+        (RAYFIT_PARTS)."""
+        (after, threads_after), (before_times, threads_before) = self.snapshot(), before
         peer = self._tree(self.peer)
+        server_pids = peer if server == "peer" else {self.replica_pid}
+        decode = max(
+            (t - threads_before.get(key, 0.0) for key, t in threads_after.items() if key[0] in server_pids),
+            default=0.0,
+        )
         if server == "peer":
-            return {"total": sum(after[pid] - before.get(pid, 0.0) for pid in peer if pid in after)}
+            total = sum(after[pid] - before_times.get(pid, 0.0) for pid in peer if pid in after)
+            return {"total": total, "decode thread": decode}
         # Not this client's children: ray.init() started the raylet and GCS as children of this process.
         parts: dict[str, float] = {}
         for pid in set(after) - peer - {self.me.pid}:
-            used = after[pid] - before.get(pid, 0.0)
+            used = after[pid] - before_times.get(pid, 0.0)
             if used > 0:
                 name = self.part(pid)
                 parts[name] = parts.get(name, 0.0) + used
-        return {"total": sum(parts.values()), **parts}
+        return {"total": sum(parts.values()), "decode thread": decode, **parts}
 
 
 def closed_loop(
     url: str, model: str, shape: dict[str, Any], concurrency: int, per_client: int, max_tokens: int
 ) -> tuple[float, int, list[str], int]:
-    """(tok/s, requests, errors, tokens): `concurrency` clients each sending `per_client` requests back to back."""
+    """(tok/s, requests, errors, tokens): `concurrency` clients each sending `per_client` requests back to back.
+
+    The clients are built before the clock starts: building one (its TLS context) takes tens of
+    milliseconds of this process's CPU, eight at once ~0.3 s, which is the client's cost, not a server's."""
     local = threading.local()
+    clients = [httpx.Client() for _ in range(concurrency)]
+    idle: queue.SimpleQueue[httpx.Client] = queue.SimpleQueue()
+    for client in clients:
+        idle.put(client)
 
     def work() -> dict[str, Any]:
         if not hasattr(local, "client"):
-            local.client = httpx.Client()
+            local.client = idle.get_nowait()
         try:
             return {"tokens": one_request(local.client, url, model, shape, max_tokens)}
         except Exception as exc:  # counted, reported
             return {"error": f"{type(exc).__name__}: {exc}"}
 
-    wall, results = run_concurrent(concurrency, per_client, work)
+    try:
+        wall, results = run_concurrent(concurrency, per_client, work)
+    finally:
+        for client in clients:
+            client.close()
     tokens = [r["tokens"] for r in results if "tokens" in r]
     errors = [r["error"] for r in results if "error" in r]
     return round(sum(tokens) / wall, 2), len(tokens), errors, sum(tokens)
@@ -243,13 +275,14 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"closed loop, max_tokens {args.max_tokens}, {args.rounds} rounds of alternating pairs; "
         "tok/s = median over rounds; ratio = median of the per-round rayfit/peer (p-range: min-max); "
-        "CPU = CPU ms per generated token, all processes of the server. "
+        "CPU = CPU ms per generated token, all processes of the server; decode thread = the CPU ms per token "
+        "of the server's busiest thread (transformers' batching loop). "
         "Peer: a greedy one for the temperature-0 rows, one whose generation config samples (temperature 1.0) "
         "for the unset rows",
         "",
         "| request as clients send it | c | peer tok/s | rayfit tok/s | rayfit/peer (range) "
-        "| peer CPU ms/tok | rayfit CPU ms/tok |",
-        "|---|---|---|---|---|---|---|",
+        "| peer CPU ms/tok | rayfit CPU ms/tok | decode thread: peer | decode thread: rayfit |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         for c in (1, 8):
@@ -257,7 +290,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             lines.append(
                 f"| {row['shape']} | {c} | {cell['peer_tok_s']} | {cell['rayfit_tok_s']} "
                 f"| **{cell['ratio']:.2f}×** ({cell['ratio_min']:.2f}–{cell['ratio_max']:.2f}) "
-                f"| {cell['peer_cpu_ms']} | {cell['rayfit_cpu_ms']} |"
+                f"| {cell['peer_cpu_ms']} | {cell['rayfit_cpu_ms']} "
+                f"| {cell['peer_decode_cpu_ms']} | {cell['rayfit_decode_cpu_ms']} |"
             )
     parts = [name for _, name in RAYFIT_PARTS] + ["other"]
     lines += [
@@ -296,19 +330,22 @@ def measure_round(
             tok_s, done, errors, tokens = closed_loop(url, model, shape, concurrency, per_client, args.max_tokens)
             used_ms = {part: 1000 * seconds / max(tokens, 1) for part, seconds in meter.used(before, server).items()}
             cpu_ms = used_ms.pop("total")
+            decode_ms = used_ms.pop("decode thread")
             got[server] = tok_s
             samples = row.setdefault(
-                f"c{concurrency}_samples", {"peer": [], "rayfit": [], "ratio": [], "cpu": {}, "parts": {}}
+                f"c{concurrency}_samples",
+                {"peer": [], "rayfit": [], "ratio": [], "cpu": {}, "decode": {}, "parts": {}},
             )
             samples[server].append(tok_s)
             samples["cpu"].setdefault(server, []).append(cpu_ms)
+            samples["decode"].setdefault(server, []).append(decode_ms)
             if server == "rayfit":
                 for part, ms in used_ms.items():
                     samples["parts"].setdefault(part, []).append(ms)
             row["errors"] += len(errors)
             print(
                 f"round {round_no} {name}, c={concurrency}, {server}: {tok_s} tok/s, "
-                f"{cpu_ms:.1f} CPU ms/token ({done} ok, {len(errors)} errors)",
+                f"{cpu_ms:.1f} CPU ms/token, decode thread {decode_ms:.1f} ({done} ok, {len(errors)} errors)",
                 flush=True,
             )
         samples["ratio"].append(got["rayfit"] / max(got["peer"], 1e-9))
@@ -327,6 +364,8 @@ def summarize(row: dict[str, Any]) -> dict[str, Any]:
             "ratios": [round(r, 3) for r in samples["ratio"]],
             "peer_cpu_ms": round(statistics.median(samples["cpu"]["peer"]), 1),
             "rayfit_cpu_ms": round(statistics.median(samples["cpu"]["rayfit"]), 1),
+            "peer_decode_cpu_ms": round(statistics.median(samples["decode"]["peer"]), 1),
+            "rayfit_decode_cpu_ms": round(statistics.median(samples["decode"]["rayfit"]), 1),
             # A part idle in some round has no sample there: medians over the rounds it used CPU in.
             "rayfit_cpu_ms_by_part": {part: round(statistics.median(ms), 2) for part, ms in samples["parts"].items()},
         }
@@ -343,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = smollm2_dir()
     rayfit_url = start_rayfit()
     closed_loop(rayfit_url, ROLE, SHAPES["temperature 0, non-streaming"], 2, 1, args.max_tokens)  # warm-up
+    placement = httpx.get(f"{rayfit_url}/v1/placement", timeout=60).json()
+    replica_pid = int(placement["models"][ROLE]["replica"]["actual"]["pid"])
     rows_by_shape: dict[str, dict[str, Any]] = {}
     # One peer at a time (each holds ~13 GiB here: its KV cache is sized from free memory): the greedy
     # one on the model directory, then the sampling one on a copy whose generation config samples.
@@ -355,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             peer_url = f"http://127.0.0.1:{port}"
             closed_loop(peer_url, str(peer_dir), {"stream": False, "temperature": temperature}, 1, 1, args.max_tokens)
             servers = {"peer": (peer_url, str(peer_dir)), "rayfit": (rayfit_url, ROLE)}
-            meter = CpuMeter(psutil.Process(peer.pid))
+            meter = CpuMeter(psutil.Process(peer.pid), replica_pid)
             shapes = {n: s for n, s in SHAPES.items() if (s.get("temperature") == 0) == (temperature == 0)}
             for round_no in range(args.rounds):
                 for name, shape in shapes.items():

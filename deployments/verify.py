@@ -133,12 +133,18 @@ def _rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def memory_report(model: torch.nn.Module) -> dict[str, int | str]:
-    """Memory the loaded model holds: CUDA allocated/reserved per visible GPU, or process RSS on CPU."""
+def weights_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (a walk over every tensor: take it once per load)."""
+    return int(model.get_memory_footprint()) if hasattr(model, "get_memory_footprint") else 0
+
+
+def memory_report(model: torch.nn.Module, weights: int | None = None) -> dict[str, int | str]:
+    """Memory the loaded model holds: CUDA allocated/reserved per visible GPU, or process RSS on CPU.
+    `weights`: the model's `weights_bytes`, when the caller has it already."""
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     report: dict[str, int | str] = {"device": str(device)}
-    report["weights_bytes"] = int(model.get_memory_footprint()) if hasattr(model, "get_memory_footprint") else 0
+    report["weights_bytes"] = weights_bytes(model) if weights is None else weights
     if device.type == "cuda":
         for index in range(torch.cuda.device_count()):
             report[f"cuda:{index}_allocated_bytes"] = int(torch.cuda.memory_allocated(index))

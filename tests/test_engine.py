@@ -216,6 +216,9 @@ def test_check_placement_cpu(monkeypatch: pytest.MonkeyPatch, text_loaded: Loade
     assert actual.cuda_visible_devices == "" and actual.device_uuids == ()
     report = memory_report(text_loaded.model)
     assert report["device"] == "cpu" and int(report["rss_bytes"]) > 0
+    assert report["weights_bytes"] == text_loaded.model.get_memory_footprint() > 0
+    # A replica takes the weights' size once and passes it on every later report.
+    assert memory_report(text_loaded.model, weights=12345)["weights_bytes"] == 12345
 
 
 def test_check_placement_mismatch(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,6 +20,9 @@ processes of a server together (the peer: its process tree; rayfit: every
 other process on the machine but this client, i.e. the replicas, ingress,
 proxy, controller, GCS and raylet). Unlike tok/s, that figure hardly moves
 with the VM's drift, and it says what the serving stack costs beside the model.
+The busiest thread of each server (transformers' batching loop, in the peer as
+in the model replica) is also measured on its own: "decode thread" CPU ms per
+token, the engine's cost apart from the serving around it.
 
 Two peers, one after the other, one per way of decoding. `transformers serve`
 (5.25) builds its continuous-batching manager once, from the model directory's

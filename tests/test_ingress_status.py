@@ -44,6 +44,8 @@ LONG = {"temperature": 0, "max_tokens": 200}
 # Any answer slower than this is a hang: the test fails.
 CLIENT_TIMEOUT_S = 60
 WAITERS = 48
+# Nothing here tests draining: replicas stop within seconds when the module ends (the defaults wait up to 120 s).
+QUICK_STOP = {"graceful_shutdown_timeout_s": 2, "ingress_graceful_shutdown_timeout_s": 2}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,9 @@ def base_url(port: int, tmp_path_factory: pytest.TempPathFactory, tiny_text_mode
         root / "models.yaml",
         {STUCK: {**common, "memory_gb": 15}, READY: {**common, "memory_gb": 1, "max_tokens_cap": 256}},
     )
-    args = AppArgs(model_config=str(path), rules=str(root / "rules.yaml"), gpus="2x24GB", unavailable_timeout_s=3)
+    args = AppArgs(
+        model_config=str(path), rules=str(root / "rules.yaml"), gpus="2x24GB", unavailable_timeout_s=3, **QUICK_STOP
+    )
     serve._run(build_app(args), name=APP, route_prefix="/", _blocking=False)  # `stuck` never gets healthy
 
     def ready_serves() -> bool:
@@ -72,7 +76,11 @@ def base_url(port: int, tmp_path_factory: pytest.TempPathFactory, tiny_text_mode
     assert serve.status().applications[APP].deployments[STUCK].status == "UPDATING"
     tight = model_config(root / "tight.yaml", {READY: {**common, "memory_gb": 1, "max_tokens_cap": 256}})
     tight_args = AppArgs(
-        model_config=str(tight), gpus="none", ingress_max_ongoing_requests=1, ingress_max_queued_requests=1
+        model_config=str(tight),
+        gpus="none",
+        ingress_max_ongoing_requests=1,
+        ingress_max_queued_requests=1,
+        **QUICK_STOP,
     )
     serve.run(build_app(tight_args), name=TIGHT, route_prefix=f"/{TIGHT}")
     return f"http://127.0.0.1:{port}"

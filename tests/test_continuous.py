@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from test_engine import _entry
 
 from deployments.engine import Engine
@@ -204,6 +205,27 @@ def test_greedy_rows_skip_sampling_next_to_sampled_rows(classic: Engine, continu
     outputs = continuous.generate_batch([greedy[0], sampled, greedy[1]])
     assert [outputs[0], outputs[2]] == [classic.generate_batch([g])[0] for g in greedy]
     assert outputs[1].completion_tokens > 0
+
+
+def test_a_step_whose_greedy_rows_are_unknown_fails_rather_than_samples(continuous: Engine) -> None:
+    """The sampler knows greedy rows only from the top-p warper of the same step. Called without
+    them (or for another row count), it refuses: the stock step would sample temperature-0 rows."""
+    assert continuous.pool is not None and continuous.load_report()["pool_requests_live"] == 0  # idle: no step runs
+    sampler = continuous.pool.batcher._manager.batch_processor.model_runner._sample
+    vocab = int(continuous.model.config.get_text_config().vocab_size)
+    scores, output_ids = torch.randn(1, 2, vocab), torch.zeros(1, 2, dtype=torch.long)
+    sampler.top_p.greedy_rows = None
+    with pytest.raises(RuntimeError, match="greedy rows unknown"):
+        sampler(scores, output_ids)
+    sampler.top_p.greedy_rows = torch.tensor([True, False, True])  # noted for 3 rows, 2 to sample
+    with pytest.raises(RuntimeError, match="greedy rows unknown"):
+        sampler(scores, output_ids)
+    # Noted for this step's rows: greedy rows take their argmax.
+    sampler.top_p.greedy_rows = torch.tensor([True, True])
+    sampler(scores, output_ids)
+    assert output_ids[0].tolist() == scores[0].argmax(dim=-1).tolist()
+    # The engine still serves greedy requests as the classic path does.
+    assert continuous.generate_batch([GenerationInput(params=GREEDY, prompt=PROMPTS[0])])[0].completion_tokens > 0
 
 
 def test_a_short_request_is_not_stuck_behind_long_ones(continuous: Engine) -> None:

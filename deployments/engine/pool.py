@@ -162,7 +162,8 @@ class _GreedyAwareSampler:
     differ, none is seeded). With log probabilities asked for (the runner's
     `return_logprobs`, fixed when the manager is built) the stock step runs, and
     `_CheapTopP` then cuts greedy rows to their argmax itself; with no greedy
-    row in the step it runs too (nothing to skip).
+    row in the step it runs too (nothing to skip). A step whose greedy rows the
+    warper did not note fails rather than sample them.
     """
 
     def __init__(self, runner: Any, top_p: _CheapTopP):
@@ -175,8 +176,16 @@ class _GreedyAwareSampler:
     def __call__(self, scores: torch.Tensor, output_ids: torch.Tensor) -> None:
         logits = scores[0]  # [rows, vocab]
         greedy, self.top_p.greedy_rows = self.top_p.greedy_rows, None
-        if self.runner.return_logprobs or greedy is None or greedy.numel() != logits.size(0):
-            return self.stock(scores, output_ids)
+        if self.runner.return_logprobs:
+            return self.stock(scores, output_ids)  # the warper cut greedy rows to their argmax
+        if greedy is None or greedy.numel() != logits.size(0):
+            # The warper did not see these rows, so which of them are greedy is unknown, and the stock
+            # step would sample temperature-0 requests. Fail the step instead: the batcher restarts and
+            # its requests are answered "retry" (a 503), never with silently sampled text.
+            raise RuntimeError(
+                f"greedy rows unknown for this step ({'none noted' if greedy is None else greedy.numel()} "
+                f"for {logits.size(0)} rows): the top-p warper did not run before sampling"
+            )
         if not bool(greedy.any()):
             return self.stock(scores, output_ids)  # every row samples: nothing to skip
         next_tokens = logits.argmax(dim=-1)  # [rows]

@@ -128,9 +128,11 @@ class CpuMeter:
     costs the same per token on both sides, apart from the serving around it."""
 
     def __init__(self, peer: psutil.Process, replica_pid: int):
-        self.peer = peer
+        # Read once: the meter is built after the peer's first answer, when its workers exist.
+        self.peer_pids = _process_tree(peer)
         self.replica_pid = replica_pid
         self.me = psutil.Process()  # the client: its HTTP threads are not part of either server
+        self._parts: dict[int, str] = {}  # pid → its part of rayfit (a process keeps its title)
 
     def snapshot(self) -> tuple[dict[int, float], dict[tuple[int, int], float]]:
         """CPU seconds so far of every process, and of every thread of the two servers' model processes."""
@@ -142,7 +144,7 @@ class CpuMeter:
             except psutil.Error:
                 pass
         threads: dict[tuple[int, int], float] = {}
-        for pid in self._tree(self.peer) | {self.replica_pid}:
+        for pid in self.peer_pids | {self.replica_pid}:
             try:
                 for thread in psutil.Process(pid).threads():
                     threads[(pid, thread.id)] = thread.user_time + thread.system_time
@@ -150,29 +152,21 @@ class CpuMeter:
                 pass
         return times, threads
 
-    @staticmethod
-    def part(pid: int) -> str:
+    def part(self, pid: int) -> str:
         """Which part of rayfit a process is, from the title Ray gives it."""
-        try:
-            title = " ".join(psutil.Process(pid).cmdline())
-        except psutil.Error:
-            return "other"
-        for marker, name in RAYFIT_PARTS:
-            if marker in title:
-                return name
-        return "other"
-
-    def _tree(self, process: psutil.Process) -> set[int]:
-        try:
-            return {process.pid, *(child.pid for child in process.children(recursive=True))}
-        except psutil.Error:
-            return {process.pid}
+        if pid not in self._parts:
+            try:
+                title = " ".join(psutil.Process(pid).cmdline())
+            except psutil.Error:
+                title = ""
+            self._parts[pid] = next((name for marker, name in RAYFIT_PARTS if marker in title), "other")
+        return self._parts[pid]
 
     def used(self, before: tuple[dict[int, float], dict[tuple[int, int], float]], server: str) -> dict[str, float]:
         """CPU seconds since `before`: {"total": ..., "decode thread": ...}, and for rayfit also per part
         (RAYFIT_PARTS)."""
         (after, threads_after), (before_times, threads_before) = self.snapshot(), before
-        peer = self._tree(self.peer)
+        peer = self.peer_pids
         server_pids = peer if server == "peer" else {self.replica_pid}
         decode = max(
             (t - threads_before.get(key, 0.0) for key, t in threads_after.items() if key[0] in server_pids),
@@ -189,6 +183,13 @@ class CpuMeter:
                 name = self.part(pid)
                 parts[name] = parts.get(name, 0.0) + used
         return {"total": sum(parts.values()), "decode thread": decode, **parts}
+
+
+def _process_tree(process: psutil.Process) -> set[int]:
+    try:
+        return {process.pid, *(child.pid for child in process.children(recursive=True))}
+    except psutil.Error:
+        return {process.pid}
 
 
 def closed_loop(

@@ -80,16 +80,6 @@ class GrammarCompiler:
             return compiled
 
 
-def _grammar_error(grammar: str, ll_tokenizer: Any = None) -> str | None:
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, ll_tokenizer)
-    return messages[0] if is_error else None
-
-
-def grammar_error(grammar: str) -> str | None:
-    """The grammar's error without a tokenizer (regex, schema, lark syntax), or None."""
-    return _grammar_error(grammar)
-
-
 # Byte value → the 0 (allowed) / -inf (masked) bias of its 8 tokens, per (dtype, device).
 _BYTE_BIAS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 _BYTE_SHIFTS = torch.tensor([0, 8, 16, 24], dtype=torch.int32)

@@ -31,7 +31,6 @@ import llguidance
 
 from deployments.errors import BadRequestError
 from deployments.generation import ToolSpec
-from deployments.row_logits import grammar_error
 
 # How templates in the Hermes style (Qwen 2.5/3, Hermes, ...) open a call.
 TOOL_CALL_TAG = "<tool_call>"
@@ -39,6 +38,13 @@ TOOL_CALL_TAG = "<tool_call>"
 # Compact JSON with the separators OpenAI's own outputs use: no free whitespace,
 # so a grammar never lets a small model pad forever.
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def grammar_error(grammar: str) -> str | None:
+    """The grammar's error without a tokenizer (regex, schema, lark syntax), or None.
+    Only llguidance's core: the ingress checks grammars and must not load torch."""
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, None)
+    return messages[0] if is_error else None
 
 
 def _compile_schema(schema: dict[str, Any], *, strict: bool, param: str) -> str:

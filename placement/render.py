@@ -9,7 +9,6 @@ from rich.console import Console
 from rich.table import Table
 
 from placement.plan import Plan, PlanEntry
-from placement.sizing.kv_budget import SIDE_SEQUENCES
 from placement.units import GIB, gib
 
 
@@ -29,6 +28,10 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
 
 
 def _breakdown(entry: PlanEntry) -> str:
+    # Imported here: placement.sizing loads torch and transformers (~3 s), which the CLI's
+    # commands that never size a model (help, a bad config, ray start args) should not wait for.
+    from placement.sizing.kv_budget import SIDE_SEQUENCES
+
     e = entry.estimate
     parts = [f"weights {gib(e.weights_bytes)}"]
     if e.quant_overhead_bytes:

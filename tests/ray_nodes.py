@@ -64,17 +64,26 @@ def _with_descendants(roots: set[int], parents: dict[int, int]) -> set[int]:
     return found
 
 
-def terminate(pids: set[int]) -> None:
-    """SIGTERM, then SIGKILL what ignores it (gcs_server, monitor), as `ray stop` does."""
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie has exited; only its parent has yet to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def terminate(pids: set[int], graceful: bool = True) -> None:
+    """SIGTERM, then SIGKILL what ignores it (gcs_server, monitor), as `ray stop` does;
+    `graceful=False`: SIGKILL at once (a cluster torn down after its tests: nothing to drain)."""
     pids = pids - {os.getpid()}
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig in (signal.SIGTERM, signal.SIGKILL) if graceful else (signal.SIGKILL,):
         for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + STOP_GRACE_S
-        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+        while time.monotonic() < deadline and any(_running(pid) for pid in pids):
             time.sleep(0.2)
 
 
@@ -138,12 +147,13 @@ class LocalRayCluster:
         return pids
 
     def stop(self) -> None:
-        """Every process of this cluster: those naming our temp dir or GCS port or a worker's port, and children."""
+        """Kill every process of this cluster: those naming our temp dir, GCS port or a worker's port, and children."""
         cmdlines, parents = _process_table()
         patterns = [re.compile(rf":{self.port}(?!\d)"), re.escape(self.temp_dir)]
         patterns += [re.compile(rf"--node[-_]manager[-_]port={p}(?!\d)") for p in self.worker_ports]
         roots = {pid for pid, cmd in cmdlines.items() if "ray" in cmd and any(re.search(p, cmd) for p in patterns)}
-        terminate(_with_descendants(roots, parents))
+        # Killed outright: the raylet and GCS wait out their own graceful shutdown (~10 s) otherwise.
+        terminate(_with_descendants(roots, parents), graceful=False)
 
 
 @contextmanager

@@ -56,7 +56,9 @@ def _broken_copies(text_dir: Path, root: Path) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
-    with local_serve() as port:
+    # One constructor attempt per replica, not Serve's three: a broken model directory fails the same
+    # way every time, and each attempt is a new worker importing torch (~7 s here).
+    with local_serve(env={"RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT": "1"}) as port:
         yield port
 
 

@@ -71,8 +71,10 @@ def replica_placement(role: str, app: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[int]:
     """A local Ray with 2 declared GPUs + slots, and Serve's HTTP on a free port."""
-    # The replicas inherit the CPU fallback: their GPUs are declared, not real.
-    with local_serve(env={CPU_FALLBACK_ENV: "1"}, num_gpus=2, resources={"gpu_slot_0": 1, "gpu_slot_1": 1}) as port:
+    # The replicas inherit the CPU fallback: their GPUs are declared, not real. A replica that refuses
+    # its placement refuses every time: one constructor attempt, not Serve's three (~7 s each here).
+    env = {CPU_FALLBACK_ENV: "1", "RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT": "1"}
+    with local_serve(env=env, num_gpus=2, resources={"gpu_slot_0": 1, "gpu_slot_1": 1}) as port:
         yield port
 
 

@@ -94,8 +94,10 @@ def test_json_object_response_format_on_completions(client: openai.OpenAI) -> No
 
 
 def test_required_tool_call_streamed_and_not(client: openai.OpenAI) -> None:
+    # Greedy, as in the round trip below: sampled at 1.0, this 135M model can spend max_tokens inside
+    # the arguments' string, and a call cut there is no call (finish_reason "length", the raw text).
     answer = client.chat.completions.create(
-        model=ROLE, messages=QUESTION, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=64
+        model=ROLE, messages=QUESTION, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=64, temperature=0
     )
     choice = answer.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -106,7 +108,13 @@ def test_required_tool_call_streamed_and_not(client: openai.OpenAI) -> None:
     named = {"type": "function", "function": {"name": "get_weather"}}
     chunks = list(
         client.chat.completions.create(
-            model=ROLE, messages=QUESTION, tools=[WEATHER_TOOL], tool_choice=named, max_tokens=64, stream=True
+            model=ROLE,
+            messages=QUESTION,
+            tools=[WEATHER_TOOL],
+            tool_choice=named,
+            max_tokens=64,
+            stream=True,
+            temperature=0,
         )
     )
     deltas = [c.choices[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]

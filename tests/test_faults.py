@@ -84,11 +84,12 @@ def deploy(args: AppArgs) -> float:
     with pytest.raises(RuntimeError, match=f"Deploying application {APP} failed"):
         serve.run(build_app(args), name=APP, route_prefix="/")
 
-    def settled() -> bool:  # serve.run returns on the first failed deployment; the other may still retry
+    def settled() -> bool:  # serve.run returns on the first failed deployment; the others may still be starting
         deployments = serve.status().applications[APP].deployments
-        return deployments[CORRUPT].status == deployments[MISSING].status == "DEPLOY_FAILED"
+        broken = deployments[CORRUPT].status == deployments[MISSING].status == "DEPLOY_FAILED"
+        return broken and deployments[ALPHA].status == deployments[BETA].status == "HEALTHY"
 
-    wait_until(settled, 120, "both broken roles DEPLOY_FAILED")
+    wait_until(settled, 120, "both broken roles DEPLOY_FAILED and both sound ones HEALTHY")
     return time.perf_counter() - start
 
 

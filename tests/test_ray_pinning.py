@@ -278,7 +278,6 @@ def test_entry_for_a_worker_node_runs_on_that_node() -> None:
             got = handle.report.remote().result(timeout_s=30)
             print("RESULT", json.dumps({{"worker": worker.node_id, "got": got, "options": options,
                               "nodes": len(inventory.nodes), "slots": [n.has_gpu_slots for n in inventory.nodes]}}))
-            serve.shutdown()
             """,
             env={"RAY_AUTH_MODE": "token", "RAY_ADDRESS": ""},
             timeout=180,

@@ -14,8 +14,8 @@ import functools
 import json
 import logging
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,6 +47,7 @@ from deployments.protocol import (
 from deployments.responses_api import ResponseEvents, ResponsesRequest, response_body, sse_events
 from deployments.status_watch import FAILED, READY, StatusWatch, read_states, wait_for_role
 
+T = TypeVar("T")
 logger = logging.getLogger("ray.serve")
 
 # /v1/placement waits this long for a replica's own report.
@@ -104,6 +105,23 @@ async def _server_error(_: Request, exc: Exception) -> JSONResponse:
 def _message_of(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None)
     return str(cause if cause is not None else exc)
+
+
+async def all_or_none(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """Every call's result, or the first error with the other calls cancelled.
+
+    `asyncio.gather` leaves the others running: a request whose one choice
+    failed (a 400, a full queue) was answered at once while the replica went on
+    generating its other choices, which nobody would read, and took the turns
+    of the requests after it. Cancelling a call cancels its replica request."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # each cancellation delivered before answering
+        raise
 
 
 class RoleCard(ModelCard):
@@ -220,6 +238,9 @@ class Ingress:
             first = await self._call(role, deltas.__anext__())
         except StopAsyncIteration:
             first = None
+        except BaseException:
+            deltas.cancel()  # given up or cancelled before its first delta: the replica drops it too
+            raise
 
         async def body() -> AsyncIterator[str]:
             try:
@@ -253,7 +274,7 @@ class Ingress:
             else dataclasses.replace(generation, params=dataclasses.replace(generation.params, seed=seed + i))
             for i in range(n)
         ]
-        return list(await asyncio.gather(*(self._generate(role, one) for one in inputs)))
+        return await all_or_none(self._generate(role, one) for one in inputs)
 
     @staticmethod
     def _log_ignored(request: Any) -> None:
@@ -311,7 +332,7 @@ class Ingress:
                     request.model, include_usage=request.include_usage or request.continuous_usage
                 )
                 return await self._stream(role, generations[0], lambda d: sse_lines(converter.convert(d)), ticket)
-            groups = await asyncio.gather(*(self._choices(role, g, request.n) for g in generations))
+            groups = await all_or_none(self._choices(role, g, request.n) for g in generations)
             return completion_response([o for group in groups for o in group], request.model, n=request.n)
 
     async def _role_card(self, role: str, created: int) -> RoleCard:

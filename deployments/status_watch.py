@@ -201,4 +201,10 @@ async def wait_for_role(watch: StatusWatch, role: str, call: Awaitable[T], unava
             if state.phase == FAILED or (state.phase in (LOADING, UNAVAILABLE) and waited >= unavailable_timeout_s):
                 raise unavailable_error(role, state, waited)
     finally:
-        task.cancel()  # no-op when done
+        if not task.done():
+            task.cancel()
+            # Cancelling the task awaiting a handle call does not reach the replica (Serve 2.60's
+            # DeploymentResponse re-raises CancelledError and nothing more): cancel the call itself.
+            cancel = getattr(call, "cancel", None)
+            if cancel is not None:
+                cancel()

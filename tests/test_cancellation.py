@@ -121,6 +121,20 @@ def test_handle_client_breaking_out_of_a_stream(base_url: str) -> None:
     assert after["outcomes"].get("ok", 0) == before["outcomes"].get("ok", 0)
 
 
+def test_a_failed_choice_cancels_the_requests_other_choices(base_url: str) -> None:
+    """Two prompts in one request: the second is over the context (a 400 from the replica), so the
+    first's long generation must be withdrawn with it, not decoded to the end for nobody."""
+    before = load()
+    body = _body(prompt=["once upon a time", "word " * 9000])
+    reply = httpx.post(f"{base_url}/v1/completions", json=body, timeout=120)
+    assert reply.status_code == 400 and "context" in reply.json()["error"]["message"], reply.text
+    wait_until(idle, 30, "the replica drops the request's other choice")
+    after = load()
+    assert after["outcomes"].get("invalid", 0) == before["outcomes"].get("invalid", 0) + 1
+    assert after["outcomes"].get("cancelled", 0) == before["outcomes"].get("cancelled", 0) + 1
+    assert after["outcomes"].get("ok", 0) == before["outcomes"].get("ok", 0)
+
+
 def test_a_failure_inside_the_batching_loop_is_a_503_and_the_replica_recovers(base_url: str) -> None:
     before = load()
     body = {"model": ROLE, "prompt": f"once {BATCH_OOM_MARKER}", "temperature": 0, "max_tokens": 8}

@@ -39,6 +39,11 @@ def _ray_cli() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name: state, parent pid, ... (the name may hold spaces)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _process_table() -> tuple[dict[int, str], dict[int, int]]:
     """pid → command line, pid → parent pid, for every readable process."""
     cmdlines: dict[int, str] = {}
@@ -48,7 +53,7 @@ def _process_table() -> tuple[dict[int, str], dict[int, int]]:
             continue
         try:
             cmdlines[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            parents[int(proc.name)] = int(_stat_fields(int(proc.name))[1])
         except (OSError, IndexError, ValueError):
             continue
     return cmdlines, parents
@@ -67,7 +72,7 @@ def _with_descendants(roots: set[int], parents: dict[int, int]) -> set[int]:
 def _running(pid: int) -> bool:
     """Alive and not a zombie (a zombie has exited; only its parent has yet to reap it)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return _stat_fields(pid)[0] != "Z"
     except (OSError, IndexError):
         return False
 

@@ -20,6 +20,11 @@ from deployments.ports import free_port
 
 TESTS_DIR = Path(__file__).resolve().parent
 
+# For a module whose replicas are meant to fail at start-up: one constructor attempt each, not
+# Serve's three. Such a replica fails the same way every time, and each attempt is a new worker
+# importing torch (~7 s here). Pass as `local_serve(env=...)`.
+ONE_START_ATTEMPT = {"RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT": "1"}
+
 # Size rules for the declared-GPU apps: a model declared at 10 GiB or more takes the last GPU.
 SIZE_RULES = """\
 rules:

@@ -30,7 +30,7 @@ import ray
 import yaml
 from fault_injection import WEDGE_MARKER
 from ray import serve
-from serve_support import local_serve, model_config, wait_until
+from serve_support import ONE_START_ATTEMPT, local_serve, model_config, wait_until
 
 from deployments.app import AppArgs, build_app
 
@@ -56,9 +56,7 @@ def _broken_copies(text_dir: Path, root: Path) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
-    # One constructor attempt per replica, not Serve's three: a broken model directory fails the same
-    # way every time, and each attempt is a new worker importing torch (~7 s here).
-    with local_serve(env={"RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT": "1"}) as port:
+    with local_serve(env=ONE_START_ATTEMPT) as port:  # the broken model directories fail every time
         yield port
 
 

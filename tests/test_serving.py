@@ -31,8 +31,8 @@ import openai
 import pytest
 import ray
 from ray import serve
+from serve_support import ONE_START_ATTEMPT, local_serve
 from serve_support import SIZE_RULES as RULES
-from serve_support import local_serve
 
 from deployments.app import AppArgs, build_app
 from deployments.client import get_model
@@ -72,8 +72,8 @@ def replica_placement(role: str, app: str) -> dict[str, Any]:
 def ray_cluster() -> Iterator[int]:
     """A local Ray with 2 declared GPUs + slots, and Serve's HTTP on a free port."""
     # The replicas inherit the CPU fallback: their GPUs are declared, not real. A replica that refuses
-    # its placement refuses every time: one constructor attempt, not Serve's three (~7 s each here).
-    env = {CPU_FALLBACK_ENV: "1", "RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT": "1"}
+    # its placement refuses every time.
+    env = {CPU_FALLBACK_ENV: "1", **ONE_START_ATTEMPT}
     with local_serve(env=env, num_gpus=2, resources={"gpu_slot_0": 1, "gpu_slot_1": 1}) as port:
         yield port
 

@@ -72,6 +72,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from bench_serving import run_concurrent  # noqa: E402
 from served_demo import smollm2_dir  # noqa: E402
 
+from deployments.engine.process import ENGINE_PROCESS_ENV  # noqa: E402
 from deployments.ports import free_port  # noqa: E402
 
 DEMO_CONFIG = REPO_ROOT / "examples" / "demo" / "model_configs.yaml"
@@ -111,6 +112,7 @@ def one_request(client: httpx.Client, url: str, model: str, shape: dict[str, Any
 # rayfit's processes by the title Ray gives each (first match wins), for the CPU breakdown.
 RAYFIT_PARTS = (
     (f"ServeReplica:rayfit:{ROLE}", "model replica"),
+    ("deployments.engine.process", "engine process"),
     ("ServeReplica:rayfit:Ingress", "ingress"),
     ("ProxyActor", "proxy"),
     ("ServeController", "controller"),
@@ -282,7 +284,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "CPU = CPU ms per generated token, all processes of the server; decode thread = the CPU ms per token "
         "of the server's busiest thread (transformers' batching loop). "
         "Peer: a greedy one for the temperature-0 rows, one whose generation config samples (temperature 1.0) "
-        "for the unset rows",
+        "for the unset rows. rayfit's engine: "
+        + ("in a child process of the replica (--engine-process)" if args.engine_process else "in the replica"),
         "",
         "| request as clients send it | c | peer tok/s | rayfit tok/s | rayfit/peer (range) "
         "| peer CPU ms/tok | rayfit CPU ms/tok | decode thread: peer | decode thread: rayfit |",
@@ -382,12 +385,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1, help="requests per client in a c=8 cell (twice that at c=1)")
     parser.add_argument("--rounds", type=int, default=4, help="alternating pairs per cell")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="rayfit's replicas run their engine in a child process (RAYFIT_ENGINE_PROCESS=1)",
+    )
     args = parser.parse_args(argv)
     model_dir = smollm2_dir()
+    if args.engine_process:
+        os.environ[ENGINE_PROCESS_ENV] = "1"  # the local Ray's workers inherit it
     rayfit_url = start_rayfit()
     closed_loop(rayfit_url, ROLE, SHAPES["temperature 0, non-streaming"], 2, 1, args.max_tokens)  # warm-up
     placement = httpx.get(f"{rayfit_url}/v1/placement", timeout=60).json()
-    replica_pid = int(placement["models"][ROLE]["replica"]["actual"]["pid"])
+    # The process that runs the batching loop: the replica, or its engine process.
+    actual = placement["models"][ROLE]["replica"]["actual"]
+    replica_pid = int(actual.get("engine_pid", actual["pid"]))
     rows_by_shape: dict[str, dict[str, Any]] = {}
     # One peer at a time (each holds ~13 GiB here: its KV cache is sized from free memory): the greedy
     # one on the model directory, then the sampling one on a copy whose generation config samples.

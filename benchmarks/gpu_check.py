@@ -28,6 +28,10 @@ MedGemma shapes served side by side on one card by the plan.
    tokenizer), Ray is started on this machine with the GPU and its gpu_slot,
    the rayfit app plans both onto GPU 0 with fractions, and each replica reports
    its GPU UUID and memory from inside; their sum must stay within the card.
+   The summarizer runs with `engine_process: true` (its engine in a child
+   process), the buffer agent in its replica; the driver's per-process GPU
+   memory (NVML) shows what each process holds, CUDA contexts included, so a
+   replica that holds a context beside its engine process would show here.
 
 Writes a Markdown table and JSON to `--out` (default benchmarks/results/).
 """
@@ -46,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The role served with its engine in a process of its own (deployments.engine.process).
+ENGINE_PROCESS_ROLE = "summarizer"
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # tiny_models: the offline tokenizer
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -391,6 +397,18 @@ def save_for_serving(model: nn.Module, config: dict[str, Any], directory: Path) 
     return directory
 
 
+def gpu_memory_by_pid() -> dict[int, float]:
+    """MiB each process holds on GPU 0 by the driver's count (CUDA contexts included); {} without NVML."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        return {p.pid: _mib(p.usedGpuMemory or 0) for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)}
+    except Exception:  # no driver (the CPU smoke) or no NVML: nothing to show
+        return {}
+
+
 def serve_both(dirs: dict[str, Path], ns: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Ray on this machine, the app planned onto its one GPU, each replica's own report."""
     import httpx
@@ -401,7 +419,12 @@ def serve_both(dirs: dict[str, Path], ns: argparse.Namespace, workdir: Path) -> 
     from deployments.app import AppArgs, build_app
 
     models = {
-        role: {"model": str(path), "context_length": ns.context, "max_batch_size": ns.batch}
+        role: {
+            "model": str(path),
+            "context_length": ns.context,
+            "max_batch_size": ns.batch,
+            "engine_process": role == ENGINE_PROCESS_ROLE,
+        }
         for role, path in dirs.items()
     }
     config_path = workdir / "model_configs.yaml"
@@ -432,6 +455,7 @@ def serve_both(dirs: dict[str, Path], ns: argparse.Namespace, workdir: Path) -> 
                 "gpu_uuids": actual.get("gpu_uuids"),
                 "cuda_visible_devices": actual.get("cuda_visible_devices"),
                 "pid": actual["pid"],
+                "engine_pid": actual.get("engine_pid"),
                 "allocated_mib": _mib(int(memory.get("cuda:0_allocated_bytes", 0))),
                 "reserved_mib": _mib(int(memory.get("cuda:0_reserved_bytes", 0))),
                 "card_total_mib": _mib(int(memory.get("cuda:0_total_bytes", 0))),
@@ -441,6 +465,7 @@ def serve_both(dirs: dict[str, Path], ns: argparse.Namespace, workdir: Path) -> 
                 "cap_mib": _mib(sum(actual.get("memory_cap_bytes", {}).values())),
                 "http_status": reply.status_code,
             }
+        report["gpu_mib_by_pid"] = gpu_memory_by_pid()
         replicas = report["replicas"].values()
         report["sum_reserved_mib"] = round(sum(r["reserved_mib"] for r in replicas), 3)
         total = max((r["card_total_mib"] for r in replicas), default=0.0)
@@ -515,6 +540,14 @@ def markdown(
                 f"| {r['reserved_mib']} | {r['kv_planned_mib']} / {r['kv_engine_mib']} | {r['cap_mib']} "
                 f"| {r['http_status']} |"
             )
+        lines.append("")
+        by_pid = served.get("gpu_mib_by_pid") or {}
+        for role, r in served["replicas"].items():
+            holders = [("replica", r["pid"])] + (
+                [("engine process", r["engine_pid"])] if r["engine_pid"] != r["pid"] else []
+            )
+            seen = ", ".join(f"{what} {pid}: {by_pid.get(pid, 0.0)} MiB" for what, pid in holders)
+            lines.append(f"- {role}: GPU memory by process (NVML): {seen or '-'}")
         lines.append(
             f"\nsum reserved {served['sum_reserved_mib']} MiB of {served['card_total_mib']} MiB: "
             f"{'within the card' if served['within_card'] else 'OVER THE CARD'}"

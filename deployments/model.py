@@ -34,11 +34,6 @@ BATCH_WAIT_TIMEOUT_S = 0.01
 # Dev/test switch: a GPU-planned replica on a machine without CUDA loads on CPU
 # instead of refusing. Never set in production: there it hides a broken pin.
 CPU_FALLBACK_ENV = "RAYFIT_ALLOW_CPU_FALLBACK"
-# "0" turns continuous batching off (every request then goes through @serve.batch + generate).
-CONTINUOUS_ENV = "RAYFIT_CONTINUOUS_BATCHING"
-# "module:callable", importable on the replica: the engine is passed through it once built
-# (tests wrap it with fault injection, tests/fault_injection.py). Unset in production.
-ENGINE_WRAPPER_ENV = "RAYFIT_ENGINE_WRAPPER"
 # Requests one replica holds at once (Serve's max_ongoing_requests below).
 MAX_ONGOING_REQUESTS = 32
 # check_health generates one token with this; a wedged device or engine never
@@ -69,20 +64,6 @@ def check_pin_only(entry: PlanEntry) -> None:
         )
 
 
-def _wrapped(engine: Any) -> Any:
-    """`engine` passed through the callable named by RAYFIT_ENGINE_WRAPPER, if set."""
-    target = os.environ.get(ENGINE_WRAPPER_ENV)
-    if not target:
-        return engine
-    import importlib
-
-    module, _, name = target.partition(":")
-    if not name:
-        raise ValueError(f"{ENGINE_WRAPPER_ENV}={target!r}: expected 'module:callable'")
-    logger.warning("engine wrapped by %s (%s is set; never in production)", target, ENGINE_WRAPPER_ENV)
-    return getattr(importlib.import_module(module), name)(engine)
-
-
 def _cpu_fallback_entry(entry: PlanEntry) -> PlanEntry | None:
     """The entry to load with when a GPU plan meets a CUDA-less machine and the dev switch allows CPU."""
     if entry.device != "gpu" or _cuda_available():
@@ -104,9 +85,9 @@ class ModelServer:
     def __init__(self, role: str, spec: ModelSpec | dict[str, Any], entry: PlanEntry):
         # Heavy imports here, not at module import: the app builder imports this
         # module on a process that never loads a model.
-        from deployments.engine import Engine
-        from deployments.loading import load_model
-        from deployments.verify import check_placement, entry_for_this_node, placement_log_line, weights_bytes
+        from deployments.engine.host import build_engine
+        from deployments.engine.process import EngineProcess, engine_process_on
+        from deployments.verify import check_placement, entry_for_this_node, placement_log_line
 
         self.role = role
         self.spec = spec if isinstance(spec, ModelSpec) else ModelSpec.model_validate(spec)
@@ -127,27 +108,16 @@ class ModelServer:
             # Raises PlacementMismatch with the reason (a missing pin names the serve
             # YAML's ray_actor_options); Serve then reports the deployment as failed.
             check_placement(entry)
-        # The plan's budget becomes a hard cap before the first weight lands (GPU only).
-        from deployments.memory import cap_gpu_memory
-
-        self.memory_caps = cap_gpu_memory(load_entry)
-        # A load failure raises ModelLoadError naming the cause: Serve marks the
-        # deployment DEPLOY_FAILED with it, and the app's other models keep serving.
-        self.loaded = load_model(self.spec, load_entry)
-        # Continuous batching (the engine's pool) for unseeded text requests, up
-        # to max_batch_size in flight; RAYFIT_CONTINUOUS_BATCHING=0 turns it off.
-        continuous = os.environ.get(CONTINUOUS_ENV, "1") != "0"
-        # The engine fits its KV pool and side slots inside the plan's KV bytes
-        # (placement.sizing.kv_budget): what the plan budgets is what it allocates.
-        self.engine = _wrapped(
-            Engine(
-                self.loaded,
-                max_batch_size=self.spec.max_batch_size,
-                continuous=continuous,
-                kv_budget_bytes=entry.kv_budget_bytes,
-                tool_format=self.spec.tool_format,
-            )
-        )
+        # Load and build the engine (deployments.engine.host): the plan's GPU cap, then the
+        # weights, then a KV pool of the plan's size. A load failure raises ModelLoadError naming
+        # the cause: Serve marks the deployment DEPLOY_FAILED with it, and the app's other models
+        # keep serving. `engine_process: true` (or RAYFIT_ENGINE_PROCESS=1 for every model) runs
+        # the engine in a child process with a GIL of its own (deployments.engine.process).
+        if self.spec.engine_process or engine_process_on():
+            self.engine = EngineProcess(self.spec, load_entry, role)
+            self.facts = self.engine.facts
+        else:
+            self.engine, self.facts = build_engine(self.spec, load_entry)
         # Requests the pool takes skip @serve.batch (whose batches run one at a time) and
         # wait on the event loop; a thread here only while one waits for a free sequence slot.
         self._continuous_pool = ThreadPoolExecutor(max_workers=MAX_ONGOING_REQUESTS, thread_name_prefix=role)
@@ -161,19 +131,11 @@ class ModelServer:
         logger.info(placement_log_line(role, self.node_id, load_entry))
         # Tagged with where the model really runs (the CPU fallback reports "cpu").
         self.metrics = ModelMetrics(role, load_entry.gpu_indices, entry.memory_budget_bytes, entry.kv_budget_bytes)
-        # The weights do not change after loading; summing every tensor's size took 2 ms per request
-        # on the demo's 135M model, on the event loop, so it is taken once.
-        self._weights_bytes = weights_bytes(self.loaded.model)
         self._memory_report()
 
     def _memory_report(self) -> dict[str, int | str]:
         """verify.memory_report, also pushed to the memory gauges (cheap: no device sync)."""
-        from deployments.verify import memory_report
-
-        report: dict[str, int | str] = {
-            **memory_report(self.loaded.model, self._weights_bytes),
-            **self._kv_memory(),
-        }
+        report: dict[str, int | str] = {**self.engine.memory_report(), **self._kv_memory()}
         indices = () if self.cpu_fallback else self.entry.gpu_indices
         rss = report.get("rss_bytes")
         self.metrics.memory(
@@ -350,14 +312,16 @@ class ModelServer:
             "reason": self.entry.reason,
         }
         actual = {
-            "device": str(self.loaded.model.device),
+            "device": self.facts.device,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "node_id": self.node_id,
             "gpu_label": ray.get_runtime_context().get_node_labels().get(GPU_LABEL),
             "pid": os.getpid(),
-            "load_seconds": round(self.loaded.load_seconds, 3),
-            "quantization": self.loaded.quantization,
+            # The process holding the weights and the KV cache: this one, or its engine process.
+            "engine_pid": getattr(self.engine, "pid", os.getpid()),
+            "load_seconds": round(self.facts.load_seconds, 3),
+            "quantization": self.facts.quantization,
             "cpu_fallback": self.cpu_fallback,
             # Ray sets OMP_NUM_THREADS from num_cpus: a CPU model with 0.5 CPUs computes on 1 thread.
             "torch_threads": torch.get_num_threads(),
@@ -367,7 +331,7 @@ class ModelServer:
             else [],
             "memory": self._memory_report(),
             # The torch allocator's cap per local GPU (the plan's budget); empty on CPU (report only).
-            "memory_cap_bytes": {str(local): cap for local, cap in self.memory_caps.items()},
+            "memory_cap_bytes": {str(local): cap for local, cap in self.facts.memory_caps.items()},
         }
         return {"role": self.role, "model": self.spec.model, "planned": planned, "actual": actual}
 
@@ -384,8 +348,8 @@ class ModelServer:
         return {
             "role": self.role,
             "model": self.spec.model,
-            "context_length": self.loaded.context_length,
-            "multimodal": self.loaded.is_multimodal,
+            "context_length": self.facts.context_length,
+            "multimodal": self.facts.is_multimodal,
             "max_batch_size": self.spec.max_batch_size,
             "max_tokens_cap": self.spec.max_tokens_cap,
         }

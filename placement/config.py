@@ -85,6 +85,12 @@ class ModelSpec(BaseModel):
         description="How tool calls are written: auto (from the chat template), json (rayfit's), hermes (<tool_call>)",
     )
     # Serving limits (deployment options and request checks, not placement).
+    # Serving: where the engine runs (deployments.engine.process).
+    engine_process: bool = Field(
+        default=False,
+        description="Run the engine (weights, KV cache, batching loop) in a process of its own next to the "
+        "replica: the batching loop gets a GIL of its own instead of sharing one with Ray Serve's streaming",
+    )
     max_tokens_cap: int = Field(
         default=4096, gt=0, description="Largest max_tokens a request may ask for (400 above it)"
     )

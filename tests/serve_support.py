@@ -15,7 +15,7 @@ import ray
 from fault_injection import WRAPPER
 from ray import serve
 
-from deployments.model import ENGINE_WRAPPER_ENV
+from deployments.engine.host import ENGINE_WRAPPER_ENV
 from deployments.ports import free_port
 
 TESTS_DIR = Path(__file__).resolve().parent

@@ -5,10 +5,16 @@ One role on the tiny text model with ONE pool slot (`max_batch_size: 1`), so a
 second request queues behind the first. After each disconnect the replica's
 own report (`ModelServer.load`) must show no slot held and no live request,
 and the request counted as `cancelled` — not merely that the next request works.
+
+Every test runs twice: with the engine inside the replica, and in a process of
+its own (`engine_process: true`, deployments.engine.process), where each
+cancel, error and report crosses a process boundary.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from fault_injection import BATCH_OOM_MARKER
 from ray import serve
@@ -30,10 +37,12 @@ APP, ROLE = "cancel", "scribe"
 LONG = {"temperature": 0, "max_tokens": 3000}
 
 
-@pytest.fixture(scope="module")
-def base_url(tmp_path_factory: pytest.TempPathFactory, tiny_text_model_dir: Path) -> Iterator[str]:
+@pytest.fixture(scope="module", params=[False, True], ids=["engine in the replica", "engine process"])
+def base_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_text_model_dir: Path
+) -> Iterator[str]:
     fields = {"model": tiny_text_model_dir, "dtype": "float32", "max_batch_size": 1, "num_cpus": 0.2}
-    fields |= {"context_length": 8192, "max_tokens_cap": 8192}
+    fields |= {"context_length": 8192, "max_tokens_cap": 8192, "engine_process": request.param}
     path = model_config(tmp_path_factory.mktemp("cancel") / "models.yaml", {ROLE: fields})
     with local_serve() as port:
         serve.run(build_app(AppArgs(model_config=str(path), gpus="none")), name=APP, route_prefix="/")
@@ -146,3 +155,45 @@ def test_a_failure_inside_the_batching_loop_is_a_503_and_the_replica_recovers(ba
     after = load()
     assert after["batcher_restarts"] == before["batcher_restarts"] + 1
     assert idle()
+
+
+def test_the_memory_reported_is_the_model_holding_process(base_url: str, request: pytest.FixtureRequest) -> None:
+    """The replica's memory report is read in the process that holds the weights and the KV
+    cache: the replica itself, or its engine process."""
+    actual = serve.get_deployment_handle(ROLE, APP).placement.remote().result(timeout_s=30)["actual"]
+    holder = psutil.Process(actual["engine_pid"])
+    memory = actual["memory"]
+    assert abs(memory["rss_bytes"] - holder.memory_info().rss) < 0.2 * holder.memory_info().rss
+    assert 0 < memory["kv_pool_bytes"] <= memory["kv_cache_bytes"]
+    engine_process = request.node.callspec.params["base_url"]
+    assert (actual["engine_pid"] != actual["pid"]) == engine_process
+
+
+def test_a_killed_model_holding_process_is_replaced(base_url: str) -> None:
+    """SIGKILL the process with the weights (an engine process, or the replica itself): callers get
+    503s with Retry-After, never a 500 or a hang, until Serve's health check has a new replica up."""
+    before = serve.get_deployment_handle(ROLE, APP).placement.remote().result(timeout_s=30)["actual"]
+    os.kill(before["engine_pid"], signal.SIGKILL)
+    answers: list[tuple[int, bool]] = []  # (status, has Retry-After); wait_until swallows exceptions
+
+    def serves_again() -> bool:
+        reply = httpx.post(f"{base_url}/v1/completions", json=_body(max_tokens=4), timeout=60)
+        answers.append((reply.status_code, "Retry-After" in reply.headers))
+        return reply.status_code == 200
+
+    wait_until(serves_again, 120, "a new replica answers")
+    assert all(status == 200 or (status == 503 and retry) for status, retry in answers), answers
+    statuses = [status for status, _ in answers]
+    after = serve.get_deployment_handle(ROLE, APP).placement.remote().result(timeout_s=30)["actual"]
+    assert after["engine_pid"] != before["engine_pid"]
+    print(f"\nstatuses until served again: {statuses}")
+
+
+def test_deleting_the_app_leaves_no_model_holding_process(base_url: str) -> None:
+    """Last in the module: the app is deleted, and the process that held the model exits with it
+    (an engine process follows its replica out; nothing is left holding memory)."""
+    actual = serve.get_deployment_handle(ROLE, APP).placement.remote().result(timeout_s=30)["actual"]
+    holder = psutil.Process(actual["engine_pid"])
+    serve.delete(APP)
+    holder.wait(timeout=60)
+    assert not holder.is_running()

@@ -1,0 +1,81 @@
+"""Load one model and build its engine, in the process that will run it.
+
+The replica does this itself, or has a process of its own do it
+(`RAYFIT_ENGINE_PROCESS=1`, deployments.engine.process). Both call
+`build_engine`, so the plan's memory cap, the load and the engine's KV
+budget are the same either way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from placement.config import ModelSpec
+from placement.plan import PlanEntry
+
+logger = logging.getLogger("ray.serve")
+
+# "0" turns continuous batching off (every request then goes through @serve.batch + generate).
+CONTINUOUS_ENV = "RAYFIT_CONTINUOUS_BATCHING"
+# "module:callable", importable where the engine runs: the engine is passed through it once built
+# (tests wrap it with fault injection, tests/fault_injection.py). Unset in production.
+ENGINE_WRAPPER_ENV = "RAYFIT_ENGINE_WRAPPER"
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the replica reports about the loaded model, wherever the engine runs."""
+
+    device: str  # the weights' device, e.g. "cuda:0" or "cpu"
+    context_length: int
+    is_multimodal: bool
+    load_seconds: float
+    quantization: str
+    # The torch allocator's cap per local GPU (the plan's budget); empty on CPU.
+    memory_caps: dict[int, int]
+
+
+def build_engine(spec: ModelSpec, entry: PlanEntry) -> tuple[Any, ModelFacts]:
+    """Cap this process's GPU memory at the plan's budget, load `spec` where `entry` says, and
+    build its engine (wrapped by RAYFIT_ENGINE_WRAPPER when set). Raises ModelLoadError."""
+    from deployments.engine import Engine
+    from deployments.loading import load_model
+    from deployments.memory import cap_gpu_memory
+
+    # The plan's budget becomes a hard cap before the first weight lands (GPU only).
+    memory_caps = cap_gpu_memory(entry)
+    loaded = load_model(spec, entry)
+    # The engine fits its KV pool and side slots inside the plan's KV bytes
+    # (placement.sizing.kv_budget): what the plan budgets is what it allocates.
+    engine = Engine(
+        loaded,
+        max_batch_size=spec.max_batch_size,
+        continuous=os.environ.get(CONTINUOUS_ENV, "1") != "0",
+        kv_budget_bytes=entry.kv_budget_bytes,
+        tool_format=spec.tool_format,
+    )
+    facts = ModelFacts(
+        device=str(loaded.model.device),
+        context_length=loaded.context_length,
+        is_multimodal=loaded.is_multimodal,
+        load_seconds=loaded.load_seconds,
+        quantization=loaded.quantization,
+        memory_caps=memory_caps,
+    )
+    return _wrapped(engine), facts
+
+
+def _wrapped(engine: Any) -> Any:
+    """`engine` passed through the callable named by RAYFIT_ENGINE_WRAPPER, if set."""
+    target = os.environ.get(ENGINE_WRAPPER_ENV)
+    if not target:
+        return engine
+    module, _, name = target.partition(":")
+    if not name:
+        raise ValueError(f"{ENGINE_WRAPPER_ENV}={target!r}: expected 'module:callable'")
+    logger.warning("engine wrapped by %s (%s is set; never in production)", target, ENGINE_WRAPPER_ENV)
+    return getattr(importlib.import_module(module), name)(engine)

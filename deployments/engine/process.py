@@ -1,0 +1,440 @@
+"""The engine in a process of its own, next to its replica (`engine_process: true`).
+
+Why: transformers' batching loop is a Python thread. Inside the replica it
+shares one GIL with Ray Serve's per-token streaming (every streamed token is
+a Serve item handed from the user-code loop to Serve's main loop, serialized
+by Ray's executor, sent by the core worker). On a small CPU box that made
+streamed answers at 8 concurrent streams ~25% slower than whole ones
+(BENCHMARKS.md). In a child process the batching loop has a GIL of its own,
+and each turn of the child's event loop sends the deltas of every stream in
+one message (the shape of vLLM's engine core).
+
+- `EngineProcess` (the replica's side) starts `python -m
+  deployments.engine.process` on one end of a socket pair and offers what
+  deployments.model calls on an engine: generate_async, open_stream,
+  generate_batch, uses_pool, kv_report, load_report, memory_report,
+  last_progress.
+- The child (`main`) builds the engine with `build_engine` — the same GPU
+  cap, load and KV budget as in the replica — and runs each call as a task
+  on its event loop.
+
+Wire: multiprocessing.connection over the socket pair, pickled tuples.
+Replica → child: (kind, call_id, payload); kinds "generate", "stream",
+"call" (a blocking engine method, on a thread), "quick" (a cheap report,
+answered by the child's reader thread at once), "cancel". Child → replica:
+a list of (kind, call_id, payload) per loop turn; kinds "result", "error",
+"opened", "item", "end".
+
+Lifetimes: the child exits when the replica's end of the socket closes (the
+replica exited or was killed). When the child dies, every open call fails
+with EngineProcessLost (a 503) and every later call too, `last_progress`
+included, so the replica's health check fails and Serve replaces it.
+
+Memory: the weights and the KV cache live in the child; `memory_report` is
+the child's (its RSS on CPU, its torch allocator on GPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Executor, Future, InvalidStateError, ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from typing import Any
+
+from deployments.engine import joins_pool
+from deployments.engine.host import ModelFacts, build_engine
+from deployments.engine.kv import RequestCancelled
+from deployments.errors import InvalidRequest, RetryableGenerationError
+from deployments.generation import GenerationInput, GenerationOutput, StreamDelta
+from deployments.loading import ModelLoadError
+from placement.config import ModelSpec
+from placement.plan import PlanEntry
+
+logger = logging.getLogger("ray.serve")
+
+# "1": every replica runs its engine in a child process, whatever its spec says (benchmarks, tests).
+ENGINE_PROCESS_ENV = "RAYFIT_ENGINE_PROCESS"
+# Reports cheap enough for the child's reader thread to answer without its event loop.
+QUICK_CALLS = frozenset({"kv_report", "load_report", "memory_report", "last_progress"})
+# Threads the child gives requests waiting for a sequence slot (the replica's MAX_ONGOING_REQUESTS).
+_SLOT_WAITERS = 32
+
+
+class EngineProcessLost(RetryableGenerationError):
+    """The engine's process exited: the request was lost (a 503) and Serve's health check replaces the replica."""
+
+
+def engine_process_on() -> bool:
+    return os.environ.get(ENGINE_PROCESS_ENV) == "1"
+
+
+# ---------------------------------------------------------------- the replica's side
+
+
+class _Inbox:
+    """A stream's deltas as they arrive, on the event loop that reads them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def put_all(self, items: list[tuple[str, Any]]) -> None:
+        for item in items:
+            self.queue.put_nowait(item)
+
+
+class EngineProcess:
+    """The engine of one replica, running in a child process; the same calls as `Engine`."""
+
+    def __init__(self, spec: ModelSpec, entry: PlanEntry, role: str):
+        """Start the child and wait until it has loaded the model (minutes for a large one).
+        Raises what the load raised (ModelLoadError), or ModelLoadError if the child died."""
+        ours, theirs = socket.socketpair()
+        # The replica's import path (Ray's working_dir, the tests' helpers) for the child too.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "deployments.engine.process", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            env=env,
+        )
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._send_lock = threading.Lock()
+        self._calls_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._futures: dict[int, Future[Any]] = {}
+        self._inboxes: dict[int, _Inbox] = {}
+        self._lost: EngineProcessLost | None = None
+        self.facts, self._pool_on = self._start(spec, entry, role)
+        self.pid = self.process.pid
+        threading.Thread(target=self._read, name=f"{role}-engine-reader", daemon=True).start()
+
+    def _start(self, spec: ModelSpec, entry: PlanEntry, role: str) -> tuple[ModelFacts, bool]:
+        try:
+            self._conn.send((spec, entry, role))
+            kind, payload = self._conn.recv()
+        except (EOFError, OSError) as exc:
+            code = self.process.wait()
+            raise ModelLoadError(
+                f"{role}: the engine process exited (code {code}) before loading {spec.model}; "
+                "its log is in this replica's log"
+            ) from exc
+        if kind == "failed":
+            self.process.wait()
+            raise payload
+        return payload
+
+    # -- calls
+
+    def _open(self, kind: str, payload: Any, inbox: _Inbox | None = None) -> tuple[int, Future[Any]]:
+        """Send one call; its future resolves with the answer (a stream's: when it opened)."""
+        call_id, future = next(self._ids), Future()
+        with self._calls_lock:
+            if self._lost is not None:
+                raise self._lost
+            self._futures[call_id] = future
+            if inbox is not None:
+                self._inboxes[call_id] = inbox
+        self._send((kind, call_id, payload))
+        return call_id, future
+
+    def _send(self, message: tuple[str, int, Any]) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except OSError:
+            raise self._lost or EngineProcessLost("the engine process is gone") from None
+
+    def _withdraw(self, call_id: int) -> None:
+        """The caller went away: the child cancels the call (the engine stops it within a step)."""
+        with self._calls_lock:
+            self._futures.pop(call_id, None)
+            self._inboxes.pop(call_id, None)
+            if self._lost is not None:
+                return
+        try:
+            self._send(("cancel", call_id, None))
+        except EngineProcessLost:
+            pass
+
+    def _wait(self, name: str, *args: Any) -> Any:
+        """A blocking call: a cheap report, or an engine method the child runs on a thread."""
+        kind = "quick" if name in QUICK_CALLS else "call"
+        return self._open(kind, (name, args))[1].result()
+
+    async def generate_async(self, inp: GenerationInput, executor: Executor | None = None) -> GenerationOutput:
+        """Engine.generate_async in the child; cancelling the caller withdraws the request there."""
+        call_id, future = self._open("generate", inp)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            self._withdraw(call_id)
+            raise
+
+    async def open_stream(self, inp: GenerationInput, executor: Executor | None = None) -> AsyncIterator[StreamDelta]:
+        """Engine.open_stream in the child: awaiting it checks the request (InvalidRequest before any
+        delta); closing the iterator stops generation there."""
+        inbox = _Inbox(asyncio.get_running_loop())
+        call_id, opened = self._open("stream", inp, inbox)
+        try:
+            await asyncio.wrap_future(opened)
+        except BaseException:
+            self._withdraw(call_id)
+            raise
+        return self._deltas(call_id, inbox)
+
+    async def _deltas(self, call_id: int, inbox: _Inbox) -> AsyncIterator[StreamDelta]:
+        finished = False
+        try:
+            while True:
+                kind, value = await inbox.queue.get()
+                if kind == "item":
+                    yield value
+                    continue
+                finished = True
+                if kind == "error":
+                    raise value
+                return
+        finally:
+            if not finished:
+                self._withdraw(call_id)
+
+    def generate_batch(self, inputs: Sequence[GenerationInput]) -> list[GenerationOutput]:
+        return self._wait("generate_batch", list(inputs))
+
+    def uses_pool(self, inp: GenerationInput) -> bool:
+        return joins_pool(inp, pool_on=self._pool_on)
+
+    def kv_report(self) -> dict[str, Any]:
+        return self._wait("kv_report")
+
+    def load_report(self) -> dict[str, int]:
+        return self._wait("load_report")
+
+    def memory_report(self) -> dict[str, int | str]:
+        return self._wait("memory_report")
+
+    @property
+    def last_progress(self) -> float:
+        """The child's last token time (CLOCK_MONOTONIC is one clock for both processes).
+        Raises EngineProcessLost once the child is gone: the health check then fails."""
+        return self._wait("last_progress")
+
+    # -- answers
+
+    def _read(self) -> None:
+        """The reader thread: every answer batch from the child, until it exits."""
+        try:
+            while True:
+                self._deliver(self._conn.recv())
+        except (EOFError, OSError):
+            pass
+        try:
+            code: int | None = self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        logger.error("the engine process %s exited (code %s); the replica fails its health check", self.pid, code)
+        self._fail_all(EngineProcessLost(f"the engine process exited (code {code}); the replica is being replaced"))
+
+    def _deliver(self, batch: list[tuple[str, int, Any]]) -> None:
+        """Resolve futures here; hand stream items to their loops, one wake-up per loop per batch."""
+        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Inbox, list[tuple[str, Any]]]]] = {}
+        with self._calls_lock:
+            for kind, call_id, payload in batch:
+                future = self._futures.get(call_id)
+                if future is not None and kind in ("result", "error", "opened"):
+                    del self._futures[call_id]
+                    if kind == "error":
+                        self._inboxes.pop(call_id, None)
+                    _settle(future, payload, failed=kind == "error")
+                    continue
+                inbox = self._inboxes.get(call_id)
+                if inbox is None:
+                    continue  # withdrawn: its last items are dropped
+                if kind != "item":
+                    del self._inboxes[call_id]
+                items = per_loop.setdefault(inbox.loop, [])
+                if not items or items[-1][0] is not inbox:
+                    items.append((inbox, []))
+                items[-1][1].append((kind, payload))
+        for loop, groups in per_loop.items():
+            loop.call_soon_threadsafe(_put_groups, groups)
+
+    def _fail_all(self, error: EngineProcessLost) -> None:
+        with self._calls_lock:
+            self._lost = error
+            futures, self._futures = self._futures, {}
+            inboxes, self._inboxes = self._inboxes, {}
+        for future in futures.values():
+            _settle(future, error, failed=True)
+        for inbox in inboxes.values():
+            inbox.loop.call_soon_threadsafe(inbox.put_all, [("error", error)])
+
+    def close(self) -> None:
+        """Stop the child (it would also exit on its own once this process is gone)."""
+        self._conn.close()
+        self.process.terminate()
+
+
+def _settle(future: Future[Any], value: Any, *, failed: bool) -> None:
+    try:
+        if failed:
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+    except InvalidStateError:
+        pass  # the caller cancelled it meanwhile
+
+
+def _put_groups(groups: list[tuple[_Inbox, list[tuple[str, Any]]]]) -> None:
+    for inbox, items in groups:
+        inbox.put_all(items)
+
+
+# ---------------------------------------------------------------- the child's side
+
+# What a request did wrong or was told to stop: answered without a traceback in the log.
+_EXPECTED = (InvalidRequest, RequestCancelled, RetryableGenerationError)
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """`exc` if it survives pickling, else a RuntimeError with its type and message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+class _EngineServer:
+    """The child's event loop: each call a task, each loop turn's answers one message."""
+
+    def __init__(self, conn: Connection, engine: Any):
+        self.conn = conn
+        self.engine = engine
+        self.send_lock = threading.Lock()
+        self.outbox: list[tuple[str, int, Any]] = []
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        # Requests waiting for a sequence slot hold a thread each (the engine's `executor`).
+        self.slot_waiters = ThreadPoolExecutor(max_workers=_SLOT_WAITERS, thread_name_prefix="engine-slot")
+
+    async def run(self) -> None:
+        """Serve until the replica's end closes (the reader thread then ends the process)."""
+        self.loop = asyncio.get_running_loop()
+        threading.Thread(target=self._read, name="engine-reader", daemon=True).start()
+        await self.loop.create_future()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                # The replica exited or was killed: nothing is left to answer. No clean-up either:
+                # a wedged generation thread must not keep the process (and its memory) alive.
+                os._exit(0)
+            kind, call_id, payload = message
+            if kind == "quick":
+                self._answer_now(call_id, *payload)
+            else:
+                self.loop.call_soon_threadsafe(self._dispatch, kind, call_id, payload)
+
+    def _answer_now(self, call_id: int, name: str, args: tuple[Any, ...]) -> None:
+        try:
+            value = getattr(self.engine, name)  # last_progress is a property, the others methods
+            answer = ("result", call_id, value(*args) if callable(value) else value)
+        except Exception as exc:
+            answer = ("error", call_id, _portable(exc))
+        self._send([answer])
+
+    def _dispatch(self, kind: str, call_id: int, payload: Any) -> None:
+        if kind == "cancel":
+            task = self.tasks.get(call_id)
+            if task is not None:
+                task.cancel()
+            return
+        self.tasks[call_id] = self.loop.create_task(self._run(kind, call_id, payload))
+
+    async def _run(self, kind: str, call_id: int, payload: Any) -> None:
+        from deployments.memory import is_out_of_memory, release_memory
+
+        try:
+            if kind == "generate":
+                self._post("result", call_id, await self.engine.generate_async(payload, self.slot_waiters))
+            elif kind == "stream":
+                await self._stream(call_id, payload)
+            else:  # "call": a blocking engine method
+                name, args = payload
+                self._post("result", call_id, await asyncio.to_thread(getattr(self.engine, name), *args))
+        except asyncio.CancelledError:
+            pass  # withdrawn by the replica, which expects no answer
+        except BaseException as exc:
+            if is_out_of_memory(exc):
+                release_memory()  # here, where the memory is; the replica answers the 503
+            elif not isinstance(exc, _EXPECTED):
+                logger.exception("engine call %s failed", kind)
+            self._post("error", call_id, _portable(exc))
+        finally:
+            self.tasks.pop(call_id, None)
+
+    async def _stream(self, call_id: int, inp: GenerationInput) -> None:
+        deltas = await self.engine.open_stream(inp, self.slot_waiters)
+        self._post("opened", call_id, None)
+        try:
+            async for delta in deltas:
+                self._post("item", call_id, delta)
+        finally:
+            await deltas.aclose()  # type: ignore[attr-defined]  # stops generating when withdrawn
+        self._post("end", call_id, None)
+
+    def _post(self, kind: str, call_id: int, payload: Any) -> None:
+        """Queue an answer; everything posted in one loop turn leaves in one message."""
+        if not self.outbox:
+            self.loop.call_soon(self._flush)
+        self.outbox.append((kind, call_id, payload))
+
+    def _flush(self) -> None:
+        batch, self.outbox = self.outbox, []
+        self._send(batch)
+
+    def _send(self, batch: list[tuple[str, int, Any]]) -> None:
+        try:
+            with self.send_lock:
+                self.conn.send(batch)
+        except OSError:
+            pass  # the replica is gone; the reader ends the process
+
+
+def main(fd: int) -> None:
+    """The child: load, report ready (or why not), serve until the replica's end closes."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s engine[%(process)d] %(name)s: %(message)s"
+    )
+    conn = Connection(fd)
+    spec, entry, role = conn.recv()
+    try:
+        engine, facts = build_engine(spec, entry)
+    except BaseException as exc:
+        logger.exception("%s: the engine could not start", role)
+        conn.send(("failed", _portable(exc)))
+        return
+    # As Serve does for a replica once it has started: the start-up objects (modules, the model)
+    # live as long as the process, so later collections need not scan them.
+    gc.collect()
+    gc.freeze()
+    conn.send(("ready", (facts, getattr(engine, "pool", None) is not None)))
+    logger.info("%s: engine serving in process %d", role, os.getpid())
+    asyncio.run(_EngineServer(conn, engine).run())
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

@@ -43,7 +43,8 @@ Caveat (measured on Ray 2.60): Ray starts every worker process, so every
 rayfit replica, at nice 15, while the peers started from this script run at
 nice 0; on a busy machine that favours the peers.
 
-Writes `benchmarks/results/bench_peer.{md,json}`.
+Writes `benchmarks/results/bench_peer.{md,json}` (with `--engine-process`, rayfit's engines run
+in processes of their own: `bench_peer_engine_process.{md,json}`).
 """
 
 from __future__ import annotations
@@ -426,9 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     report = markdown(rows, args)
     print("\n" + report)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_peer.md").write_text(report)
+    name = "bench_peer_engine_process" if args.engine_process else "bench_peer"
+    (args.out / f"{name}.md").write_text(report)
     payload = {"rows": rows, "max_tokens": args.max_tokens, "rounds": args.rounds, "requests": args.requests}
-    (args.out / "bench_peer.json").write_text(json.dumps(payload, indent=1))
+    (args.out / f"{name}.json").write_text(json.dumps(payload, indent=1))
     return 0
 
 

@@ -368,6 +368,7 @@ class ModelServer:
         from deployments.memory import is_out_of_memory, recover
 
         last_check, self._last_check = self._last_check, time.monotonic()
+        # An engine process that died raises here (EngineProcessLost): the check fails, Serve replaces us.
         if max(self._last_success, self.engine.last_progress) > last_check:
             return
         self._probes += 1

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# The role served with its engine in a process of its own (deployments.engine.process).
+# The role served with its engine in a process of its own (deployments.engine_process).
 ENGINE_PROCESS_ROLE = "summarizer"
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # tiny_models: the offline tokenizer

@@ -135,3 +135,37 @@ class TokenLogprob:
     bytes: tuple[int, ...]
     logprob: float | None
     top: tuple[TopLogprob, ...] = ()
+
+
+def requests_images(inp: GenerationInput) -> bool:
+    """Whether the request carries image_url content (decided without decoding anything)."""
+    for message in inp.messages or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
+            return True
+    return False
+
+
+def pool_takes(params: SamplingParams) -> bool:
+    """Whether the continuous-batching pool can run these settings: it samples per row but has no
+    per-request seed, so a seeded sampled request runs on the side backend."""
+    return params.greedy or params.seed is None
+
+
+def joins_pool(inp: GenerationInput, *, pool_on: bool) -> bool:
+    """Whether `inp` runs in the pool of an engine whose pool is on (text, unseeded) or on the side backend."""
+    return pool_on and pool_takes(inp.params) and not requests_images(inp)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a replica reports about its loaded model, wherever its engine runs (in the replica, or in
+    an engine process that sends these when it is ready)."""
+
+    device: str  # the weights' device, e.g. "cuda:0" or "cpu"
+    context_length: int
+    is_multimodal: bool
+    load_seconds: float
+    quantization: str
+    # The torch allocator's cap per local GPU (the plan's budget); empty on CPU.
+    memory_caps: dict[int, int]

@@ -85,8 +85,7 @@ class ModelServer:
     def __init__(self, role: str, spec: ModelSpec | dict[str, Any], entry: PlanEntry):
         # Heavy imports here, not at module import: the app builder imports this
         # module on a process that never loads a model.
-        from deployments.engine.host import build_engine
-        from deployments.engine.process import EngineProcess, engine_process_on
+        from deployments.engine_process import EngineProcess, engine_process_on
         from deployments.verify import check_placement, entry_for_this_node, placement_log_line
 
         self.role = role
@@ -112,11 +111,14 @@ class ModelServer:
         # weights, then a KV pool of the plan's size. A load failure raises ModelLoadError naming
         # the cause: Serve marks the deployment DEPLOY_FAILED with it, and the app's other models
         # keep serving. `engine_process: true` (or RAYFIT_ENGINE_PROCESS=1 for every model) runs
-        # the engine in a child process with a GIL of its own (deployments.engine.process).
+        # the engine in a child process with a GIL of its own (deployments.engine_process); this
+        # process then never imports transformers.
         if self.spec.engine_process or engine_process_on():
             self.engine = EngineProcess(self.spec, load_entry, role)
             self.facts = self.engine.facts
         else:
+            from deployments.engine.host import build_engine
+
             self.engine, self.facts = build_engine(self.spec, load_entry)
         # Requests the pool takes skip @serve.batch (whose batches run one at a time) and
         # wait on the event loop; a thread here only while one waits for a free sequence slot.

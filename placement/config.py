@@ -85,7 +85,7 @@ class ModelSpec(BaseModel):
         description="How tool calls are written: auto (from the chat template), json (rayfit's), hermes (<tool_call>)",
     )
     # Serving limits (deployment options and request checks, not placement).
-    # Serving: where the engine runs (deployments.engine.process).
+    # Serving: where the engine runs (deployments.engine_process).
     engine_process: bool = Field(
         default=False,
         description="Run the engine (weights, KV cache, batching loop) in a process of its own next to the "

@@ -1,4 +1,4 @@
-"""The engine in a process of its own (deployments.engine.process): the same answers as in the
+"""The engine in a process of its own (deployments.engine_process, deployments.engine.child): the same answers as in the
 replica, errors and cancellation across the process boundary, and what happens when it dies.
 
 Real child processes, the real tiny model; no Ray here (tests/test_serving_engine_process.py
@@ -17,7 +17,7 @@ import pytest
 from serve_support import wait_until
 
 from deployments.engine.host import build_engine
-from deployments.engine.process import EngineProcess, EngineProcessLost
+from deployments.engine_process import EngineProcess, EngineProcessLost
 from deployments.errors import InvalidRequest
 from deployments.generation import GenerationInput, SamplingParams
 from deployments.loading import ModelLoadError

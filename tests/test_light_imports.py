@@ -3,8 +3,9 @@
 The ingress replica routes HTTP: loading torch cost it ~3.5 s of start-up on
 every deploy and ~300 MiB of memory. The placement CLI answers `--help`, a bad
 config and `ray-start-args` without sizing any model: loading torch made each
-take ~4.5 s. Checked in a fresh interpreter, since this test process has long
-imported both.
+take ~4.5 s. A replica whose engine runs in its own process only forwards
+requests to it (deployments.engine_process): the child alone needs them. Checked
+in a fresh interpreter, since this test process has long imported both.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 HEAVY = ("torch", "transformers")
 
 
-@pytest.mark.parametrize("module", ["deployments.ingress", "placement.cli"])
+@pytest.mark.parametrize("module", ["deployments.ingress", "placement.cli", "deployments.engine_process"])
 def test_module_does_not_load_torch_or_transformers(module: str) -> None:
     code = f"import sys, {module}; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -56,11 +56,11 @@ from typing import Any, TypeVar
 from deployments.engine.kv import KvLedger, RequestCancelled
 from deployments.engine.logprobs import LogprobRecorder, Scored, StreamedLogprobs, TokenTexts
 from deployments.engine.pool import ContinuousBatcher, PoolBackend
-from deployments.engine.prompts import PreparedPrompt, Prompter, eos_token_ids, pad_token_id, requests_images
+from deployments.engine.prompts import PreparedPrompt, Prompter, eos_token_ids, pad_token_id
 from deployments.engine.side import SideBackend
 from deployments.engine.text import TextRules
 from deployments.errors import InvalidRequest
-from deployments.generation import GenerationInput, GenerationOutput, SamplingParams, StreamDelta
+from deployments.generation import GenerationInput, GenerationOutput, SamplingParams, StreamDelta, joins_pool
 from deployments.loading import LoadedModel
 from deployments.row_logits import RowFactory
 from deployments.tool_formats import ToolFormat
@@ -68,16 +68,11 @@ from deployments.verify import memory_report, weights_bytes
 from placement.sizing.kv_budget import KvBudget, fit_budget
 from placement.sizing.logprob_workspace import LogprobWorkspace
 
-__all__ = ["Engine", "InvalidRequest", "PreparedPrompt", "RequestCancelled", "joins_pool"]
+__all__ = ["Engine", "InvalidRequest", "PreparedPrompt", "RequestCancelled"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-def joins_pool(inp: GenerationInput, *, pool_on: bool) -> bool:
-    """Whether `inp` runs in the pool of an engine whose pool is on (text, unseeded) or on the side backend."""
-    return pool_on and PoolBackend.takes(inp.params) and not requests_images(inp)
 
 
 class Engine:

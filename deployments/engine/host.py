@@ -1,7 +1,7 @@
 """Load one model and build its engine, in the process that will run it.
 
 The replica does this itself, or has a process of its own do it
-(`RAYFIT_ENGINE_PROCESS=1`, deployments.engine.process). Both call
+(`engine_process: true`, deployments.engine_process and deployments.engine.child). Both call
 `build_engine`, so the plan's memory cap, the load and the engine's KV
 budget are the same either way.
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any
 
+from deployments.generation import ModelFacts
 from placement.config import ModelSpec
 from placement.plan import PlanEntry
 
@@ -24,19 +24,6 @@ CONTINUOUS_ENV = "RAYFIT_CONTINUOUS_BATCHING"
 # "module:callable", importable where the engine runs: the engine is passed through it once built
 # (tests wrap it with fault injection, tests/fault_injection.py). Unset in production.
 ENGINE_WRAPPER_ENV = "RAYFIT_ENGINE_WRAPPER"
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the replica reports about the loaded model, wherever the engine runs."""
-
-    device: str  # the weights' device, e.g. "cuda:0" or "cpu"
-    context_length: int
-    is_multimodal: bool
-    load_seconds: float
-    quantization: str
-    # The torch allocator's cap per local GPU (the plan's budget); empty on CPU.
-    memory_caps: dict[int, int]
 
 
 def build_engine(spec: ModelSpec, entry: PlanEntry) -> tuple[Any, ModelFacts]:

@@ -54,7 +54,7 @@ from deployments.engine.logprobs import LogprobRecorder
 from deployments.engine.prompts import PreparedPrompt
 from deployments.engine.text import IncrementalText, StopHoldBack, TextRules
 from deployments.errors import RetryableGenerationError
-from deployments.generation import SamplingParams, StreamDelta
+from deployments.generation import SamplingParams, StreamDelta, pool_takes
 from deployments.row_logits import ROW_KEY, BatchRowsProcessor, RowFactory, install_batch_rows
 from placement.sizing.kv_budget import PagedPool
 
@@ -597,10 +597,8 @@ class PoolBackend:
         self.batcher = batcher
         self.text = text
 
-    @staticmethod
-    def takes(params: SamplingParams) -> bool:
-        """The batcher samples per row but has no per-request seed: a seeded sampled request runs on the side."""
-        return params.greedy or params.seed is None
+    # The batcher samples per row but has no per-request seed: a seeded sampled request runs on the side.
+    takes = staticmethod(pool_takes)
 
     def generate(
         self,

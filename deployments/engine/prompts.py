@@ -69,15 +69,6 @@ def eos_token_ids(loaded: LoadedModel) -> list[int]:
     return sorted(set(ids))
 
 
-def requests_images(inp: GenerationInput) -> bool:
-    """Whether the request carries image_url content (decided without decoding anything)."""
-    for message in inp.messages or ():
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
-            return True
-    return False
-
-
 def _content_parts(content: Any) -> list[dict]:
     """OpenAI content (str or list of parts) as a list of parts."""
     if content is None:

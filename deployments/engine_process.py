@@ -1,29 +1,26 @@
-"""The engine in a process of its own, next to its replica (`engine_process: true`).
+"""A replica's engine in a process of its own (`engine_process: true`): the replica's side.
 
 Why: transformers' batching loop is a Python thread. Inside the replica it
 shares one GIL with Ray Serve's per-token streaming (every streamed token is
 a Serve item handed from the user-code loop to Serve's main loop, serialized
-by Ray's executor, sent by the core worker). On a small CPU box that made
-streamed answers at 8 concurrent streams ~25% slower than whole ones
-(BENCHMARKS.md). In a child process the batching loop has a GIL of its own,
-and each turn of the child's event loop sends the deltas of every stream in
-one message (the shape of vLLM's engine core).
+by Ray's executor, sent by the core worker). In a process of its own the loop
+has a GIL to itself, and each turn of that process's event loop sends the
+deltas of every stream in one message (the shape of vLLM's engine core).
+Measured on the CPU demo: BENCHMARKS.md, "Latest runs".
 
-- `EngineProcess` (the replica's side) starts `python -m
-  deployments.engine.process` on one end of a socket pair and offers what
-  deployments.model calls on an engine: generate_async, open_stream,
-  generate_batch, uses_pool, kv_report, load_report, memory_report,
-  last_progress.
-- The child (`main`) builds the engine with `build_engine` — the same GPU
-  cap, load and KV budget as in the replica — and runs each call as a task
-  on its event loop.
+`EngineProcess` starts `python -m deployments.engine.child` (the child: it
+loads the model and runs the engine, deployments.engine.child) on one end of
+a socket pair, and offers what deployments.model calls on an engine:
+generate_async, open_stream, generate_batch, uses_pool, kv_report,
+load_report, memory_report, last_progress. This module imports neither torch
+nor transformers: the replica does not need them to forward requests.
 
 Wire: multiprocessing.connection over the socket pair, pickled tuples.
 Replica → child: (kind, call_id, payload); kinds "generate", "stream",
-"call" (a blocking engine method, on a thread), "quick" (a cheap report,
-answered by the child's reader thread at once), "cancel". Child → replica:
-a list of (kind, call_id, payload) per loop turn; kinds "result", "error",
-"opened", "item", "end".
+"call" (a blocking engine method, on a thread there), "quick" (a cheap
+report, answered by the child's reader thread at once), "cancel". Child →
+replica: a list of (kind, call_id, payload) per turn of its loop; kinds
+"result", "error", "opened", "item", "end".
 
 Lifetimes: the child exits when the replica's end of the socket closes (the
 replica exited or was killed). When the child dies, every open call fails
@@ -37,26 +34,20 @@ the child's (its RSS on CPU, its torch allocator on GPU).
 from __future__ import annotations
 
 import asyncio
-import gc
 import itertools
 import logging
 import os
-import pickle
 import socket
 import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import Executor, Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, InvalidStateError
 from multiprocessing.connection import Connection
 from typing import Any
 
-from deployments.engine import joins_pool
-from deployments.engine.host import ModelFacts, build_engine
-from deployments.engine.kv import RequestCancelled
-from deployments.errors import InvalidRequest, RetryableGenerationError
-from deployments.generation import GenerationInput, GenerationOutput, StreamDelta
-from deployments.loading import ModelLoadError
+from deployments.errors import RetryableGenerationError
+from deployments.generation import GenerationInput, GenerationOutput, ModelFacts, StreamDelta, joins_pool
 from placement.config import ModelSpec
 from placement.plan import PlanEntry
 
@@ -66,8 +57,6 @@ logger = logging.getLogger("ray.serve")
 ENGINE_PROCESS_ENV = "RAYFIT_ENGINE_PROCESS"
 # Reports cheap enough for the child's reader thread to answer without its event loop.
 QUICK_CALLS = frozenset({"kv_report", "load_report", "memory_report", "last_progress"})
-# Threads the child gives requests waiting for a sequence slot (the replica's MAX_ONGOING_REQUESTS).
-_SLOT_WAITERS = 32
 
 
 class EngineProcessLost(RetryableGenerationError):
@@ -76,9 +65,6 @@ class EngineProcessLost(RetryableGenerationError):
 
 def engine_process_on() -> bool:
     return os.environ.get(ENGINE_PROCESS_ENV) == "1"
-
-
-# ---------------------------------------------------------------- the replica's side
 
 
 class _Inbox:
@@ -103,7 +89,7 @@ class EngineProcess:
         # The replica's import path (Ray's working_dir, the tests' helpers) for the child too.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "deployments.engine.process", str(theirs.fileno())],
+            [sys.executable, "-m", "deployments.engine.child", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),),
             env=env,
         )
@@ -124,6 +110,8 @@ class EngineProcess:
             self._conn.send((spec, entry, role))
             kind, payload = self._conn.recv()
         except (EOFError, OSError) as exc:
+            from deployments.loading import ModelLoadError  # transformers: only on this failure
+
             code = self.process.wait()
             raise ModelLoadError(
                 f"{role}: the engine process exited (code {code}) before loading {spec.model}; "
@@ -299,142 +287,3 @@ def _settle(future: Future[Any], value: Any, *, failed: bool) -> None:
 def _put_groups(groups: list[tuple[_Inbox, list[tuple[str, Any]]]]) -> None:
     for inbox, items in groups:
         inbox.put_all(items)
-
-
-# ---------------------------------------------------------------- the child's side
-
-# What a request did wrong or was told to stop: answered without a traceback in the log.
-_EXPECTED = (InvalidRequest, RequestCancelled, RetryableGenerationError)
-
-
-def _portable(exc: BaseException) -> BaseException:
-    """`exc` if it survives pickling, else a RuntimeError with its type and message."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
-
-
-class _EngineServer:
-    """The child's event loop: each call a task, each loop turn's answers one message."""
-
-    def __init__(self, conn: Connection, engine: Any):
-        self.conn = conn
-        self.engine = engine
-        self.send_lock = threading.Lock()
-        self.outbox: list[tuple[str, int, Any]] = []
-        self.tasks: dict[int, asyncio.Task[None]] = {}
-        # Requests waiting for a sequence slot hold a thread each (the engine's `executor`).
-        self.slot_waiters = ThreadPoolExecutor(max_workers=_SLOT_WAITERS, thread_name_prefix="engine-slot")
-
-    async def run(self) -> None:
-        """Serve until the replica's end closes (the reader thread then ends the process)."""
-        self.loop = asyncio.get_running_loop()
-        threading.Thread(target=self._read, name="engine-reader", daemon=True).start()
-        await self.loop.create_future()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                message = self.conn.recv()
-            except (EOFError, OSError):
-                # The replica exited or was killed: nothing is left to answer. No clean-up either:
-                # a wedged generation thread must not keep the process (and its memory) alive.
-                os._exit(0)
-            kind, call_id, payload = message
-            if kind == "quick":
-                self._answer_now(call_id, *payload)
-            else:
-                self.loop.call_soon_threadsafe(self._dispatch, kind, call_id, payload)
-
-    def _answer_now(self, call_id: int, name: str, args: tuple[Any, ...]) -> None:
-        try:
-            value = getattr(self.engine, name)  # last_progress is a property, the others methods
-            answer = ("result", call_id, value(*args) if callable(value) else value)
-        except Exception as exc:
-            answer = ("error", call_id, _portable(exc))
-        self._send([answer])
-
-    def _dispatch(self, kind: str, call_id: int, payload: Any) -> None:
-        if kind == "cancel":
-            task = self.tasks.get(call_id)
-            if task is not None:
-                task.cancel()
-            return
-        self.tasks[call_id] = self.loop.create_task(self._run(kind, call_id, payload))
-
-    async def _run(self, kind: str, call_id: int, payload: Any) -> None:
-        from deployments.memory import is_out_of_memory, release_memory
-
-        try:
-            if kind == "generate":
-                self._post("result", call_id, await self.engine.generate_async(payload, self.slot_waiters))
-            elif kind == "stream":
-                await self._stream(call_id, payload)
-            else:  # "call": a blocking engine method
-                name, args = payload
-                self._post("result", call_id, await asyncio.to_thread(getattr(self.engine, name), *args))
-        except asyncio.CancelledError:
-            pass  # withdrawn by the replica, which expects no answer
-        except BaseException as exc:
-            if is_out_of_memory(exc):
-                release_memory()  # here, where the memory is; the replica answers the 503
-            elif not isinstance(exc, _EXPECTED):
-                logger.exception("engine call %s failed", kind)
-            self._post("error", call_id, _portable(exc))
-        finally:
-            self.tasks.pop(call_id, None)
-
-    async def _stream(self, call_id: int, inp: GenerationInput) -> None:
-        deltas = await self.engine.open_stream(inp, self.slot_waiters)
-        self._post("opened", call_id, None)
-        try:
-            async for delta in deltas:
-                self._post("item", call_id, delta)
-        finally:
-            await deltas.aclose()  # type: ignore[attr-defined]  # stops generating when withdrawn
-        self._post("end", call_id, None)
-
-    def _post(self, kind: str, call_id: int, payload: Any) -> None:
-        """Queue an answer; everything posted in one loop turn leaves in one message."""
-        if not self.outbox:
-            self.loop.call_soon(self._flush)
-        self.outbox.append((kind, call_id, payload))
-
-    def _flush(self) -> None:
-        batch, self.outbox = self.outbox, []
-        self._send(batch)
-
-    def _send(self, batch: list[tuple[str, int, Any]]) -> None:
-        try:
-            with self.send_lock:
-                self.conn.send(batch)
-        except OSError:
-            pass  # the replica is gone; the reader ends the process
-
-
-def main(fd: int) -> None:
-    """The child: load, report ready (or why not), serve until the replica's end closes."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s engine[%(process)d] %(name)s: %(message)s"
-    )
-    conn = Connection(fd)
-    spec, entry, role = conn.recv()
-    try:
-        engine, facts = build_engine(spec, entry)
-    except BaseException as exc:
-        logger.exception("%s: the engine could not start", role)
-        conn.send(("failed", _portable(exc)))
-        return
-    # As Serve does for a replica once it has started: the start-up objects (modules, the model)
-    # live as long as the process, so later collections need not scan them.
-    gc.collect()
-    gc.freeze()
-    conn.send(("ready", (facts, getattr(engine, "pool", None) is not None)))
-    logger.info("%s: engine serving in process %d", role, os.getpid())
-    asyncio.run(_EngineServer(conn, engine).run())
-
-
-if __name__ == "__main__":
-    main(int(sys.argv[1]))

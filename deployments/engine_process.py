@@ -74,10 +74,6 @@ class _Inbox:
         self.loop = loop
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
-    def put_all(self, items: list[tuple[str, Any]]) -> None:
-        for item in items:
-            self.queue.put_nowait(item)
-
 
 class EngineProcess:
     """The engine of one replica, running in a child process; the same calls as `Engine`."""
@@ -236,7 +232,7 @@ class EngineProcess:
 
     def _deliver(self, batch: list[tuple[str, int, Any]]) -> None:
         """Resolve futures here; hand stream items to their loops, one wake-up per loop per batch."""
-        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Inbox, list[tuple[str, Any]]]]] = {}
+        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Inbox, str, Any]]] = {}
         with self._calls_lock:
             for kind, call_id, payload in batch:
                 future = self._futures.get(call_id)
@@ -251,12 +247,9 @@ class EngineProcess:
                     continue  # withdrawn: its last items are dropped
                 if kind != "item":
                     del self._inboxes[call_id]
-                items = per_loop.setdefault(inbox.loop, [])
-                if not items or items[-1][0] is not inbox:
-                    items.append((inbox, []))
-                items[-1][1].append((kind, payload))
-        for loop, groups in per_loop.items():
-            loop.call_soon_threadsafe(_put_groups, groups)
+                per_loop.setdefault(inbox.loop, []).append((inbox, kind, payload))
+        for loop, items in per_loop.items():
+            loop.call_soon_threadsafe(_put, items)
 
     def _fail_all(self, error: EngineProcessLost) -> None:
         with self._calls_lock:
@@ -266,7 +259,7 @@ class EngineProcess:
         for future in futures.values():
             _settle(future, error, failed=True)
         for inbox in inboxes.values():
-            inbox.loop.call_soon_threadsafe(inbox.put_all, [("error", error)])
+            inbox.loop.call_soon_threadsafe(_put, [(inbox, "error", error)])
 
     def close(self) -> None:
         """Stop the child (it would also exit on its own once this process is gone)."""
@@ -284,6 +277,7 @@ def _settle(future: Future[Any], value: Any, *, failed: bool) -> None:
         pass  # the caller cancelled it meanwhile
 
 
-def _put_groups(groups: list[tuple[_Inbox, list[tuple[str, Any]]]]) -> None:
-    for inbox, items in groups:
-        inbox.put_all(items)
+def _put(items: list[tuple[_Inbox, str, Any]]) -> None:
+    """On the streams' loop: each (kind, payload) into its stream's queue, in order."""
+    for inbox, kind, payload in items:
+        inbox.queue.put_nowait((kind, payload))

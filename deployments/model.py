@@ -136,8 +136,9 @@ class ModelServer:
         self._memory_report()
 
     def _memory_report(self) -> dict[str, int | str]:
-        """verify.memory_report, also pushed to the memory gauges (cheap: no device sync)."""
-        report: dict[str, int | str] = {**self.engine.memory_report(), **self._kv_memory()}
+        """The engine's memory report (model and KV bytes), also pushed to the memory gauges (cheap:
+        no device sync; one call to an engine process)."""
+        report = self.engine.memory_report()
         indices = () if self.cpu_fallback else self.entry.gpu_indices
         rss = report.get("rss_bytes")
         self.metrics.memory(
@@ -147,17 +148,6 @@ class ModelServer:
             int(report["kv_cache_bytes"]),
         )
         return report
-
-    def _kv_memory(self) -> dict[str, int]:
-        """The engine's KV bytes for the memory report: worst case over all paths, pool, measured peak."""
-        kv = self.engine.kv_report()
-        return {
-            "kv_cache_bytes": kv["kv_cache_bytes"],
-            "kv_pool_bytes": kv["pool_bytes"],
-            "kv_side_bytes": kv["side_bytes_worst"],
-            "kv_peak_bytes": kv["peak_kv_bytes"],
-            "kv_sequences": kv["pool_sequences"] + kv["side_sequences"],
-        }
 
     # ------------------------------------------------------------ generation
 

@@ -9,7 +9,8 @@ No Ray and no HTTP here; the Serve deployment (deployments.model) wraps an
   then skips its own `@serve.batch` grouping for it);
 - `prepare` / `count_tokens` / `count_prompt_tokens`: validation and counting;
 - `kv_report()`, `load_report()`, `memory_report()`, `last_progress`: KV
-  bytes, what is held now, the model's memory, liveness; `close()`.
+  bytes, what is held now, the model's memory with its KV bytes, liveness;
+  `close()`.
 
 The modules, one concern each:
 
@@ -60,7 +61,14 @@ from deployments.engine.prompts import PreparedPrompt, Prompter, eos_token_ids, 
 from deployments.engine.side import SideBackend
 from deployments.engine.text import TextRules
 from deployments.errors import InvalidRequest
-from deployments.generation import GenerationInput, GenerationOutput, SamplingParams, StreamDelta, joins_pool
+from deployments.generation import (
+    GenerationInput,
+    GenerationOutput,
+    SamplingParams,
+    StreamDelta,
+    joins_pool,
+    pool_takes,
+)
 from deployments.loading import LoadedModel
 from deployments.row_logits import RowFactory
 from deployments.tool_formats import ToolFormat
@@ -177,7 +185,7 @@ class Engine:
         return joins_pool(inp, pool_on=self.pool is not None)
 
     def _pooled(self, prompt: PreparedPrompt, params: SamplingParams) -> bool:
-        return self.pool is not None and not prompt.extra_inputs and self.pool.takes(params)
+        return self.pool is not None and not prompt.extra_inputs and pool_takes(params)
 
     def generate_batch(
         self, inputs: Sequence[GenerationInput], cancel: threading.Event | None = None
@@ -348,8 +356,17 @@ class Engine:
         }
 
     def memory_report(self) -> dict[str, int | str]:
-        """The model's memory in this process (deployments.verify.memory_report; cheap: no device sync)."""
-        return memory_report(self.model, self.weights_bytes)
+        """The model's memory in this process (deployments.verify.memory_report; cheap: no device sync)
+        and the engine's KV bytes: worst case over all paths, pool, side slots, measured peak."""
+        kv = self.kv_report()
+        return {
+            **memory_report(self.model, self.weights_bytes),
+            "kv_cache_bytes": kv["kv_cache_bytes"],
+            "kv_pool_bytes": kv["pool_bytes"],
+            "kv_side_bytes": kv["side_bytes_worst"],
+            "kv_peak_bytes": kv["peak_kv_bytes"],
+            "kv_sequences": kv["pool_sequences"] + kv["side_sequences"],
+        }
 
     def load_report(self) -> dict[str, int]:
         """What the engine holds right now: sequence slots in use, live pool requests, batcher restarts."""

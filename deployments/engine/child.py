@@ -25,6 +25,7 @@ from deployments.engine.host import build_engine
 from deployments.engine.kv import RequestCancelled
 from deployments.errors import InvalidRequest, RetryableGenerationError
 from deployments.generation import GenerationInput
+from deployments.memory import is_out_of_memory, release_memory
 
 logger = logging.getLogger("ray.serve")
 
@@ -93,8 +94,6 @@ class _EngineServer:
         self.tasks[call_id] = self.loop.create_task(self._run(kind, call_id, payload))
 
     async def _run(self, kind: str, call_id: int, payload: Any) -> None:
-        from deployments.memory import is_out_of_memory, release_memory
-
         try:
             if kind == "generate":
                 self._post("result", call_id, await self.engine.generate_async(payload, self.slot_waiters))

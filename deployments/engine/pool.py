@@ -54,7 +54,7 @@ from deployments.engine.logprobs import LogprobRecorder
 from deployments.engine.prompts import PreparedPrompt
 from deployments.engine.text import IncrementalText, StopHoldBack, TextRules
 from deployments.errors import RetryableGenerationError
-from deployments.generation import SamplingParams, StreamDelta, pool_takes
+from deployments.generation import SamplingParams, StreamDelta
 from deployments.row_logits import ROW_KEY, BatchRowsProcessor, RowFactory, install_batch_rows
 from placement.sizing.kv_budget import PagedPool
 
@@ -596,9 +596,6 @@ class PoolBackend:
     def __init__(self, batcher: ContinuousBatcher, text: TextRules):
         self.batcher = batcher
         self.text = text
-
-    # The batcher samples per row but has no per-request seed: a seeded sampled request runs on the side.
-    takes = staticmethod(pool_takes)
 
     def generate(
         self,

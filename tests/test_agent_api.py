@@ -42,7 +42,8 @@ WEATHER_TOOL = {
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 VERDICT = {
     "type": "object",
-    "properties": {"answer": {"enum": ["yes", "no"]}, "confidence": {"type": "integer"}},
+    # A bounded integer: unbounded, a sampled answer can be all digits until max_tokens cuts it.
+    "properties": {"answer": {"enum": ["yes", "no"]}, "confidence": {"type": "integer", "minimum": 0, "maximum": 100}},
     "required": ["answer", "confidence"],
     "additionalProperties": False,
 }
@@ -72,6 +73,7 @@ def test_json_schema_response_format(client: openai.OpenAI) -> None:
     response_format = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": VERDICT, "strict": True}}
     messages = [{"role": "user", "content": "Is the sky blue? Answer as JSON."}]
     answer = client.chat.completions.create(model=ROLE, messages=messages, response_format=response_format)
+    assert answer.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(answer.choices[0].message.content), VERDICT)
     streamed = client.chat.completions.create(
         model=ROLE, messages=messages, response_format=response_format, stream=True, temperature=0.7

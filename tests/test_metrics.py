@@ -60,7 +60,8 @@ def test_metrics_are_exported_with_model_and_gpu_tags(served: tuple[str, int], t
         assert httpx.post(f"{base_url}/v1/completions", json=body, timeout=60).status_code == 200
     with httpx.stream("POST", f"{base_url}/v1/completions", json={**body, "stream": True}, timeout=60) as response:
         assert response.status_code == 200
-        assert [line for line in response.iter_lines() if line][-1] == "data: [DONE]"
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
 
     # Ray exports `ray_<name>`; counters end in `_total`, histograms in `_bucket/_count/_sum`.
     wanted = {f"ray_{name}" for name in METRIC_NAMES} - {"ray_rayfit_gpu_memory_allocated_bytes"}
@@ -88,9 +89,11 @@ def test_metrics_are_exported_with_model_and_gpu_tags(served: tuple[str, int], t
     assert value("ray_rayfit_requests", status="ok") == 3
     assert value("ray_rayfit_generated_tokens") == 3 * GREEDY["max_tokens"]
     assert value("ray_rayfit_prompt_tokens") >= 3
-    # One streamed request: one TTFT, and a gap between each later delta.
+    # One streamed request: one TTFT, and a gap between each later delta. Under load the engine may
+    # hand two steps' tokens over as one delta, and a delta whose text is still held back (a partial
+    # character) sends no event: so at least one gap per event after the first, at most one per token.
     assert value("ray_rayfit_time_to_first_token_seconds") == 1
-    assert value("ray_rayfit_inter_token_latency_seconds") >= GREEDY["max_tokens"] - 2
+    assert len(events) - 2 <= value("ray_rayfit_inter_token_latency_seconds") <= GREEDY["max_tokens"] - 1
     assert value("ray_rayfit_request_latency_seconds") == 3
     planned = estimate_memory(ModelSpec(model=str(tiny_text_model_dir), dtype="float32"))
     assert value("ray_rayfit_memory_planned_bytes") == planned.total_bytes

@@ -1,4 +1,4 @@
-"""A replica's engine in a process of its own (`engine_process: true`): the replica's side.
+"""A replica's engine in a process of its own (`engine_process: true`, the default): the replica's side.
 
 Why: transformers' batching loop is a Python thread. Inside the replica it
 shares one GIL with Ray Serve's per-token streaming (every streamed token is
@@ -53,7 +53,8 @@ from placement.plan import PlanEntry
 
 logger = logging.getLogger("ray.serve")
 
-# "1": every replica runs its engine in a child process, whatever its spec says (benchmarks, tests).
+# "1" or "0": every replica runs its engine in a child process, or in itself, whatever its spec
+# says (benchmarks, tests); unset, each model's `engine_process` decides.
 ENGINE_PROCESS_ENV = "RAYFIT_ENGINE_PROCESS"
 # Reports cheap enough for the child's reader thread to answer without its event loop.
 QUICK_CALLS = frozenset({"kv_report", "load_report", "memory_report", "last_progress"})
@@ -63,8 +64,10 @@ class EngineProcessLost(RetryableGenerationError):
     """The engine's process exited: the request was lost (a 503) and Serve's health check replaces the replica."""
 
 
-def engine_process_on() -> bool:
-    return os.environ.get(ENGINE_PROCESS_ENV) == "1"
+def engine_process_on(configured: bool) -> bool:
+    """Whether a replica runs its engine apart: RAYFIT_ENGINE_PROCESS when set, else the model's config."""
+    forced = os.environ.get(ENGINE_PROCESS_ENV)
+    return configured if forced is None else forced == "1"
 
 
 class _Inbox:

@@ -169,3 +169,7 @@ class ModelFacts:
     quantization: str
     # The torch allocator's cap per local GPU (the plan's budget); empty on CPU.
     memory_caps: dict[int, int]
+    # Read where the engine runs, so a replica whose engine runs apart never imports torch.
+    torch_threads: int  # Ray sets OMP_NUM_THREADS from num_cpus: 0.5 CPUs compute on 1 thread
+    gpu_uuids: tuple[str, ...]  # the card(s) the engine really holds, as the driver names them
+    cpu_fallback: bool  # planned on a GPU, loaded on CPU (RAYFIT_ALLOW_CPU_FALLBACK, dev/test only)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 
 from deployments.errors import GenerationOutOfMemory
 from placement.plan import PlanEntry
@@ -44,10 +45,10 @@ def cap_gpu_memory(entry: PlanEntry) -> dict[int, int]:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
+    # Not loaded here (a replica whose engine runs apart): no torch error can have been raised here.
+    torch = sys.modules.get("torch")
     # torch.cuda.OutOfMemoryError is torch.OutOfMemoryError (also on CPU builds).
-    return isinstance(exc, torch.OutOfMemoryError)
+    return torch is not None and isinstance(exc, torch.OutOfMemoryError)
 
 
 def release_memory() -> None:
@@ -67,3 +68,11 @@ def recover(role: str, exc: BaseException) -> GenerationOutOfMemory:
         f"out of device memory while generating ({str(exc).splitlines()[0] if str(exc) else 'OOM'}); "
         "the memory was released: retry, or send a shorter prompt or a smaller max_tokens"
     )
+
+
+def out_of_memory_answer(role: str, exc: BaseException) -> GenerationOutOfMemory | None:
+    """What a request gets for `exc` when it is an out-of-memory error (the memory freed first), else None.
+    An engine process frees its memory itself and sends the answer (GenerationOutOfMemory) as it is."""
+    if isinstance(exc, GenerationOutOfMemory):
+        return exc
+    return recover(role, exc) if is_out_of_memory(exc) else None

@@ -9,7 +9,6 @@ the model there and logs one line saying where it is.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import time
@@ -19,21 +18,22 @@ from typing import Any
 
 from ray import serve
 
+from deployments.engine_process import EngineProcess, engine_process_on
 from deployments.errors import InvalidRequest, RetryableGenerationError
 from deployments.generation import GenerationInput, GenerationOutput, SamplingParams, StreamDelta
 from deployments.metrics import ModelMetrics, host_gpu_memory
+from deployments.verify import CPU_FALLBACK_ENV, cpu_entry, entry_for_this_node, placement_log_line
 from placement.config import ModelSpec
 from placement.gpu_nodes import GPU_LABEL
 from placement.plan import PlanEntry
 
 logger = logging.getLogger("ray.serve")
 
+__all__ = ["CPU_FALLBACK_ENV", "ModelServer"]  # the CPU fallback's switch lives with the placement check
+
 # Requests arriving within this window join one batch: long enough to gather
 # concurrent requests, short enough to be invisible next to a forward pass.
 BATCH_WAIT_TIMEOUT_S = 0.01
-# Dev/test switch: a GPU-planned replica on a machine without CUDA loads on CPU
-# instead of refusing. Never set in production: there it hides a broken pin.
-CPU_FALLBACK_ENV = "RAYFIT_ALLOW_CPU_FALLBACK"
 # Requests one replica holds at once (Serve's max_ongoing_requests below).
 MAX_ONGOING_REQUESTS = 32
 # check_health generates one token with this; a wedged device or engine never
@@ -42,35 +42,6 @@ HEALTH_PROBE = GenerationInput(params=SamplingParams(max_tokens=1, temperature=0
 # Longer than one token takes on a busy CPU replica; Serve's own
 # health_check_timeout_s (deployment option) bounds the check as well.
 HEALTH_PROBE_TIMEOUT_S = 20.0
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def check_pin_only(entry: PlanEntry) -> None:
-    """On the CPU fallback, still check that the plan's pin reached the replica
-    (the GPU half of `check_placement` cannot run without CUDA)."""
-    from deployments.verify import PlacementMismatch, planned_visible_devices
-
-    actual = os.environ.get("CUDA_VISIBLE_DEVICES", "").replace(" ", "")
-    if actual != planned_visible_devices(entry):
-        raise PlacementMismatch(
-            f"{entry.role}: planned {entry.device_label} but the replica has CUDA_VISIBLE_DEVICES={actual!r}. "
-            f"Remove `ray_actor_options` for '{entry.role}' from the serve config: Serve replaces rayfit's "
-            "options (and its GPU pin) with them instead of merging."
-        )
-
-
-def _cpu_fallback_entry(entry: PlanEntry) -> PlanEntry | None:
-    """The entry to load with when a GPU plan meets a CUDA-less machine and the dev switch allows CPU."""
-    if entry.device != "gpu" or _cuda_available():
-        return None
-    if os.environ.get(CPU_FALLBACK_ENV) != "1":
-        return None
-    return dataclasses.replace(entry, device="cpu", gpu_indices=(), gpu_uuids=(), fraction=0.0, max_memory={})
 
 
 @serve.deployment(
@@ -83,49 +54,32 @@ class ModelServer:
     """One model role. Methods are called through DeploymentHandles (ingress, agent code)."""
 
     def __init__(self, role: str, spec: ModelSpec | dict[str, Any], entry: PlanEntry):
-        # Heavy imports here, not at module import: the app builder imports this
-        # module on a process that never loads a model.
-        from deployments.engine_process import EngineProcess, engine_process_on
-        from deployments.verify import check_placement, entry_for_this_node, placement_log_line
-
         self.role = role
         self.spec = spec if isinstance(spec, ModelSpec) else ModelSpec.model_validate(spec)
         # Per-GPU mode: the slot of the GPU node Ray chose among those the plan allows (else the entry).
         entry = entry_for_this_node(entry)
         self.entry = entry
-        fallback = _cpu_fallback_entry(entry)
-        load_entry = fallback or entry
-        if fallback is not None:
-            check_pin_only(entry)
-            logger.warning(
-                "%s: planned on %s but CUDA is unavailable; loading on CPU because %s=1 (dev/test only)",
-                role,
-                entry.device_label,
-                CPU_FALLBACK_ENV,
-            )
-        else:
-            # Raises PlacementMismatch with the reason (a missing pin names the serve
-            # YAML's ray_actor_options); Serve then reports the deployment as failed.
-            check_placement(entry)
-        # Load and build the engine (deployments.engine.host): the plan's GPU cap, then the
-        # weights, then a KV pool of the plan's size. A load failure raises ModelLoadError naming
-        # the cause: Serve marks the deployment DEPLOY_FAILED with it, and the app's other models
-        # keep serving. `engine_process: true` (or RAYFIT_ENGINE_PROCESS=1 for every model) runs
-        # the engine in a child process with a GIL of its own (deployments.engine_process); this
-        # process then never imports transformers.
-        if self.spec.engine_process or engine_process_on():
-            self.engine = EngineProcess(self.spec, load_entry, role)
+        # Check the placement, then load and build the engine (deployments.engine.host), in the
+        # process that will hold the model: the plan's GPU cap, then the weights, then a KV pool of
+        # the plan's size. A wrong placement raises PlacementMismatch, a load failure ModelLoadError
+        # naming the cause: Serve marks the deployment DEPLOY_FAILED with it, and the app's other
+        # models keep serving. By default the engine runs in a child process with a GIL of its own
+        # (deployments.engine_process), and this process never imports torch or transformers;
+        # `engine_process: false` (or RAYFIT_ENGINE_PROCESS=0) keeps it in this process.
+        if engine_process_on(self.spec.engine_process):
+            self.engine = EngineProcess(self.spec, entry, role)
             self.facts = self.engine.facts
         else:
             from deployments.engine.host import build_engine
 
-            self.engine, self.facts = build_engine(self.spec, load_entry)
+            self.engine, self.facts = build_engine(self.spec, entry)
+        self.cpu_fallback = self.facts.cpu_fallback
+        load_entry = cpu_entry(entry) if self.cpu_fallback else entry
         # Requests the pool takes skip @serve.batch (whose batches run one at a time) and
         # wait on the event loop; a thread here only while one waits for a free sequence slot.
         self._continuous_pool = ThreadPoolExecutor(max_workers=MAX_ONGOING_REQUESTS, thread_name_prefix=role)
         self._probes = 0  # one-token health probes run (they are requests to the engine too)
         self._last_success = self._last_check = 0.0  # monotonic times: last finished generation, last health check
-        self.cpu_fallback = fallback is not None
         self._generate_batch.set_max_batch_size(self.spec.max_batch_size)
         import ray
 
@@ -200,7 +154,7 @@ class ModelServer:
 
     async def _generate_continuous(self, request: GenerationInput) -> GenerationOutput | BaseException:
         """One request through the engine's continuous batcher (joins the running batch)."""
-        from deployments.memory import is_out_of_memory, recover
+        from deployments.memory import out_of_memory_answer
 
         # The caller gone (Serve cancels this coroutine): the engine drops the request within
         # a decode step, also while it still waits for a slot.
@@ -209,15 +163,15 @@ class ModelServer:
         except InvalidRequest as exc:
             return exc
         except Exception as exc:
-            if not is_out_of_memory(exc):
+            if (answer := out_of_memory_answer(self.role, exc)) is None:
                 raise
-            return recover(self.role, exc)
+            return answer
         self._last_success = time.monotonic()
         return output
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     async def _generate_batch(self, requests: list[GenerationInput]) -> list[GenerationOutput | BaseException]:
-        from deployments.memory import is_out_of_memory, recover
+        from deployments.memory import out_of_memory_answer
 
         try:
             # A thread: generate_batch holds the GIL-releasing forward passes for
@@ -229,10 +183,10 @@ class ModelServer:
             if len(requests) == 1:
                 return [exc]
         except Exception as exc:
-            if not is_out_of_memory(exc):
+            if (answer := out_of_memory_answer(self.role, exc)) is None:
                 raise
             # The batch lost its memory, the weights did not: each request gets a retryable 503.
-            return [recover(self.role, exc)] * len(requests)
+            return [answer] * len(requests)
         # One bad request must not fail its batch mates: run them one by one.
         results: list[GenerationOutput | BaseException] = []
         for request in requests:
@@ -241,16 +195,16 @@ class ModelServer:
             except InvalidRequest as exc:
                 results.append(exc)
             except Exception as exc:
-                if not is_out_of_memory(exc):
+                if (answer := out_of_memory_answer(self.role, exc)) is None:
                     raise
-                results.append(recover(self.role, exc))
+                results.append(answer)
         return results
 
     async def stream(self, request: GenerationInput) -> AsyncIterator[StreamDelta]:
         """Deltas as the engine produces them (Engine.open_stream: a pooled request's tokens
         come onto this event loop each decode step). Client disconnect → CancelledError → the
         engine stops the request. A bad request is yielded as its InvalidRequest (see `_rejected`)."""
-        from deployments.memory import is_out_of_memory, recover
+        from deployments.memory import out_of_memory_answer
 
         start = last = time.perf_counter()
         status, usage = "cancelled", (0, 0)  # stays "cancelled" when the client goes away mid-stream
@@ -276,9 +230,9 @@ class ModelServer:
             yield exc  # type: ignore[misc]  # the ingress raises it as a 400
         except Exception as exc:
             status = "error"
-            if not is_out_of_memory(exc):
+            if (answer := out_of_memory_answer(self.role, exc)) is None or answer is exc:
                 raise
-            raise recover(self.role, exc) from exc
+            raise answer from exc
         finally:
             if deltas is not None:
                 await deltas.aclose()  # type: ignore[attr-defined]  # stops generating if still running
@@ -290,7 +244,6 @@ class ModelServer:
     def placement(self) -> dict[str, Any]:
         """Planned vs actual, as this replica sees it."""
         import ray
-        import torch
 
         planned = {
             "device": self.entry.device_label,
@@ -316,11 +269,9 @@ class ModelServer:
             "quantization": self.facts.quantization,
             "cpu_fallback": self.cpu_fallback,
             # Ray sets OMP_NUM_THREADS from num_cpus: a CPU model with 0.5 CPUs computes on 1 thread.
-            "torch_threads": torch.get_num_threads(),
-            # The card(s) this replica really holds, as the driver names them (survives index remapping).
-            "gpu_uuids": [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
-            if torch.cuda.is_available()
-            else [],
+            "torch_threads": self.facts.torch_threads,
+            # The card(s) the engine really holds, as the driver names them (survives index remapping).
+            "gpu_uuids": list(self.facts.gpu_uuids),
             "memory": self._memory_report(),
             # The torch allocator's cap per local GPU (the plan's budget); empty on CPU (report only).
             "memory_cap_bytes": {str(local): cap for local, cap in self.facts.memory_caps.items()},
@@ -357,7 +308,7 @@ class ModelServer:
         out-of-memory, or to a batch the batcher restarted, is no reason to
         replace the replica.
         """
-        from deployments.memory import is_out_of_memory, recover
+        from deployments.memory import out_of_memory_answer
 
         last_check, self._last_check = self._last_check, time.monotonic()
         # An engine process that died raises here (EngineProcessLost): the check fails, Serve replaces us.
@@ -376,8 +327,7 @@ class ModelServer:
             logger.warning("%s: health probe lost to a restarted batch; the replica recovered", self.role)
             return
         except Exception as exc:
-            if not is_out_of_memory(exc):
+            if out_of_memory_answer(self.role, exc) is None:
                 raise
-            recover(self.role, exc)
             return
         self._last_success = time.monotonic()

@@ -9,17 +9,29 @@ renumbering) — and reports memory for the logs.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import re
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from placement.plan import PlanEntry, placement_log_line
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the checks that need it: a replica whose engine runs in a process of
+# its own imports this module for the plan's side (entry_for_this_node, cpu_entry) and never loads torch.
 
 __all__ = ["placement_log_line"]  # the log line format lives with the plan; replicas import it from here too
 
 _GIB = 1024**3
+# Dev/test switch: a GPU-planned replica on a machine without CUDA loads on CPU
+# instead of refusing. Never set in production: there it hides a broken pin.
+CPU_FALLBACK_ENV = "RAYFIT_ALLOW_CPU_FALLBACK"
+
+logger = logging.getLogger("ray.serve")
 
 
 class PlacementMismatch(RuntimeError):
@@ -49,6 +61,8 @@ def _normalize_uuid(uuid: str) -> str:
 
 def visible_gpu_uuids() -> tuple[str, ...]:
     """UUIDs of the GPUs this process sees, in local index order ('GPU-…' form)."""
+    import torch
+
     if not torch.cuda.is_available():
         return ()
     uuids = []
@@ -63,6 +77,8 @@ def visible_gpu_uuids() -> tuple[str, ...]:
 
 def check_placement(entry: PlanEntry) -> ActualPlacement:
     """Raise PlacementMismatch unless the replica sees exactly the planned GPU(s) (or none, on CPU)."""
+    import torch
+
     actual_env = os.environ.get("CUDA_VISIBLE_DEVICES", "").replace(" ", "")
     planned_env = planned_visible_devices(entry)
     if actual_env != planned_env:
@@ -90,6 +106,37 @@ def check_placement(entry: PlanEntry) -> ActualPlacement:
                     f"but local cuda:{local} is {seen}"
                 )
     return ActualPlacement(cuda_visible_devices=actual_env, device_uuids=uuids, cuda_available=cuda)
+
+
+def placed_entry(entry: PlanEntry) -> tuple[PlanEntry, bool]:
+    """Check that this process sits where `entry` says (check_placement; raises PlacementMismatch) and
+    return the entry to load with, and whether it is the CPU fallback's: a GPU plan on a CUDA-less
+    machine loads on CPU only when RAYFIT_ALLOW_CPU_FALLBACK=1, after checking the pin still arrived."""
+    import torch
+
+    if entry.device != "gpu" or torch.cuda.is_available() or os.environ.get(CPU_FALLBACK_ENV) != "1":
+        check_placement(entry)
+        return entry, False
+    # The GPU half of check_placement cannot run without CUDA; the pin can still be checked.
+    actual = os.environ.get("CUDA_VISIBLE_DEVICES", "").replace(" ", "")
+    if actual != planned_visible_devices(entry):
+        raise PlacementMismatch(
+            f"{entry.role}: planned {entry.device_label} but the replica has CUDA_VISIBLE_DEVICES={actual!r}. "
+            f"Remove `ray_actor_options` for '{entry.role}' from the serve config: Serve replaces rayfit's "
+            "options (and its GPU pin) with them instead of merging."
+        )
+    logger.warning(
+        "%s: planned on %s but CUDA is unavailable; loading on CPU because %s=1 (dev/test only)",
+        entry.role,
+        entry.device_label,
+        CPU_FALLBACK_ENV,
+    )
+    return cpu_entry(entry), True
+
+
+def cpu_entry(entry: PlanEntry) -> PlanEntry:
+    """`entry` as the CPU fallback loads it: on CPU, no GPUs."""
+    return dataclasses.replace(entry, device="cpu", gpu_indices=(), gpu_uuids=(), fraction=0.0, max_memory={})
 
 
 def entry_for_this_node(entry: PlanEntry) -> PlanEntry:
@@ -141,6 +188,8 @@ def weights_bytes(model: torch.nn.Module) -> int:
 def memory_report(model: torch.nn.Module, weights: int | None = None) -> dict[str, int | str]:
     """Memory the loaded model holds: CUDA allocated/reserved per visible GPU, or process RSS on CPU.
     `weights`: the model's `weights_bytes`, when the caller has it already."""
+    import torch
+
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     report: dict[str, int | str] = {"device": str(device)}

@@ -87,9 +87,10 @@ class ModelSpec(BaseModel):
     # Serving limits (deployment options and request checks, not placement).
     # Serving: where the engine runs (deployments.engine_process).
     engine_process: bool = Field(
-        default=False,
+        default=True,
         description="Run the engine (weights, KV cache, batching loop) in a process of its own next to the "
-        "replica: the batching loop gets a GIL of its own instead of sharing one with Ray Serve's streaming",
+        "replica: the batching loop gets a GIL of its own instead of sharing one with Ray Serve's streaming; "
+        "false keeps it inside the replica",
     )
     max_tokens_cap: int = Field(
         default=4096, gt=0, description="Largest max_tokens a request may ask for (400 above it)"

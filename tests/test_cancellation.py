@@ -7,7 +7,7 @@ own report (`ModelServer.load`) must show no slot held and no live request,
 and the request counted as `cancelled` — not merely that the next request works.
 
 Every test runs twice: with the engine inside the replica, and in a process of
-its own (`engine_process: true`, deployments.engine.process), where each
+its own (`engine_process: true`, the default; deployments.engine_process), where each
 cancel, error and report crosses a process boundary.
 """
 
@@ -167,6 +167,15 @@ def test_the_memory_reported_is_the_model_holding_process(base_url: str, request
     assert 0 < memory["kv_pool_bytes"] <= memory["kv_cache_bytes"]
     engine_process = request.node.callspec.params["base_url"]
     assert (actual["engine_pid"] != actual["pid"]) == engine_process
+    # Only the model-holding process loads torch: a replica whose engine runs apart maps no libtorch,
+    # so on a GPU it cannot open a CUDA context (memory the plan does not budget) next to its child.
+    assert _maps_libtorch(actual["engine_pid"])
+    assert _maps_libtorch(actual["pid"]) != engine_process
+    assert actual["torch_threads"] >= 1
+
+
+def _maps_libtorch(pid: int) -> bool:
+    return any("libtorch" in Path(m.path).name for m in psutil.Process(pid).memory_maps())
 
 
 def test_a_killed_model_holding_process_is_replaced(base_url: str) -> None:

@@ -18,7 +18,9 @@ import pytest
 HEAVY = ("torch", "transformers")
 
 
-@pytest.mark.parametrize("module", ["deployments.ingress", "placement.cli", "deployments.engine_process"])
+@pytest.mark.parametrize(
+    "module", ["deployments.ingress", "placement.cli", "deployments.engine_process", "deployments.model"]
+)
 def test_module_does_not_load_torch_or_transformers(module: str) -> None:
     code = f"import sys, {module}; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""The engine's own process (`engine_process: true`): the child's side.
+"""The engine's own process (`engine_process: true`, the default): the child's side.
 
 `python -m deployments.engine.child <fd>` is started by the replica
 (deployments.engine_process.EngineProcess, whose docstring has the why and
@@ -25,7 +25,7 @@ from deployments.engine.host import build_engine
 from deployments.engine.kv import RequestCancelled
 from deployments.errors import InvalidRequest, RetryableGenerationError
 from deployments.generation import GenerationInput
-from deployments.memory import is_out_of_memory, release_memory
+from deployments.memory import is_out_of_memory, recover
 
 logger = logging.getLogger("ray.serve")
 
@@ -48,8 +48,9 @@ def _portable(exc: BaseException) -> BaseException:
 class _EngineServer:
     """The child's event loop: each call a task, each loop turn's answers one message."""
 
-    def __init__(self, conn: Connection, engine: Any):
+    def __init__(self, conn: Connection, engine: Any, role: str):
         self.conn = conn
+        self.role = role
         self.engine = engine
         self.send_lock = threading.Lock()
         self.outbox: list[tuple[str, int, Any]] = []
@@ -106,7 +107,7 @@ class _EngineServer:
             pass  # withdrawn by the replica, which expects no answer
         except BaseException as exc:
             if is_out_of_memory(exc):
-                release_memory()  # here, where the memory is; the replica answers the 503
+                exc = recover(self.role, exc)  # freed here, where the memory is; the replica answers the 503
             elif not isinstance(exc, _EXPECTED):
                 logger.exception("engine call %s failed", kind)
             self._post("error", call_id, _portable(exc))
@@ -160,7 +161,7 @@ def main(fd: int) -> None:
     gc.freeze()
     conn.send(("ready", (facts, getattr(engine, "pool", None) is not None)))
     logger.info("%s: engine serving in process %d", role, os.getpid())
-    asyncio.run(_EngineServer(conn, engine).run())
+    asyncio.run(_EngineServer(conn, engine, role).run())
 
 
 if __name__ == "__main__":

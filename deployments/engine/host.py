@@ -1,9 +1,10 @@
-"""Load one model and build its engine, in the process that will run it.
+"""Check the placement, load one model and build its engine, in the process that will run it.
 
-The replica does this itself, or has a process of its own do it
-(`engine_process: true`, deployments.engine_process and deployments.engine.child). Both call
-`build_engine`, so the plan's memory cap, the load and the engine's KV
-budget are the same either way.
+The replica does this itself (`engine_process: false`), or has a process of
+its own do it (the default; deployments.engine_process and
+deployments.engine.child). Both call `build_engine`, so the placement check,
+the plan's memory cap, the load and the engine's KV budget are the same
+either way, and only the process that holds the model imports torch.
 """
 
 from __future__ import annotations
@@ -27,12 +28,19 @@ ENGINE_WRAPPER_ENV = "RAYFIT_ENGINE_WRAPPER"
 
 
 def build_engine(spec: ModelSpec, entry: PlanEntry) -> tuple[Any, ModelFacts]:
-    """Cap this process's GPU memory at the plan's budget, load `spec` where `entry` says, and
-    build its engine (wrapped by RAYFIT_ENGINE_WRAPPER when set). Raises ModelLoadError."""
+    """Check that this process sits where `entry` says, cap its GPU memory at the plan's budget,
+    load `spec` there and build its engine (wrapped by RAYFIT_ENGINE_WRAPPER when set).
+    Raises PlacementMismatch or ModelLoadError."""
+    import torch
+
     from deployments.engine import Engine
     from deployments.loading import load_model
     from deployments.memory import cap_gpu_memory
+    from deployments.verify import placed_entry
 
+    # Raises PlacementMismatch with the reason (a missing pin names the serve YAML's
+    # ray_actor_options); Serve then reports the deployment as failed.
+    entry, cpu_fallback = placed_entry(entry)
     # The plan's budget becomes a hard cap before the first weight lands (GPU only).
     memory_caps = cap_gpu_memory(entry)
     loaded = load_model(spec, entry)
@@ -45,6 +53,7 @@ def build_engine(spec: ModelSpec, entry: PlanEntry) -> tuple[Any, ModelFacts]:
         kv_budget_bytes=entry.kv_budget_bytes,
         tool_format=spec.tool_format,
     )
+    cuda = torch.cuda.is_available()
     facts = ModelFacts(
         device=str(loaded.model.device),
         context_length=loaded.context_length,
@@ -52,6 +61,11 @@ def build_engine(spec: ModelSpec, entry: PlanEntry) -> tuple[Any, ModelFacts]:
         load_seconds=loaded.load_seconds,
         quantization=loaded.quantization,
         memory_caps=memory_caps,
+        torch_threads=torch.get_num_threads(),
+        gpu_uuids=tuple(str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count()))
+        if cuda
+        else (),
+        cpu_fallback=cpu_fallback,
     )
     return _wrapped(engine), facts
 

@@ -43,8 +43,8 @@ Caveat (measured on Ray 2.60): Ray starts every worker process, so every
 rayfit replica, at nice 15, while the peers started from this script run at
 nice 0; on a busy machine that favours the peers.
 
-Writes `benchmarks/results/bench_peer.{md,json}` (with `--engine-process`, rayfit's engines run
-in processes of their own: `bench_peer_engine_process.{md,json}`).
+Writes `benchmarks/results/bench_peer.{md,json}` (with `--engine-in-replica`, rayfit's engines run
+inside their replicas, as before `engine_process` became the default: `bench_peer_engine_in_replica.{md,json}`).
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "of the server's busiest thread (transformers' batching loop). "
         "Peer: a greedy one for the temperature-0 rows, one whose generation config samples (temperature 1.0) "
         "for the unset rows. rayfit's engine: "
-        + ("in a child process of the replica (--engine-process)" if args.engine_process else "in the replica"),
+        + ("inside the replica (--engine-in-replica)" if args.engine_in_replica else "in a process of its own"),
         "",
         "| request as clients send it | c | peer tok/s | rayfit tok/s | rayfit/peer (range) "
         "| peer CPU ms/tok | rayfit CPU ms/tok | decode thread: peer | decode thread: rayfit |",
@@ -387,14 +387,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="alternating pairs per cell")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument(
-        "--engine-process",
+        "--engine-in-replica",
         action="store_true",
-        help="rayfit's replicas run their engine in a child process (RAYFIT_ENGINE_PROCESS=1)",
+        help="rayfit's replicas run their engine inside themselves (RAYFIT_ENGINE_PROCESS=0; the default is "
+        "a process of its own)",
     )
     args = parser.parse_args(argv)
     model_dir = smollm2_dir()
-    if args.engine_process:
-        os.environ[ENGINE_PROCESS_ENV] = "1"  # the local Ray's workers inherit it
+    # The local Ray's workers inherit it.
+    os.environ[ENGINE_PROCESS_ENV] = "0" if args.engine_in_replica else "1"
     rayfit_url = start_rayfit()
     closed_loop(rayfit_url, ROLE, SHAPES["temperature 0, non-streaming"], 2, 1, args.max_tokens)  # warm-up
     placement = httpx.get(f"{rayfit_url}/v1/placement", timeout=60).json()
@@ -427,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     report = markdown(rows, args)
     print("\n" + report)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "bench_peer_engine_process" if args.engine_process else "bench_peer"
+    name = "bench_peer_engine_in_replica" if args.engine_in_replica else "bench_peer"
     (args.out / f"{name}.md").write_text(report)
     payload = {"rows": rows, "max_tokens": args.max_tokens, "rounds": args.rounds, "requests": args.requests}
     (args.out / f"{name}.json").write_text(json.dumps(payload, indent=1))

@@ -28,10 +28,11 @@ MedGemma shapes served side by side on one card by the plan.
    tokenizer), Ray is started on this machine with the GPU and its gpu_slot,
    the rayfit app plans both onto GPU 0 with fractions, and each replica reports
    its GPU UUID and memory from inside; their sum must stay within the card.
-   The summarizer runs with `engine_process: true` (its engine in a child
-   process), the buffer agent in its replica; the driver's per-process GPU
-   memory (NVML) shows what each process holds, CUDA contexts included, so a
-   replica that holds a context beside its engine process would show here.
+   The summarizer runs as configured by default (its engine in a child
+   process), the buffer agent with `engine_process: false` (its engine in its
+   replica); the driver's per-process GPU memory (NVML) shows what each process
+   holds, CUDA contexts included, so a replica that held a context beside its
+   engine process would show here (it should not: it never imports torch).
 
 Writes a Markdown table and JSON to `--out` (default benchmarks/results/).
 """

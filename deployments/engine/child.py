@@ -32,6 +32,10 @@ logger = logging.getLogger("ray.serve")
 # Threads the child gives requests waiting for a sequence slot (the replica's MAX_ONGOING_REQUESTS).
 _SLOT_WAITERS = 32
 
+# Modules whose exceptions the replica unpickles without loading torch or transformers (a call's error
+# from any other module is sent as its nearest class from these: tests/test_cancellation.py).
+_LIGHT_MODULES = frozenset({"builtins", "deployments.errors", "deployments.engine_process", "deployments.verify"})
+
 # What a request did wrong or was told to stop: answered without a traceback in the log.
 _EXPECTED = (InvalidRequest, RequestCancelled, RetryableGenerationError)
 
@@ -43,6 +47,18 @@ def _portable(exc: BaseException) -> BaseException:
         return exc
     except Exception:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _light(exc: BaseException) -> BaseException:
+    """`exc` as the replica can unpickle it without importing torch or transformers: its nearest class
+    defined in a light module (BatchInterrupted → RetryableGenerationError), with the same message."""
+    light = next(cls for cls in type(exc).__mro__ if cls.__module__ in _LIGHT_MODULES)
+    if light is type(exc):
+        return _portable(exc)
+    try:
+        return _portable(light(*exc.args))
+    except Exception:
+        return _portable(light(str(exc)))
 
 
 class _EngineServer:
@@ -83,7 +99,7 @@ class _EngineServer:
             value = getattr(self.engine, name)  # last_progress is a property, the others methods
             answer = ("result", call_id, value(*args) if callable(value) else value)
         except Exception as exc:
-            answer = ("error", call_id, _portable(exc))
+            answer = ("error", call_id, _light(exc))
         self._send([answer])
 
     def _dispatch(self, kind: str, call_id: int, payload: Any) -> None:
@@ -110,7 +126,7 @@ class _EngineServer:
                 exc = recover(self.role, exc)  # freed here, where the memory is; the replica answers the 503
             elif not isinstance(exc, _EXPECTED):
                 logger.exception("engine call %s failed", kind)
-            self._post("error", call_id, _portable(exc))
+            self._post("error", call_id, _light(exc))
         finally:
             self.tasks.pop(call_id, None)
 

@@ -42,6 +42,9 @@ HEALTH_PROBE = GenerationInput(params=SamplingParams(max_tokens=1, temperature=0
 # Longer than one token takes on a busy CPU replica; Serve's own
 # health_check_timeout_s (deployment option) bounds the check as well.
 HEALTH_PROBE_TIMEOUT_S = 20.0
+# After requests, the memory gauges are refreshed at most this often: a report is a blocking call to
+# the engine's process, which would stall this replica's event loop (every stream's deltas) per request.
+MEMORY_REFRESH_S = 1.0
 
 
 @serve.deployment(
@@ -87,7 +90,22 @@ class ModelServer:
         logger.info(placement_log_line(role, self.node_id, load_entry))
         # Tagged with where the model really runs (the CPU fallback reports "cpu").
         self.metrics = ModelMetrics(role, load_entry.gpu_indices, entry.memory_budget_bytes, entry.kv_budget_bytes)
+        self._memory_refresh_due = False  # a refresh of the memory gauges is scheduled
         self._memory_report()
+
+    def _refresh_memory_soon(self) -> None:
+        """After a request: refresh the memory gauges within MEMORY_REFRESH_S, once for every request
+        that finishes meanwhile (the last state of a burst is still reported)."""
+        if not self._memory_refresh_due:
+            self._memory_refresh_due = True
+            asyncio.get_running_loop().call_later(MEMORY_REFRESH_S, self._refresh_memory)
+
+    def _refresh_memory(self) -> None:
+        self._memory_refresh_due = False
+        try:
+            self._memory_report()
+        except RetryableGenerationError:
+            pass  # the engine's process is gone: the health check replaces this replica
 
     def _memory_report(self) -> dict[str, int | str]:
         """The engine's memory report (model and KV bytes), also pushed to the memory gauges (cheap:
@@ -149,7 +167,7 @@ class ModelServer:
             self.metrics.request_done("error", time.perf_counter() - start)
             raise result
         self.metrics.request_done("ok", time.perf_counter() - start, result.prompt_tokens, result.completion_tokens)
-        self._memory_report()
+        self._refresh_memory_soon()
         return result
 
     async def _generate_continuous(self, request: GenerationInput) -> GenerationOutput | BaseException:
@@ -237,7 +255,7 @@ class ModelServer:
             if deltas is not None:
                 await deltas.aclose()  # type: ignore[attr-defined]  # stops generating if still running
             self.metrics.request_done(status, time.perf_counter() - start, *usage)
-            self._memory_report()
+            self._refresh_memory_soon()
 
     # ------------------------------------------------------------ reporting
 

@@ -355,3 +355,55 @@ def test_a_reader_behind_by_several_steps_gets_only_the_newest_update(continuous
     assert asyncio.run(read([*steps, done])) == [done]
     assert asyncio.run(read([steps[0], done, TokenUpdate((9,), finished=False)])) == [done]
     assert asyncio.run(read([*steps, RuntimeError("batch failed")])) == ["batch failed"]
+
+
+def test_a_request_arriving_during_the_rebuild_is_served_not_told_to_retry(loaded: LoadedModel) -> None:
+    """A request sent right after a batch failed (the client got its 503 and retried at once) waits
+    while the pump rebuilds the manager. The rebuild answers every registered request with "retry";
+    this one never reached the old batch, so it must run on the new manager instead (seen as a 503
+    for the retry when it arrived between the loop's death and the rebuild)."""
+    import torch
+
+    from deployments.engine.pool import BatchInterrupted
+
+    engine = Engine(loaded, max_batch_size=2, continuous=True)
+    assert engine.pool is not None
+    batcher = engine.pool.batcher
+    armed, retry_waiting = threading.Event(), threading.Event()
+    rebuild = batcher._recover
+
+    def rebuild_once_the_retry_waits() -> None:  # the pump's rebuild, held until the retry is queued
+        retry_waiting.wait(30)
+        rebuild()
+
+    batcher._recover = rebuild_once_the_retry_waits  # type: ignore[method-assign]
+
+    def explode(module: object, args: object) -> None:
+        if armed.is_set():
+            armed.clear()
+            raise torch.OutOfMemoryError("CUDA out of memory (injected inside the batching loop)")
+
+    hook = loaded.model.register_forward_pre_hook(explode)
+    answers: list[GenerationOutput | BaseException] = []
+
+    def retry() -> None:
+        try:
+            answers.append(engine.generate_batch([GenerationInput(params=GREEDY, prompt="Ray")])[0])
+        except BaseException as exc:  # recorded: the assertion below names it
+            answers.append(exc)
+
+    try:
+        armed.set()
+        with pytest.raises(BatchInterrupted):
+            engine.generate_batch([GenerationInput(params=GREEDY, prompt="Ray")])
+        retrying = threading.Thread(target=retry)
+        retrying.start()
+        time.sleep(0.5)  # the retry is registered and waits for a live manager
+        retry_waiting.set()
+        retrying.join(60)
+        assert len(answers) == 1 and isinstance(answers[0], GenerationOutput), answers
+        assert answers[0].completion_tokens == GREEDY.max_tokens
+        assert batcher.restarts == 1 and batcher.slots.in_use == 0
+    finally:
+        hook.remove()
+        engine.close()

@@ -428,17 +428,16 @@ class ContinuousBatcher:
             if row is not None:
                 sampling[ROW_KEY] = self._row_keys[request_id] = self.row_processor.register(row)
             # A manager whose loop just died refuses requests until the pump has rebuilt it: wait, then retry once.
-            for attempt in range(2):
+            for _ in range(2):
                 if not self._wait_for_live_manager():
                     break
-                if attempt:
-                    # The rebuild answered every waiting queue with "retry", this one's too, but this
-                    # request never reached the old batch: it starts clean on the new manager.
-                    if sink is not None:
-                        sink.renew()
-                    else:
-                        with self._lock:
-                            self._queues[request_id] = queue.Queue()
+                # A rebuild while this request waited answered every registered request with "retry",
+                # this one's too, but it never reached the old batch: it starts clean on this manager.
+                if sink is not None:
+                    sink.renew()
+                else:
+                    with self._lock:
+                        self._queues[request_id] = queue.Queue()
                 manager = self._manager
                 if sink is not None:
                     _deliver_on_loop(manager, request_id, sink)

@@ -39,9 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
-from bench_peer import closed_loop  # noqa: E402
-
-from deployments.ports import free_port  # noqa: E402
+from bench_peer import closed_loop, start_rayfit  # noqa: E402
 
 ROLES = {"in replica": "inside", "engine process": "apart"}
 SHAPES = {
@@ -62,18 +60,9 @@ ROLE_CONFIG = """\
 
 def start_app() -> tuple[str, dict[str, int]]:
     """Ray + the two-role app; (base URL, role → pid of the process holding its model)."""
-    import ray
-    from ray import serve
-
-    from deployments.app import AppArgs, build_app
-
     config = Path(tempfile.mkdtemp(prefix="bench-engine-process-")) / "model_configs.yaml"
     config.write_text("".join(ROLE_CONFIG.format(role=r, apart=str(r == "apart").lower()) for r in ROLES.values()))
-    ray.init(include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(AppArgs(model_config=str(config), gpus="none")), name="rayfit", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
+    url = start_rayfit(config)
     models = httpx.get(f"{url}/v1/placement", timeout=60).json()["models"]
     return url, {role: int(models[role]["replica"]["actual"]["engine_pid"]) for role in ROLES.values()}
 

@@ -263,7 +263,8 @@ def start_peer(model_dir: Path, port: int) -> subprocess.Popen:
     raise SystemExit("transformers serve did not become healthy in 300 s")
 
 
-def start_rayfit() -> str:
+def start_rayfit(config: Path = DEMO_CONFIG) -> str:
+    """A local Ray serving `config` as the app "rayfit" at /; its base URL."""
     import ray
     from ray import serve
 
@@ -272,7 +273,7 @@ def start_rayfit() -> str:
     ray.init(include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(AppArgs(model_config=str(DEMO_CONFIG), gpus="none")), name="rayfit", route_prefix="/")
+    serve.run(build_app(AppArgs(model_config=str(config), gpus="none")), name="rayfit", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
 
@@ -394,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     model_dir = smollm2_dir()
-    # The local Ray's workers inherit it.
-    os.environ[ENGINE_PROCESS_ENV] = "0" if args.engine_in_replica else "1"
+    if args.engine_in_replica:
+        os.environ[ENGINE_PROCESS_ENV] = "0"  # the local Ray's workers inherit it
     rayfit_url = start_rayfit()
     closed_loop(rayfit_url, ROLE, SHAPES["temperature 0, non-streaming"], 2, 1, args.max_tokens)  # warm-up
     placement = httpx.get(f"{rayfit_url}/v1/placement", timeout=60).json()

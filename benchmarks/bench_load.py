@@ -27,8 +27,8 @@ from deployments.generation import GenerationInput, SamplingParams  # noqa: E402
 from deployments.loading import load_model  # noqa: E402
 from placement.config import ModelSpec  # noqa: E402
 from placement.demo_models import gemma3_270m_gguf, smollm2_gguf  # noqa: E402
-from placement.estimate import MemoryEstimate  # noqa: E402
-from placement.plan import PlanEntry  # noqa: E402
+from placement.inventory import parse_gpu_spec  # noqa: E402
+from placement.planner import make_plan  # noqa: E402
 
 
 def _smollm2_spec(dtype: str) -> ModelSpec:
@@ -57,16 +57,10 @@ class Row:
         return self.batch * self.tokens / self.generate_s
 
 
-def _cpu_entry(role: str) -> PlanEntry:
-    estimate = MemoryEstimate.lump(0, source="params_b")
-    return PlanEntry(
-        role=role, model=role, device="cpu", node_id="local", estimate=estimate, memory_budget_bytes=0, reason="bench"
-    )
-
-
 def bench(name: str, tokens: int, batch: int, cold: bool, dtype: str) -> Row:
     spec = DEMOS[name](dtype)
-    entry = _cpu_entry(name)
+    entry = make_plan({name: spec}, parse_gpu_spec("none")).entry(name).replica
+    assert entry is not None
     cold_s = None
     if cold:
         started = time.perf_counter()
@@ -75,7 +69,7 @@ def bench(name: str, tokens: int, batch: int, cold: bool, dtype: str) -> Row:
     started = time.perf_counter()
     loaded = load_model(spec, entry)
     warm_s = time.perf_counter() - started
-    engine = Engine(loaded)
+    engine = Engine(loaded, entry)
     # min_tokens is not exposed: a base model may stop early on <eos>; the table counts what was generated.
     params = SamplingParams(max_tokens=tokens, temperature=0)
     # Chat messages: SmolLM2 uses its template, Gemma 3 270M (base) the engine's fallback.

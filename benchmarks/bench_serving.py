@@ -87,13 +87,9 @@ def load_engine(config: Path, role: str, threads: int, continuous: bool) -> Any:
 
     specs, _, _, plan = plan_app(AppArgs(model_config=str(config), gpus="none"))
     torch.set_num_threads(threads)
-    entry = plan.entry(role)
-    return Engine(
-        load_model(specs[role], entry),
-        max_batch_size=specs[role].max_batch_size,
-        continuous=continuous,
-        kv_budget_bytes=entry.estimate.kv_cache_bytes,
-    )
+    replica = plan.entry(role).replica
+    assert replica is not None and replica.continuous == continuous  # RAYFIT_CONTINUOUS_BATCHING, set above
+    return Engine(load_model(specs[role], replica), replica)
 
 
 def deploy(config: Path, app_name: str) -> None:

@@ -462,7 +462,7 @@ def serve_both(dirs: dict[str, Path], ns: argparse.Namespace, workdir: Path) -> 
                 "card_total_mib": _mib(int(memory.get("cuda:0_total_bytes", 0))),
                 "rss_mib": _mib(int(memory.get("rss_bytes", 0))),
                 "kv_planned_mib": _mib(int(info["planned"].get("kv_cache_bytes") or 0)),
-                "kv_engine_mib": _mib(int(memory.get("kv_cache_bytes", 0))),
+                "kv_engine_mib": _mib(int(memory.get("kv_built_bytes", 0))),
                 "cap_mib": _mib(sum(actual.get("memory_cap_bytes", {}).values())),
                 "http_status": reply.status_code,
             }

@@ -48,6 +48,8 @@ from placement.ray_options import GPU_SLOT_PREFIX
 from placement.units import GIB, gib
 
 logger = logging.getLogger("ray.serve")
+# "0": every model runs without continuous batching (benchmarks compare both); else each spec decides.
+CONTINUOUS_ENV = "RAYFIT_CONTINUOUS_BATCHING"
 
 # Requests the ingress takes beyond its own bound: to turn them away in JSON, and for
 # /health, /v1/models and /v1/placement while generation requests fill the bound.
@@ -184,6 +186,8 @@ def entry_summary(entry: PlanEntry, model_id: str | None = None) -> dict[str, An
         "device": entry.device_label,
         "node_id": entry.node_id,
         "gpu_indices": list(entry.gpu_indices),
+        # What the replica must see (placement.report compares it with what it reports).
+        "cuda_visible_devices": entry.cuda_visible_devices,
         "fraction": entry.fraction,
         "memory_budget_bytes": entry.memory_budget_bytes,
         "memory_budget": gib(entry.memory_budget_bytes),
@@ -195,7 +199,13 @@ def entry_summary(entry: PlanEntry, model_id: str | None = None) -> dict[str, An
         "replicas": entry.replicas,
         "gpu_labels": list(entry.gpu_labels),
         "slots": [
-            {"gpu_label": s.gpu_label, "node_id": s.node_id, "gpu_indices": list(s.gpu_indices), "fraction": s.fraction}
+            {
+                "gpu_label": s.gpu_label,
+                "node_id": s.node_id,
+                "gpu_indices": list(s.gpu_indices),
+                "cuda_visible_devices": entry.on_gpu_node(s.gpu_label).cuda_visible_devices,
+                "fraction": s.fraction,
+            }
             for s in entry.slots
         ],
     }
@@ -228,6 +238,8 @@ def plan_app(
     configs = load_model_configs(args.models_path)
     model_ids = {role: spec.model for role, spec in configs.models.items()}
     specs = resolve_demo_models(configs.models)
+    if os.environ.get(CONTINUOUS_ENV) == "0":  # a benchmark's switch, read once here: the plan budgets it
+        specs = {role: spec.model_copy(update={"continuous_batching": False}) for role, spec in specs.items()}
     inventory = _inventory(args) if inventory is None else inventory
     rules = load_rules(args.rules) if args.rules else None
     plan = make_plan(specs, inventory, rules=rules, reserve=args.reserve)

@@ -115,7 +115,7 @@ def print_placement(placement: dict[str, Any]) -> None:
             f"loaded in {actual.get('load_seconds', 0):.1f} s"
         )
         print(f"  {'':<14} why: {plan['reason']}")
-        kv_plan, kv_engine = plan.get("kv_cache_bytes"), memory.get("kv_cache_bytes")
+        kv_plan, kv_engine = plan.get("kv_cache_bytes"), memory.get("kv_built_bytes")
         if kv_plan is not None and kv_engine is not None:
             verdict = "within plan" if kv_engine <= kv_plan else "OVER PLAN"
             print(f"  {'':<14} KV cache: planned {kv_plan} B, engine holds at most {kv_engine} B ({verdict})")

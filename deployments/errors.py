@@ -69,6 +69,11 @@ class InvalidRequest(ValueError):
     """Raised by a replica's engine: the request cannot be served as asked (a 400 for the caller)."""
 
 
+class PlanContractError(RuntimeError):
+    """A replica built something other than its replica plan (KV pool, weights): it refuses to start,
+    and the message names the planned and the built bytes."""
+
+
 class RetryableGenerationError(RuntimeError):
     """A generation lost through no fault of the request (the replica recovered): answered 503 + Retry-After."""
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from deployments.errors import InvalidRequest
+
 
 @dataclass(frozen=True)
 class RowRules:
@@ -27,6 +29,21 @@ class RowRules:
         return self != RowRules()
 
 
+# max_tokens when a request names none: OpenAI's is "until the context ends"; a bounded default keeps one
+# forgotten `max_tokens` from holding a replica.
+DEFAULT_MAX_TOKENS = 256
+
+
+def checked_max_tokens(max_tokens: int | None, cap: int, model: str) -> int:
+    """A request's max_tokens under the replica plan's cap (placement.replica): the default when it
+    names none (never above the cap); InvalidRequest above the cap. The one place this rule lives."""
+    if max_tokens is None:
+        return min(DEFAULT_MAX_TOKENS, cap)
+    if max_tokens > cap:
+        raise InvalidRequest(f"max_tokens is {max_tokens} but model {model!r} allows at most {cap}")
+    return max_tokens
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding settings: the one value both generation backends
@@ -34,7 +51,7 @@ class SamplingParams:
     field here plus its translation in each backend (`pool.sampling_kwargs`,
     `side.generation_config`)."""
 
-    max_tokens: int = 256
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 1.0  # 0 → greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()

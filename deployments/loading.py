@@ -1,10 +1,12 @@
 """Load one model onto the device its plan entry names.
 
 Steps, each logged on one line: resolve the source (hub id, local dir, or a
-GGUF file), convert a GGUF once to a cached safetensors directory, pick the
-quantization and the device map from the spec and the plan entry, load, done.
-No Ray here: the Serve deployment calls `load_model` inside its replica, after
-Ray has pinned `CUDA_VISIBLE_DEVICES` to the planned GPU(s).
+GGUF file), convert a GGUF once to a cached safetensors directory, load with
+the replica plan's dtype, quantization and device map, done. Nothing is
+decided here (placement.replica decided it); the one check is that the
+checkpoint found is the one the plan's quantization was decided for.
+No Ray here: the engine's host calls `load_model` after Ray has pinned
+`CUDA_VISIBLE_DEVICES` to the planned GPU(s).
 """
 
 from __future__ import annotations
@@ -35,12 +37,11 @@ from transformers import (
 
 from placement.cache import rayfit_cache_dir
 from placement.config import ModelSpec
-from placement.plan import PlanEntry
+from placement.quantization import QuantizationPlan, read_checkpoint_quantization
+from placement.replica import ReplicaPlan
 
 logger = logging.getLogger(__name__)
 
-# Used when neither the spec nor the model's config names a context length.
-DEFAULT_CONTEXT_LENGTH = 4096
 # Marks a finished GGUF conversion; written last, so a crash mid-save is redone.
 _CONVERSION_DONE = "rayfit-conversion.json"
 
@@ -63,10 +64,9 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     processor: ProcessorMixin | None
     is_multimodal: bool
-    context_length: int
     load_seconds: float
     source: str
-    quantization: str  # "nf4" | "int8" | "none" | "pre-quantized"
+    quantization: str  # the plan's, as loaded: "nf4", "int8", "none", "nf4 (pre-quantized)"
     device_map: str  # as passed to from_pretrained, for logs
 
 
@@ -154,75 +154,42 @@ def convert_gguf(gguf_file: Path, cache_root: Path | None = None) -> tuple[Path,
     return target, False
 
 
-def _config_dict(config: PretrainedConfig) -> dict[str, Any]:
-    quant = getattr(config, "quantization_config", None)
-    if quant is None:
-        return {}
-    return quant if isinstance(quant, dict) else quant.to_dict()
+def bnb_config(quantization: QuantizationPlan) -> BitsAndBytesConfig | None:
+    """The plan's load-time bitsandbytes arguments as a BitsAndBytesConfig; None when it has none."""
+    arguments = quantization.load_arguments()
+    if arguments is None:
+        return None
+    if "bnb_4bit_compute_dtype" in arguments:
+        arguments = {**arguments, "bnb_4bit_compute_dtype": _DTYPES[arguments["bnb_4bit_compute_dtype"]]}
+    return BitsAndBytesConfig(**arguments)
 
 
-def is_prequantized(config: PretrainedConfig) -> bool:
-    """The checkpoint carries its own quantization (config.json `quantization_config`)."""
-    return bool(_config_dict(config))
-
-
-def effective_quantization(spec: ModelSpec, config: PretrainedConfig) -> str:
-    """'pre-quantized', 'nf4', 'int8' or 'none'.
-
-    A pre-quantized checkpoint loads as is whatever the spec says (re-quantizing
-    it is impossible). "auto" quantizes nothing unless the name says bnb-4bit:
-    the same rule placement.sizing uses for its estimate.
-    """
-    if is_prequantized(config):
-        return "pre-quantized"
-    if spec.quantization == "auto":
-        return "nf4" if "bnb-4bit" in spec.model.lower() else "none"
-    return spec.quantization
-
-
-def bnb_config(quantization: str) -> BitsAndBytesConfig | None:
-    """BitsAndBytesConfig for 'nf4' (double quant, bf16 compute) or 'int8'; None otherwise."""
-    if quantization == "nf4":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+def checked_quantization(plan: ReplicaPlan, config: PretrainedConfig) -> QuantizationPlan:
+    """The plan's quantization, held against the checkpoint found: a bitsandbytes checkpoint of another
+    scheme than planned (the plan sized other files), or a plan for a pre-quantized checkpoint that
+    is not, is a ModelLoadError naming both."""
+    raw = getattr(config, "quantization_config", None)
+    checkpoint = read_checkpoint_quantization({"quantization_config": raw} if raw is not None else None)
+    quant = plan.quantization.with_checkpoint(checkpoint)
+    if checkpoint.scheme != "none" and checkpoint.scheme != quant.scheme:
+        raise ModelLoadError(
+            f"{plan.model!r}: the checkpoint is pre-quantized {checkpoint.scheme}, but the plan budgets "
+            f"{quant.label}; plan again with the files present"
         )
-    if quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return None
-
-
-def device_map_for(entry: PlanEntry) -> tuple[str | dict[str, int], dict[int, int] | None]:
-    """(device_map, max_memory) for from_pretrained.
-
-    One GPU → {"": 0}: the replica's CUDA_VISIBLE_DEVICES is already pinned to
-    the planned GPU, so it is always local cuda:0. A split → "auto" bounded by
-    the plan's per-GPU budgets (local indices). CPU → "cpu".
-    """
-    if entry.device == "cpu":
-        return "cpu", None
-    if entry.is_split:
-        return "auto", dict(entry.max_memory) or None
-    return {"": 0}, None
-
-
-def context_length_of(spec: ModelSpec, config: PretrainedConfig) -> int:
-    """The spec's context length, else the model's (text config for image+text models)."""
-    if spec.context_length is not None:
-        return spec.context_length
-    text_config = getattr(config, "text_config", None) or config
-    value = getattr(text_config, "max_position_embeddings", None)
-    return int(value) if value else DEFAULT_CONTEXT_LENGTH
+    if quant.prequantized and checkpoint.scheme == "none":
+        raise ModelLoadError(
+            f"{plan.model!r}: the plan budgets a pre-quantized {quant.scheme} checkpoint, but the files "
+            "carry no bitsandbytes quantization_config; plan again with the files present"
+        )
+    return quant
 
 
 def is_multimodal_config(config: PretrainedConfig) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
-def load_model(spec: ModelSpec, entry: PlanEntry) -> LoadedModel:
-    """Load `spec` on the device `entry` names; see the module docstring for the steps."""
+def load_model(spec: ModelSpec, plan: ReplicaPlan) -> LoadedModel:
+    """Load `spec`'s files as `plan` says (device map, dtype, quantization); see the module docstring."""
     started = time.perf_counter()
     source = resolve_source(spec)
     logger.info("resolving %s (revision %s)", spec.model, source.revision or "default")
@@ -243,13 +210,13 @@ def load_model(spec: ModelSpec, entry: PlanEntry) -> LoadedModel:
             ) from exc
         raise ModelLoadError(f"cannot read the config of {spec.model!r}: {exc}") from exc
 
-    quantization = effective_quantization(spec, config)
-    device_map, max_memory = device_map_for(entry)
+    quantization = checked_quantization(plan, config)
+    device_map, max_memory = plan.device_map, plan.max_memory
     multimodal = is_multimodal_config(config)
     kwargs: dict[str, Any] = {
         "revision": revision,
         "trust_remote_code": spec.trust_remote_code,
-        "dtype": _DTYPES[spec.dtype],
+        "dtype": _DTYPES[plan.dtype],
         "device_map": device_map,
     }
     if max_memory:
@@ -260,10 +227,10 @@ def load_model(spec: ModelSpec, entry: PlanEntry) -> LoadedModel:
     logger.info(
         "loading %s on %s (device_map=%s, quantization=%s, dtype=%s, %s)",
         spec.model,
-        entry.device_label,
+        plan.device,
         device_map,
-        quantization,
-        spec.dtype,
+        quantization.label,
+        plan.dtype,
         "image+text" if multimodal else "text",
     )
     auto_class = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
@@ -277,7 +244,7 @@ def load_model(spec: ModelSpec, entry: PlanEntry) -> LoadedModel:
             tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=spec.trust_remote_code)
     except torch.OutOfMemoryError as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
-        where = entry.device_label
+        where = plan.device
         raise ModelLoadError(f"out of device memory loading {spec.model!r} on {where}: {first_line}") from exc
     except Exception as exc:  # missing or corrupt weights: OSError, SafetensorError, ValueError, ...
         raise ModelLoadError(f"cannot load {spec.model!r}: {type(exc).__name__}: {exc}") from exc
@@ -291,10 +258,9 @@ def load_model(spec: ModelSpec, entry: PlanEntry) -> LoadedModel:
         tokenizer=tokenizer,
         processor=processor,
         is_multimodal=multimodal,
-        context_length=context_length_of(spec, config),
         load_seconds=seconds,
         source=description,
-        quantization=quantization,
+        quantization=quantization.label,
         device_map=str(device_map),
     )
 

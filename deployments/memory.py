@@ -23,24 +23,24 @@ import logging
 import sys
 
 from deployments.errors import GenerationOutOfMemory
-from placement.plan import PlanEntry
+from placement.replica import ReplicaPlan
 
 logger = logging.getLogger("ray.serve")
 
 
-def cap_gpu_memory(entry: PlanEntry) -> dict[int, int]:
-    """Cap each visible GPU at the plan's budget; local index → capped bytes ({} on CPU)."""
+def cap_gpu_memory(plan: ReplicaPlan) -> dict[int, int]:
+    """Cap each visible GPU at the replica plan's budget for it; local index → capped bytes ({} on CPU)."""
     import torch
 
-    if entry.device != "gpu" or not torch.cuda.is_available():
+    if plan.device != "gpu" or not torch.cuda.is_available():
         return {}
     caps: dict[int, int] = {}
-    for local in range(torch.cuda.device_count()):
+    for local, planned in enumerate(plan.gpu_budgets[: torch.cuda.device_count()]):
         total = torch.cuda.get_device_properties(local).total_memory
-        budget = min(entry.gpu_budget_bytes(local), total)
+        budget = min(planned, total)
         torch.cuda.set_per_process_memory_fraction(budget / total, local)
         caps[local] = budget
-    logger.info("%s: torch allocator capped at %s bytes per local GPU (the plan's budget)", entry.role, caps)
+    logger.info("%s: torch allocator capped at %s bytes per local GPU (the plan's budget)", plan.role, caps)
     return caps
 
 

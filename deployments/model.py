@@ -20,9 +20,9 @@ from ray import serve
 
 from deployments.engine_process import EngineProcess, engine_process_on
 from deployments.errors import InvalidRequest, RetryableGenerationError
-from deployments.generation import GenerationInput, GenerationOutput, SamplingParams, StreamDelta
+from deployments.generation import GenerationInput, GenerationOutput, SamplingParams, StreamDelta, checked_max_tokens
 from deployments.metrics import ModelMetrics, host_gpu_memory
-from deployments.verify import CPU_FALLBACK_ENV, cpu_entry, entry_for_this_node, placement_log_line
+from deployments.verify import CPU_FALLBACK_ENV, entry_for_this_node, placement_log_line
 from placement.config import ModelSpec
 from placement.gpu_nodes import GPU_LABEL
 from placement.plan import PlanEntry
@@ -62,6 +62,9 @@ class ModelServer:
         # Per-GPU mode: the slot of the GPU node Ray chose among those the plan allows (else the entry).
         entry = entry_for_this_node(entry)
         self.entry = entry
+        if entry.replica is None:
+            raise ValueError(f"{role}: plan entry without a replica plan (make plans with placement.planner)")
+        self.plan = entry.replica  # the numbers this replica serves by (placement.replica)
         # Check the placement, then load and build the engine (deployments.engine.host), in the
         # process that will hold the model: the plan's GPU cap, then the weights, then a KV pool of
         # the plan's size. A wrong placement raises PlacementMismatch, a load failure ModelLoadError
@@ -77,13 +80,13 @@ class ModelServer:
 
             self.engine, self.facts = build_engine(self.spec, entry)
         self.cpu_fallback = self.facts.cpu_fallback
-        load_entry = cpu_entry(entry) if self.cpu_fallback else entry
+        load_entry = entry.on_cpu() if self.cpu_fallback else entry
         # Requests the pool takes skip @serve.batch (whose batches run one at a time) and
         # wait on the event loop; a thread here only while one waits for a free sequence slot.
         self._continuous_pool = ThreadPoolExecutor(max_workers=MAX_ONGOING_REQUESTS, thread_name_prefix=role)
         self._probes = 0  # one-token health probes run (they are requests to the engine too)
         self._last_success = self._last_check = 0.0  # monotonic times: last finished generation, last health check
-        self._generate_batch.set_max_batch_size(self.spec.max_batch_size)
+        self._generate_batch.set_max_batch_size(self.plan.batch_sequences)
         import ray
 
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -117,20 +120,15 @@ class ModelServer:
             host_gpu_memory(report, indices, "allocated"),
             host_gpu_memory(report, indices, "reserved"),
             rss if isinstance(rss, int) else None,
-            int(report["kv_cache_bytes"]),
+            int(report["kv_built_bytes"]),
         )
         return report
 
     # ------------------------------------------------------------ generation
 
     def _check_cap(self, request: GenerationInput) -> None:
-        """The spec's max_tokens_cap, also for callers that bypass the protocol layer."""
-
-        if request.params.max_tokens > self.spec.max_tokens_cap:
-            raise InvalidRequest(
-                f"max_tokens is {request.params.max_tokens} but model {self.role!r} allows at most "
-                f"{self.spec.max_tokens_cap}"
-            )
+        """The plan's max_tokens cap, also for callers that bypass the protocol layer."""
+        checked_max_tokens(request.params.max_tokens, self.plan.max_tokens_cap, self.role)
 
     def _rejected(self, exc: BaseException, start: float) -> BaseException:
         """A client's bad request: counted `invalid`, logged as one WARNING line, and RETURNED to the
@@ -311,8 +309,8 @@ class ModelServer:
             "model": self.spec.model,
             "context_length": self.facts.context_length,
             "multimodal": self.facts.is_multimodal,
-            "max_batch_size": self.spec.max_batch_size,
-            "max_tokens_cap": self.spec.max_tokens_cap,
+            "max_batch_size": self.plan.batch_sequences,
+            "max_tokens_cap": self.plan.max_tokens_cap,
         }
 
     async def check_health(self) -> None:

@@ -29,14 +29,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from deployments.errors import BadRequestError
+from deployments.errors import BadRequestError, InvalidRequest
 from deployments.generation import (
+    DEFAULT_MAX_TOKENS,
     GenerationInput,
     GenerationOutput,
     RowRules,
     SamplingParams,
     StreamDelta,
     ToolRequest,
+    checked_max_tokens,
 )
 from deployments.images import check_image_url
 from deployments.logprob_api import (
@@ -59,9 +61,6 @@ from deployments.structured import (
     tool_specs,
 )
 
-# OpenAI's default when a request gives no limit is "until the context ends";
-# a bounded default keeps one forgotten `max_tokens` from holding a replica.
-DEFAULT_MAX_TOKENS = 256
 # Below this a temperature is greedy decoding: logits / 5e-324 overflow to inf
 # and sampling fails (found by the fuzz test); the limit of sampling is argmax anyway.
 MIN_SAMPLING_TEMPERATURE = 1e-5
@@ -194,14 +193,12 @@ class _SamplingFields(_RequestModel):
     def sampling_params(
         self, max_tokens: int | None = None, max_tokens_cap: int | None = None, grammar: str | None = None
     ) -> SamplingParams:
-        """`max_tokens_cap`: the model's limit (ModelSpec.max_tokens_cap); above it is a 400; the default obeys it."""
-        if max_tokens is not None and max_tokens_cap is not None and max_tokens > max_tokens_cap:
-            raise BadRequestError(
-                f"max_tokens is {max_tokens} but model {self.model!r} allows at most {max_tokens_cap}",
-                param="max_tokens",
-            )
-        if max_tokens is None:
-            max_tokens = min(DEFAULT_MAX_TOKENS, max_tokens_cap or DEFAULT_MAX_TOKENS)
+        """`max_tokens_cap`: the model's limit (its replica plan's); above it is a 400; the default obeys it
+        (deployments.generation.checked_max_tokens). None: the caller checks later (the replica does)."""
+        try:
+            max_tokens = checked_max_tokens(max_tokens, max_tokens_cap or DEFAULT_MAX_TOKENS, self.model)
+        except InvalidRequest as exc:
+            raise BadRequestError(str(exc), param="max_tokens") from None
         if self.min_tokens > max_tokens:
             raise BadRequestError(
                 f"min_tokens ({self.min_tokens}) is above max_tokens ({max_tokens})", param="min_tokens"

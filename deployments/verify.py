@@ -9,7 +9,6 @@ renumbering) — and reports memory for the logs.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import re
@@ -22,7 +21,7 @@ if TYPE_CHECKING:
     import torch
 
 # torch is imported inside the checks that need it: a replica whose engine runs in a process of
-# its own imports this module for the plan's side (entry_for_this_node, cpu_entry) and never loads torch.
+# its own imports this module for the plan's side (entry_for_this_node) and never loads torch.
 
 __all__ = ["placement_log_line"]  # the log line format lives with the plan; replicas import it from here too
 
@@ -45,13 +44,6 @@ class ActualPlacement:
     cuda_visible_devices: str  # as in the environment ("" when unset or blank)
     device_uuids: tuple[str, ...]  # visible GPUs' UUIDs, when a GPU is visible and readable
     cuda_available: bool
-
-
-def planned_visible_devices(entry: PlanEntry) -> str:
-    """The CUDA_VISIBLE_DEVICES value the plan implies: '1', '0,1', or '' on CPU."""
-    if entry.device == "cpu":
-        return ""
-    return ",".join(str(i) for i in entry.gpu_indices)
 
 
 def _normalize_uuid(uuid: str) -> str:
@@ -80,7 +72,7 @@ def check_placement(entry: PlanEntry) -> ActualPlacement:
     import torch
 
     actual_env = os.environ.get("CUDA_VISIBLE_DEVICES", "").replace(" ", "")
-    planned_env = planned_visible_devices(entry)
+    planned_env = entry.cuda_visible_devices
     if actual_env != planned_env:
         raise PlacementMismatch(
             f"{entry.role}: planned {entry.device_label} (CUDA_VISIBLE_DEVICES={planned_env!r}) "
@@ -119,7 +111,7 @@ def placed_entry(entry: PlanEntry) -> tuple[PlanEntry, bool]:
         return entry, False
     # The GPU half of check_placement cannot run without CUDA; the pin can still be checked.
     actual = os.environ.get("CUDA_VISIBLE_DEVICES", "").replace(" ", "")
-    if actual != planned_visible_devices(entry):
+    if actual != entry.cuda_visible_devices:
         raise PlacementMismatch(
             f"{entry.role}: planned {entry.device_label} but the replica has CUDA_VISIBLE_DEVICES={actual!r}. "
             f"Remove `ray_actor_options` for '{entry.role}' from the serve config: Serve replaces rayfit's "
@@ -131,12 +123,7 @@ def placed_entry(entry: PlanEntry) -> tuple[PlanEntry, bool]:
         entry.device_label,
         CPU_FALLBACK_ENV,
     )
-    return cpu_entry(entry), True
-
-
-def cpu_entry(entry: PlanEntry) -> PlanEntry:
-    """`entry` as the CPU fallback loads it: on CPU, no GPUs."""
-    return dataclasses.replace(entry, device="cpu", gpu_indices=(), gpu_uuids=(), fraction=0.0, max_memory={})
+    return entry.on_cpu(), True
 
 
 def entry_for_this_node(entry: PlanEntry) -> PlanEntry:
@@ -180,11 +167,6 @@ def _rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def weights_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's parameters and buffers (a walk over every tensor: take it once per load)."""
-    return int(model.get_memory_footprint()) if hasattr(model, "get_memory_footprint") else 0
-
-
 def memory_report(model: torch.nn.Module, weights: int | None = None) -> dict[str, int | str]:
     """Memory the loaded model holds: CUDA allocated/reserved per visible GPU, or process RSS on CPU.
     `weights`: the model's `weights_bytes`, when the caller has it already."""
@@ -193,7 +175,11 @@ def memory_report(model: torch.nn.Module, weights: int | None = None) -> dict[st
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     report: dict[str, int | str] = {"device": str(device)}
-    report["weights_bytes"] = weights_bytes(model) if weights is None else weights
+    if weights is None:
+        from deployments.engine.contract import held_weight_bytes  # a walk over every tensor: callers pass it
+
+        weights = held_weight_bytes(model)
+    report["weights_bytes"] = weights
     if device.type == "cuda":
         for index in range(torch.cuda.device_count()):
             report[f"cuda:{index}_allocated_bytes"] = int(torch.cuda.memory_allocated(index))

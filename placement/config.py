@@ -84,7 +84,11 @@ class ModelSpec(BaseModel):
         default="auto",
         description="How tool calls are written: auto (from the chat template), json (rayfit's), hermes (<tool_call>)",
     )
-    # Serving limits (deployment options and request checks, not placement).
+    continuous_batching: bool = Field(
+        default=True,
+        description="Unseeded text requests share one continuous batch (transformers' paged KV pool); "
+        "false runs every request on its own generate (the KV plan then budgets max_batch_size side slots)",
+    )
     # Serving: where the engine runs (deployments.engine_process).
     engine_process: bool = Field(
         default=True,
@@ -92,6 +96,7 @@ class ModelSpec(BaseModel):
         "replica: the batching loop gets a GIL of its own instead of sharing one with Ray Serve's streaming; "
         "false keeps it inside the replica",
     )
+    # Serving limits (deployment options and request checks, not placement).
     max_tokens_cap: int = Field(
         default=4096, gt=0, description="Largest max_tokens a request may ask for (400 above it)"
     )

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from placement.kv_geometry import KvBudget
+    from placement.quantization import QuantizationPlan
 
 EstimateSource = Literal["memory_gb", "safetensors", "gguf", "config", "params_b", "name_guess"]
 
@@ -32,6 +36,17 @@ class MemoryEstimate:
     logprob_workspace_bytes: int = 0
     # Of runtime_bytes: what the per-request logits rules hold (placement.sizing.rules_workspace).
     rules_workspace_bytes: int = 0
+    # What the engine builds from this estimate (deployments.engine obeys; placement.replica carries them):
+    # the quantization decision with its load arguments, the weights' dtype, and the exact KV geometry
+    # (None when the attention shape was unknown: KV then estimated from the parameter count).
+    quant: QuantizationPlan | None = None
+    dtype: str = "bfloat16"
+    kv_budget: KvBudget | None = None
+
+    @property
+    def is_exact(self) -> bool:
+        """Sized from the model's own files or config (shapes known), not from a count, a name or an override."""
+        return self.source in ("safetensors", "gguf", "config")
 
     @property
     def total_bytes(self) -> int:
@@ -49,6 +64,8 @@ class MemoryEstimate:
         batch_size: int = 1,
         is_guess: bool = False,
         notes: tuple[str, ...] = (),
+        quant: QuantizationPlan | None = None,
+        dtype: str = "bfloat16",
     ) -> MemoryEstimate:
         """An estimate with no breakdown: the whole amount booked as weights
         (a `memory_gb` override, or a size given by hand)."""
@@ -64,4 +81,6 @@ class MemoryEstimate:
             batch_size=batch_size,
             is_guess=is_guess,
             notes=notes,
+            quant=quant,
+            dtype=dtype,
         )

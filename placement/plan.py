@@ -7,6 +7,7 @@ from typing import Literal
 
 from placement.config import Autoscaling
 from placement.estimate import MemoryEstimate
+from placement.replica import ReplicaPlan
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class PlanEntry:
     slots: tuple[GpuSlot, ...] = ()
     # Serve autoscaling between its min_replicas and `replicas` (its max), or None: `replicas` fixed.
     autoscaling: Autoscaling | None = None
+    # Every number each replica's engine builds with (placement.replica); the planner always sets it.
+    replica: ReplicaPlan | None = field(default=None, compare=False)
 
     @property
     def gpu_labels(self) -> tuple[str, ...]:
@@ -87,6 +90,27 @@ class PlanEntry:
         if not self.gpu_fractions:  # a hand-made entry: one fraction for every GPU
             return self.fraction
         return self.gpu_fractions[self.gpu_indices.index(gpu_index)]
+
+    @property
+    def cuda_visible_devices(self) -> str:
+        """The CUDA_VISIBLE_DEVICES a replica of this entry runs with: '1', '0,1', or '' on CPU.
+        Built here only: the Ray options pin it (single-node mode) and the replica checks it."""
+        if self.device == "cpu":
+            return ""
+        return ",".join(str(i) for i in self.gpu_indices)
+
+    def on_cpu(self) -> PlanEntry:
+        """This entry as the CPU fallback loads it (dev/test): on CPU, no GPUs."""
+        return replace(
+            self,
+            device="cpu",
+            gpu_indices=(),
+            gpu_uuids=(),
+            fraction=0.0,
+            gpu_fractions=(),
+            max_memory={},
+            replica=self.replica.on_cpu() if self.replica else None,
+        )
 
     @property
     def kv_budget_bytes(self) -> int | None:

@@ -26,6 +26,7 @@ from placement.config import ModelSpec
 from placement.estimate import MemoryEstimate
 from placement.inventory import Gpu, Inventory, Node, Reserve, describe_gpu
 from placement.plan import GpuSlot, GpuUsage, Plan, PlanEntry, PlanError, Unplaced, short_node_id
+from placement.replica import plan_replica
 from placement.rules import SizeRule, SizeRules, load_rules
 from placement.units import GIB, gib
 
@@ -405,7 +406,7 @@ def _entry(
             autoscaling=spec.autoscaling,
         )
     if not placement.states:
-        return PlanEntry(
+        entry = PlanEntry(
             role=role,
             model=spec.model,
             device="cpu",
@@ -417,11 +418,12 @@ def _entry(
             replicas=spec.planned_replicas,
             autoscaling=spec.autoscaling,
         )
+        return replace(entry, replica=plan_replica(role, spec, estimate, device="cpu", gpu_budgets=()))
     states = placement.states
     # Ray counts resources per replica: each replica holds its own copy's share.
     per_replica = [share // spec.planned_replicas for share in placement.shares]
     fractions = tuple(_fraction(share, s.capacity_bytes) for share, s in zip(per_replica, states, strict=True))
-    return PlanEntry(
+    entry = PlanEntry(
         role=role,
         model=spec.model,
         device="gpu",
@@ -439,6 +441,8 @@ def _entry(
         replicas=spec.planned_replicas,
         autoscaling=spec.autoscaling,
     )
+    budgets = tuple(entry.gpu_budget_bytes(local) for local in range(len(entry.gpu_indices)))
+    return replace(entry, replica=plan_replica(role, spec, estimate, device="gpu", gpu_budgets=budgets))
 
 
 def _grains(share_bytes: int, capacity_bytes: int) -> int:

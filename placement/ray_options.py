@@ -22,7 +22,7 @@ The scheme, and why (measured on Ray 2.60, see DESIGN.md):
   could name the other card. With PCI_BUS_ID both agree. Chosen over pinning
   by UUID (`CUDA_VISIBLE_DEVICES=GPU-…`) because it is one rule for measured
   and declared GPUs alike (a declared GPU has no UUID), the pin stays the
-  index the plan, the logs, the report and `verify.planned_visible_devices`
+  index the plan, the logs, the report and `PlanEntry.cuda_visible_devices`
   speak, and the start-up check still compares the visible card's UUID with
   the planned one (deployments.verify), so a wrong card is refused either way.
 - `RAYFIT_ROLE=<role>` in every replica's env_vars marks the process as a
@@ -134,14 +134,15 @@ def deployment_options(entry: PlanEntry, inventory: Inventory) -> dict[str, Any]
                 f"model {entry.role!r} is planned on GPU {missing} of node {node.node_id!r}, "
                 f"which has GPUs {sorted(present)}"
             )
-        visible = ",".join(str(i) for i in entry.gpu_indices)
         if node.has_gpu_slots:
             actor["resources"] = {gpu_slot_resource(i): entry.fraction_of(i) for i in entry.gpu_indices}
-    else:
-        visible = ""
 
     actor["runtime_env"] = {
-        "env_vars": {CUDA_VISIBLE_DEVICES: visible, CUDA_DEVICE_ORDER: PCI_BUS_ID, ROLE_ENV: entry.role}
+        "env_vars": {
+            CUDA_VISIBLE_DEVICES: entry.cuda_visible_devices,
+            CUDA_DEVICE_ORDER: PCI_BUS_ID,
+            ROLE_ENV: entry.role,
+        }
     }
     if _needs_node_selector(entry, inventory):
         actor["label_selector"] = {NODE_ID_LABEL: entry.node_id}

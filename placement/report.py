@@ -100,10 +100,6 @@ class Report:
         return not any(f.severity == "error" for f in self.findings)
 
 
-def planned_visible_devices(gpu_indices: list[int] | tuple[int, ...]) -> str:
-    return ",".join(str(i) for i in gpu_indices)
-
-
 def _cuda_bytes(memory: Mapping[str, Any], kind: str) -> dict[int, int]:
     """'cuda:<local>_<kind>_bytes' → {local index: bytes}."""
     out = {}
@@ -135,23 +131,23 @@ def check_replica(role: str, plan: Mapping[str, Any], replica: Mapping[str, Any]
         if not mine:
             allowed = ", ".join(sorted({str(slot.get("gpu_label")) for slot in slots}))
             findings.append(Finding("error", "node", role, f"runs on GPU node {label!r}, planned on {allowed}"))
-        plan = {**plan, "gpu_indices": mine[0].get("gpu_indices") if mine else plan.get("gpu_indices")}
+        if mine:
+            plan = {**plan, "cuda_visible_devices": mine[0].get("cuda_visible_devices")}
     elif planned_node and planned_node != LOCAL_NODE and actual.get("node_id") != planned_node:
         findings.append(
             Finding(
                 "error", "node", role, f"runs on node {str(actual.get('node_id'))[:12]}, planned {planned_node[:12]}"
             )
         )
-    gpu_indices = plan.get("gpu_indices") or []
+    planned_visible = plan.get("cuda_visible_devices") or ""
     visible = (actual.get("cuda_visible_devices") or "").replace(" ", "")
-    if visible != planned_visible_devices(gpu_indices):
+    if visible != planned_visible:
         findings.append(
             Finding(
                 "error",
                 "gpu",
                 role,
-                f"sees CUDA_VISIBLE_DEVICES={visible!r}, planned {planned_visible_devices(gpu_indices)!r} "
-                f"({plan.get('device')})",
+                f"sees CUDA_VISIBLE_DEVICES={visible!r}, planned {planned_visible!r} ({plan.get('device')})",
             )
         )
     if actual.get("cpu_fallback"):
@@ -172,7 +168,7 @@ def check_replica(role: str, plan: Mapping[str, Any], replica: Mapping[str, Any]
             )
         )
     kv_planned = plan.get("kv_cache_bytes")
-    kv_actual = actual.get("memory", {}).get("kv_cache_bytes")
+    kv_actual = actual.get("memory", {}).get("kv_built_bytes")
     if isinstance(kv_planned, int) and isinstance(kv_actual, int) and kv_actual > kv_planned:
         findings.append(
             Finding(
@@ -212,7 +208,7 @@ def _model_row(role: str, entry: Mapping[str, Any]) -> tuple[ModelRow, list[Find
         actual_bytes=actual_bytes(memory) if actual else None,
         rss_bytes=rss if isinstance(rss, int) else None,
         kv_planned_bytes=plan.get("kv_cache_bytes"),
-        kv_actual_bytes=memory.get("kv_cache_bytes") if isinstance(memory.get("kv_cache_bytes"), int) else None,
+        kv_actual_bytes=memory.get("kv_built_bytes") if isinstance(memory.get("kv_built_bytes"), int) else None,
     )
     return row, findings
 

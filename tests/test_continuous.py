@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine import _entry
+from plans import engine_plan
 
 from deployments.engine import Engine
 from deployments.generation import GenerationInput, GenerationOutput, SamplingParams
@@ -25,18 +25,23 @@ PROMPTS = ("Ray", "a dog, 3 foxes", "zebra quilts vex jumpy wizards; 42 + 17 = 5
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_text_model_dir: Path) -> LoadedModel:
-    return load_model(ModelSpec(model=str(tiny_text_model_dir), dtype="float32"), _entry())
+def spec(tiny_text_model_dir: Path) -> ModelSpec:
+    return ModelSpec(model=str(tiny_text_model_dir), dtype="float32")
 
 
 @pytest.fixture(scope="module")
-def classic(loaded: LoadedModel) -> Engine:
-    return Engine(loaded)
+def loaded(spec: ModelSpec) -> LoadedModel:
+    return load_model(spec, engine_plan(spec))
 
 
 @pytest.fixture(scope="module")
-def continuous(loaded: LoadedModel) -> Iterator[Engine]:
-    engine = Engine(loaded, max_batch_size=4, continuous=True)
+def classic(loaded: LoadedModel, spec: ModelSpec) -> Engine:
+    return Engine(loaded, engine_plan(spec, continuous_batching=False))
+
+
+@pytest.fixture(scope="module")
+def continuous(loaded: LoadedModel, spec: ModelSpec) -> Iterator[Engine]:
+    engine = Engine(loaded, engine_plan(spec, max_batch_size=4))
     yield engine
     engine.close()
 
@@ -104,7 +109,7 @@ def test_sampled_requests_join_the_running_batch(continuous: Engine) -> None:
     assert continuous.kv_report()["peak_side_bytes"] == side_before
 
 
-def test_a_failure_inside_the_batching_loop_is_recovered(loaded: LoadedModel) -> None:
+def test_a_failure_inside_the_batching_loop_is_recovered(loaded: LoadedModel, spec: ModelSpec) -> None:
     """An out-of-memory raised inside transformers' batching loop (a forward hook on the model):
     the in-flight request gets a retryable error, the batcher rebuilds, the next request works."""
     import torch
@@ -112,7 +117,7 @@ def test_a_failure_inside_the_batching_loop_is_recovered(loaded: LoadedModel) ->
     from deployments.engine.pool import BatchInterrupted
     from deployments.errors import RetryableGenerationError
 
-    engine = Engine(loaded, max_batch_size=2, continuous=True)
+    engine = Engine(loaded, engine_plan(spec, max_batch_size=2))
     armed = threading.Event()
 
     def explode(module: object, args: object) -> None:
@@ -138,10 +143,10 @@ def test_a_failure_inside_the_batching_loop_is_recovered(loaded: LoadedModel) ->
         engine.close()
 
 
-def test_a_failed_submit_withdraws_its_batch_mates(loaded: LoadedModel) -> None:
+def test_a_failed_submit_withdraws_its_batch_mates(loaded: LoadedModel, spec: ModelSpec) -> None:
     """Three rows in one call; the manager refuses the second with an error: the first is cancelled
     and released, the third never submitted, and no slot or queue is left behind."""
-    engine = Engine(loaded, max_batch_size=4, continuous=True)
+    engine = Engine(loaded, engine_plan(spec, max_batch_size=4))
     try:
         assert engine.pool is not None
         batcher = engine.pool.batcher
@@ -357,7 +362,9 @@ def test_a_reader_behind_by_several_steps_gets_only_the_newest_update(continuous
     assert asyncio.run(read([*steps, RuntimeError("batch failed")])) == ["batch failed"]
 
 
-def test_a_request_arriving_during_the_rebuild_is_served_not_told_to_retry(loaded: LoadedModel) -> None:
+def test_a_request_arriving_during_the_rebuild_is_served_not_told_to_retry(
+    loaded: LoadedModel, spec: ModelSpec
+) -> None:
     """A request sent right after a batch failed (the client got its 503 and retried at once) waits
     while the pump rebuilds the manager. The rebuild answers every registered request with "retry";
     this one never reached the old batch, so it must run on the new manager instead (seen as a 503
@@ -366,7 +373,7 @@ def test_a_request_arriving_during_the_rebuild_is_served_not_told_to_retry(loade
 
     from deployments.engine.pool import BatchInterrupted
 
-    engine = Engine(loaded, max_batch_size=2, continuous=True)
+    engine = Engine(loaded, engine_plan(spec, max_batch_size=2))
     assert engine.pool is not None
     batcher = engine.pool.batcher
     armed, retry_waiting = threading.Event(), threading.Event()

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from plans import planned_entry, replica_plan
 
 from deployments.engine import Engine, InvalidRequest
+from deployments.engine.contract import held_weight_bytes
 from deployments.generation import GenerationInput, SamplingParams
 from deployments.loading import LoadedModel, convert_gguf, gguf_cache_dir, load_model
 from deployments.verify import (
@@ -27,6 +29,7 @@ from placement.config import ModelSpec
 from placement.demo_models import smollm2_gguf
 from placement.estimate import MemoryEstimate
 from placement.plan import PlanEntry
+from placement.replica import ReplicaPlan
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
@@ -54,24 +57,37 @@ def _png_data_url(size: tuple[int, int] = (40, 30)) -> str:
 
 
 @pytest.fixture(scope="module")
-def text_loaded(tiny_text_model_dir: Path) -> LoadedModel:
-    # float32: exact enough that padded and unpadded rows pick the same argmax.
-    return load_model(ModelSpec(model=str(tiny_text_model_dir), dtype="float32"), _entry())
+def text_spec(tiny_text_model_dir: Path) -> ModelSpec:
+    # float32: exact enough that padded and unpadded rows pick the same argmax. Every request on
+    # model.generate (the side backend): tests/test_continuous.py covers the pool.
+    return ModelSpec(model=str(tiny_text_model_dir), dtype="float32", continuous_batching=False)
 
 
 @pytest.fixture(scope="module")
-def engine(text_loaded: LoadedModel) -> Engine:
-    return Engine(text_loaded)
+def text_plan(text_spec: ModelSpec) -> ReplicaPlan:
+    return replica_plan(text_spec)
+
+
+@pytest.fixture(scope="module")
+def text_loaded(text_spec: ModelSpec, text_plan: ReplicaPlan) -> LoadedModel:
+    return load_model(text_spec, text_plan)
+
+
+@pytest.fixture(scope="module")
+def engine(text_loaded: LoadedModel, text_plan: ReplicaPlan) -> Engine:
+    return Engine(text_loaded, text_plan)
 
 
 @pytest.fixture(scope="module")
 def vision_engine(tiny_vision_model_dir: Path) -> Engine:
-    return Engine(load_model(ModelSpec(model=str(tiny_vision_model_dir), dtype="float32"), _entry()))
+    spec = ModelSpec(model=str(tiny_vision_model_dir), dtype="float32", continuous_batching=False)
+    plan = replica_plan(spec)
+    return Engine(load_model(spec, plan), plan)
 
 
-def test_load_text_model_on_cpu(text_loaded: LoadedModel) -> None:
+def test_load_text_model_on_cpu(text_loaded: LoadedModel, engine: Engine) -> None:
     assert not text_loaded.is_multimodal and text_loaded.processor is None
-    assert text_loaded.context_length == 256  # max_position_embeddings of the tiny config
+    assert engine.context_length == 256  # the plan's: min(max_position_embeddings of the tiny config, 4096)
     assert text_loaded.quantization == "none" and text_loaded.device_map == "cpu"
     assert next(text_loaded.model.parameters()).device.type == "cpu"
 
@@ -163,12 +179,12 @@ def test_context_length_is_enforced(engine: Engine) -> None:
         engine.generate_batch([too_long])
 
 
-def test_fallback_template_without_chat_template(text_loaded: LoadedModel) -> None:
+def test_fallback_template_without_chat_template(text_loaded: LoadedModel, text_plan: ReplicaPlan) -> None:
     loaded = text_loaded
     original = loaded.tokenizer.chat_template
     loaded.tokenizer.chat_template = None
     try:
-        engine = Engine(loaded)
+        engine = Engine(loaded, text_plan)
         messages = ({"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"})
         prepared = engine.prepare(GenerationInput(params=GREEDY, messages=messages))
         assert loaded.tokenizer.decode(prepared.input_ids) == "system: be brief\nuser: hi\nassistant:"
@@ -216,7 +232,7 @@ def test_check_placement_cpu(monkeypatch: pytest.MonkeyPatch, text_loaded: Loade
     assert actual.cuda_visible_devices == "" and actual.device_uuids == ()
     report = memory_report(text_loaded.model)
     assert report["device"] == "cpu" and int(report["rss_bytes"]) > 0
-    assert report["weights_bytes"] == text_loaded.model.get_memory_footprint() > 0
+    assert report["weights_bytes"] == held_weight_bytes(text_loaded.model) > 0
     # A replica takes the weights' size once and passes it on every later report.
     assert memory_report(text_loaded.model, weights=12345)["weights_bytes"] == 12345
 
@@ -239,16 +255,19 @@ def test_placement_log_line() -> None:
 def test_nf4_load_on_cpu(tiny_text_model_dir: Path, tmp_path: Path) -> None:
     import bitsandbytes as bnb
 
-    loaded = load_model(ModelSpec(model=str(tiny_text_model_dir), quantization="nf4"), _entry())
+    spec = ModelSpec(model=str(tiny_text_model_dir), quantization="nf4")
+    plan = replica_plan(spec)
+    loaded = load_model(spec, plan)
     assert loaded.quantization == "nf4"
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.model.modules())
-    out = Engine(loaded).generate_batch([GenerationInput(params=GREEDY, prompt="The quick")])[0]
+    out = Engine(loaded, plan).generate_batch([GenerationInput(params=GREEDY, prompt="The quick")])[0]
     assert out.completion_tokens == 12
     # A saved bnb checkpoint is pre-quantized: it loads as is, whatever the spec asks.
     loaded.model.save_pretrained(tmp_path)
     loaded.tokenizer.save_pretrained(tmp_path)
-    again = load_model(ModelSpec(model=str(tmp_path), quantization="int8"), _entry())
-    assert again.quantization == "pre-quantized"
+    spec = ModelSpec(model=str(tmp_path), quantization="int8")
+    again = load_model(spec, replica_plan(spec))
+    assert again.quantization == "nf4 (pre-quantized)"
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in again.model.modules())
 
 
@@ -258,13 +277,15 @@ def test_gguf_conversion_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("RAYFIT_CACHE", str(tmp_path))
     spec = ModelSpec(model=str(directory), gguf_file=name)
     started = time.perf_counter()
-    first = load_model(spec, _entry())
+    first = load_model(spec, replica_plan(spec))
     first_seconds = time.perf_counter() - started
     assert "conversion" in first.source
     cache = gguf_cache_dir(directory / name, tmp_path)
     assert (cache / "model.safetensors").is_file() and convert_gguf(directory / name, tmp_path)[1]
     started = time.perf_counter()
-    second = load_model(ModelSpec(model=str(directory / name)), _entry())
+    spec = ModelSpec(model=str(directory / name))
+    plan = replica_plan(spec)
+    second = load_model(spec, plan)
     second_seconds = time.perf_counter() - started
     assert "cache" in second.source
     assert second_seconds < first_seconds / 3, (first_seconds, second_seconds)
@@ -273,7 +294,7 @@ def test_gguf_conversion_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     chat = GenerationInput(
         params=SamplingParams(max_tokens=8, temperature=0), messages=({"role": "user", "content": "Hi"},)
     )
-    out = Engine(second).generate_batch([chat])[0]
+    out = Engine(second, plan).generate_batch([chat])[0]
     assert out.text.strip() and out.prompt_tokens > 5
 
 
@@ -283,12 +304,14 @@ def test_load_on_gpu_and_check_placement(tiny_text_model_dir: Path, monkeypatch:
     if not visible.isdigit():
         pytest.skip("run with CUDA_VISIBLE_DEVICES=<one index>, as a pinned replica is")
     uuid = visible_gpu_uuids()[0]
-    entry = replace(_entry("gpu", (int(visible),)), gpu_uuids=(uuid,))
+    spec = ModelSpec(model=str(tiny_text_model_dir), dtype="float32")
+    entry = replace(planned_entry(spec, gpus="1x80GB"), gpu_indices=(int(visible),), gpu_uuids=(uuid,))
     assert check_placement(entry).device_uuids == (uuid,)
     with pytest.raises(PlacementMismatch, match="UUID"):
         check_placement(replace(entry, gpu_uuids=("GPU-00000000-0000-0000-0000-000000000000",)))
-    loaded = load_model(ModelSpec(model=str(tiny_text_model_dir), dtype="float32"), entry)
+    assert entry.replica is not None
+    loaded = load_model(spec, entry.replica)
     assert next(loaded.model.parameters()).device == torch.device("cuda", 0)
-    out = Engine(loaded).generate_batch([GenerationInput(params=GREEDY, prompt="The quick")])[0]
+    out = Engine(loaded, entry.replica).generate_batch([GenerationInput(params=GREEDY, prompt="The quick")])[0]
     assert out.completion_tokens == GREEDY.max_tokens
     assert int(memory_report(loaded.model)["cuda:0_allocated_bytes"]) > 0

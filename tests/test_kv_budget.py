@@ -11,22 +11,25 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from test_engine import _entry
+from plans import replica_plan
 from transformers import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.generation.continuous_batching.distributed import DistributedHelper
 
 from deployments.engine import Engine
 from deployments.engine.kv import SequenceSlots
+from deployments.errors import PlanContractError
 from deployments.generation import GenerationInput, SamplingParams
 from deployments.loading import LoadedModel, load_model
 from placement.config import ModelSpec
 from placement.inventory import parse_gpu_spec
 from placement.planner import make_plan
+from placement.replica import WEIGHTS_TOLERANCE, complete_kv
 from placement.sizing import estimate_from_config, estimate_memory
 from placement.sizing.kv_budget import kv_budget, paged_pool
 from placement.sizing.meta_model import to_config
@@ -98,7 +101,7 @@ def tiny_spec(tiny_text_model_dir: Path) -> ModelSpec:
 
 @pytest.fixture(scope="module")
 def loaded(tiny_spec: ModelSpec) -> LoadedModel:
-    return load_model(tiny_spec, _entry())
+    return load_model(tiny_spec, replica_plan(tiny_spec))
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +110,8 @@ def planned_kv(tiny_spec: ModelSpec) -> int:
 
 
 @pytest.fixture(scope="module")
-def engine(loaded: LoadedModel, planned_kv: int) -> Iterator[Engine]:
-    engine = Engine(loaded, max_batch_size=4, continuous=True, kv_budget_bytes=planned_kv)
+def engine(loaded: LoadedModel, tiny_spec: ModelSpec) -> Iterator[Engine]:
+    engine = Engine(loaded, replica_plan(tiny_spec))
     yield engine
     engine.close()
 
@@ -123,7 +126,7 @@ def test_pool_allocated_equals_planned(engine: Engine, planned_kv: int) -> None:
     assert engine.pool is not None
     # Measured off the manager's own cache tensor.
     assert engine.pool.batcher.cache_bytes == engine.kv_budget.pool_bytes
-    assert report["kv_cache_bytes"] <= planned_kv
+    assert report["built_bytes"] <= planned_kv
     assert report["pool_sequences"] == 4 and report["side_sequences"] == 1
 
 
@@ -169,20 +172,50 @@ def test_every_path_at_once_under_load(engine: Engine, planned_kv: int) -> None:
     print(f"\nKV planned {planned_kv} B, peak measured {report['peak_kv_bytes']} B")
 
 
-def test_a_budget_too_small_for_the_batch_cuts_the_pool(loaded: LoadedModel, planned_kv: int) -> None:
-    budget_for_two = kv_budget(
-        loaded.model.config.get_text_config(), batch_sequences=2, context_length=256, dtype=torch.float32
-    )
-    engine = Engine(loaded, max_batch_size=4, continuous=True, kv_budget_bytes=budget_for_two.total_bytes)
+def test_a_plan_without_geometry_fits_its_kv_bytes_at_load(
+    loaded: LoadedModel, tiny_spec: ModelSpec, planned_kv: int
+) -> None:
+    """A model sized from a count or a name has no KV geometry in its plan: placement.replica.complete_kv
+    gives it one from the loaded config, with as many of the batch's sequences as the reserved bytes hold."""
+    text_config = loaded.model.config.get_text_config()
+    budget_for_two = kv_budget(text_config, batch_sequences=2, context_length=256, dtype=torch.float32)
+    plan = replace(replica_plan(tiny_spec), kv=None, kv_budget_bytes=budget_for_two.total_bytes)
+    with pytest.raises(ValueError, match="no KV geometry"):
+        Engine(loaded, plan)
+    plan = complete_kv(plan, text_config, 4)
+    assert plan.batch_sequences == 2 and plan.kv == budget_for_two
+    engine = Engine(loaded, plan)
     try:
         assert engine.kv_budget.pool is not None and engine.kv_budget.pool.sequences == 2
-        assert engine.kv_report()["kv_cache_bytes"] <= budget_for_two.total_bytes < planned_kv
+        assert engine.kv_report()["built_bytes"] <= budget_for_two.total_bytes < planned_kv
     finally:
         engine.close()
 
 
-def test_classic_only_engine_batches_within_its_slots(loaded: LoadedModel, planned_kv: int) -> None:
-    engine = Engine(loaded, max_batch_size=2, continuous=False, kv_budget_bytes=planned_kv)
+def test_an_engine_that_cannot_build_its_plan_refuses_to_start(loaded: LoadedModel, tiny_spec: ModelSpec) -> None:
+    """The contract check (deployments.engine.contract): a pool or weights other than planned never serve."""
+    plan = replica_plan(tiny_spec)
+    assert plan.kv is not None and plan.kv.pool is not None
+    # The plan claims one sector more than the num_blocks it hands transformers builds.
+    claimed = replace(plan.kv.pool, sectors=plan.kv.pool.sectors + 1)
+    wrong_pool = replace(plan, kv=replace(plan.kv, pool=claimed))
+    with pytest.raises(
+        PlanContractError, match=rf"pool holds {plan.kv.pool_bytes} bytes.*plan budgets {claimed.cache_bytes}"
+    ):
+        Engine(loaded, wrong_pool)
+    # Weights sized for another model (twice these): more than WEIGHTS_TOLERANCE apart.
+    wrong_weights = replace(plan, weights_bytes=2 * plan.weights_bytes)
+    with pytest.raises(PlanContractError, match=rf"weights hold \d+ bytes .* plan sized {2 * plan.weights_bytes}"):
+        Engine(loaded, wrong_weights)
+    # Within the tolerance it serves.
+    close = replace(plan, weights_bytes=int(plan.weights_bytes * (1 + WEIGHTS_TOLERANCE / 2)))
+    Engine(loaded, close).close()
+
+
+def test_classic_only_engine_batches_within_its_slots(loaded: LoadedModel, tiny_spec: ModelSpec) -> None:
+    spec = tiny_spec.model_copy(update={"max_batch_size": 2, "continuous_batching": False})
+    planned_kv = estimate_memory(spec).kv_cache_bytes
+    engine = Engine(loaded, replica_plan(spec))
     assert engine.pool is None and engine.side.slots.capacity == 2
     # Five rows in one call: chunked to two per generate, each row within the context length.
     rows = [_request(engine.context_length - 20, temperature=0.5) for _ in range(5)]
@@ -190,7 +223,7 @@ def test_classic_only_engine_batches_within_its_slots(loaded: LoadedModel, plann
     assert len(outputs) == 5
     report = engine.kv_report()
     assert engine.side.slots.peak_in_use <= 2
-    assert report["peak_kv_bytes"] <= report["kv_cache_bytes"] <= planned_kv
+    assert report["peak_kv_bytes"] <= report["built_bytes"] <= planned_kv
 
 
 def test_slots_make_excess_requests_wait() -> None:

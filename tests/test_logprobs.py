@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from peak_memory import peak_allocated
-from test_engine import _entry
+from plans import engine_plan
 
 from deployments.engine import Engine
 from deployments.engine.logprobs import LogprobRecorder
@@ -27,22 +27,27 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, logprobs=5)
 
 
 @pytest.fixture(scope="module")
-def loaded() -> LoadedModel:
+def spec() -> ModelSpec:
     directory, name = smollm2_gguf()
-    spec = ModelSpec(model=str(Path(directory) / name), context_length=1024, dtype="float32")
-    return load_model(spec, _entry(budget=2 << 30))
+    return ModelSpec(model=str(Path(directory) / name), context_length=1024, dtype="float32")
 
 
 @pytest.fixture(scope="module")
-def pooled(loaded: LoadedModel):
-    engine = Engine(loaded, max_batch_size=2, continuous=True)
+def loaded(spec: ModelSpec) -> LoadedModel:
+    return load_model(spec, engine_plan(spec))
+
+
+@pytest.fixture(scope="module")
+def pooled(loaded: LoadedModel, spec: ModelSpec):
+    engine = Engine(loaded, engine_plan(spec, max_batch_size=2))
     yield engine
     engine.close()
 
 
 @pytest.fixture(scope="module")
-def side(loaded: LoadedModel) -> Engine:
-    return Engine(loaded, max_batch_size=2, continuous=False)  # every request on model.generate
+def side(loaded: LoadedModel, spec: ModelSpec) -> Engine:
+    # Every request on model.generate.
+    return Engine(loaded, engine_plan(spec, max_batch_size=2, continuous_batching=False))
 
 
 def _raw_logprobs(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:

@@ -111,10 +111,8 @@ def test_every_replica_reads_gpu_indices_in_pci_order_and_is_marked(planned: Pla
     assert env[CUDA_DEVICE_ORDER] == PCI_BUS_ID
     # The marker the inventory reads back to count this replica's memory as the plan's own.
     assert env[ROLE_ENV] == planned.role
-    # The pin itself stays the host index the start-up check (verify.planned_visible_devices) expects.
-    from deployments.verify import planned_visible_devices
-
-    assert env[CUDA_VISIBLE_DEVICES] == planned_visible_devices(planned)
+    # The pin itself is the host index the start-up check expects (both read PlanEntry.cuda_visible_devices).
+    assert env[CUDA_VISIBLE_DEVICES] == planned.cuda_visible_devices == ",".join(map(str, planned.gpu_indices))
 
 
 def test_options_are_identical_for_identical_entries() -> None:

@@ -416,8 +416,8 @@ def test_http_binds_loopback_by_default() -> None:
     assert "127.0.0.1" in Path(demo.__file__).read_text()
 
 
-def test_trust_remote_code_refused_unless_set(tmp_path: Path) -> None:
-    from test_engine import _entry
+def test_trust_remote_code_refused_unless_set(tmp_path: Path, tiny_text_model_dir: Path) -> None:
+    from plans import replica_plan
 
     from deployments.loading import ModelLoadError, load_model
     from placement.config import ModelSpec
@@ -432,5 +432,6 @@ def test_trust_remote_code_refused_unless_set(tmp_path: Path) -> None:
         "class CustomConfig(PretrainedConfig):\n    model_type = 'rayfit_custom'\n"
     )
     with pytest.raises(ModelLoadError, match="trust_remote_code: true"):
-        load_model(ModelSpec(model=str(tmp_path)), _entry())
+        # Any replica plan: the config is refused before the plan is used.
+        load_model(ModelSpec(model=str(tmp_path)), replica_plan(ModelSpec(model=str(tiny_text_model_dir))))
     assert not marker.exists()  # the model's own code never ran

@@ -29,6 +29,7 @@ def plan(gpu: int, budget_gib: float) -> dict[str, Any]:
         "device": f"cuda:{gpu}",
         "node_id": NODE,
         "gpu_indices": [gpu],
+        "cuda_visible_devices": str(gpu),
         "fraction": 0.5,
         "memory_budget_bytes": int(budget_gib * GIB),
     }
@@ -91,11 +92,11 @@ def test_model_over_its_budget_is_an_error() -> None:
 def test_engine_kv_over_the_planned_kv_is_an_error() -> None:
     doc = document()
     doc["models"]["buffer_agent"]["plan"]["kv_cache_bytes"] = 4 * GIB
-    doc["models"]["buffer_agent"]["replica"]["actual"]["memory"]["kv_cache_bytes"] = 3 * GIB
+    doc["models"]["buffer_agent"]["replica"]["actual"]["memory"]["kv_built_bytes"] = 3 * GIB
     report = build_report(doc)
     assert report.ok
     assert (report.models[0].kv_planned_bytes, report.models[0].kv_actual_bytes) == (4 * GIB, 3 * GIB)
-    doc["models"]["buffer_agent"]["replica"]["actual"]["memory"]["kv_cache_bytes"] = 5 * GIB
+    doc["models"]["buffer_agent"]["replica"]["actual"]["memory"]["kv_built_bytes"] = 5 * GIB
     report = build_report(doc)
     assert not report.ok
     (finding,) = report.findings

@@ -275,7 +275,7 @@ def test_placement_endpoint_shows_plan_and_replica(base_url: str) -> None:
         assert actual["cpu_fallback"] is True  # no CUDA on this machine
         assert actual["node_id"] and actual["load_seconds"] > 0 and actual["memory"]["rss_bytes"] > 0
         # memory_gb overrides do not itemize KV: the plan says so, the engine still reports its KV.
-        assert plan["kv_cache_bytes"] is None and actual["memory"]["kv_cache_bytes"] > 0
+        assert plan["kv_cache_bytes"] is None and actual["memory"]["kv_built_bytes"] > 0
         assert actual["memory_cap_bytes"] == {}  # CPU: report only
     assert models[BIG]["plan"]["fraction"] > models[SMALL]["plan"]["fraction"]
 

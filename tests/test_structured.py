@@ -259,15 +259,16 @@ def test_tool_grammar_rejects_an_unknown_tool_name(smollm2) -> None:
 
 @pytest.fixture(scope="module")
 def smollm2_engine(smollm2):
-    from test_engine import _entry
+    from plans import engine_plan
 
     from deployments.engine import Engine
     from deployments.loading import load_model
     from placement.config import ModelSpec
 
     directory, name = smollm2_gguf()
-    loaded = load_model(ModelSpec(model=str(Path(directory) / name), context_length=1024), _entry(budget=2 << 30))
-    engine = Engine(loaded, max_batch_size=2, continuous=True)
+    spec = ModelSpec(model=str(Path(directory) / name), context_length=1024)
+    plan = engine_plan(spec, max_batch_size=2)
+    engine = Engine(load_model(spec, plan), plan)
     yield engine
     engine.close()
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_engine import _entry
+from plans import engine_plan
 
 from deployments.engine import Engine
 from deployments.loading import load_model
@@ -52,9 +52,8 @@ def _request(messages: list[dict], **fields) -> ChatCompletionRequest:
 def _engine(**spec_fields) -> Engine:
     directory, name = smollm2_gguf()
     spec = ModelSpec(model=str(Path(directory) / name), context_length=1024, **spec_fields)
-    return Engine(
-        load_model(spec, _entry(budget=2 << 30)), max_batch_size=2, continuous=True, tool_format=spec.tool_format
-    )
+    plan = engine_plan(spec, max_batch_size=2)
+    return Engine(load_model(spec, plan), plan, tool_format=spec.tool_format)
 
 
 @pytest.fixture(scope="module")

@@ -29,9 +29,10 @@ Cancellation: `generate_batch(..., cancel)` and `stream(..., cancel)` stop
 within a decode step once `cancel` is set (the caller went away), also while
 the request still waits for a slot, and raise RequestCancelled.
 
-KV memory (the plan's contract): `kv_budget` (placement.sizing.kv_budget)
+KV memory (the plan's contract): the replica plan's `kv` (placement.replica)
 fixes the sequences that may hold KV at once — the pool's batch, and side
-slots for requests the pool cannot take. Requests wait for a slot; none
+slots for requests the pool cannot take; the engine builds exactly that and
+checks it (deployments.engine.contract) before it serves. Requests wait for a slot; none
 allocates past the budget. `kv_report()` gives the planned bytes, the pool's
 measured tensor and the peak measured in side caches.
 
@@ -54,6 +55,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
+from deployments.engine.contract import check_built, held_weight_bytes
 from deployments.engine.kv import KvLedger, RequestCancelled
 from deployments.engine.logprobs import LogprobRecorder, Scored, StreamedLogprobs, TokenTexts
 from deployments.engine.pool import ContinuousBatcher, PoolBackend
@@ -72,8 +74,9 @@ from deployments.generation import (
 from deployments.loading import LoadedModel
 from deployments.row_logits import RowFactory
 from deployments.tool_formats import ToolFormat
-from deployments.verify import memory_report, weights_bytes
-from placement.sizing.kv_budget import KvBudget, fit_budget
+from deployments.verify import memory_report
+from placement.kv_geometry import KvBudget
+from placement.replica import ReplicaPlan
 from placement.sizing.logprob_workspace import LogprobWorkspace
 
 __all__ = ["Engine", "InvalidRequest", "PreparedPrompt", "RequestCancelled"]
@@ -87,50 +90,30 @@ class Engine:
     """Generates for one `LoadedModel`. Thread-safe for concurrent calls except
     for seeding (torch's global RNG; see deployments.engine.side)."""
 
-    def __init__(
-        self,
-        loaded: LoadedModel,
-        *,
-        max_batch_size: int = 4,
-        continuous: bool = False,
-        kv_budget_bytes: int | None = None,
-        tool_format: str = "auto",
-    ):
-        """`max_batch_size`: sequences the plan sized the KV for. `continuous`: run
-        unseeded text requests (streamed or not) through the pool (transformers'
-        continuous batching); otherwise every request takes the side backend.
-        `kv_budget_bytes`: the plan's KV bytes; the engine fits its pool and
-        slots inside them (None: not itemized, the full batch is used).
+    def __init__(self, loaded: LoadedModel, plan: ReplicaPlan, *, tool_format: str = "auto"):
+        """`plan`: the replica plan (placement.replica), the engine's only source of numbers: context
+        length, the KV pool's geometry and side slots (its `kv`, completed by the host when the
+        planner could not read the shape), whether the pool runs. Before serving, what was built is
+        checked against it (deployments.engine.contract): PlanContractError when they differ.
         `tool_format`: json, hermes, or auto (from the chat template; deployments.tool_formats)."""
+        if plan.kv is None:
+            raise ValueError(f"{plan.role}: the replica plan has no KV geometry yet (placement.replica.complete_kv)")
         self.loaded = loaded
+        self.plan = plan
         self.model = loaded.model
-        # The weights do not change after loading; summing every tensor's size took 2 ms per
-        # request on the demo's 135M model, so it is taken once.
-        self.weights_bytes = weights_bytes(self.model)
-        self.context_length = loaded.context_length
+        # The weights do not change after loading; summing every tensor took 2 ms per request on the demo's
+        # 135M model, so it is taken once.
+        self.weights_bytes = held_weight_bytes(self.model)
+        self.context_length = plan.context_length
         # auto: the Prompter reads the format off the chat template.
-        self.prompts = Prompter(loaded, None if tool_format == "auto" else ToolFormat(tool_format))
+        self.prompts = Prompter(loaded, plan.context_length, None if tool_format == "auto" else ToolFormat(tool_format))
         self.tool_format = self.prompts.tool_format
         pad, eos = pad_token_id(loaded), eos_token_ids(loaded)
         self.text = TextRules(loaded.tokenizer, eos)
         # Grammars, penalties and other per-request logits rules, for both backends.
         self.rows = RowFactory(loaded.tokenizer, eos)
-        self.kv_planned_bytes = kv_budget_bytes
-        self.kv_budget: KvBudget = fit_budget(
-            self.model.config.get_text_config(),
-            planned_bytes=kv_budget_bytes,
-            batch_sequences=max_batch_size,
-            context_length=self.context_length,
-            dtype=self.model.dtype,
-            continuous=continuous,
-        )
-        if self.kv_budget.pool is not None and self.kv_budget.pool.sequences < max_batch_size:
-            logger.warning(
-                "KV plan of %s bytes holds %d of %d batch sequences; the batch is cut to fit",
-                kv_budget_bytes,
-                self.kv_budget.pool.sequences,
-                max_batch_size,
-            )
+        self.kv_planned_bytes = plan.kv_budget_bytes
+        self.kv_budget: KvBudget = plan.kv
         self.pool: PoolBackend | None = None
         if self.kv_budget.pool is not None:
             batcher = ContinuousBatcher(
@@ -138,6 +121,11 @@ class Engine:
             )
             self.pool = PoolBackend(batcher, self.text)
         self.kv_ledger = KvLedger(pool_bytes=self.pool.batcher.cache_bytes if self.pool else 0)
+        try:
+            check_built(plan, weights_bytes=self.weights_bytes, pool_bytes=self.kv_ledger.pool_bytes)
+        except Exception:
+            self.close()  # the batching thread holds the pool: stop it before refusing
+            raise
         self.side = SideBackend(
             self.model,
             sequences=self.kv_budget.side_sequences,
@@ -338,14 +326,14 @@ class Engine:
     def kv_report(self) -> dict[str, Any]:
         """KV bytes: planned, this engine's worst case over all paths, and what was measured.
 
-        `kv_cache_bytes` (the worst case) is the pool tensor as allocated plus
-        the side slots at full context; it is what must stay ≤ the plan.
+        `built_bytes` (the worst case) is the pool tensor as allocated plus
+        the side slots at full context; it is what must stay ≤ `planned_bytes`.
         """
         budget = self.kv_budget
         pool_bytes = self.kv_ledger.pool_bytes
         return {
-            "kv_cache_bytes": pool_bytes + budget.side_bytes,
-            "planned_kv_cache_bytes": self.kv_planned_bytes,
+            "built_bytes": pool_bytes + budget.side_bytes,
+            "planned_bytes": self.kv_planned_bytes,
             "pool_bytes": pool_bytes,
             "pool_sequences": budget.pool.sequences if budget.pool else 0,
             "side_sequences": budget.side_sequences,
@@ -361,7 +349,7 @@ class Engine:
         kv = self.kv_report()
         return {
             **memory_report(self.model, self.weights_bytes),
-            "kv_cache_bytes": kv["kv_cache_bytes"],
+            "kv_built_bytes": kv["built_bytes"],
             "kv_pool_bytes": kv["pool_bytes"],
             "kv_side_bytes": kv["side_bytes_worst"],
             "kv_peak_bytes": kv["peak_kv_bytes"],

@@ -20,43 +20,40 @@ from placement.plan import PlanEntry
 
 logger = logging.getLogger("ray.serve")
 
-# "0" turns continuous batching off (every request then goes through @serve.batch + generate).
-CONTINUOUS_ENV = "RAYFIT_CONTINUOUS_BATCHING"
 # "module:callable", importable where the engine runs: the engine is passed through it once built
 # (tests wrap it with fault injection, tests/fault_injection.py). Unset in production.
 ENGINE_WRAPPER_ENV = "RAYFIT_ENGINE_WRAPPER"
 
 
 def build_engine(spec: ModelSpec, entry: PlanEntry) -> tuple[Any, ModelFacts]:
-    """Check that this process sits where `entry` says, cap its GPU memory at the plan's budget,
-    load `spec` there and build its engine (wrapped by RAYFIT_ENGINE_WRAPPER when set).
-    Raises PlacementMismatch or ModelLoadError."""
+    """Check that this process sits where `entry` says, cap its GPU memory at the replica plan's budget,
+    load `spec` as the plan says and build its engine (wrapped by RAYFIT_ENGINE_WRAPPER when set).
+    Raises PlacementMismatch, ModelLoadError, or PlanContractError (the build differs from the plan)."""
     import torch
 
     from deployments.engine import Engine
     from deployments.loading import load_model
     from deployments.memory import cap_gpu_memory
     from deployments.verify import placed_entry
+    from placement.replica import complete_kv
 
     # Raises PlacementMismatch with the reason (a missing pin names the serve YAML's
     # ray_actor_options); Serve then reports the deployment as failed.
     entry, cpu_fallback = placed_entry(entry)
+    if entry.replica is None:
+        raise ValueError(f"{entry.role}: plan entry without a replica plan (make plans with placement.planner)")
+    plan = entry.replica
     # The plan's budget becomes a hard cap before the first weight lands (GPU only).
-    memory_caps = cap_gpu_memory(entry)
-    loaded = load_model(spec, entry)
-    # The engine fits its KV pool and side slots inside the plan's KV bytes
-    # (placement.sizing.kv_budget): what the plan budgets is what it allocates.
-    engine = Engine(
-        loaded,
-        max_batch_size=spec.max_batch_size,
-        continuous=os.environ.get(CONTINUOUS_ENV, "1") != "0",
-        kv_budget_bytes=entry.kv_budget_bytes,
-        tool_format=spec.tool_format,
-    )
+    memory_caps = cap_gpu_memory(plan)
+    loaded = load_model(spec, plan)
+    # Only a plan made without the model's attention shape gets its KV geometry now (placement decides it).
+    plan = complete_kv(plan, loaded.model.config.get_text_config(), loaded.model.dtype.itemsize)
+    logger.info("%s: replica plan: %s", entry.role, plan.describe())
+    engine = Engine(loaded, plan, tool_format=spec.tool_format)
     cuda = torch.cuda.is_available()
     facts = ModelFacts(
         device=str(loaded.model.device),
-        context_length=loaded.context_length,
+        context_length=plan.context_length,
         is_multimodal=loaded.is_multimodal,
         load_seconds=loaded.load_seconds,
         quantization=loaded.quantization,

@@ -83,11 +83,12 @@ def _content_parts(content: Any) -> list[dict]:
 class Prompter:
     """Renders and tokenizes requests for one loaded model."""
 
-    def __init__(self, loaded: LoadedModel, tool_format: ToolFormat | None = None):
+    def __init__(self, loaded: LoadedModel, context_length: int, tool_format: ToolFormat | None = None):
+        """`context_length`: the replica plan's (prompt + max_tokens never exceed it)."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.processor = loaded.processor
-        self.context_length = loaded.context_length
+        self.context_length = context_length
         self.tool_format = tool_format or ToolFormat(detect_tool_format(self.chat_template))
 
     @property

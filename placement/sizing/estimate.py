@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,15 @@ from transformers import PretrainedConfig
 
 from placement.config import ModelSpec
 from placement.estimate import EstimateSource, MemoryEstimate
+from placement.quantization import (
+    ALWAYS_SKIPPED,
+    NOT_QUANTIZED,
+    CheckpointQuantization,
+    QuantizationPlan,
+    Scheme,
+    decide_quantization,
+    read_checkpoint_quantization,
+)
 from placement.sizing.errors import SizingError
 from placement.sizing.gguf_header import read_gguf_header
 from placement.sizing.kv_budget import SIDE_SEQUENCES, config_from_shape, kv_budget
@@ -30,16 +39,7 @@ from placement.sizing.kv_cache import (
 from placement.sizing.logprob_workspace import ASSUMED_VOCAB_SIZE, LogprobWorkspace
 from placement.sizing.meta_model import build_meta_model, to_config, weight_tensors
 from placement.sizing.pricing import price
-from placement.sizing.quantization import (
-    ALWAYS_SKIPPED,
-    DEFAULT_NF4_DOUBLE_QUANT,
-    DTYPE_BYTES,
-    CheckpointQuantization,
-    Scheme,
-    read_checkpoint_quantization,
-    resolve_scheme,
-    scheme_from_name,
-)
+from placement.sizing.quantization import DTYPE_BYTES
 from placement.sizing.rules_workspace import RulesWorkspace
 from placement.sizing.safetensors_header import scan_checkpoint
 from placement.sizing.sources import LocalFiles, fetch_config_from_hub, find_local_files
@@ -65,8 +65,7 @@ class _Sized:
 
     source: EstimateSource
     tensors: tuple[WeightTensor, ...]
-    scheme: Scheme
-    double_quant: bool
+    quant: QuantizationPlan
     attention: AttentionShape | None  # None: KV from the parameter count
     notes: tuple[str, ...]
     is_guess: bool = False
@@ -137,11 +136,14 @@ def _override(spec: ModelSpec, cache_dir: Path | None) -> MemoryEstimate:
         params = estimate_memory(spec.model_copy(update={"memory_gb": None}), cache_dir=cache_dir, fetch=False).params
     except SizingError:
         params = 0
+    quant = decide_quantization(spec.quantization, NOT_QUANTIZED, spec.model)
     return MemoryEstimate.lump(
         int(spec.memory_gb * GIB),
         source="memory_gb",
         params=params,
-        quantization=spec.quantization if spec.quantization != "auto" else scheme_from_name(spec.model),
+        quantization=quant.scheme,
+        quant=quant,
+        dtype=spec.dtype,
         context_length=spec.context_length or DEFAULT_CONTEXT_CAP,
         batch_size=spec.max_batch_size,
         notes=(f"`memory_gb: {spec.memory_gb}` override: the whole amount is booked as weights; nothing was computed",),
@@ -180,8 +182,10 @@ def _from_safetensors(spec: ModelSpec, files: LocalFiles) -> _Sized:
         checkpoint = CheckpointQuantization(
             scan.prequantized, "bitsandbytes", scan.double_quant, checkpoint.skip_modules
         )
-    scheme, notes = resolve_scheme(spec.quantization, checkpoint, spec.model)
-    double_quant = scan.double_quant if scan.prequantized != "none" else DEFAULT_NF4_DOUBLE_QUANT
+    quant = decide_quantization(spec.quantization, checkpoint, spec.model)
+    if scan.prequantized != "none":
+        quant = replace(quant, double_quant=scan.double_quant)  # the stored side tensors are the truth
+    scheme, double_quant, notes = quant.scheme, quant.double_quant, quant.notes
     notes = (
         f"{len(files.safetensors)} safetensors file(s) in {files.origin}: shapes from headers, "
         f"{gib(scan.stored_bytes)} stored",
@@ -196,40 +200,40 @@ def _from_safetensors(spec: ModelSpec, files: LocalFiles) -> _Sized:
     attention = _attention_or_none(files.config)
     if attention is None:
         notes += ("no usable config.json: KV cache estimated from the parameter count (rough)",)
-    return _Sized("safetensors", scan.tensors, scheme, double_quant, attention, notes)
+    return _Sized("safetensors", scan.tensors, quant, attention, notes)
 
 
 def _from_config(
     config: Mapping[str, Any], quantization: str, name: str, skip_modules: Sequence[str], *, origin: str
 ) -> _Sized:
     checkpoint = read_checkpoint_quantization(config)
-    scheme, notes = resolve_scheme(quantization, checkpoint, name)
-    skips = (*ALWAYS_SKIPPED, *checkpoint.skip_modules, *skip_modules)
+    quant = decide_quantization(quantization, checkpoint, name)
+    if skip_modules and not quant.prequantized:
+        quant = replace(quant, skip_modules=(*quant.skip_modules, *skip_modules))
+    skips = (*ALWAYS_SKIPPED, *quant.skip_modules)
     tensors = tuple(weight_tensors(build_meta_model(config), skip_modules=skips))
-    double_quant = checkpoint.double_quant if checkpoint.scheme != "none" else DEFAULT_NF4_DOUBLE_QUANT
-    notes = (f"shapes from {origin}, built on the meta device", *notes)
-    if scheme != "none":
-        notes += (_load_time_note(scheme, double_quant, skips, linear_rule="nn.Linear weights"),)
-    return _Sized("config", tensors, scheme, double_quant, attention_shape(to_config(config)), notes)
+    notes = (f"shapes from {origin}, built on the meta device", *quant.notes)
+    if quant.scheme != "none":
+        notes += (_load_time_note(quant.scheme, quant.double_quant, skips, linear_rule="nn.Linear weights"),)
+    return _Sized("config", tensors, quant, attention_shape(to_config(config)), notes)
 
 
 def _from_gguf(spec: ModelSpec, path: Path, files: LocalFiles) -> _Sized:
     header = read_gguf_header(path)
-    checkpoint = read_checkpoint_quantization(None)
-    scheme, notes = resolve_scheme(spec.quantization, checkpoint, spec.model)
+    quant = decide_quantization(spec.quantization, NOT_QUANTIZED, spec.model)
+    scheme = quant.scheme
     notes = (
         f"GGUF header {path.name} ({header.architecture}, {len(header.tensors)} tensors) in {files.origin}; "
         f"rayfit converts GGUF to {spec.dtype} safetensors, so it is sized as {spec.dtype}"
         + (f" quantized to {scheme} at load" if scheme != "none" else ""),
-        *notes,
+        *quant.notes,
     )
     attention = _attention_or_none(files.config) or _attention_or_none(header.attention_config)
-    return _Sized("gguf", header.tensors, scheme, DEFAULT_NF4_DOUBLE_QUANT, attention, notes)
+    return _Sized("gguf", header.tensors, quant, attention, notes)
 
 
 def _from_count(spec: ModelSpec, params: int, source: EstimateSource) -> _Sized:
-    checkpoint = read_checkpoint_quantization(None)
-    scheme, notes = resolve_scheme(spec.quantization, checkpoint, spec.model)
+    quant = decide_quantization(spec.quantization, NOT_QUANTIZED, spec.model)
     linear = int(params * PARAMS_B_LINEAR_SHARE)
     tensors = (
         WeightTensor("linear (assumed)", (max(1, linear // _ASSUMED_ROW_WIDTH), _ASSUMED_ROW_WIDTH), True),
@@ -237,10 +241,10 @@ def _from_count(spec: ModelSpec, params: int, source: EstimateSource) -> _Sized:
     )
     notes = (
         f"{params / 1e9:.2f}B params; assumed {PARAMS_B_LINEAR_SHARE:.0%} sit in quantizable linear layers",
-        *notes,
+        *quant.notes,
         "no config: KV cache estimated from the parameter count (rough)",
     )
-    return _Sized(source, tensors, scheme, DEFAULT_NF4_DOUBLE_QUANT, None, notes)
+    return _Sized(source, tensors, quant, None, notes)
 
 
 def _guess_from_name(spec: ModelSpec) -> _Sized | None:
@@ -254,7 +258,7 @@ def _guess_from_name(spec: ModelSpec) -> _Sized | None:
         f"GUESS: no local files, config or params_b for {spec.model!r}; size read from its name "
         f"({params / 1e9:.2f}B). Set `params_b` or `memory_gb` to be sure"
     )
-    return _Sized(sized.source, sized.tensors, sized.scheme, sized.double_quant, None, (loud, *sized.notes), True)
+    return _Sized(sized.source, sized.tensors, sized.quant, None, (loud, *sized.notes), True)
 
 
 def _attention_or_none(config: Mapping[str, Any] | None) -> AttentionShape | None:
@@ -294,17 +298,24 @@ def _finish(
     context_length = context_length or (spec.context_length if spec else None)
     batch = batch_size or (spec.max_batch_size if spec else 4)
     counts = ParamCounts.of(sized.tensors)
-    cost = price(sized.tensors, scheme=sized.scheme, dtype_bytes=dtype_bytes, double_quant=sized.double_quant)
+    cost = price(
+        sized.tensors, scheme=sized.quant.scheme, dtype_bytes=dtype_bytes, double_quant=sized.quant.double_quant
+    )
     notes = list(sized.notes)
     notes.append(
         f"{counts.total / 1e9:.3f}B params: {counts.quantizable / 1e9:.3f}B in quantizable linears, "
         f"{counts.other / 1e9:.3f}B other; weights {gib(cost.weights)} + quant overhead {gib(cost.quant_overhead)}"
     )
+    budget = None
     if sized.attention is not None:
         context = context_length or default_context_length(sized.attention)
         # The bytes the engine allocates: transformers' paged pool for the batch plus the side slots.
         budget = kv_budget(
-            config_from_shape(sized.attention), batch_sequences=batch, context_length=context, dtype=dtype_bytes
+            config_from_shape(sized.attention),
+            batch_sequences=batch,
+            context_length=context,
+            dtype=dtype_bytes,
+            continuous=spec.continuous_batching if spec else True,
         )
         kv = budget.total_bytes
         sliding = sized.attention.sliding_layers()
@@ -346,7 +357,10 @@ def _finish(
         runtime_bytes=runtime,
         logprob_workspace_bytes=logprobs.total_bytes,
         rules_workspace_bytes=rules.total_bytes,
-        quantization=sized.scheme,
+        quantization=sized.quant.scheme,
+        quant=sized.quant,
+        dtype=dtype,
+        kv_budget=budget,
         context_length=context,
         batch_size=batch,
         is_guess=sized.is_guess,

@@ -23,7 +23,6 @@ value that yields exactly `sectors` data sectors.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -32,67 +31,19 @@ from transformers.generation.continuous_batching.cache import ATTN_TYPE_TO_ALLOC
 from transformers.generation.continuous_batching.cache_allocators import FullAttentionCacheAllocator
 from transformers.generation.continuous_batching.utils import find_head_dim, find_num_key_value_heads
 
+from placement.kv_geometry import KvBudget, PagedPool
 from placement.sizing.kv_cache import AttentionShape
+
+__all__ = ["KvBudget", "PagedPool", "fit_budget", "kv_budget", "paged_pool", "side_sequence_bytes"]
 
 # Tokens per KV page. transformers' default is 256; 64 wastes less on short requests.
 PAGE_SIZE = 64
 # Requests that bypass the pool (seeded sampling, images) run at most this many at once.
 SIDE_SEQUENCES = 1
-# The pool's two never-allocated trash sectors (padding reads and writes).
-TRASH_SECTORS = 2
 # transformers aligns sectors to this many bytes.
 _SECTOR_ALIGNMENT = 128
 
 _DTYPES = {1: torch.uint8, 2: torch.bfloat16, 4: torch.float32}
-
-
-@dataclass(frozen=True)
-class PagedPool:
-    """The continuous-batching cache tensor for `sequences` requests of `context_length` tokens."""
-
-    sequences: int
-    context_length: int
-    page_size: int
-    bytes_per_sector: int
-    sectors: int  # data sectors, trash excluded
-    num_blocks: int  # the `ContinuousBatchingConfig.num_blocks` that yields `sectors`
-
-    @property
-    def cache_bytes(self) -> int:
-        """Bytes of the one cache tensor transformers allocates (data + trash sectors)."""
-        return (self.sectors + TRASH_SECTORS) * self.bytes_per_sector
-
-
-@dataclass(frozen=True)
-class KvBudget:
-    """Every KV byte one replica may hold: the pool (None when continuous batching is off) plus side slots."""
-
-    pool: PagedPool | None
-    side_sequences: int
-    side_bytes_per_sequence: int
-
-    @property
-    def pool_bytes(self) -> int:
-        return self.pool.cache_bytes if self.pool else 0
-
-    @property
-    def side_bytes(self) -> int:
-        return self.side_sequences * self.side_bytes_per_sequence
-
-    @property
-    def total_bytes(self) -> int:
-        return self.pool_bytes + self.side_bytes
-
-    def describe(self) -> str:
-        """'paged pool 4 × 4096 tokens (25 sectors of 130 MiB) + 1 side sequence'."""
-        side = f"{self.side_sequences} side sequence(s) for seeded/image requests"
-        if self.pool is None:
-            return side
-        sector_mib = self.pool.bytes_per_sector / 2**20
-        return (
-            f"paged pool {self.pool.sequences} × {self.pool.context_length} tokens "
-            f"({self.pool.sectors}+{TRASH_SECTORS} sectors of {sector_mib:.1f} MiB) + {side}"
-        )
 
 
 def config_from_shape(shape: AttentionShape) -> SimpleNamespace:
@@ -157,18 +108,39 @@ def paged_pool(
     return PagedPool(sequences, context_length, page_size, bytes_per_sector, actual_sectors, num_blocks)
 
 
-def side_sequence_bytes(config: Any, *, context_length: int, dtype: torch.dtype | int) -> int:
-    """Bytes of a `generate` DynamicCache holding one sequence of `context_length` tokens.
+# Prompt tokens per forward pass on the side path (deployments.engine.side prefills in passes of
+# `min(SIDE_PREFILL_CHUNK, sliding_window)`; keep the two in step). A sliding layer's DynamicCache keeps a
+# view over the whole last pass's K/V until the next step, so after a pass it holds window − 1 + chunk
+# tokens: 256 keeps that within 1.25 windows for Gemma 3 (window 1024; 1.5 for the 270M's 512), and a
+# pass of 256 tokens still keeps a GPU's matmuls compute-bound. Never more than one window: a model with a
+# small window (the tests' 64) prefills in passes of one window, holding at most 2 × window − 1.
+SIDE_PREFILL_CHUNK = 256
 
-    Full-attention layers hold every token; sliding layers keep window − 1
-    tokens plus the one being added (transformers' DynamicSlidingWindowLayer).
+
+def side_sequence_bytes(config: Any, *, context_length: int, dtype: torch.dtype | int) -> int:
+    """The most bytes a side `generate` (DynamicCache) holds at once for one sequence of up to `context_length` tokens.
+
+    - full-attention layers hold every token: `context_length`;
+    - sliding layers, after a prefill pass of `chunk = min(SIDE_PREFILL_CHUNK, window)` tokens, hold that
+      pass's whole K/V storage (the cache keeps a view of its last window − 1 tokens over it):
+      `min(context_length, window − 1 + chunk)`; while decoding, `window`;
+    - plus one layer more: DynamicCache grows a layer with torch.cat, which allocates the new storage while
+      the old one is still held. Layers update one after another, so one layer at a time holds both: the
+      largest layer's tokens once more. (Preallocating every full layer at `context_length` would avoid it,
+      but would hold the whole context for every short request and replace transformers' cache layers;
+      one layer is 1/num_layers of the rest.)
     """
     per_layer_token = 2 * find_num_key_value_heads(config) * find_head_dim(config) * _cache_dtype(dtype).itemsize
-    tokens = 0
+    tokens = largest = 0
     for kind, layers in group_layers_by_attn_type(config).items():
-        held = context_length if kind == "full_attention" else min(context_length, config.sliding_window)
+        if kind == "full_attention":
+            held = context_length
+        else:
+            window = config.sliding_window
+            held = min(context_length, window - 1 + min(SIDE_PREFILL_CHUNK, window))
         tokens += len(layers) * held
-    return per_layer_token * tokens
+        largest = max(largest, held)
+    return per_layer_token * (tokens + largest)
 
 
 def kv_budget(

@@ -1,4 +1,4 @@
-"""bitsandbytes byte costs, which linears it skips, and which scheme a model gets.
+"""bitsandbytes byte costs, and which linears it skips (the scheme itself: placement.quantization).
 
 Costs are worked out per tensor from bitsandbytes' storage layout:
 - NF4: two weights per byte, one absmax per 64-weight block. Without double
@@ -14,24 +14,17 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
 
-Scheme = Literal["nf4", "int8", "none"]
+from placement.quantization import ALWAYS_SKIPPED, DEFAULT_NF4_DOUBLE_QUANT, Scheme
+
+__all__ = ["ALWAYS_SKIPPED", "DEFAULT_NF4_DOUBLE_QUANT", "QuantCost", "Scheme", "is_skipped", "quant_cost"]
 
 NF4_BLOCK = 64  # bnb 4-bit block size (transformers' default, and what unsloth saves)
 NF4_NESTED_BLOCK = 256  # double quantization groups this many absmaxes under one fp32 scale
 NF4_CODEBOOK_BYTES = 16 * 4  # fp32 NF4 code values, one copy per tensor
 NF4_NESTED_CODEBOOK_BYTES = 256 * 4  # fp32 code values for the uint8 absmax
-# Assume load-time NF4 uses double quantization, as unsloth's published bnb-4bit checkpoints do.
-DEFAULT_NF4_DOUBLE_QUANT = True
-# Transformers never quantizes the output head; keep it out whatever the skip list says.
-ALWAYS_SKIPPED = ("lm_head",)
 
 DTYPE_BYTES: Mapping[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
-
-_SCHEMES: Mapping[str, Scheme] = {"nf4": "nf4", "int8": "int8", "none": "none"}
-_NAME_4BIT = re.compile(r"(?:bnb[-_]?)?4[-_]?bit", re.IGNORECASE)
-_NAME_8BIT = re.compile(r"(?:bnb[-_]?)?8[-_]?bit", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -82,65 +75,3 @@ def is_skipped(module_name: str, patterns: Iterable[str]) -> bool:
         except re.error:  # a literal name with regex metacharacters: the suffix test above covers it
             continue
     return False
-
-
-@dataclass(frozen=True)
-class CheckpointQuantization:
-    """What a checkpoint's `quantization_config` says."""
-
-    scheme: Scheme  # "none" when absent or not bitsandbytes
-    method: str | None  # quant_method as written ("bitsandbytes", "gptq", ...), None when absent
-    double_quant: bool
-    skip_modules: tuple[str, ...]
-
-
-def read_checkpoint_quantization(config: Mapping[str, Any] | None) -> CheckpointQuantization:
-    """Read `quantization_config` from a config.json dict (top level)."""
-    qc = (config or {}).get("quantization_config") or {}
-    method = qc.get("quant_method")
-    if not qc:
-        return CheckpointQuantization("none", None, False, ())
-    is_bnb = method in (None, "bitsandbytes")
-    scheme: Scheme = "none"
-    if is_bnb and (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
-        scheme = "nf4"  # fp4 has the same storage cost as nf4
-    elif is_bnb and (qc.get("load_in_8bit") or qc.get("_load_in_8bit")):
-        scheme = "int8"
-    return CheckpointQuantization(
-        scheme=scheme,
-        method=method or ("bitsandbytes" if scheme != "none" else None),
-        double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)),
-        skip_modules=tuple(qc.get("llm_int8_skip_modules") or ()),
-    )
-
-
-def scheme_from_name(name: str) -> Scheme:
-    """'bnb-4bit' / '4bit' in a model name means a 4-bit checkpoint; '8bit' an int8 one."""
-    if _NAME_4BIT.search(name):
-        return "nf4"
-    if _NAME_8BIT.search(name):
-        return "int8"
-    return "none"
-
-
-def resolve_scheme(
-    requested: str, checkpoint: CheckpointQuantization, model_name: str
-) -> tuple[Scheme, tuple[str, ...]]:
-    """The scheme the model will be held in, and notes on why.
-
-    A pre-quantized bnb checkpoint wins over any request: transformers loads it
-    as saved.
-    """
-    if checkpoint.scheme != "none":
-        notes = [f"checkpoint is pre-quantized ({checkpoint.method}, {checkpoint.scheme})"]
-        if requested not in ("auto", checkpoint.scheme):
-            notes.append(f"requested quantization {requested!r} ignored: the checkpoint loads as saved")
-        return checkpoint.scheme, tuple(notes)
-    if requested == "auto":
-        scheme = scheme_from_name(model_name)
-        if scheme != "none":
-            return scheme, (f"quantization auto → {scheme}: the model name says so",)
-        return "none", ("quantization auto → none: no bnb quantization_config and no '4bit'/'8bit' in the name",)
-    if requested not in _SCHEMES:
-        raise ValueError(f"unknown quantization {requested!r}: use auto, nf4, int8 or none")
-    return _SCHEMES[requested], ()

@@ -8,8 +8,8 @@ has a GIL to itself, and each turn of that process's event loop sends the
 deltas of every stream in one message (the shape of vLLM's engine core).
 Measured on the CPU demo: BENCHMARKS.md, "Latest runs".
 
-`EngineProcess` starts `python -m deployments.engine.child` (the child: it
-loads the model and runs the engine, deployments.engine.child) on one end of
+`EngineProcess` starts `python -m deployments.orphan_guard <pid> deployments.engine.child`
+(the child: it loads the model and runs the engine, deployments.engine.child) on one end of
 a socket pair, and offers what deployments.model calls on an engine:
 generate_async, open_stream, generate_batch, uses_pool, kv_report,
 load_report, memory_report, last_progress. This module imports neither torch
@@ -23,9 +23,13 @@ replica: a list of (kind, call_id, payload) per turn of its loop; kinds
 "result", "error", "opened", "item", "end".
 
 Lifetimes: the child exits when the replica's end of the socket closes (the
-replica exited or was killed). When the child dies, every open call fails
-with EngineProcessLost (a 503) and every later call too, `last_progress`
-included, so the replica's health check fails and Serve replaces it.
+replica exited or was killed); while it still loads, and reads no socket, the
+kernel kills it as the replica dies, SIGKILL included (deployments.orphan_guard:
+the parent-death signal, set before the child imports torch; `_spawn` forks it
+from a thread that lives as long as the replica). When the child dies, every
+open call fails with EngineProcessLost (a 503) and every later call too,
+`last_progress` included, so the replica's health check fails and Serve
+replaces it.
 
 Memory: the weights and the KV cache live in the child; `memory_report` is
 the child's (its RSS on CPU, its torch allocator on GPU).
@@ -37,6 +41,7 @@ import asyncio
 import itertools
 import logging
 import os
+import queue
 import socket
 import subprocess
 import sys
@@ -87,11 +92,9 @@ class EngineProcess:
         ours, theirs = socket.socketpair()
         # The replica's import path (Ray's working_dir, the tests' helpers) for the child too.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "deployments.engine.child", str(theirs.fileno())],
-            pass_fds=(theirs.fileno(),),
-            env=env,
-        )
+        # The child dies with this process, SIGKILL included, even while it loads (deployments.orphan_guard).
+        command = [sys.executable, "-m", "deployments.orphan_guard", str(os.getpid())]
+        self.process = _spawn([*command, "deployments.engine.child", str(theirs.fileno())], theirs.fileno(), env)
         theirs.close()
         self._conn = Connection(ours.detach())
         self._send_lock = threading.Lock()
@@ -268,6 +271,50 @@ class EngineProcess:
         """Stop the child (it would also exit on its own once this process is gone)."""
         self._conn.close()
         self.process.terminate()
+
+
+# A child to start: (its Popen, once started; command; the fd it inherits; environment).
+_SpawnRequest = tuple[Future[subprocess.Popen[bytes]], list[str], int, dict[str, str]]
+_spawner_lock = threading.Lock()
+_spawner: queue.SimpleQueue[_SpawnRequest] | None = None
+
+
+def _spawn(command: list[str], fd: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Popen on a thread that lives as long as this process. The child's parent-death signal fires when
+    the *thread* that forked it exits (prctl(2)), not only the process. Serve 2.60 runs a replica's
+    constructor on its user-code event loop thread (replica.py, `initialize_callable`: "Always run the
+    constructor on the main user code thread"), a daemon running that loop for the replica's life, or,
+    with RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, on the actor's own loop: both live as long as
+    the replica. But its *sync methods* run on anyio worker threads, which exit when idle, and a later
+    Serve or a caller's thread may differ: forking here keeps a live replica's child from being killed
+    by one of the replica's threads ending, whichever thread builds the EngineProcess."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = queue.SimpleQueue()
+            threading.Thread(target=_fork_forever, args=(_spawner,), name="engine-spawner", daemon=True).start()
+    future: Future[subprocess.Popen[bytes]] = Future()
+    _spawner.put((future, command, fd, env))
+    return future.result()
+
+
+def _fork_forever(requests: queue.SimpleQueue[_SpawnRequest]) -> None:
+    """The spawner thread: never returns (a daemon, it ends only with the process)."""
+    while True:
+        future, command, fd, env = requests.get()
+        try:
+            future.set_result(subprocess.Popen(command, pass_fds=(fd,), env=env))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+
+def _forget_spawner() -> None:
+    """In a forked copy of this process the spawner thread does not exist: the next `_spawn` starts one."""
+    global _spawner, _spawner_lock
+    _spawner, _spawner_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_spawner)
 
 
 def _settle(future: Future[Any], value: Any, *, failed: bool) -> None:

@@ -1,6 +1,8 @@
 """The engine in a process of its own (deployments.engine_process, deployments.engine.child): the same answers as in the
 replica, errors and cancellation across the process boundary, and what happens when it dies.
 
+Also that the child dies with its replica, kill -9 included, at any moment of its start (deployments.orphan_guard).
+
 Real child processes, the real tiny model; no Ray here (tests/test_serving_engine_process.py
 serves through Ray)."""
 
@@ -9,18 +11,26 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import pickle
 import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import psutil
 import pytest
+from ray_nodes import _running
 from serve_support import wait_until
 
-from deployments.engine.host import build_engine
+from deployments.engine.host import ENGINE_WRAPPER_ENV, build_engine
 from deployments.engine_process import EngineProcess, EngineProcessLost
 from deployments.errors import InvalidRequest
 from deployments.generation import GenerationInput, SamplingParams
 from deployments.loading import ModelLoadError
+from deployments.orphan_guard import PARENT_GONE
 from placement.config import ModelSpec
 from placement.plan import PlanEntry
 from placement.sizing import estimate_memory
@@ -146,6 +156,113 @@ def test_when_the_child_dies_calls_fail_retryably_and_liveness_raises(spec: Mode
 def test_the_child_exits_when_its_replica_goes(spec: ModelSpec) -> None:
     engine = EngineProcess(spec, _entry(spec), "orphan")
     child = psutil.Process(engine.pid)
-    engine._conn.close()  # what the replica process's exit does to its end of the socket
+    # What the replica process's exit does to its end of the socket. Shut down first: a bare close()
+    # while the reader thread is blocked reading that descriptor would leave the socket open.
+    with socket.socket(fileno=os.dup(engine._conn.fileno())) as ours:
+        ours.shutdown(socket.SHUT_RDWR)
+    engine._conn.close()
     child.wait(timeout=10)
     assert not child.is_running()
+
+
+# -- no orphaned engine: the child dies with its replica, even while it loads (deployments.orphan_guard)
+
+# Test-only: the wrapper (RAYFIT_ENGINE_WRAPPER) runs in the child once the model is loaded and before
+# it reports ready; this one writes its pid to a marker file and blocks forever, a load that never ends.
+_SLOW_LOAD = """
+import os, pathlib, threading
+
+def never_ready(engine):
+    pathlib.Path(os.environ["RAYFIT_TEST_LOADING_MARKER"]).write_text(str(os.getpid()))
+    threading.Event().wait()
+"""
+
+# A replica-like parent: builds an EngineProcess for the pickled (spec, entry) and waits in the constructor.
+_REPLICA = """
+import pickle, sys
+from deployments.engine_process import EngineProcess
+spec, entry = pickle.loads(open(sys.argv[1], "rb").read())
+EngineProcess(spec, entry, "orphan")
+"""
+
+
+def _wait_gone(pid: int, deadline: float) -> None:
+    """Until `pid` is gone (exited: a zombie counts, only its reaper is left), polled finely until `deadline`."""
+    while _running(pid):
+        assert time.monotonic() < deadline, f"process {pid} still running"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("moment", ["starting", "loading"])
+def test_the_child_dies_at_once_when_its_replica_is_killed(moment: str, spec: ModelSpec, tmp_path: Path) -> None:
+    """kill -9 of the replica while its child still starts (interpreter, imports) or loads: the child goes
+    at once, not after the load, when it would first touch the socket (here the load never ends)."""
+    (tmp_path / "slow_load.py").write_text(_SLOW_LOAD)
+    (tmp_path / "spec_entry.pkl").write_bytes(pickle.dumps((spec, _entry(spec))))
+    marker = tmp_path / "loading"
+    repo = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(repo), str(tmp_path)]),
+        ENGINE_WRAPPER_ENV: "slow_load:never_ready",
+        "RAYFIT_TEST_LOADING_MARKER": str(marker),
+    }
+    replica = subprocess.Popen([sys.executable, "-c", _REPLICA, str(tmp_path / "spec_entry.pkl")], env=env)
+    child = 0
+    try:
+        if moment == "starting":  # as soon as it exists: the child may not even have set its signal yet
+            wait_until(lambda: psutil.Process(replica.pid).children(), 60, "the replica starts its engine")
+            child = psutil.Process(replica.pid).children()[0].pid
+        else:  # the model is loaded, the child holds it and has not reported ready
+            wait_until(marker.exists, 120, "the child loads the model")
+            child = int(marker.read_text())
+        killed = time.monotonic()
+        replica.kill()
+        _wait_gone(child, deadline=killed + 5)
+        took = time.monotonic() - killed
+    finally:
+        replica.kill()
+        replica.wait()
+        if child and _running(child):  # the test failed: no orphan left behind by the test itself
+            os.kill(child, signal.SIGKILL)
+    print(f"the engine process exited {took * 1000:.0f} ms after kill -9 of its replica ({moment})")
+
+
+def test_a_child_outlives_the_thread_that_built_it(spec: ModelSpec) -> None:
+    """The parent-death signal fires when the forking *thread* exits: an EngineProcess built on a thread
+    that then ends (an anyio worker thread running a Serve replica's sync method does) keeps serving."""
+    built: list[EngineProcess] = []
+    builder = threading.Thread(target=lambda: built.append(EngineProcess(spec, _entry(spec), "threaded")))
+    builder.start()
+    builder.join()
+    # Gone from the kernel too (a thread's exit sends its children's parent-death signals before that).
+    wait_until(lambda: not Path(f"/proc/self/task/{builder.native_id}").exists(), 10, "the builder thread exits")
+    engine = built[0]
+    try:
+        assert engine.load_report()["pool_slots_in_use"] == 0  # a round trip: the child is alive and answers
+        assert _running(engine.pid)
+    finally:
+        engine.close()
+
+
+def _guarded(parent_pid: int, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m deployments.orphan_guard <parent_pid> probe`, where probe reports the child's state."""
+    (tmp_path / "probe.py").write_text(
+        "import ctypes, sys\n"
+        "signal = ctypes.c_int()\n"
+        "ctypes.CDLL(None).prctl(2, ctypes.byref(signal), 0, 0, 0)  # PR_GET_PDEATHSIG\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'deployments.engine') if m in sys.modules)\n"
+        "print(signal.value, heavy, sys.argv[1:])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), str(tmp_path)])}
+    command = [sys.executable, "-m", "deployments.orphan_guard", str(parent_pid), "probe", "an", "argument"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_the_guard_arms_the_signal_before_any_heavy_import_and_exits_if_the_parent_is_gone(tmp_path: Path) -> None:
+    armed = _guarded(os.getpid(), tmp_path)
+    assert armed.returncode == 0, armed.stderr
+    assert armed.stdout.split(maxsplit=1) == [str(int(signal.SIGKILL)), "[] ['an', 'argument']\n"]
+    # The parent died before the signal was set (its pid is not the one passed): the child exits itself.
+    orphaned = _guarded(os.getpid() + 1, tmp_path)
+    assert (orphaned.returncode, orphaned.stdout) == (PARENT_GONE, "")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from plans import planned_entry
 from ray_nodes import _running
 from serve_support import wait_until
 
@@ -33,23 +34,14 @@ from deployments.loading import ModelLoadError
 from deployments.orphan_guard import PARENT_GONE
 from placement.config import ModelSpec
 from placement.plan import PlanEntry
-from placement.sizing import estimate_memory
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 LONG = SamplingParams(max_tokens=200, temperature=0)
 
 
 def _entry(spec: ModelSpec) -> PlanEntry:
-    """A CPU plan entry with the estimate's KV budget (the pool holds the spec's full batch)."""
-    return PlanEntry(
-        role="tiny",
-        model=spec.model,
-        device="cpu",
-        node_id="node-abc123def456",
-        estimate=estimate_memory(spec),
-        memory_budget_bytes=1 << 30,
-        reason="test",
-    )
+    """The planner's CPU entry for `spec` (the pool holds the spec's full batch)."""
+    return planned_entry(spec)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +119,7 @@ def test_the_memory_reported_is_the_childs(remote: EngineProcess) -> None:
     assert memory["device"] == "cpu" and int(memory["weights_bytes"]) > 0
     # The child's RSS, not this process's (this test process holds no model of that size).
     assert abs(int(memory["rss_bytes"]) - child_rss) < 0.2 * child_rss
-    assert 0 < kv["pool_bytes"] <= kv["kv_cache_bytes"]
+    assert 0 < kv["pool_bytes"] <= kv["built_bytes"]
 
 
 def test_a_load_failure_is_raised_by_the_constructor(tmp_path: Path, spec: ModelSpec) -> None:

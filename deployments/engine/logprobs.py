@@ -107,7 +107,7 @@ def score_prompt(
     for start in range(0, ids.size(1), chunk):
         end = min(ids.size(1), start + chunk)
         targets = ids[0, start + 1 : end + 1]  # position p predicts token p + 1; the last predicts nothing
-        out = model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, start:end], cache=cache, use_cache=True)
         if targets.numel():
             logp = torch.log_softmax(out.logits[0, : targets.numel()].float(), dim=-1)  # [≤ chunk, vocab] fp32
             del out

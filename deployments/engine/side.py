@@ -11,7 +11,16 @@ a per-row stopping criterion); the others go on. Image requests run alone
 KV: each `generate` holds as many side slots as it has rows, for the whole
 call, and rows are chunked so that the padded prompt width plus the longest
 max_tokens stays within the context length (the per-sequence KV the plan
-budgets). The KV ledger measures each call's cache at every step.
+budgets: placement.sizing.kv_budget.side_sequence_bytes). A request's tensors
+reach the device only once it holds its slots. The prompt is prefilled in
+passes of `prefill_chunk` tokens (transformers' `prefill_chunk_size`): a
+sliding-window layer keeps the last pass's whole K/V until the next step, so
+one pass of the whole prompt would hold the prompt in every sliding layer.
+An image request first prefills the text before its first image by itself,
+so that image starts a pass and is not cut in two (Gemma 3's image tokens
+attend to each other both ways; a pass cannot see the next one). The KV
+ledger measures each call's cache storage after every forward pass
+(deployments.engine.kv.SideCache); a pass checks `cancel` too.
 
 Seeds: a seeded group calls `torch.manual_seed(seed)` before generating.
 Caveat: rows of one batch share that RNG stream, so a seeded request's
@@ -28,7 +37,6 @@ from typing import Any
 
 import torch
 from transformers import (
-    DynamicCache,
     GenerationConfig,
     LogitsProcessorList,
     StoppingCriteria,
@@ -36,16 +44,28 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from deployments.engine.kv import KvLedger, RequestCancelled, SequenceSlots
+from deployments.engine.kv import KvLedger, RequestCancelled, SequenceSlots, SideCache
 from deployments.engine.logprobs import LogprobRecorder, Scored, score_prompt
 from deployments.engine.prompts import PreparedPrompt
 from deployments.engine.text import STOP_TAIL_TOKENS, StopHoldBack, TextRules
 from deployments.generation import SamplingParams, StreamDelta
 from deployments.row_logits import GenerateRowsProcessor, RowFactory
+from placement.sizing.kv_budget import SIDE_PREFILL_CHUNK
+
+
+def prefill_chunk(config: Any) -> int:
+    """Prompt tokens per prefill pass: SIDE_PREFILL_CHUNK, at most one sliding window (`config`: the text
+    config). placement.sizing.kv_budget.side_sequence_bytes prices exactly this; keep the two in step."""
+    window = getattr(config, "sliding_window", None)
+    return min(SIDE_PREFILL_CHUNK, window) if window else SIDE_PREFILL_CHUNK
 
 
 def generation_config(
-    params: SamplingParams, max_new_tokens: int, pad_token_id: int, eos_token_ids: Sequence[int]
+    params: SamplingParams,
+    max_new_tokens: int,
+    pad_token_id: int,
+    eos_token_ids: Sequence[int],
+    prefill_chunk_size: int | None = None,
 ) -> GenerationConfig:
     """`params` as `model.generate` takes them (the side path's one translation of SamplingParams).
 
@@ -53,6 +73,7 @@ def generation_config(
     for Gemma) would silently change what the API promises."""
     sampling = not params.greedy
     return GenerationConfig(
+        prefill_chunk_size=prefill_chunk_size,
         max_new_tokens=max_new_tokens,
         do_sample=sampling,
         temperature=params.temperature if sampling else None,
@@ -84,9 +105,7 @@ class _RowStops(StoppingCriteria):
         stops: Sequence[tuple[str, ...]],
         tokenizer: Any,
         cancel: threading.Event | None = None,
-        on_step: Any = None,
     ):
-        self.on_step = on_step  # called every step (the KV ledger measures the side cache)
         self.prompt_width = prompt_width
         self.max_tokens = torch.tensor(list(max_tokens))
         self.stops = list(stops)
@@ -98,8 +117,6 @@ class _RowStops(StoppingCriteria):
         }
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        if self.on_step is not None:
-            self.on_step()
         generated = input_ids.shape[1] - self.prompt_width
         done = (generated >= self.max_tokens).to(input_ids.device)
         if self.cancel is not None and self.cancel.is_set():
@@ -136,7 +153,9 @@ class SideBackend:
         self.pad_token_id = pad_token_id
         self.text = text
         self.ledger = ledger
-        self.last_progress = 0.0  # monotonic time of the last decode step on this path
+        self.prefill_chunk = prefill_chunk(model.config.get_text_config())
+        self.image_token_id = getattr(model.config, "image_token_id", None)
+        self.last_progress = 0.0  # monotonic time of the last forward pass on this path
 
     @property
     def device(self) -> torch.device:
@@ -247,7 +266,8 @@ class SideBackend:
             yield chunk
 
     def _left_pad(self, prompts: Sequence[PreparedPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids and attention_mask [batch, width], padded on the left."""
+        """input_ids and attention_mask [batch, width], padded on the left (on the CPU: a request
+        moves its tensors to the device only once it holds its slots)."""
         width = max(p.prompt_tokens for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -255,12 +275,42 @@ class SideBackend:
             n = prompt.prompt_tokens
             ids[row, width - n :] = torch.tensor(prompt.input_ids, dtype=torch.long)
             mask[row, width - n :] = 1
-        return ids.to(self.device), mask.to(self.device)
+        return ids, mask
 
-    def _step(self, call: int, cache: Any) -> None:
-        """Every decode step of a generate: measure its KV, and note that tokens flow."""
-        self.ledger.observe(call, cache)
-        self.last_progress = time.monotonic()
+    def _cache(self, cancel: threading.Event | None) -> SideCache:
+        """A call's own cache: after every forward pass (prefill pass or decode step) the ledger records
+        what it holds, liveness notes the pass, and a set `cancel` stops the call (RequestCancelled)."""
+
+        def after_pass(held: int, peak: int) -> None:
+            self.ledger.observe(call, held, peak)
+            self.last_progress = time.monotonic()
+            if cancel is not None and cancel.is_set():
+                raise RequestCancelled("cancelled while generating")
+
+        cache = SideCache(self.model.config, on_forward=after_pass)
+        call = id(cache)  # unique while the call lives
+        return cache
+
+    def _device_inputs(self, ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, Any] | None) -> dict[str, Any]:
+        """The model inputs on the model's device (called inside the held slots); pixels in the model's dtype,
+        converted in the one copy."""
+        inputs: dict[str, Any] = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        for name, value in (extra or {}).items():
+            dtype = self.model.dtype if name == "pixel_values" else None
+            inputs[name] = value.to(self.device, dtype=dtype) if isinstance(value, torch.Tensor) else value
+        return inputs
+
+    def _prefill_text_before_image(self, input_ids: torch.Tensor, cache: SideCache) -> None:
+        """Prefill (one row) the tokens before the first image in passes of `prefill_chunk`, so that
+        generate's own passes start at that image: an image of up to `prefill_chunk` tokens then sits
+        in one pass, its tokens attending to each other as Gemma 3 wants (both ways)."""
+        if self.image_token_id is None:
+            return
+        found = (input_ids[0] == self.image_token_id).nonzero()
+        before = int(found[0, 0]) if found.numel() else 0
+        for start in range(0, before, self.prefill_chunk):
+            end = min(before, start + self.prefill_chunk)
+            self.model(input_ids=input_ids[:, start:end], cache=cache, use_cache=True, logits_to_keep=1)
 
     def _row_processors(
         self,
@@ -292,39 +342,30 @@ class SideBackend:
         width = ids.shape[1]
         max_new = max(p.max_tokens for p in params)
         first = params[0]
-        inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-        if len(prompts) == 1 and prompts[0].extra_inputs:
-            inputs.update({k: v.to(self.device) for k, v in prompts[0].extra_inputs.items()})
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        # Our own cache object, so the ledger can measure what this call holds at every step
-        # (keyed by the cache's id: unique while the call lives).
-        cache = DynamicCache(config=self.model.config)
-        call = id(cache)
-        stops = _RowStops(
-            width,
-            [p.max_tokens for p in params],
-            [p.stop for p in params],
-            self.text.tokenizer,
-            cancel,
-            on_step=lambda: self._step(call, cache),
-        )
-        # One side slot per row, held for the whole call: rows past the budget wait here.
+        extra = prompts[0].extra_inputs if len(prompts) == 1 else None
+        cache = self._cache(cancel)
+        stops = _RowStops(width, [p.max_tokens for p in params], [p.stop for p in params], self.text.tokenizer, cancel)
+        config = generation_config(first, max_new, self.pad_token_id, self.text.eos_token_ids, self.prefill_chunk)
+        # One side slot per row, held for the whole call: rows past the budget wait here, holding nothing
+        # on the device (their inputs move there once the slots are theirs).
         try:
             with self.slots.hold(len(prompts), cancel), torch.inference_mode():
+                inputs = self._device_inputs(ids, mask, extra)
+                if "pixel_values" in inputs:
+                    self._prefill_text_before_image(inputs["input_ids"], cache)
                 if first.seed is not None and not first.greedy:
                     torch.manual_seed(first.seed)
                 out = self.model.generate(
                     **inputs,
                     cache=cache,
                     logits_processor=self._row_processors(prompts, params, width, recorders),
-                    generation_config=generation_config(first, max_new, self.pad_token_id, self.text.eos_token_ids),
+                    generation_config=config,
                     stopping_criteria=StoppingCriteriaList([stops]),
                     streamer=streamer,
                 )
-                self.ledger.observe(call, cache)
+                del inputs  # freed before the slots are
         finally:
-            self.ledger.forget(call)
+            self.ledger.forget(id(cache))
         return [row[width:].tolist() for row in out]
 
     # ---- prompt scoring -------------------------------------------------------
@@ -333,17 +374,13 @@ class SideBackend:
         self, prompt: PreparedPrompt, top: int, chunk: int, cancel: threading.Event | None = None
     ) -> list[Scored]:
         """Logprobs of the prompt's tokens (`echo`): one chunked pass in a side slot, its KV
-        measured like a generate's. RequestCancelled once `cancel` is set (checked per chunk)."""
-        cache = DynamicCache(config=self.model.config)
-        call = id(cache)
-
-        def after_chunk() -> None:
-            self._step(call, cache)
-            if cancel is not None and cancel.is_set():
-                raise RequestCancelled("cancelled while scoring the prompt")
-
+        measured like a generate's. RequestCancelled once `cancel` is set (checked per chunk).
+        Passes are at most `prefill_chunk` long: a sliding layer holds window − 1 + a pass's tokens,
+        and the plan prices that pass (side_sequence_bytes)."""
+        cache = self._cache(cancel)
         try:
             with self.slots.hold(1, cancel), torch.inference_mode():
-                return score_prompt(self.model, prompt.input_ids, top, chunk=chunk, cache=cache, on_chunk=after_chunk)
+                chunk = min(chunk, self.prefill_chunk)
+                return score_prompt(self.model, prompt.input_ids, top, chunk=chunk, cache=cache)
         finally:
-            self.ledger.forget(call)
+            self.ledger.forget(id(cache))

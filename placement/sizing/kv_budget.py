@@ -111,9 +111,10 @@ def paged_pool(
 # Prompt tokens per forward pass on the side path (deployments.engine.side prefills in passes of
 # `min(SIDE_PREFILL_CHUNK, sliding_window)`; keep the two in step). A sliding layer's DynamicCache keeps a
 # view over the whole last pass's K/V until the next step, so after a pass it holds window − 1 + chunk
-# tokens: 256 keeps that within 1.25 windows for Gemma 3 (window 1024; 1.5 for the 270M's 512), and a
-# pass of 256 tokens still keeps a GPU's matmuls compute-bound. Never more than one window: a model with a
-# small window (the tests' 64) prefills in passes of one window, holding at most 2 × window − 1.
+# tokens. 256: within 1.25 windows for Gemma 3 (window 1024; 1.5 for the 270M's 512); a Gemma 3 image
+# (256 tokens) fits one pass; and a pass reads each weight once per 256 tokens, near where a GPU's
+# matmuls turn compute-bound. Never more than one window: a model with a small window (the tests' 64)
+# prefills in passes of one window, holding at most 2 × window − 1.
 SIDE_PREFILL_CHUNK = 256
 
 
@@ -126,9 +127,9 @@ def side_sequence_bytes(config: Any, *, context_length: int, dtype: torch.dtype 
       `min(context_length, window − 1 + chunk)`; while decoding, `window`;
     - plus one layer more: DynamicCache grows a layer with torch.cat, which allocates the new storage while
       the old one is still held. Layers update one after another, so one layer at a time holds both: the
-      largest layer's tokens once more. (Preallocating every full layer at `context_length` would avoid it,
-      but would hold the whole context for every short request and replace transformers' cache layers;
-      one layer is 1/num_layers of the rest.)
+      largest layer's tokens once more. Priced rather than avoided: preallocating every full layer at
+      `context_length` would hold the whole context for every short request and replace transformers'
+      cache layers, for one layer's worth (27B at 4096: 32 MiB of 872).
     """
     per_layer_token = 2 * find_num_key_value_heads(config) * find_head_dim(config) * _cache_dtype(dtype).itemsize
     tokens = largest = 0

@@ -127,10 +127,13 @@ def test_medgemma_27b_text_nf4() -> None:
     per_layer_token = 2 * 16 * 128 * 2
     page = per_layer_token * 64  # 512 KiB
     # All global: blocks of 62 pages, one block per sector; 4 × 64 blocks + 2 trash sectors.
-    assert no_sliding.kv_cache_bytes == (4 * 64 + 2) * 62 * page + per_layer_token * 62 * 4096
+    # Side sequence: every layer at 4096, plus one layer growing (placement.sizing.kv_budget.side_sequence_bytes).
+    assert no_sliding.kv_cache_bytes == (4 * 64 + 2) * 62 * page + per_layer_token * (62 * 4096 + 4096)
     # 10 global + 52 sliding layers: a sector is lcm(10, 52) = 260 pages; 4 × 64 global blocks take
     # ceil(256 / 26) = 10 sectors, 4 × 16 sliding blocks ceil(64 / 5) = 13, plus 2 trash sectors.
-    assert estimate.kv_cache_bytes == (10 + 13 + 2) * 260 * page + per_layer_token * (10 * 4096 + 52 * 1024)
+    # Side sequence: sliding layers hold window − 1 + a 256-token prefill pass; plus one layer growing.
+    side = per_layer_token * (10 * 4096 + 52 * (1023 + 256) + 4096)
+    assert estimate.kv_cache_bytes == (10 + 13 + 2) * 260 * page + side
     # Logprob workspace (placement.sizing.logprob_workspace), vocabulary 262,208 in bf16: prompt
     # scoring takes 64 MiB // (262208 × (2 × 2 + 8) B) = 21 positions a pass; 4 + 1 decoding rows
     # keep 8 B per vocabulary entry.
@@ -148,7 +151,7 @@ def test_medgemma_4b_multimodal_uses_text_config_for_kv() -> None:
     # 16 sliding blocks → ceil(16 / 5) = 4, + 2 trash; then one side sequence.
     per_layer_token = 2 * 4 * 256 * 2
     pool = (5 + 4 + 2) * 145 * per_layer_token * 64
-    assert estimate.kv_cache_bytes == pool + per_layer_token * (5 * 8192 + 29 * 1024)
+    assert estimate.kv_cache_bytes == pool + per_layer_token * (5 * 8192 + 29 * (1023 + 256) + 8192)
     assert 2.5 * GIB < estimate.weights_bytes + estimate.quant_overhead_bytes < 3.5 * GIB
 
 
@@ -215,7 +218,8 @@ def test_safetensors_plain_checkpoint_exact(tiny_dir: tuple[Path, int]) -> None:
     assert estimate.context_length == 256
     # Pool: blocks of 2 pages (one sector each), 1 per request, 4 requests + 2 trash; + 1 side sequence.
     per_layer_token = 2 * 1 * 64 * 2
-    assert estimate.kv_cache_bytes == (4 + 2) * 2 * per_layer_token * 64 + per_layer_token * 2 * 64
+    # Side: each sliding layer holds 63 + a prefill pass of one window (64), plus one layer growing.
+    assert estimate.kv_cache_bytes == (4 + 2) * 2 * per_layer_token * 64 + per_layer_token * 3 * (63 + 64)
 
 
 def test_safetensors_quantize_at_load_matches_meta_model(tiny_dir: tuple[Path, int]) -> None:
@@ -296,7 +300,7 @@ def test_gguf_header() -> None:
     # 3 KV heads × 64 dims, 30 layers, context min(8192, 4096), batch 4.
     # Pool: 30-page blocks, one per sector, 4 × 64 blocks + 2 trash; + 1 side sequence.
     per_layer_token = 2 * 3 * 64 * 2
-    assert estimate.kv_cache_bytes == (4 * 64 + 2) * 30 * per_layer_token * 64 + per_layer_token * 30 * 4096
+    assert estimate.kv_cache_bytes == (4 * 64 + 2) * 30 * per_layer_token * 64 + per_layer_token * 31 * 4096
 
 
 def test_memory_gb_override_wins(tiny_dir: tuple[Path, int]) -> None:

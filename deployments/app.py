@@ -72,7 +72,9 @@ class AppArgs(BaseModel):
     )
     rules: str | None = Field(default=None, description="Size rules YAML; default: placement's built-in rules")
     reserve_gb: float = Field(
-        default=CUDA_CONTEXT_BYTES / GIB, ge=0, description="GiB held back per GPU for the CUDA context"
+        default=CUDA_CONTEXT_BYTES / GIB,
+        ge=0,
+        description="GiB of one CUDA context, charged per replica (its engine process) on each GPU it uses",
     )
     safety_margin: float = Field(
         default=DEFAULT_SAFETY_MARGIN, ge=0, lt=1, description="Share of each GPU kept free for peaks"

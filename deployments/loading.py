@@ -211,7 +211,9 @@ def load_model(spec: ModelSpec, plan: ReplicaPlan) -> LoadedModel:
         raise ModelLoadError(f"cannot read the config of {spec.model!r}: {exc}") from exc
 
     quantization = checked_quantization(plan, config)
-    device_map, max_memory = plan.device_map, plan.max_memory
+    # A split: accelerate places the weights within the plan's per-GPU weights (placement.replica), so the
+    # KV and runtime the plan put on cuda:0 beside them stay free.
+    device_map, max_memory = plan.device_map, plan.accelerate_max_memory
     multimodal = is_multimodal_config(config)
     kwargs: dict[str, Any] = {
         "revision": revision,

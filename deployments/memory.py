@@ -4,10 +4,13 @@ The cap: `torch.cuda.set_per_process_memory_fraction` caps torch's caching alloc
 in this process: an allocation past the cap raises an out-of-memory error
 HERE (answered 503, `recover` below), instead of succeeding and leaving the
 neighbour on a shared GPU to run out. The cap is the plan's budget for the
-replica on each visible GPU, as a fraction of that GPU's total memory. The
-CUDA context (outside torch's allocator) is not counted: the planner holds
-it back per GPU (`placement.inventory.Reserve`). On CPU nothing is capped;
-the replica only reports its memory.
+replica on each visible GPU (`ReplicaPlan.gpu_budgets`: on a split, cuda:0's
+holds its weights share, the whole KV cache and the runtime; the others their
+weights share and their layers' runtime), as a fraction of that GPU's total
+memory. The CUDA context this process opens on each GPU sits outside torch's
+allocator, so the cap leaves it out: the planner charges it beside the budget,
+one per replica on each GPU it uses (`placement.inventory.Reserve`). On CPU
+nothing is capped; the replica only reports its memory.
 
 Recovery: a CUDA OOM in one generation leaves the model's weights intact:
 only that batch's activations and KV cache were lost. Releasing them (gc,

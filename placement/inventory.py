@@ -30,7 +30,10 @@ from placement.gpu_nodes import GpuNodeInfo, gpu_node_labels, gpu_node_of
 from placement.units import GIB, MIB, parse_size
 
 # CUDA context, cuBLAS workspace and the allocator's first blocks take about
-# this much on every GPU a process touches, before any weight is loaded.
+# this much on every GPU a process touches, before any weight is loaded
+# (measured 0.3-0.6 GiB, growing as kernels load). The planner charges one per
+# replica on each GPU it uses: each replica's engine process (or, with
+# `engine_process: false`, the replica itself) holds its own.
 CUDA_CONTEXT_BYTES = 512 * MIB
 # Keep this share of each GPU free: fragmentation and peaks the estimate misses.
 DEFAULT_SAFETY_MARGIN = 0.05
@@ -115,17 +118,27 @@ class Node:
 
 @dataclass(frozen=True)
 class Reserve:
-    """What is held back on every GPU before planning."""
+    """What a plan holds back: a safety margin on every GPU, and a CUDA context per process using one.
+
+    `cuda_context_bytes` is charged by the planner per replica on each GPU that replica uses (every
+    engine process opens its own context, outside torch's allocator and so outside its cap), not once
+    per GPU: two models, or two replicas, on one GPU are two contexts. No per-GPU context is held back
+    here, because no other rayfit process opens one: a replica whose engine runs apart never imports
+    torch, and Ray's processes and the planner read GPUs through NVML, which opens none. What the
+    driver or a foreign process holds is subtracted from a measured GPU (`usable_bytes`); on a declared
+    one the margin covers it.
+    """
 
     cuda_context_bytes: int = CUDA_CONTEXT_BYTES
     safety_margin: float = DEFAULT_SAFETY_MARGIN
 
     def capacity_bytes(self, gpu: Gpu) -> int:
-        """What a plan could fill on `gpu` if nothing else held memory: total less context and margin.
+        """What a plan could fill on `gpu` (its replicas' budgets and contexts) if nothing else held memory:
+        total less the margin.
 
         Fixed per GPU model, so GPU fractions measured against it never drift with free memory.
         """
-        return max(gpu.total_bytes - self.cuda_context_bytes - int(self.safety_margin * gpu.total_bytes), 0)
+        return max(gpu.total_bytes - int(self.safety_margin * gpu.total_bytes), 0)
 
     def usable_bytes(self, gpu: Gpu) -> int:
         """Memory a plan may fill on `gpu`: its capacity less what other processes hold (module docstring)."""

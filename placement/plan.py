@@ -28,9 +28,12 @@ class PlanEntry:
 
     On a GPU: `gpu_indices` holds one index, or several when split;
     `gpu_fractions` is the share of each of those GPUs that the model's replica
-    holds (Ray resource units), and `fraction` the largest of them (the one
-    number to show); `max_memory` is accelerate's per-GPU budget for a split,
-    keyed by the index *inside* the replica (after CUDA_VISIBLE_DEVICES).
+    holds (Ray resource units), its CUDA context included, and `fraction` the
+    largest of them (the one number to show); `max_memory` is a split's weights
+    per GPU (what accelerate may place there), keyed by the index *inside* the
+    replica (after CUDA_VISIBLE_DEVICES); `cuda_context_bytes` is the context
+    each replica's engine process holds on each of its GPUs, outside
+    `memory_budget_bytes` (the torch side: weights, KV, runtime).
     On CPU: `device == "cpu"`, no GPU indices.
     """
 
@@ -57,6 +60,9 @@ class PlanEntry:
     autoscaling: Autoscaling | None = None
     # Every number each replica's engine builds with (placement.replica); the planner always sets it.
     replica: ReplicaPlan | None = field(default=None, compare=False)
+    # The CUDA context each replica's engine process holds on each of its GPUs (0 on CPU): charged to
+    # the GPU's planned bytes and to `gpu_fractions`, outside the allocator caps (it is not torch's).
+    cuda_context_bytes: int = 0
 
     @property
     def gpu_labels(self) -> tuple[str, ...]:
@@ -120,7 +126,10 @@ class PlanEntry:
         return self.estimate.kv_cache_bytes
 
     def gpu_budget_bytes(self, local_index: int) -> int:
-        """The bytes this replica may allocate on its local cuda:<local_index> (a split's share, else all)."""
+        """The bytes torch's allocator may hold for this replica on its local cuda:<local_index> (the replica
+        plan's cap: a split's weights there, plus the KV and runtime on cuda:0; else the whole budget)."""
+        if self.replica is not None and local_index < len(self.replica.gpu_budgets):
+            return self.replica.gpu_budgets[local_index]
         return self.max_memory.get(local_index, self.memory_budget_bytes) if self.is_split else self.memory_budget_bytes
 
     @property
@@ -159,9 +168,11 @@ class GpuUsage:
     uuid: str | None
     total_bytes: int
     usable_bytes: int
-    planned_bytes: int
+    planned_bytes: int  # every replica's budget here plus their CUDA contexts
     roles: tuple[str, ...]
     fraction_used: float
+    cuda_contexts: int = 0  # replicas (engine processes) using this GPU: one CUDA context each
+    cuda_context_bytes: int = 0  # of planned_bytes: those contexts
 
     @property
     def headroom_bytes(self) -> int:
@@ -186,6 +197,9 @@ class Unplaced:
     role: str
     needed_bytes: int
     why: str
+    # On a GPU, beside `needed_bytes` (the budgets): the CUDA contexts of its replicas' engine processes.
+    context_bytes: int = 0
+    contexts: int = 0
 
 
 class PlanError(RuntimeError):

@@ -14,6 +14,15 @@ an entry depends only on its own model and its GPU: the fraction is the
 model's bytes over the GPU's fixed capacity (never over free memory), and the
 reason names no other model and no free-memory figure. That is what keeps
 Serve from restarting unchanged replicas (deployments.versions).
+
+Every replica's engine process holds a CUDA context of its own on each GPU it
+uses (`Reserve.cuda_context_bytes`), outside torch's caching allocator: the
+planner charges one per replica per GPU in the GPU's planned bytes and in the
+replica's fraction, while the replica's allocator caps (`ReplicaPlan.gpu_budgets`)
+stay the torch-side budget. A split model is laid out where transformers puts
+it (`_split_layout`): its KV cache and runtime workspaces on the split's first
+GPU (local cuda:0, where the engine allocates the pool and the side caches),
+its weights spread over the chosen GPUs around them.
 """
 
 from __future__ import annotations
@@ -41,6 +50,11 @@ CPU_PROCESS_BYTES = GIB
 # at least one; the planner also counts these grains per GPU, so the fractions
 # on one GPU never sum past 1 (Ray custom resources themselves have 4 decimals).
 FRACTION_GRAIN = 1_000
+# On a split, each GPU after the first holds this share of its weights for the activations and
+# workspaces of the layers it runs (and bitsandbytes' one-layer transient when it quantizes at load):
+# the weight-proportional part of the runtime estimate (placement.sizing.estimate.RUNTIME_WEIGHT_SHARE),
+# moved from cuda:0 to where those layers are. The fixed floor and the logits workspaces stay on cuda:0.
+SPLIT_RUNTIME_SHARE = 0.05
 
 
 @dataclass
@@ -54,6 +68,7 @@ class _GpuState:
     capacity_bytes: int  # fractions are shares of this (Reserve.capacity_bytes), not of usable_bytes
     planned_bytes: int = 0
     planned_grains: int = 0  # sum of the FRACTION_GRAIN units its replicas hold
+    contexts: int = 0  # CUDA contexts charged here: one per replica (its engine process) using this GPU
     roles: list[str] = field(default_factory=list)
     exclusive: bool = False  # holds a model that said `share: false`
     # On a GPU group node (placement.gpu_nodes): only split models go there.
@@ -74,13 +89,28 @@ class _GpuState:
 
 
 @dataclass(frozen=True)
+class _Layout:
+    """One replica's bytes on each GPU of its placement, in local order (after CUDA_VISIBLE_DEVICES)."""
+
+    budgets: tuple[int, ...]  # torch's allocator cap per GPU (weights, KV, runtime); sums to the estimate
+    weights: tuple[int, ...]  # a split's weights per GPU (accelerate's max_memory); () on one GPU
+    context: int  # the replica's CUDA context on each of its GPUs, outside the caps
+
+    @property
+    def loads(self) -> tuple[int, ...]:
+        """Everything the replica holds on each GPU: its budget plus its context."""
+        return tuple(budget + self.context for budget in self.budgets)
+
+
+@dataclass(frozen=True)
 class _Placement:
     """Where one model landed, before fractions are known."""
 
     node: Node
     states: tuple[_GpuState, ...]  # empty on CPU
-    shares: tuple[int, ...]  # bytes on each of `states`
+    shares: tuple[int, ...]  # bytes on each of `states`, every replica's load (contexts included)
     reason: str
+    layout: _Layout | None = None  # one replica's bytes per GPU; None on CPU
 
 
 def make_plan(
@@ -131,6 +161,7 @@ def make_plan(
             "mode is used for all; start every GPU with `python -m placement ray-start-args --per-gpu`"
         )
 
+    context = reserve.cuda_context_bytes
     for role in _placement_order(models, estimates):
         spec, estimate = models[role], estimates[role]
         replicas = spec.planned_replicas
@@ -152,17 +183,18 @@ def make_plan(
             need += CPU_PROCESS_BYTES * replicas
             placement, why_not = _place_on_cpu(role, need, candidate_nodes, cpu_planned, spec, rule, warnings)
         elif per_gpu:
-            spread, why_not = _spread_over_gpu_nodes(role, spec, estimate.total_bytes, rule, on_gpu)
+            spread, why_not = _spread_over_gpu_nodes(role, spec, estimate, context, rule, on_gpu)
             if spread is None:
-                unplaced.append(Unplaced(role, need, why_not))
+                unplaced.append(Unplaced(role, need, why_not, context, replicas))
                 continue
             placements[role] = spread[0]
             slots[role] = tuple(spread)
             continue
         else:
-            placement, why_not = _place_on_gpu(role, spec, need, rule, on_gpu)
+            placement, why_not = _place_on_gpu(role, spec, estimate, context, rule, on_gpu)
         if placement is None:
-            unplaced.append(Unplaced(role, need, why_not))
+            on_cpu = wants_cpu or not on_gpu
+            unplaced.append(Unplaced(role, need, why_not, 0 if on_cpu else context, 0 if on_cpu else replicas))
             continue
         _hold(placement, role, spec, replicas, whole_gpus=False)
         placements[role] = placement
@@ -174,7 +206,7 @@ def make_plan(
         _entry(role, models[role], estimates[role], placements[role], slots.get(role, ()))
         for role in sorted(placements)
     )
-    gpus = tuple(_usage(state, entries) for state in gpu_states)
+    gpus = tuple(_usage(state, entries, context) for state in gpu_states)
     return Plan(entries=entries, gpus=gpus, warnings=tuple(warnings))
 
 
@@ -184,6 +216,7 @@ def _hold(placement: _Placement, role: str, spec: ModelSpec, replicas: int, *, w
     for state, share in zip(placement.states, placement.shares, strict=True):
         state.planned_bytes += share
         state.planned_grains += _grains(share // replicas, state.capacity_bytes) * replicas
+        state.contexts += replicas
         state.roles.append(role)
         state.exclusive = state.exclusive or not spec.share or whole_gpus
         if whole_gpus:
@@ -191,7 +224,7 @@ def _hold(placement: _Placement, role: str, spec: ModelSpec, replicas: int, *, w
 
 
 def _spread_over_gpu_nodes(
-    role: str, spec: ModelSpec, per_replica: int, rule: SizeRule, states: list[_GpuState]
+    role: str, spec: ModelSpec, estimate: MemoryEstimate, context: int, rule: SizeRule, states: list[_GpuState]
 ) -> tuple[list[_Placement] | None, str]:
     """Per-GPU mode: each replica placed on its own, on a GPU node no other replica of the role holds
     while one has room (Serve then spreads them: max_replicas_per_node), else stacked.
@@ -204,22 +237,18 @@ def _spread_over_gpu_nodes(
     """
     one = spec.model_copy(update={"replicas": 1, "autoscaling": None})
     # A role whose later replicas find no room is not placed at all: put its earlier ones back.
-    before = [(s, s.planned_bytes, s.planned_grains, list(s.roles), s.exclusive) for s in states]
+    before = [(s, s.planned_bytes, s.planned_grains, s.contexts, list(s.roles), s.exclusive) for s in states]
     placed: list[_Placement] = []
     for _ in range(spec.planned_replicas):
         taken = {id(s) for p in placed for s in p.states}
         fresh = [s for s in states if id(s) not in taken]
-        placement, why_not = _place_on_gpu(role, one, per_replica, rule, fresh) if fresh else (None, "")
+        placement, why_not = _place_on_gpu(role, one, estimate, context, rule, fresh) if fresh else (None, "")
         if placement is None:
-            placement, why_not = _place_on_gpu(role, one, per_replica, rule, states)
+            placement, why_not = _place_on_gpu(role, one, estimate, context, rule, states)
         if placement is None:
-            for state, planned, grains, roles, exclusive in before:
-                state.planned_bytes, state.planned_grains, state.roles, state.exclusive = (
-                    planned,
-                    grains,
-                    roles,
-                    exclusive,
-                )
+            for state, planned, grains, contexts, roles, exclusive in before:
+                state.planned_bytes, state.planned_grains, state.contexts = planned, grains, contexts
+                state.roles, state.exclusive = roles, exclusive
             count = spec.planned_replicas
             return None, why_not if count == 1 else f"replica {len(placed) + 1} of {count} has no room: {why_not}"
         _hold(placement, role, spec, 1, whole_gpus=len(placement.states) > 1)
@@ -253,77 +282,122 @@ def _ordered_by_preference(states: list[_GpuState], prefer: str) -> list[_GpuSta
 
 
 def _place_on_gpu(
-    role: str, spec: ModelSpec, need: int, rule: SizeRule, states: list[_GpuState]
+    role: str, spec: ModelSpec, estimate: MemoryEstimate, context: int, rule: SizeRule, states: list[_GpuState]
 ) -> tuple[_Placement | None, str]:
     alone = not spec.share
+    replicas = spec.planned_replicas
+    single = _Layout(budgets=(estimate.total_bytes,), weights=(), context=context)
+    need = single.loads[0] * replicas
     if spec.gpu is not None:
         pinned = [s for s in states if s.gpu.index == spec.gpu and not s.group]
         if not pinned:
             return None, f"`gpu: {spec.gpu}` names a GPU that does not exist"
         for state in pinned:
-            if state.can_take(need, alone=alone, replicas=spec.replicas):
-                return _single(state, need, f"pinned by `gpu: {spec.gpu}`"), ""
+            if state.can_take(need, alone=alone, replicas=replicas):
+                return _single(state, single, replicas, f"pinned by `gpu: {spec.gpu}`"), ""
         return None, f"`gpu: {spec.gpu}` has {gib(max(s.free_bytes for s in pinned))} free"
 
     singles = [s for s in states if not s.group]  # a GPU group node is for split models only
     for state in _ordered_by_preference(singles, rule.prefer):
-        if state.can_take(need, alone=alone, replicas=spec.replicas):
-            return _single(state, need, f"{rule.prefer.replace('_', ' ')} with room (rule '{rule.name}')"), ""
+        if state.can_take(need, alone=alone, replicas=replicas):
+            why = f"{rule.prefer.replace('_', ' ')} with room (rule '{rule.name}')"
+            return _single(state, single, replicas, why), ""
 
     most_free = max(singles or states, key=lambda s: (s.free_bytes, -s.order))
     if spec.split or rule.allow_split:
-        split = _split(need, states, alone=alone, replicas=spec.replicas)
+        split = _split(estimate, context, states, alone=alone, replicas=replicas)
         if split is not None:
             return split, ""
-        return None, f"cannot be split either: no node's GPUs have {gib(need)} free together"
+        return None, (
+            "cannot be split either: no node's GPUs hold it together (its KV and runtime on the first, "
+            "a CUDA context on each)"
+        )
     return None, (
         f"fits no single GPU (most free: {gib(most_free.free_bytes)} on {most_free.label()}); "
         "set `split: true` to split it across GPUs of one node"
     )
 
 
-def _single(state: _GpuState, need: int, why: str) -> _Placement:
+def _single(state: _GpuState, layout: _Layout, replicas: int, why: str) -> _Placement:
     # Who else shares the GPU is in the plan's GPU table, not here: an entry (and so the
     # replica's bind arguments) must not change when another model joins its GPU.
-    return _Placement(state.node, (state,), (need,), f"{why}: GPU {state.gpu.index}")
+    share = layout.loads[0] * replicas
+    return _Placement(state.node, (state,), (share,), f"{why}: GPU {state.gpu.index}", layout)
 
 
-def _split(need: int, states: list[_GpuState], *, alone: bool, replicas: int = 1) -> _Placement | None:
-    """Fewest GPUs of one node whose free memory holds the model, filled evenly.
+def _split(
+    estimate: MemoryEstimate, context: int, states: list[_GpuState], *, alone: bool, replicas: int = 1
+) -> _Placement | None:
+    """Fewest GPUs of one node that hold the model laid out as `_split_layout` puts it.
 
-    Balanced like accelerate's get_balanced_memory: each GPU takes an equal
-    share, except that a GPU with less free than its share gives what it has
-    and the rest spread over the others. Nodes are tried in the inventory's
-    stable order (the first node with the fewest GPUs wins).
+    GPUs are taken emptiest first; nodes are tried in the inventory's stable
+    order (the first node with the fewest GPUs wins).
     """
-    best: tuple[int, list[_GpuState], list[int]] | None = None
+    best: tuple[int, list[_GpuState], _Layout] | None = None
     node_ids = list(dict.fromkeys(s.node.node_id for s in sorted(states, key=lambda s: s.order)))
     for node in node_ids:
         usable = [s for s in states if s.node.node_id == node and not s.exclusive and not (alone and s.roles)]
         usable.sort(key=lambda s: (-s.free_bytes, s.order))
-        total = 0
-        for count, state in enumerate(usable, start=1):
-            total += state.free_bytes
-            if total >= need:
-                chosen = sorted(usable[:count], key=lambda s: s.order)
-                shares = _balanced_shares(need, [s.free_bytes for s in chosen])
-                fits = all(
-                    s.planned_grains + _grains(share // replicas, s.capacity_bytes) * replicas <= FRACTION_GRAIN
-                    for s, share in zip(chosen, shares, strict=True)
-                )
-                if fits and (best is None or count < best[0]):
-                    best = (count, chosen, shares)
+        for count in range(1, len(usable) + 1):
+            if best is not None and count >= best[0]:
+                break
+            chosen = sorted(usable[:count], key=lambda s: s.order)
+            layout = _split_layout(estimate, context, [s.free_bytes // replicas for s in chosen])
+            if layout is None:
+                continue
+            fits = all(
+                s.planned_grains + _grains(load, s.capacity_bytes) * replicas <= FRACTION_GRAIN
+                for s, load in zip(chosen, layout.loads, strict=True)
+            )
+            if fits:
+                best = (count, chosen, layout)
                 break
     if best is None:
         return None
-    _, chosen, shares = best
+    _, chosen, layout = best
     indices = ", ".join(str(s.gpu.index) for s in chosen)
     reason = f"fits no single GPU: split over GPUs {indices} of node {short_node_id(chosen[0].node.node_id)}"
-    return _Placement(chosen[0].node, tuple(chosen), tuple(shares), reason)
+    shares = tuple(load * replicas for load in layout.loads)
+    return _Placement(chosen[0].node, tuple(chosen), shares, reason, layout)
+
+
+def _split_layout(estimate: MemoryEstimate, context: int, rooms: list[int]) -> _Layout | None:
+    """One replica of a split over GPUs with `rooms` bytes free each (local order), or None if it does not fit.
+
+    Where the engine puts it: transformers allocates the continuous-batching KV pool and the side
+    caches on `model.device`, the split's local cuda:0 (the lowest host index), and the logits and
+    their workspaces come out there too; accelerate spreads the weights over the GPUs by `max_memory`.
+    So cuda:0 holds the whole KV and the runtime (less the share below) beside its part of the weights;
+    every other GPU holds its weights and `SPLIT_RUNTIME_SHARE` of them for its layers' activations.
+    The weights are water-filled as evenly as each GPU's room allows (cuda:0's room is what the KV
+    and the runtime leave). Each GPU also holds the replica's CUDA context, outside the caps.
+    The budgets sum to the estimate; `weights` (accelerate's per-GPU share) sum to the weights.
+    """
+    count = len(rooms)
+    if count == 1:
+        single = _Layout(budgets=(estimate.total_bytes,), weights=(), context=context)
+        return single if single.loads[0] <= rooms[0] else None
+    weights = estimate.weights_bytes + estimate.quant_overhead_bytes
+    kv, runtime = estimate.kv_cache_bytes, estimate.runtime_bytes
+    # Never move more runtime off cuda:0 than the estimate has (a `memory_gb` lump has none).
+    share = min(SPLIT_RUNTIME_SHARE, runtime / weights) if weights else 0.0
+    # cuda:0's fixed part: KV + the runtime that does not scale with the layers it holds.
+    fixed = [context + kv + runtime - math.floor(share * weights)] + [context] * (count - 1)
+    weight_rooms = [math.floor((room - held) / (1 + share)) for room, held in zip(rooms, fixed, strict=True)]
+    if min(weight_rooms) < 0 or sum(weight_rooms) < weights:
+        return None
+    spread = _balanced_shares(weights, weight_rooms)
+    moved = [math.floor(share * w) for w in spread[1:]]  # runtime each later GPU holds for its layers
+    budgets = (spread[0] + kv + runtime - sum(moved), *(w + r for w, r in zip(spread[1:], moved, strict=True)))
+    layout = _Layout(budgets=budgets, weights=tuple(spread), context=context)
+    if any(load > room for load, room in zip(layout.loads, rooms, strict=True)):
+        return None  # rounding at the edge of a full GPU
+    return layout
 
 
 def _balanced_shares(need: int, free: list[int]) -> list[int]:
-    """Water-fill `need` bytes over GPUs with `free` bytes each, as evenly as room allows."""
+    """Water-fill `need` bytes over GPUs with `free` bytes each, as evenly as room allows
+    (like accelerate's get_balanced_memory: a GPU with less room than its share gives what it has)."""
     shares = [0] * len(free)
     remaining = need
     open_slots = sorted(range(len(free)), key=lambda i: free[i])
@@ -420,9 +494,10 @@ def _entry(
         )
         return replace(entry, replica=plan_replica(role, spec, estimate, device="cpu", gpu_budgets=()))
     states = placement.states
-    # Ray counts resources per replica: each replica holds its own copy's share.
-    per_replica = [share // spec.planned_replicas for share in placement.shares]
-    fractions = tuple(_fraction(share, s.capacity_bytes) for share, s in zip(per_replica, states, strict=True))
+    layout = placement.layout
+    assert layout is not None, "a GPU placement has its layout"
+    # Ray counts resources per replica: each replica holds its own copy's share, its CUDA context included.
+    fractions = tuple(_fraction(load, s.capacity_bytes) for load, s in zip(layout.loads, states, strict=True))
     entry = PlanEntry(
         role=role,
         model=spec.model,
@@ -436,13 +511,16 @@ def _entry(
         fraction=max(fractions),
         gpu_fractions=fractions,
         # Inside the replica, CUDA_VISIBLE_DEVICES renumbers the planned GPUs 0..k-1.
-        max_memory={local: share for local, share in enumerate(per_replica)} if len(states) > 1 else {},
+        max_memory=dict(enumerate(layout.weights)),
         num_cpus=num_cpus,
         replicas=spec.planned_replicas,
         autoscaling=spec.autoscaling,
+        cuda_context_bytes=layout.context,
     )
-    budgets = tuple(entry.gpu_budget_bytes(local) for local in range(len(entry.gpu_indices)))
-    return replace(entry, replica=plan_replica(role, spec, estimate, device="gpu", gpu_budgets=budgets))
+    replica = plan_replica(
+        role, spec, estimate, device="gpu", gpu_budgets=layout.budgets, weights_max_memory=layout.weights
+    )
+    return replace(entry, replica=replica)
 
 
 def _grains(share_bytes: int, capacity_bytes: int) -> int:
@@ -473,7 +551,7 @@ def _copies_on(entry: PlanEntry, node_id: str, index: int) -> tuple[int, float]:
     return 0, 0.0
 
 
-def _usage(state: _GpuState, entries: tuple[PlanEntry, ...]) -> GpuUsage:
+def _usage(state: _GpuState, entries: tuple[PlanEntry, ...], context: int) -> GpuUsage:
     copies = {e.role: _copies_on(e, state.node.node_id, state.gpu.index) for e in entries}
     holders = [e for e in entries if copies[e.role][0]]
     return GpuUsage(
@@ -484,8 +562,22 @@ def _usage(state: _GpuState, entries: tuple[PlanEntry, ...]) -> GpuUsage:
         total_bytes=state.gpu.total_bytes,
         usable_bytes=state.usable_bytes,
         planned_bytes=state.planned_bytes,
+        cuda_contexts=state.contexts,
+        cuda_context_bytes=state.contexts * context,
         roles=tuple(sorted(e.role for e in holders)),
         fraction_used=round(sum(count * fraction for count, fraction in copies.values()), 6),
+    )
+
+
+def _contexts_text(item: Unplaced) -> str:
+    """' + 0.50 GiB for the CUDA context of its engine process' (on each GPU it would use), or ''."""
+    if not item.contexts:
+        return ""
+    if item.contexts == 1:
+        return f" + {gib(item.context_bytes)} for the CUDA context of its engine process (on each GPU it uses)"
+    return (
+        f" + {item.contexts} × {gib(item.context_bytes)} for the CUDA contexts of its replicas' engine "
+        "processes (one each, on each GPU it uses)"
     )
 
 
@@ -495,11 +587,11 @@ def _infeasible_message(
     count = len(unplaced)
     lines = [f"No feasible plan: {count} model{'s' if count != 1 else ''} cannot be placed."]
     for item in sorted(unplaced, key=lambda u: u.role):
-        lines.append(f"  - {item.role} needs {gib(item.needed_bytes)}: {item.why}")
+        lines.append(f"  - {item.role} needs {gib(item.needed_bytes)}{_contexts_text(item)}: {item.why}")
     if states:
         lines.append("Free on each GPU after the models that fit:")
         for state in states:
-            holding = f" (holds {', '.join(state.roles)})" if state.roles else ""
+            holding = f" (holds {', '.join(state.roles)}, {state.contexts} CUDA context(s))" if state.roles else ""
             lines.append(
                 f"  - {state.label()}: {gib(state.free_bytes)} free of {gib(state.usable_bytes)} usable{holding}"
             )

@@ -21,6 +21,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         data["device_label"] = entry.device_label
         data["memory_budget_gib"] = round(entry.memory_budget_bytes / GIB, 3)
         data["max_memory"] = {str(k): v for k, v in entry.max_memory.items()}
+        # Per local GPU: the allocator cap (torch's side) and, beside it, the replica's CUDA context.
+        data["gpu_budgets"] = list(entry.replica.gpu_budgets) if entry.replica else []
         data["autoscaling"] = entry.autoscaling.model_dump() if entry.autoscaling else None
         models.append(data)
     gpus = [{**asdict(g), "headroom_bytes": g.headroom_bytes} for g in plan.gpus]
@@ -39,6 +41,18 @@ def _breakdown(entry: PlanEntry) -> str:
     parts.append(f"KV {gib(e.kv_cache_bytes)} ({e.batch_size}×{e.context_length} tok + {SIDE_SEQUENCES} side)")
     parts.append(f"runtime {gib(e.runtime_bytes)}")
     return "\n".join(parts)
+
+
+def _memory(entry: PlanEntry) -> str:
+    """The replica's budget; on a GPU its CUDA context beside it, and a split's cap on each GPU."""
+    text = gib(entry.memory_budget_bytes)
+    if entry.device != "gpu":
+        return text
+    text += f"\n+ {gib(entry.cuda_context_bytes)} CUDA context per GPU"
+    if entry.replica is not None and entry.replica.is_split:
+        caps = ", ".join(f"cuda:{local} {gib(cap)}" for local, cap in enumerate(entry.replica.gpu_budgets))
+        text += f"\n(caps {caps}; KV on cuda:0)"
+    return text
 
 
 def _where(entry: PlanEntry) -> tuple[str, str]:
@@ -62,7 +76,7 @@ def print_plan(plan: Plan, console: Console) -> None:
         models.add_row(
             f"[bold]{entry.role}[/]\n{entry.model}",
             f"{source}\n{e.params / 1e9:.2f}B params{quant}",
-            gib(entry.memory_budget_bytes),
+            _memory(entry),
             _breakdown(entry),
             _where(entry)[0],
             _where(entry)[1],
@@ -73,7 +87,7 @@ def print_plan(plan: Plan, console: Console) -> None:
 
     if plan.gpus:
         gpus = Table(title="rayfit plan: GPUs")
-        for column in ("node", "GPU", "total", "usable", "planned", "headroom", "fraction", "models"):
+        for column in ("node", "GPU", "total", "usable", "planned", "CUDA contexts", "headroom", "fraction", "models"):
             gpus.add_column(column)
         for usage in plan.gpus:
             name = f" {usage.name}" if usage.name else ""
@@ -83,6 +97,9 @@ def print_plan(plan: Plan, console: Console) -> None:
                 gib(usage.total_bytes),
                 gib(usage.usable_bytes),
                 gib(usage.planned_bytes),
+                f"{usage.cuda_contexts} × {gib(usage.cuda_context_bytes // usage.cuda_contexts)}"
+                if usage.cuda_contexts
+                else "-",
                 gib(usage.headroom_bytes),
                 f"{usage.fraction_used:.4f}",
                 ", ".join(usage.roles) or "-",

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 # share: bitsandbytes' code books and alignment, buffers such as rotary tables. Measured on real loads:
 # 368 vs 369.4 MiB, 105 vs 106.3 MiB (DESIGN.md). A larger gap means the plan sized another model.
 WEIGHTS_TOLERANCE = 0.02
+# transformers' quantizers (bitsandbytes 4- and 8-bit among them) hand accelerate this share of each
+# max_memory figure (`HfQuantizer.adjust_max_memory`, "buffers created during quantization").
+QUANTIZER_MAX_MEMORY_FACTOR = 0.9
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,15 @@ class ReplicaPlan:
     weights_bytes: int  # planned weights + quantization side tensors, as held on the device
     weights_exact: bool  # sized from the model's shapes: held to WEIGHTS_TOLERANCE; else only to the budget
     memory_budget_bytes: int  # everything this replica may hold on its device (weights, KV, runtime)
-    gpu_budgets: tuple[int, ...]  # per local GPU (after CUDA_VISIBLE_DEVICES): the allocator's cap
+    # Per local GPU (after CUDA_VISIBLE_DEVICES): torch's allocator cap. A split's cuda:0 holds its weights
+    # share + the whole KV + the runtime; the others their weights + their layers' runtime share. Sums to
+    # the budget; the CUDA context of the replica's process is outside it (the planner charges it per GPU).
+    gpu_budgets: tuple[int, ...]
     max_tokens_cap: int  # the largest max_tokens a request may ask for (400 above it)
+    # A split's weights per local GPU, as held (quantization side tensors included): what accelerate may
+    # place there. () unless split. On cuda:0 it leaves exactly the KV + runtime of its cap free.
+    weights_max_memory: tuple[int, ...] = ()
+    quant_overhead_bytes: int = 0  # of weights_bytes: bitsandbytes' absmax, scales and code books
 
     @property
     def is_split(self) -> bool:
@@ -58,19 +68,37 @@ class ReplicaPlan:
     @property
     def device_map(self) -> str | dict[str, int]:
         """What from_pretrained gets: "cpu"; {"": 0} for one GPU (the pin makes the planned GPU local
-        cuda:0); "auto" for a split, bounded by `max_memory`."""
+        cuda:0); "auto" for a split, bounded by `accelerate_max_memory`."""
         if self.device == "cpu":
             return "cpu"
         return "auto" if self.is_split else {"": 0}
 
     @property
-    def max_memory(self) -> dict[int, int] | None:
-        """accelerate's per-GPU budget for a split (local indices), None otherwise."""
-        return dict(enumerate(self.gpu_budgets)) if self.is_split else None
+    def accelerate_max_memory(self) -> dict[int, int] | None:
+        """The `max_memory` from_pretrained gets for a split (local indices), None otherwise:
+        `weights_max_memory` in accelerate's own accounting.
+
+        - accelerate counts a quantized weight at its packed size only, without bitsandbytes' side
+          tensors: each figure is scaled by (weights - overhead) / weights;
+        - transformers' bitsandbytes quantizer then hands accelerate 90% of each figure
+          (QUANTIZER_MAX_MEMORY_FACTOR): divided back out, so accelerate may fill what the plan says;
+        - accelerate fills the GPUs in order with whole decoder layers, keeps the largest layer's size
+          free on the first, and sends what the last cannot take to disk (which bitsandbytes refuses):
+          the last GPU is offered its whole allocator budget, not only its weights share, so the few
+          layers the earlier GPUs leave over land there. Every earlier GPU, cuda:0 with its KV first,
+          gets no more weights than the plan's share; the allocator cap bounds the last.
+        """
+        if not self.is_split:
+            return None
+        held = self.weights_bytes
+        counted = (held - self.quant_overhead_bytes) / held if held else 1.0
+        factor = QUANTIZER_MAX_MEMORY_FACTOR if self.quantization.scheme != "none" else 1.0
+        offered = (*self.weights_max_memory[:-1], self.gpu_budgets[-1])
+        return {local: int(allowed * counted / factor) for local, allowed in enumerate(offered)}
 
     def on_cpu(self) -> ReplicaPlan:
         """The same replica loaded on CPU (the dev/test fallback on a machine without CUDA)."""
-        return replace(self, device="cpu", gpu_budgets=())
+        return replace(self, device="cpu", gpu_budgets=(), weights_max_memory=())
 
     def describe(self) -> str:
         """One line for the replica's log."""
@@ -82,9 +110,16 @@ class ReplicaPlan:
 
 
 def plan_replica(
-    role: str, spec: ModelSpec, estimate: MemoryEstimate, *, device: Literal["gpu", "cpu"], gpu_budgets: tuple[int, ...]
+    role: str,
+    spec: ModelSpec,
+    estimate: MemoryEstimate,
+    *,
+    device: Literal["gpu", "cpu"],
+    gpu_budgets: tuple[int, ...],
+    weights_max_memory: tuple[int, ...] = (),
 ) -> ReplicaPlan:
-    """The replica plan of one role, from its spec and estimate (the planner calls this per entry)."""
+    """The replica plan of one role, from its spec and estimate (the planner calls this per entry, with
+    the allocator caps and a split's weights per GPU as it laid them out)."""
     from placement.quantization import decide_quantization, read_checkpoint_quantization
 
     quant = estimate.quant or decide_quantization(spec.quantization, read_checkpoint_quantization(None), spec.model)
@@ -105,6 +140,8 @@ def plan_replica(
         memory_budget_bytes=estimate.total_bytes,
         gpu_budgets=gpu_budgets,
         max_tokens_cap=spec.max_tokens_cap,
+        weights_max_memory=weights_max_memory,
+        quant_overhead_bytes=estimate.quant_overhead_bytes,
     )
 
 

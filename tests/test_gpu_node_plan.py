@@ -1,9 +1,9 @@
 """The per-GPU mode without Ray: labels and start lines, the planner spreading replicas over GPU
 nodes, and the Serve options Ray then accounts GPUs with (placement.gpu_nodes, gpu_node_options).
 
-Sizes are round on purpose. A 24 GiB GPU's capacity is 24 - 0.5 (CUDA context) - 1.2 (5% margin)
-= 22.3 GiB; a 48 GiB one's 48 - 0.5 - 2.4 = 45.1 GiB. Fractions are bytes over capacity in whole
-thousandths, rounded down.
+Sizes are round on purpose. A 24 GiB GPU's capacity is 24 - 1.2 (5% margin) = 22.8 GiB; a 48 GiB
+one's 48 - 2.4 = 45.6 GiB. Each replica holds its budget plus a 0.5 GiB CUDA context (its engine
+process's) on each GPU it uses. Fractions are those bytes over capacity in whole thousandths, rounded down.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def test_users_case_lands_on_gpu_1_and_gpu_0_with_num_gpus() -> None:
     assert [(s.gpu_label, s.gpu_indices) for s in small.slots] == [("box-0", (0,))]
 
     actor = deployment_options(big, inventory)["ray_actor_options"]
-    assert actor["num_gpus"] == pytest.approx(15 / 22.3, abs=1e-3)  # 0.672: 15 GiB of 22.3
+    assert actor["num_gpus"] == 0.679  # 15 GiB + its 0.5 GiB context, of 22.8
     assert actor["resources"] == {GPU_MEMORY_RESOURCE: 15 * 1024}
     assert actor["label_selector"] == {GPU_LABEL: "box-1"}
     # Ray sets CUDA_VISIBLE_DEVICES itself; a node-id selector would not survive a replacement node.
@@ -106,10 +106,10 @@ def test_replicas_spread_one_per_gpu_node_each_budgeted() -> None:
     plan = make_plan({"helper": spec(replicas=2)}, inventory, estimates={"helper": lump(10)})
     entry = plan.entry("helper")
     assert entry.replicas == 2 and entry.gpu_labels == ("box-0", "box-1")
-    # Each GPU holds one copy: 10 GiB of its 22.3 = 0.448.
-    assert [(g.index, g.planned_bytes, g.fraction_used) for g in plan.gpus] == [
-        (0, 10 * GIB, 0.448),
-        (1, 10 * GIB, 0.448),
+    # Each GPU holds one copy and its engine process's context: 10.5 GiB of its 22.8 = 0.460.
+    assert [(g.index, g.planned_bytes, g.cuda_contexts, g.fraction_used) for g in plan.gpus] == [
+        (0, 10 * GIB + GIB // 2, 1, 0.460),
+        (1, 10 * GIB + GIB // 2, 1, 0.460),
     ]
     options = deployment_options(entry, inventory)
     assert options["num_replicas"] == 2 and options["max_replicas_per_node"] == 1
@@ -142,11 +142,11 @@ def test_heterogeneous_gpus_share_by_memory_not_by_fraction() -> None:
     inventory = Inventory(nodes=(head(), gpu_node(0, gib=24), gpu_node(1, gib=48)))
     entry = make_plan({"helper": spec(replicas=2)}, inventory, estimates={"helper": lump(10)}).entry("helper")
     fractions = {s.gpu_label: s.fraction for s in entry.slots}
-    assert fractions == {"box-0": 0.448, "box-1": 0.221}  # 10 GiB of 22.3, of 45.1
+    assert fractions == {"box-0": 0.460, "box-1": 0.230}  # 10 GiB + its context, of 22.8 and of 45.6
     actor = deployment_options(entry, inventory)["ray_actor_options"]
     # One option set for both replicas: the memory resource is exact on either card, the GPU share the smaller.
     assert actor["resources"] == {GPU_MEMORY_RESOURCE: 10 * 1024}
-    assert actor["num_gpus"] == 0.221
+    assert actor["num_gpus"] == 0.230
 
 
 def test_autoscaling_is_budgeted_at_its_max_and_bounded_by_it() -> None:

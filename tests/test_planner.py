@@ -1,7 +1,8 @@
 """The planner on hand-sized models, so every expected plan can be worked out by a reader.
 
-Sizes are in GiB. A "24GB" GPU is 24 GiB; with the default reserve (0.5 GiB
-CUDA context + 5% margin = 1.7 GiB) 22.3 GiB of it is usable.
+Sizes are in GiB. A "24GB" GPU is 24 GiB; with the default 5% margin (1.2 GiB)
+22.8 GiB of it is usable, and every replica is charged a 0.5 GiB CUDA context
+(its engine process's) on each GPU it uses, beside its budget.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from placement.planner import make_plan
 from placement.rules import SizeRule, SizeRules
 from placement.units import GIB
 
-USABLE_24 = 24 * GIB - Reserve().cuda_context_bytes - int(0.05 * 24 * GIB)
+USABLE_24 = 24 * GIB - int(0.05 * 24 * GIB)
+CONTEXT = Reserve().cuda_context_bytes
 
 
 def estimate(total_gib: float, params_b: float) -> MemoryEstimate:
@@ -41,10 +43,11 @@ def test_users_case_27b_to_gpu1_and_4b_to_gpu0() -> None:
     assert plan.entry("buffer_agent").gpu_indices == (1,)
     assert plan.entry("summarizer").gpu_indices == (0,)
     assert "rule 'large models take the last GPU'" in plan.entry("buffer_agent").reason
-    # Fractions are each model's share of the GPU's capacity (here all of it is usable), in whole
-    # thousandths rounded down: 17 / 22.3 = 0.7623 -> 0.762.
-    assert plan.entry("buffer_agent").fraction == 0.762
-    assert plan.gpus[1].headroom_bytes == USABLE_24 - int(17.0 * GIB)
+    # Fractions are each replica's share of the GPU's capacity (here all of it is usable), its CUDA
+    # context included, in whole thousandths rounded down: (17 + 0.5) / 22.8 = 0.7675 -> 0.767.
+    assert plan.entry("buffer_agent").fraction == 0.767
+    assert plan.gpus[1].headroom_bytes == USABLE_24 - int(17.0 * GIB) - CONTEXT
+    assert plan.gpus[1].cuda_context_bytes == CONTEXT and plan.entry("buffer_agent").cuda_context_bytes == CONTEXT
 
 
 def test_plan_does_not_depend_on_config_order() -> None:
@@ -59,7 +62,9 @@ def test_one_gpu_both_share_with_fractions_that_fit() -> None:
     plan = make_plan(USER_MODELS, parse_gpu_spec("1x24GB"), estimates=USER_ESTIMATES)
     assert {e.gpu_indices for e in plan.entries} == {(0,)}
     assert sum(e.fraction for e in plan.entries) <= 1.0
-    assert plan.gpus[0].planned_bytes == int(3.5 * GIB) + int(17.0 * GIB)
+    # Two engine processes on the GPU: two CUDA contexts, beside the two budgets.
+    assert plan.gpus[0].planned_bytes == int(3.5 * GIB) + int(17.0 * GIB) + 2 * CONTEXT
+    assert (plan.gpus[0].cuda_contexts, plan.gpus[0].cuda_context_bytes) == (2, 2 * CONTEXT)
     # Who shares the GPU is in the GPU table; an entry names no other model (its replica's
     # bind arguments must not change when a neighbour joins).
     assert plan.gpus[0].roles == ("buffer_agent", "summarizer")
@@ -84,29 +89,31 @@ def test_infeasible_plan_names_every_model_and_every_gpu() -> None:
         make_plan(models, parse_gpu_spec("2x24GB"), estimates=estimates)
     message = str(raised.value)
     assert {u.role for u in raised.value.unplaced} == {"a", "b"}
-    assert "a needs 30.00 GiB" in message and "b needs 40.00 GiB" in message
+    assert "a needs 30.00 GiB + 0.50 GiB for the CUDA context" in message and "b needs 40.00 GiB" in message
     assert "GPU 0" in message and "GPU 1" in message and "split: true" in message
     assert "Nothing was started." in message
 
 
 def test_model_that_fits_no_gpu_is_split_when_allowed() -> None:
-    # 30 GiB over two GPUs with 22.3 GiB usable each: 15 GiB on each.
+    # 30 GiB over two GPUs with 22.8 GiB usable each (22.3 beside its context on each): 15 GiB on each.
     models = specs(big={"split": True})
     plan = make_plan(models, parse_gpu_spec("2x24GB"), estimates={"big": estimate(30, 50)})
     entry = plan.entry("big")
     assert entry.gpu_indices == (0, 1) and entry.is_split
     assert entry.max_memory == {0: 15 * GIB, 1: 15 * GIB}
     assert entry.device_label == "cuda:0+1"
+    # A split replica's engine process holds a context on each of its GPUs: one charged on each.
+    assert [(g.cuda_contexts, g.planned_bytes) for g in plan.gpus] == [(1, 15 * GIB + CONTEXT)] * 2
 
 
 def test_split_is_balanced_around_a_partly_full_gpu() -> None:
-    # GPU 1 holds a 17 GiB model, leaving 5.3 GiB; the split takes the fewest
-    # GPUs with room (0 and 2, 22.3 GiB each), 15 GiB on each, and skips GPU 1.
+    # GPU 1 holds a 17 GiB model (+ its context), leaving 5.3 GiB; the split takes the fewest
+    # GPUs with room (0 and 2, 22.8 GiB each), 15 GiB on each, and skips GPU 1.
     models = specs(big={"split": True}, other={"gpu": 1})
     estimates = {"big": estimate(30, 50), "other": estimate(17, 27)}
     plan = make_plan(models, parse_gpu_spec("3x24GB"), estimates=estimates)
     big = plan.entry("big")
-    assert big.gpu_indices == (0, 2)  # two emptiest GPUs suffice: 22.3 + 22.3 >= 30
+    assert big.gpu_indices == (0, 2)  # two emptiest GPUs suffice: 22.8 + 22.8 >= 30 + 2 contexts
     assert big.max_memory == {0: 15 * GIB, 1: 15 * GIB}
 
 
@@ -168,41 +175,43 @@ def test_many_models_pack_without_overfilling_any_gpu() -> None:
 
 @pytest.mark.parametrize("order", list(itertools.permutations(["a", "b", "c"])))
 def test_fractions_on_a_shared_gpu_never_exceed_one(order: tuple[str, ...]) -> None:
-    estimates = {"a": estimate(11, 9), "b": estimate(7, 5), "c": estimate(4.3, 3)}
+    estimates = {"a": estimate(11, 9), "b": estimate(7, 5), "c": estimate(3.3, 3)}  # 21.3 + 3 contexts = 22.8
     models = {role: ModelSpec(model=role) for role in order}
     plan = make_plan(models, parse_gpu_spec("1x24GB"), estimates=estimates)
     assert 0 < plan.gpus[0].fraction_used <= 1.0
 
 
 def test_uneven_split_holds_its_own_share_of_each_gpu() -> None:
-    # "other" (17 GiB) pinned on GPU 1 leaves it 5.3 GiB; "big" (25 GiB) must
-    # split: water-filling puts 5.3 GiB on GPU 1 (all it has) and 19.7 on GPU 0.
-    # Each GPU's slot holds only that GPU's share; one fraction for both would
-    # put 0.76 + 0.88 on GPU 1's slot, which Ray could never schedule.
+    # "other" (17 GiB + its context) pinned on GPU 1 leaves it 5.3 GiB; "big" (25 GiB) must
+    # split: water-filling puts 4.8 GiB of weights on GPU 1 (all it has beside big's own
+    # context there) and 20.2 on GPU 0. Each GPU's slot holds only that GPU's share; one
+    # fraction for both would put 0.76 + 0.9 on GPU 1's slot, which Ray could never schedule.
     models = specs(big={"split": True}, other={"gpu": 1})
     estimates = {"big": estimate(25, 40), "other": estimate(17, 27)}
     plan = make_plan(models, parse_gpu_spec("2x24GB"), estimates=estimates)
     big = plan.entry("big")
     assert big.gpu_indices == (0, 1)
-    free_gpu1 = USABLE_24 - int(17 * GIB)
+    free_gpu1 = USABLE_24 - int(17 * GIB) - 2 * CONTEXT  # other's context, and big's own there
     assert big.max_memory == {0: 25 * GIB - free_gpu1, 1: free_gpu1}
+    assert plan.gpus[1].headroom_bytes == 0
     assert big.fraction_of(1) < big.fraction_of(0) == big.fraction
     for usage in plan.gpus:
         assert usage.fraction_used <= 1.0
 
 
 def test_replicas_are_budgeted_each_with_its_own_share() -> None:
-    # Two replicas of a 6 GiB model: 12 GiB on one GPU, each replica's slot
-    # holding 6/22.3 of it.
+    # Two replicas of a 6 GiB model: 12 GiB + two contexts on one GPU, each replica's slot
+    # holding 6.5/22.8 of it.
     models = specs(pair={"replicas": 2}, other={})
-    estimates = {"pair": estimate(6, 7), "other": estimate(10, 1)}
+    estimates = {"pair": estimate(6, 7), "other": estimate(9, 1)}
     plan = make_plan(models, parse_gpu_spec("1x24GB"), estimates=estimates)
     pair = plan.entry("pair")
     assert pair.replicas == 2 and pair.memory_budget_bytes == 6 * GIB
-    assert pair.fraction == pytest.approx(6 * GIB / USABLE_24, abs=1e-3)
-    assert plan.gpus[0].planned_bytes == 22 * GIB
+    assert pair.fraction == pytest.approx((6 * GIB + CONTEXT) / USABLE_24, abs=1e-3)
+    assert plan.gpus[0].planned_bytes == 21 * GIB + 3 * CONTEXT
+    assert plan.gpus[0].cuda_contexts == 3  # two replicas of pair, one of other
     assert plan.gpus[0].fraction_used == pytest.approx(2 * pair.fraction + plan.entry("other").fraction)
-    # A third replica (18 GiB) leaves no room for the 10 GiB model beside it.
+    # A third replica (18 GiB + 3 contexts) leaves no room for the 9 GiB model beside it.
     with pytest.raises(PlanError) as raised:
         make_plan(specs(pair={"replicas": 3}, other={}), parse_gpu_spec("1x24GB"), estimates=estimates)
     assert [u.role for u in raised.value.unplaced] == ["other"]

@@ -4,8 +4,8 @@ GPUs here are "measured" the way NVML reports them (free memory plus the
 processes on each GPU with their usage), so the tests can say exactly who
 holds what: rayfit's own replicas (their environment carries RAYFIT_ROLE),
 a foreign process, the driver's own reservation, and a few MiB of noise.
-Sizes in GiB; a 24 GiB GPU has 22.3 GiB of capacity (0.5 GiB CUDA context +
-5% margin held back).
+Sizes in GiB; a 24 GiB GPU has 22.8 GiB of capacity (5% margin held back), and
+each replica is charged its engine process's 0.5 GiB CUDA context beside its budget.
 """
 
 from __future__ import annotations
@@ -81,10 +81,11 @@ def test_fractions_come_from_planned_bytes_not_from_free_memory() -> None:
     idle = make_plan(MODELS, one_node(measured()), estimates=ESTIMATES)
     busy = make_plan(MODELS, one_node(measured((0, 5 * GIB, None), (1, 3 * GIB, None))), estimates=ESTIMATES)
     capacity = Reserve().capacity_bytes(Gpu(0, TOTAL))
+    context = Reserve().cuda_context_bytes
     for plan in (idle, busy):
         big = plan.entry("buffer_agent")
-        assert big.fraction == (17 * GIB * FRACTION_GRAIN // capacity) / FRACTION_GRAIN == 0.762
-        assert plan.entry("summarizer").fraction == 0.156
+        assert big.fraction == ((17 * GIB + context) * FRACTION_GRAIN // capacity) / FRACTION_GRAIN == 0.767
+        assert plan.entry("summarizer").fraction == 0.175
     assert idle.entries == busy.entries
 
 
@@ -102,11 +103,12 @@ def test_the_same_usage_by_a_foreign_process_is_subtracted() -> None:
     foreign = one_node(measured(*((gpu, b, None) for gpu, b, _ in RUNNING)))
     plan = make_plan(MODELS, foreign, estimates=ESTIMATES)
     assert (plan.entry("buffer_agent").gpu_indices, plan.entry("summarizer").gpu_indices) == ((0,), (1,))
-    # Held by others, rounded up to the grain: 17 GiB + 300 MiB -> 17.5 GiB off GPU 1's capacity.
+    # Held by others, rounded up to the grain: 17 GiB + 300 MiB -> 17.5 GiB off GPU 1's capacity
+    # (and the 17 GiB budget + its 0.5 GiB context no longer fit the 5.3 GiB left).
     capacity = Reserve().capacity_bytes(Gpu(1, TOTAL))
     assert plan.gpus[1].usable_bytes == capacity - 17 * GIB - 2 * MEMORY_GRAIN
     # A foreign process beside the running app is subtracted too: 6.5 GiB of others on GPU 1 leave
-    # 15.8 GiB usable there, so the 27B moves to GPU 0 (its own 17 GiB on GPU 1 still count as available).
+    # 16.3 GiB usable there, so the 27B moves to GPU 0 (its own 17 GiB on GPU 1 still count as available).
     crowded = one_node(measured(*RUNNING, (1, 6 * GIB, None)))
     assert make_plan(MODELS, crowded, estimates=ESTIMATES).entry("buffer_agent").gpu_indices == (0,)
 
@@ -166,7 +168,9 @@ def test_unlabelled_nodes_order_by_host_name_then_address() -> None:
 
 
 def test_fractions_on_a_gpu_never_sum_past_one_even_with_minimum_grains() -> None:
-    capacity = Reserve().capacity_bytes(Gpu(0, TOTAL))
+    # No CUDA context charged here: the grains alone are under test.
+    no_context = Reserve(cuda_context_bytes=0)
+    capacity = no_context.capacity_bytes(Gpu(0, TOTAL))
     models = {name: ModelSpec(model=f"org/{name}") for name in ("big", "tiny1", "tiny2")}
     estimates = {
         "big": MemoryEstimate.lump(capacity * 999 // 1000 + 1),  # exactly 999 grains
@@ -175,7 +179,7 @@ def test_fractions_on_a_gpu_never_sum_past_one_even_with_minimum_grains() -> Non
     }
     # In bytes all three fit (99.96%); in grains big + tiny1 take 999 + 1: tiny2 has no grain left.
     with pytest.raises(PlanError) as raised:
-        make_plan(models, one_node((Gpu(0, TOTAL),)), estimates=estimates)
+        make_plan(models, one_node((Gpu(0, TOTAL),)), estimates=estimates, reserve=no_context)
     assert [u.role for u in raised.value.unplaced] == ["tiny2"]
     plan = make_plan(models, one_node(measured()), estimates={**estimates, "big": MemoryEstimate.lump(10 * GIB)})
     for usage in plan.gpus:

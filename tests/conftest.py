@@ -31,6 +31,43 @@ def tiny_vision_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_vision_model(tmp_path_factory.mktemp("tiny-gemma3-vision"))
 
 
+# ---- twins of the production checkpoints (tests/twins.py) ----------------------------------
+# Built once per run under pytest's temporary directory; nothing is cached outside it.
+
+
+@pytest.fixture(scope="session")
+def text_twin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MedGemma 27B text checkpoint in miniature: Gemma3ForCausalLM, bnb NF4 pre-quantized, Gemma's tokenizer."""
+    from twins import build_text_twin
+
+    return build_text_twin(tmp_path_factory.mktemp("twin-medgemma-27b-text"))
+
+
+@pytest.fixture(scope="session")
+def vision_twin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MedGemma 1.5 4B checkpoint in miniature: Gemma3ForConditionalGeneration, NF4 text, bf16 SigLIP tower."""
+    from twins import build_vision_twin
+
+    return build_vision_twin(tmp_path_factory.mktemp("twin-medgemma-1.5-4b"))
+
+
+@pytest.fixture(scope="session")
+def twin_hub_cache(tmp_path_factory: pytest.TempPathFactory, text_twin_dir: Path, vision_twin_dir: Path) -> Path:
+    """A hub cache directory (give it as HF_HUB_CACHE) holding both twins, as a download leaves them, under
+    the hub ids that the repo's model_configs.yaml names."""
+    import yaml
+    from twins import TEXT_REPO_ID, VISION_REPO_ID, install_in_hub_cache
+
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "model_configs.yaml").read_text())
+    named = {role["model"] for role in config.values()}
+    twins = {TEXT_REPO_ID: text_twin_dir, VISION_REPO_ID: vision_twin_dir}
+    assert named == set(twins), f"model_configs.yaml names {sorted(named)}; tests/twins.py has twins of {sorted(twins)}"
+    hub = tmp_path_factory.mktemp("hf-home") / "hub"
+    for repo_id, built in twins.items():
+        install_in_hub_cache(hub, repo_id, built)
+    return hub
+
+
 # ---- leaving the test process ------------------------------------------------------------
 # This one process starts and stops Ray many times (a local cluster per module). Threads that
 # Ray and Serve leave behind in the driver (handle routers, the core worker's own) can crash

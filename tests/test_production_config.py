@@ -1,11 +1,12 @@
 """The production config (top-level `model_configs.yaml`, hub ids) on local files.
 
 No machine here reaches a model hub, so the two hub ids of the user's config
-are laid out in a Hugging Face cache as tiny bnb NF4 checkpoints of the same
-classes (Gemma3ForCausalLM for the 27B text model, Gemma3ForConditionalGeneration
-for the 4B image+text model), the way a real first download leaves them. The
-hub-id path — find in the cache, size from safetensors headers, load
-pre-quantized, generate — then runs unchanged.
+are laid out in a Hugging Face cache as their twins (tests/twins.py): tiny
+random checkpoints of the same classes, configs, tokenizer, chat template and
+bitsandbytes NF4 pre-quantization (Gemma3ForCausalLM for the 27B text model,
+Gemma3ForConditionalGeneration for the 4B image+text model), the way a real
+first download leaves them. The hub-id path — find in the cache, size from
+safetensors headers, load pre-quantized, generate — then runs unchanged.
 """
 
 from __future__ import annotations
@@ -17,72 +18,22 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRODUCTION_CONFIG = REPO_ROOT / "model_configs.yaml"
-SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # any commit hash: the cache layout needs one
-
-
-def _cache_snapshot(hub: Path, repo_id: str) -> Path:
-    """hub/models--org--name/{refs/main, snapshots/<commit>/} as huggingface_hub writes it."""
-    repo_dir = hub / ("models--" + repo_id.replace("/", "--"))
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(SNAPSHOT)
-    snapshot = repo_dir / "snapshots" / SNAPSHOT
-    snapshot.mkdir(parents=True)
-    return snapshot
-
-
-def _nf4(skip: list[str]) -> BitsAndBytesConfig:
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        llm_int8_skip_modules=skip,
-    )
-
-
-@pytest.fixture(scope="module")
-def hub_cache(tmp_path_factory: pytest.TempPathFactory, tiny_text_model_dir: Path, tiny_vision_model_dir: Path) -> Path:
-    roles = yaml.safe_load(PRODUCTION_CONFIG.read_text())
-    hub = tmp_path_factory.mktemp("hf-home") / "hub"
-
-    text = AutoModelForCausalLM.from_pretrained(tiny_text_model_dir, quantization_config=_nf4(["lm_head"]))
-    snapshot = _cache_snapshot(hub, roles["buffer_agent"]["model"])
-    text.save_pretrained(snapshot)
-    AutoTokenizer.from_pretrained(tiny_text_model_dir).save_pretrained(snapshot)
-
-    # Like unsloth's image+text checkpoints: the vision tower and projector stay unquantized.
-    vision = AutoModelForImageTextToText.from_pretrained(
-        tiny_vision_model_dir, quantization_config=_nf4(["lm_head", "vision_tower", "multi_modal_projector"])
-    )
-    snapshot = _cache_snapshot(hub, roles["summarizer"]["model"])
-    vision.save_pretrained(snapshot)
-    AutoProcessor.from_pretrained(tiny_vision_model_dir).save_pretrained(snapshot)
-    return hub
 
 
 def _offline_env(hub: Path) -> dict[str, str]:
     return {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
 
 
-def test_plan_of_the_production_config_sizes_from_the_cached_checkpoints(hub_cache: Path) -> None:
+def test_plan_of_the_production_config_sizes_from_the_cached_checkpoints(twin_hub_cache: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "placement", "plan", str(PRODUCTION_CONFIG), "--gpus", "2x24GB", "--json"],
         capture_output=True,
         text=True,
         timeout=180,
-        env=_offline_env(hub_cache),
+        env=_offline_env(twin_hub_cache),
     )
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
@@ -117,13 +68,15 @@ print(json.dumps({"quantization": loaded.quantization, "multimodal": loaded.is_m
 
 
 @pytest.mark.parametrize(("role", "multimodal"), [("buffer_agent", False), ("summarizer", True)])
-def test_hub_ids_load_pre_quantized_from_the_cache_and_generate(hub_cache: Path, role: str, multimodal: bool) -> None:
+def test_hub_ids_load_pre_quantized_from_the_cache_and_generate(
+    twin_hub_cache: Path, role: str, multimodal: bool
+) -> None:
     result = subprocess.run(
         [sys.executable, "-c", LOAD_AND_GENERATE, str(PRODUCTION_CONFIG), role],
         capture_output=True,
         text=True,
         timeout=180,
-        env=_offline_env(hub_cache),
+        env=_offline_env(twin_hub_cache),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -45,6 +45,7 @@ from placement.demo_models import resolve_demo_models
 from placement.inventory import CUDA_CONTEXT_BYTES, DEFAULT_SAFETY_MARGIN, Inventory, Reserve, parse_gpu_spec
 from placement.plan import GpuUsage, Plan, PlanEntry, placement_log_line
 from placement.ray_options import GPU_SLOT_PREFIX
+from placement.replica import ReplicaPlan
 from placement.units import GIB, gib
 
 logger = logging.getLogger("ray.serve")
@@ -195,6 +196,8 @@ def entry_summary(entry: PlanEntry, model_id: str | None = None) -> dict[str, An
         "memory_budget": gib(entry.memory_budget_bytes),
         # The KV part of that budget, which the replica's engine must stay within (None: not itemized).
         "kv_cache_bytes": entry.kv_budget_bytes,
+        # What each replica builds (placement.replica): the engine checks its pool and weights against these.
+        "replica_plan": replica_summary(entry.replica) if entry.replica else None,
         "estimate_source": entry.estimate.source,
         "reason": entry.reason,
         # Per-GPU mode: every replica's budgeted place, by the GPU node's stable label ([] otherwise).
@@ -210,6 +213,23 @@ def entry_summary(entry: PlanEntry, model_id: str | None = None) -> dict[str, An
             }
             for s in entry.slots
         ],
+    }
+
+
+def replica_summary(plan: ReplicaPlan) -> dict[str, Any]:
+    """A replica plan's numbers as JSON for /v1/placement."""
+    return {
+        "context_length": plan.context_length,
+        "batch_sequences": plan.batch_sequences,
+        "continuous_batching": plan.continuous,
+        "dtype": plan.dtype,
+        "quantization": plan.quantization.label,
+        "weights_bytes": plan.weights_bytes,
+        "kv_pool_bytes": plan.kv.pool_bytes if plan.kv else None,
+        "kv_side_sequences": plan.kv.side_sequences if plan.kv else None,
+        "kv_side_bytes": plan.kv.side_bytes if plan.kv else None,
+        "gpu_budget_bytes": list(plan.gpu_budgets),
+        "max_tokens_cap": plan.max_tokens_cap,
     }
 
 

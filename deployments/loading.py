@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,30 @@ def checked_quantization(plan: ReplicaPlan, config: PretrainedConfig) -> Quantiz
     return quant
 
 
+def _quantization_dict(config: PretrainedConfig) -> dict[str, Any]:
+    raw = getattr(config, "quantization_config", None) or {}
+    return dict(raw) if isinstance(raw, dict) else raw.to_dict()
+
+
+def _anchor_skip_modules(quantization: QuantizationPlan, config: PretrainedConfig) -> tuple[str, ...] | None:
+    """The skip list as transformers 5 needs it to keep the planned modules unquantized
+    (placement.sizing.quantization.anchored_skip_modules, which sizing applies too), or None when
+    it needs no change."""
+    if quantization.scheme == "none" or not quantization.skip_modules:
+        return None
+    from placement.sizing.meta_model import build_meta_model
+    from placement.sizing.quantization import anchored_skip_modules
+
+    names = [name for name, _ in build_meta_model(config).named_modules()]
+    anchored = anchored_skip_modules(quantization.skip_modules, names)
+    if anchored == quantization.skip_modules:
+        return None
+    logger.info(
+        "quantization skip list %s anchored as transformers 5 matches it: %s", quantization.skip_modules, anchored
+    )
+    return anchored
+
+
 def is_multimodal_config(config: PretrainedConfig) -> bool:
     return getattr(config, "vision_config", None) is not None
 
@@ -211,6 +235,9 @@ def load_model(spec: ModelSpec, plan: ReplicaPlan) -> LoadedModel:
         raise ModelLoadError(f"cannot read the config of {spec.model!r}: {exc}") from exc
 
     quantization = checked_quantization(plan, config)
+    config_override = _anchor_skip_modules(quantization, config)
+    if config_override is not None:
+        quantization = replace(quantization, skip_modules=config_override)
     # A split: accelerate places the weights within the plan's per-GPU weights (placement.replica), so the
     # KV and runtime the plan put on cuda:0 beside them stay free.
     device_map, max_memory = plan.device_map, plan.accelerate_max_memory
@@ -223,6 +250,10 @@ def load_model(spec: ModelSpec, plan: ReplicaPlan) -> LoadedModel:
     }
     if max_memory:
         kwargs["max_memory"] = max_memory
+    if config_override is not None and quantization.prequantized:
+        # A pre-quantized checkpoint ignores a quantization_config argument: the skip list rides on its config.
+        config.quantization_config = {**_quantization_dict(config), "llm_int8_skip_modules": list(config_override)}
+        kwargs["config"] = config
     quantization_config = bnb_config(quantization)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config

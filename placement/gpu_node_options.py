@@ -14,7 +14,7 @@ option (measured on Ray 2.60 with one raylet per declared GPU):
   sizes the smallest fraction is asked (a 48 GB card's share), so the
   fractions on any GPU never sum past 1; memory is guarded by the next item.
 - `resources: {"rayfit_gpu_mib": <budget MiB>}`: the replica's memory budget
-  against the node's declared GPU memory. This is what keeps a model from
+  and its engine process's CUDA context(s) against the node's declared GPU memory. This is what keeps a model from
   being started on a GPU without room for it, exactly, on mixed GPUs too.
 - `label_selector: {"rayfit.io/gpu": "<label>" | "in(<a>,<b>)"}`: the GPU
   node(s) the plan budgeted a replica on, by stable label, never by
@@ -52,8 +52,9 @@ def gpu_selector(labels: tuple[str, ...]) -> dict[str, str]:
 
 
 def memory_mib(entry: PlanEntry) -> int:
-    """The replica's memory budget in whole MiB, rounded up (the unit of `rayfit_gpu_mib`)."""
-    return math.ceil(entry.memory_budget_bytes / MIB)
+    """The replica's memory in whole MiB, rounded up (the unit of `rayfit_gpu_mib`): its budget plus the CUDA
+    context its engine process holds on each of its GPUs (outside the budget, but on the card all the same)."""
+    return math.ceil((entry.memory_budget_bytes + entry.cuda_context_bytes * len(entry.gpu_indices)) / MIB)
 
 
 def replica_count_options(entry: PlanEntry) -> dict[str, Any]:

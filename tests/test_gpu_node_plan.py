@@ -93,7 +93,8 @@ def test_users_case_lands_on_gpu_1_and_gpu_0_with_num_gpus() -> None:
 
     actor = deployment_options(big, inventory)["ray_actor_options"]
     assert actor["num_gpus"] == 0.679  # 15 GiB + its 0.5 GiB context, of 22.8
-    assert actor["resources"] == {GPU_MEMORY_RESOURCE: 15 * 1024}
+    # Its budget and its engine process's CUDA context (0.5 GiB), in MiB.
+    assert actor["resources"] == {GPU_MEMORY_RESOURCE: 15 * 1024 + 512}
     assert actor["label_selector"] == {GPU_LABEL: "box-1"}
     # Ray sets CUDA_VISIBLE_DEVICES itself; a node-id selector would not survive a replacement node.
     assert CUDA_VISIBLE_DEVICES not in actor["runtime_env"]["env_vars"]
@@ -145,7 +146,7 @@ def test_heterogeneous_gpus_share_by_memory_not_by_fraction() -> None:
     assert fractions == {"box-0": 0.460, "box-1": 0.230}  # 10 GiB + its context, of 22.8 and of 45.6
     actor = deployment_options(entry, inventory)["ray_actor_options"]
     # One option set for both replicas: the memory resource is exact on either card, the GPU share the smaller.
-    assert actor["resources"] == {GPU_MEMORY_RESOURCE: 10 * 1024}
+    assert actor["resources"] == {GPU_MEMORY_RESOURCE: 10 * 1024 + 512}
     assert actor["num_gpus"] == 0.230
 
 
@@ -178,7 +179,7 @@ def test_split_model_takes_a_gpu_group_node_whole() -> None:
     assert small.gpu_labels == ("box-2",)  # a single-GPU model never lands on the group node
     actor = deployment_options(huge, inventory)["ray_actor_options"]
     assert actor["num_gpus"] == 2 and actor["label_selector"] == {GPU_LABEL: "box-0_1"}
-    assert actor["resources"] == {GPU_MEMORY_RESOURCE: 30 * 1024}
+    assert actor["resources"] == {GPU_MEMORY_RESOURCE: 30 * 1024 + 2 * 512}  # a context on each of its GPUs
     assert huge.on_gpu_node("box-0_1").gpu_indices == (0, 1)
     with pytest.raises(ValueError, match="budgets its replicas on box-0_1"):
         huge.on_gpu_node("box-2")
@@ -227,10 +228,11 @@ def test_a_replica_is_judged_by_its_gpu_nodes_label_not_its_node_id() -> None:
     plan = {
         "node_id": "old-node-id",
         "gpu_indices": [0],
+        "cuda_visible_devices": "0",
         "gpu_labels": ["box-0", "box-1"],
         "slots": [
-            {"gpu_label": "box-0", "node_id": "old-node-id", "gpu_indices": [0]},
-            {"gpu_label": "box-1", "node_id": "n1", "gpu_indices": [1]},
+            {"gpu_label": "box-0", "node_id": "old-node-id", "gpu_indices": [0], "cuda_visible_devices": "0"},
+            {"gpu_label": "box-1", "node_id": "n1", "gpu_indices": [1], "cuda_visible_devices": "1"},
         ],
     }
 

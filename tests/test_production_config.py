@@ -51,17 +51,18 @@ from deployments.engine import Engine
 from deployments.generation import GenerationInput, SamplingParams
 from deployments.loading import load_model
 from placement.config import load_model_configs
-from placement.estimate import MemoryEstimate
-from placement.plan import PlanEntry
+from placement.inventory import parse_gpu_spec
+from placement.planner import make_plan
 
 role = sys.argv[2]
 spec = load_model_configs(sys.argv[1]).models[role]
-entry = PlanEntry(role=role, model=spec.model, device="cpu", node_id="local",
-                  estimate=MemoryEstimate.lump(0), memory_budget_bytes=0, reason="test")
-loaded = load_model(spec, entry)
-out = Engine(loaded).generate_batch(
+plan = make_plan({role: spec}, parse_gpu_spec("none", cpu_memory_bytes=64 << 30)).entry(role).replica
+loaded = load_model(spec, plan)
+engine = Engine(loaded, plan)
+out = engine.generate_batch(
     [GenerationInput(params=SamplingParams(max_tokens=4, temperature=0), messages=({"role": "user", "content": "hi"},))]
 )[0]
+engine.close()  # its continuous-batching thread is not a daemon: the process would not exit
 print(json.dumps({"quantization": loaded.quantization, "multimodal": loaded.is_multimodal,
                   "source": loaded.source, "tokens": out.completion_tokens}))
 """
@@ -80,6 +81,6 @@ def test_hub_ids_load_pre_quantized_from_the_cache_and_generate(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["quantization"] == "pre-quantized"
+    assert report["quantization"] == "nf4 (pre-quantized)"
     assert report["multimodal"] is multimodal
     assert report["tokens"] > 0

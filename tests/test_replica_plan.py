@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import shutil
@@ -21,10 +23,12 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 from plans import replica_plan
 from test_kv_budget import _transformers_pool_bytes
 
 from deployments.engine import Engine
+from deployments.generation import GenerationInput, SamplingParams
 from deployments.loading import load_model
 from placement.config import ModelSpec, load_model_configs
 from placement.inventory import parse_gpu_spec
@@ -182,5 +186,30 @@ def test_every_fixture_model_is_built_as_planned(fixture: str, request: pytest.F
         assert report["pool_bytes"] == plan.kv.pool_bytes and report["built_bytes"] <= plan.kv_budget_bytes
         assert abs(engine.weights_bytes - plan.weights_bytes) <= 0.02 * plan.weights_bytes
         assert engine.context_length == plan.context_length
+    finally:
+        engine.close()
+
+
+def test_the_vision_tower_stays_unquantized_in_the_plan_and_the_load(vision_twin_dir: Path) -> None:
+    """The checkpoint lists bare "vision_tower" / "multi_modal_projector" (unsloth's names), which
+    transformers 5 would apply to none of the tower's linears (tests/test_twins.py pins that): the plan
+    prices the tower in bf16 and the loader keeps it there, so an image request works."""
+    import bitsandbytes as bnb
+
+    spec = ModelSpec(model=str(vision_twin_dir))
+    plan = replica_plan(spec)
+    loaded = load_model(spec, plan)
+    tower = loaded.model.model.vision_tower.encoder.layers[0].self_attn.q_proj
+    assert type(tower) is torch.nn.Linear and tower.weight.dtype == torch.bfloat16
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.model.model.language_model.modules())
+    engine = Engine(loaded, plan)  # weights within 2% of the plan
+    try:
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 40), "blue").save(buffer, "PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe it."}]
+        messages = ({"role": "user", "content": content},)
+        request = GenerationInput(params=SamplingParams(max_tokens=4, temperature=0), messages=messages)
+        assert engine.generate_batch([request])[0].completion_tokens == 4
     finally:
         engine.close()

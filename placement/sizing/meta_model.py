@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
-from placement.sizing.quantization import ALWAYS_SKIPPED, is_skipped
+from placement.sizing.quantization import ALWAYS_SKIPPED, anchored_skip_modules, is_skipped
 from placement.sizing.tensors import WeightTensor
 
 
@@ -76,7 +76,8 @@ def default_skips(model: nn.Module) -> tuple[str, ...]:
 
 def weight_tensors(model: nn.Module, *, skip_modules: Sequence[str] = ()) -> list[WeightTensor]:
     """Every distinct parameter with its quantizable flag (buffers are left out: rotary tables, a few KiB)."""
-    skips = (*default_skips(model), *skip_modules)
+    module_names = [name for name, _ in model.named_modules()]
+    skips = (*default_skips(model), *anchored_skip_modules(skip_modules, module_names))
     linear_weights: set[int] = set()
     for name, module in model.named_modules():
         is_linear = type(module) is nn.Linear or isinstance(module, Conv1D)

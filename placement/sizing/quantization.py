@@ -17,7 +17,15 @@ from dataclasses import dataclass
 
 from placement.quantization import ALWAYS_SKIPPED, DEFAULT_NF4_DOUBLE_QUANT, Scheme
 
-__all__ = ["ALWAYS_SKIPPED", "DEFAULT_NF4_DOUBLE_QUANT", "QuantCost", "Scheme", "is_skipped", "quant_cost"]
+__all__ = [
+    "ALWAYS_SKIPPED",
+    "DEFAULT_NF4_DOUBLE_QUANT",
+    "QuantCost",
+    "Scheme",
+    "anchored_skip_modules",
+    "is_skipped",
+    "quant_cost",
+]
 
 NF4_BLOCK = 64  # bnb 4-bit block size (transformers' default, and what unsloth saves)
 NF4_NESTED_BLOCK = 256  # double quantization groups this many absmaxes under one fp32 scale
@@ -75,3 +83,27 @@ def is_skipped(module_name: str, patterns: Iterable[str]) -> bool:
         except re.error:  # a literal name with regex metacharacters: the suffix test above covers it
             continue
     return False
+
+
+def anchored_skip_modules(patterns: Sequence[str], module_names: Iterable[str]) -> tuple[str, ...]:
+    """`patterns` as transformers 5 must be given them to skip what the checkpoint meant.
+
+    transformers 5 matches a skip name from the start of a module's name
+    (`is_skipped`); transformers 4 matched it anywhere. unsloth's image+text
+    checkpoints list bare names ("vision_tower", "multi_modal_projector") for
+    modules that live at "model.vision_tower": read the new way they match
+    that module's own name (as a suffix) but none of its linears, the bf16 tower is loaded into 4-bit layers without a quantization
+    state and the first image fails (unsloth issue #4208). A bare pattern that
+    names a path component of modules it does not reach gets the path up to
+    that component added. Sizing and loading both call this, so the plan
+    prices and the loader keeps the same modules unquantized.
+    """
+    anchored = list(dict.fromkeys(patterns))
+    for name in module_names:
+        parts = name.split(".")
+        for pattern in patterns:
+            # A module inside one the pattern names ("model.vision_tower.encoder…" for "vision_tower")
+            # that the pattern does not reach the new way.
+            if "." not in pattern and pattern in parts[:-1] and not is_skipped(name, anchored):
+                anchored.append(".".join(parts[: parts.index(pattern) + 1]))
+    return tuple(anchored)

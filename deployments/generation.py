@@ -154,13 +154,19 @@ class TokenLogprob:
     top: tuple[TopLogprob, ...] = ()
 
 
-def requests_images(inp: GenerationInput) -> bool:
-    """Whether the request carries image_url content (decided without decoding anything)."""
+def image_count(inp: GenerationInput) -> int:
+    """The image_url content parts of the request (counted without decoding anything)."""
+    count = 0
     for message in inp.messages or ():
         content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
-            return True
-    return False
+        if isinstance(content, list):
+            count += sum(1 for p in content if isinstance(p, dict) and p.get("type") == "image_url")
+    return count
+
+
+def requests_images(inp: GenerationInput) -> bool:
+    """Whether the request carries image_url content (decided without decoding anything)."""
+    return image_count(inp) > 0
 
 
 def pool_takes(params: SamplingParams) -> bool:

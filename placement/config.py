@@ -56,6 +56,9 @@ class ModelSpec(BaseModel):
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     context_length: int | None = Field(default=None, gt=0, description="Tokens per sequence; default from the model")
     max_batch_size: int = Field(default=4, gt=0, description="Concurrent sequences the KV cache is sized for")
+    max_images_per_request: int = Field(
+        default=4, ge=0, le=64, description="Images one request may carry (image+text models; the plan prices them)"
+    )
     params_b: float | None = Field(default=None, gt=0, description="Parameter count in billions, if files are absent")
     memory_gb: float | None = Field(default=None, gt=0, description="Override the estimate: GiB the model needs")
     # Placement hints.

@@ -36,6 +36,8 @@ class MemoryEstimate:
     logprob_workspace_bytes: int = 0
     # Of runtime_bytes: what the per-request logits rules hold (placement.sizing.rules_workspace).
     rules_workspace_bytes: int = 0
+    # Of runtime_bytes: what one request's images hold (placement.sizing.image_workspace; 0 for text models).
+    image_workspace_bytes: int = 0
     # What the engine builds from this estimate (deployments.engine obeys; placement.replica carries them):
     # the quantization decision with its load arguments, the weights' dtype, and the exact KV geometry
     # (None when the attention shape was unknown: KV then estimated from the parameter count).

@@ -56,6 +56,7 @@ class ReplicaPlan:
     # the budget; the CUDA context of the replica's process is outside it (the planner charges it per GPU).
     gpu_budgets: tuple[int, ...]
     max_tokens_cap: int  # the largest max_tokens a request may ask for (400 above it)
+    max_images: int  # images one request may carry (400 above it); their bytes are in the plan's runtime
     # A split's weights per local GPU, as held (quantization side tensors included): what accelerate may
     # place there. () unless split. On cuda:0 it leaves exactly the KV + runtime of its cap free.
     weights_max_memory: tuple[int, ...] = ()
@@ -140,6 +141,7 @@ def plan_replica(
         memory_budget_bytes=estimate.total_bytes,
         gpu_budgets=gpu_budgets,
         max_tokens_cap=spec.max_tokens_cap,
+        max_images=spec.max_images_per_request,
         weights_max_memory=weights_max_memory,
         quant_overhead_bytes=estimate.quant_overhead_bytes,
     )

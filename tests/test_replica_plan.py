@@ -213,3 +213,37 @@ def test_the_vision_tower_stays_unquantized_in_the_plan_and_the_load(vision_twin
         assert engine.generate_batch([request])[0].completion_tokens == 4
     finally:
         engine.close()
+
+
+def test_images_per_request_are_capped_and_priced(vision_twin_dir: Path) -> None:
+    """The plan's runtime holds `max_images_per_request` images (pixels, vision tower, features); a
+    request with more is a 400-class InvalidRequest before anything is decoded."""
+    from deployments.errors import InvalidRequest
+    from placement.sizing.image_workspace import image_workspace
+
+    spec = ModelSpec(model=str(vision_twin_dir), max_images_per_request=2)
+    plan = replica_plan(spec)
+    assert plan.max_images == 2
+    estimate = estimate_memory(spec)
+    config = json.loads((vision_twin_dir / "config.json").read_text())
+    workspace = image_workspace(config, dtype_bytes=2, max_images=2)
+    assert workspace is not None and estimate.image_workspace_bytes == workspace.total_bytes > 0
+    assert estimate_memory(spec.model_copy(update={"max_images_per_request": 4})).runtime_bytes == (
+        estimate.runtime_bytes + workspace.total_bytes
+    )
+    engine = Engine(load_model(spec, plan), plan)
+    try:
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 40), "red").save(buffer, "PNG")
+        part = {
+            "type": "image_url",
+            "image_url": {"url": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()},
+        }
+        three = ({"role": "user", "content": [part, part, part, {"type": "text", "text": "Compare."}]},)
+        with pytest.raises(InvalidRequest, match="carries 3 images.*at most 2"):
+            engine.generate_batch([GenerationInput(params=SamplingParams(max_tokens=2, temperature=0), messages=three)])
+        two = ({"role": "user", "content": [part, part, {"type": "text", "text": "Compare."}]},)
+        out = engine.generate_batch([GenerationInput(params=SamplingParams(max_tokens=2, temperature=0), messages=two)])
+        assert out[0].completion_tokens == 2
+    finally:
+        engine.close()

@@ -68,6 +68,7 @@ from deployments.generation import (
     GenerationOutput,
     SamplingParams,
     StreamDelta,
+    image_count,
     joins_pool,
     pool_takes,
 )
@@ -153,6 +154,13 @@ class Engine:
 
     def _prepared(self, inp: GenerationInput) -> tuple[PreparedPrompt, SamplingParams]:
         """The request's model inputs and its sampling settings with this model's tool grammar, checked."""
+        images = image_count(inp)
+        if images > self.plan.max_images:
+            # Each image's pixels and vision-tower activations are priced in the plan, for this many at most.
+            raise InvalidRequest(
+                f"the request carries {images} images; this model takes at most {self.plan.max_images} per request "
+                "(max_images_per_request in model_configs.yaml)"
+            )
         params = self.tool_format.params(inp)
         if params.rules.grammar is not None:
             error = self.rows.grammars.check(params.rules.grammar)

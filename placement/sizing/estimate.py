@@ -28,6 +28,7 @@ from placement.quantization import (
 )
 from placement.sizing.errors import SizingError
 from placement.sizing.gguf_header import read_gguf_header
+from placement.sizing.image_workspace import DEFAULT_MAX_IMAGES, image_workspace
 from placement.sizing.kv_budget import SIDE_SEQUENCES, config_from_shape, kv_budget
 from placement.sizing.kv_cache import (
     DEFAULT_CONTEXT_CAP,
@@ -69,6 +70,7 @@ class _Sized:
     attention: AttentionShape | None  # None: KV from the parameter count
     notes: tuple[str, ...]
     is_guess: bool = False
+    config: Mapping[str, Any] | None = None  # config.json as read, when a source had one (images are priced from it)
 
 
 def estimate_memory(spec: ModelSpec, *, cache_dir: Path | None = None, fetch: bool = True) -> MemoryEstimate:
@@ -200,7 +202,7 @@ def _from_safetensors(spec: ModelSpec, files: LocalFiles) -> _Sized:
     attention = _attention_or_none(files.config)
     if attention is None:
         notes += ("no usable config.json: KV cache estimated from the parameter count (rough)",)
-    return _Sized("safetensors", scan.tensors, quant, attention, notes)
+    return _Sized("safetensors", scan.tensors, quant, attention, notes, config=files.config)
 
 
 def _from_config(
@@ -215,7 +217,7 @@ def _from_config(
     notes = (f"shapes from {origin}, built on the meta device", *quant.notes)
     if quant.scheme != "none":
         notes += (_load_time_note(quant.scheme, quant.double_quant, skips, linear_rule="nn.Linear weights"),)
-    return _Sized("config", tensors, quant, attention_shape(to_config(config)), notes)
+    return _Sized("config", tensors, quant, attention_shape(to_config(config)), notes, config=config)
 
 
 def _from_gguf(spec: ModelSpec, path: Path, files: LocalFiles) -> _Sized:
@@ -229,7 +231,7 @@ def _from_gguf(spec: ModelSpec, path: Path, files: LocalFiles) -> _Sized:
         *quant.notes,
     )
     attention = _attention_or_none(files.config) or _attention_or_none(header.attention_config)
-    return _Sized("gguf", header.tensors, quant, attention, notes)
+    return _Sized("gguf", header.tensors, quant, attention, notes, config=files.config)
 
 
 def _from_count(spec: ModelSpec, params: int, source: EstimateSource) -> _Sized:
@@ -337,16 +339,21 @@ def _finish(
     logprobs = LogprobWorkspace(vocab or ASSUMED_VOCAB_SIZE, dtype_bytes, batch + SIDE_SEQUENCES)
     # Grammars, penalties and the other per-request rules (placement.sizing.rules_workspace), same rows.
     rules = RulesWorkspace(vocab or ASSUMED_VOCAB_SIZE, batch + SIDE_SEQUENCES)
+    # An image request's pixels, vision-tower activations and features (placement.sizing.image_workspace).
+    max_images = spec.max_images_per_request if spec else DEFAULT_MAX_IMAGES
+    images = image_workspace(sized.config, dtype_bytes=dtype_bytes, max_images=max_images) if sized.config else None
+    image_bytes = images.total_bytes if images else 0
     runtime = (
         RUNTIME_BASE_BYTES
         + math.ceil(RUNTIME_WEIGHT_SHARE * (cost.weights + cost.quant_overhead))
         + logprobs.total_bytes
         + rules.total_bytes
+        + image_bytes
     )
     assumed = "" if vocab else f" (vocabulary unknown: {ASSUMED_VOCAB_SIZE} assumed)"
     notes.append(
         f"runtime {gib(runtime)}: 256 MiB + {RUNTIME_WEIGHT_SHARE:.0%} of weights + {logprobs.describe()} + "
-        f"{rules.describe()}{assumed}"
+        f"{rules.describe()}{assumed}" + (f" + {images.describe()}" if images else "")
     )
     return MemoryEstimate(
         source=sized.source,
@@ -357,6 +364,7 @@ def _finish(
         runtime_bytes=runtime,
         logprob_workspace_bytes=logprobs.total_bytes,
         rules_workspace_bytes=rules.total_bytes,
+        image_workspace_bytes=image_bytes,
         quantization=sized.quant.scheme,
         quant=sized.quant,
         dtype=dtype,

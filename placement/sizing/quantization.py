@@ -92,8 +92,9 @@ def anchored_skip_modules(patterns: Sequence[str], module_names: Iterable[str]) 
     (`is_skipped`); transformers 4 matched it anywhere. unsloth's image+text
     checkpoints list bare names ("vision_tower", "multi_modal_projector") for
     modules that live at "model.vision_tower": read the new way they match
-    that module's own name (as a suffix) but none of its linears, the bf16 tower is loaded into 4-bit layers without a quantization
-    state and the first image fails (unsloth issue #4208). A bare pattern that
+    that module's own name (as a suffix) but none of its linears, the bf16
+    tower is loaded into 4-bit layers without a quantization state and the
+    first image fails (unsloth issue #4208). A bare pattern that
     names a path component of modules it does not reach gets the path up to
     that component added. Sizing and loading both call this, so the plan
     prices and the loader keeps the same modules unquantized.

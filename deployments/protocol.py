@@ -142,6 +142,8 @@ class ChatMessage(OpenAIBaseModel):
     name: str | None = None
     tool_calls: list[ToolCallItem] | None = None  # an assistant turn that called tools
     tool_call_id: str | None = None  # a tool turn: which call it answers
+    # The final assistant message is the start of the answer, to continue (Mistral's and DeepSeek's name).
+    prefix: bool | None = None
 
     def has_image(self) -> bool:
         return isinstance(self.content, list) and any(isinstance(p, ImageContentPart) for p in self.content)
@@ -242,12 +244,49 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool = True
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
+    # vLLM's names. A final assistant message is answered by a new turn (as OpenAI and vLLM do),
+    # or, with `continue_final_message` (or `prefix: true` on it), continued: a prefilled answer.
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise BadRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
         return self
+
+    @model_validator(mode="after")
+    def _check_prefill(self) -> ChatCompletionRequest:
+        if (
+            self.continue_final_message
+            and "add_generation_prompt" in self.model_fields_set
+            and self.add_generation_prompt
+        ):
+            raise BadRequestError(
+                "continue_final_message continues the final message; add_generation_prompt: true would open a new "
+                "turn instead: send add_generation_prompt: false (or leave it out)",
+                param="add_generation_prompt",
+            )
+        if not self.add_generation_prompt and not self.prefilled:
+            raise BadRequestError(
+                "add_generation_prompt: false is supported only with continue_final_message: true",
+                param="add_generation_prompt",
+            )
+        marked = [i for i, m in enumerate(self.messages) if m.prefix]
+        if marked and marked != [len(self.messages) - 1]:
+            raise BadRequestError("only the final message can have `prefix: true`", param=f"messages.{marked[0]}")
+        if self.prefilled and self.messages[-1].role != "assistant":
+            raise BadRequestError(
+                "continue_final_message (or `prefix`) needs an assistant message last, the answer's start; "
+                f"the last message is {self.messages[-1].role!r}",
+                param="messages",
+            )
+        return self
+
+    @property
+    def prefilled(self) -> bool:
+        """Whether the answer continues the final (assistant) message."""
+        return self.continue_final_message or bool(self.messages[-1].prefix)
 
     def logprob_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -259,6 +298,12 @@ class ChatCompletionRequest(_SamplingFields):
     def to_generation_input(self, max_tokens_cap: int | None = None) -> GenerationInput:
         mode, tools = self.tool_setup()
         grammar = self.grammar()
+        if self.prefilled and (mode != "none" or grammar is not None):
+            # The grammar would start after the prefilled text, as if nothing had been written yet.
+            param = "tools" if mode != "none" else "response_format"
+            raise BadRequestError(
+                f"a prefilled answer (continue_final_message) cannot be combined with {param}", param=param
+            )
         if mode != "none":
             if grammar is not None:
                 raise BadRequestError("response_format cannot be combined with tools", param="response_format")
@@ -267,7 +312,9 @@ class ChatCompletionRequest(_SamplingFields):
             grammar = tool_call_grammar(tools, mode, self.parallel_tool_calls)
         # `max_completion_tokens` is the newer name; it wins when both are given.
         params = self.sampling_params(self.max_completion_tokens or self.max_tokens, max_tokens_cap, grammar)
-        dumped = [m.model_dump(exclude_none=True, exclude={"tool_calls"}) for m in self.messages]
+        dumped = [m.model_dump(exclude_none=True, exclude={"tool_calls", "prefix"}) for m in self.messages]
+        if self.prefilled:
+            dumped[-1]["prefix"] = True  # deployments.engine.prompts continues it
         for message, source in zip(dumped, self.messages, strict=True):
             if source.tool_calls:
                 message["tool_calls"] = [call.model_dump() for call in source.tool_calls]

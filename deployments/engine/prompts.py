@@ -5,6 +5,17 @@ chat template; a tokenizer without one gets `FALLBACK_TEMPLATE` ("role:
 content" lines, then "assistant:"). A raw `prompt` is tokenized as is (with
 the tokenizer's BOS). Also here: the special tokens generation needs (the pad
 token for left padding, the ids that end a turn).
+
+Histories as agents send them, on templates that demand alternation (Gemma 3's
+raises "Conversation roles must alternate" on two turns of one role in a row):
+`developer` is rendered as `system` (OpenAI's newer name) unless the template
+knows the role; where the template refuses two user turns in a row (probed once
+per template), consecutive turns of one role are merged into one (texts joined
+by a blank line, image parts kept in order), e.g. the two `tool` results after
+parallel calls, which the json tool format renders as user turns. A final
+assistant message marked `prefix` (the API's `continue_final_message`) is
+continued rather than answered. What a template still refuses is a 400 with the
+template's own words.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import jinja2
 import torch
 from PIL import Image
 
@@ -31,6 +43,11 @@ FALLBACK_TEMPLATE = (
 # Special tokens that end an assistant turn in common chat templates; a model's
 # generation_config often lists only <eos>, so these are added when present.
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
+# Turns that carry tool calls or answer one keep their own message (a template that renders them
+# needs each); only plain turns are merged.
+_UNMERGEABLE_KEYS = ("tool_calls", "tool_call_id")
+# A final assistant message with this key set is continued (a prefilled answer), not answered.
+PREFIX_KEY = "prefix"
 
 
 @dataclass(frozen=True)
@@ -90,6 +107,8 @@ class Prompter:
         self.processor = loaded.processor
         self.context_length = context_length
         self.tool_format = tool_format or ToolFormat(detect_tool_format(self.chat_template))
+        # Chat template text → whether it refuses two user turns in a row (probed once per template).
+        self._refuses_repeats: dict[str, bool] = {}
 
     @property
     def chat_template(self) -> str | None:
@@ -147,15 +166,63 @@ class Prompter:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _render_chat(self, messages: Sequence[dict], template_args: dict[str, Any]) -> str:
+        prefill = _prefilled(messages)
+        messages = [{k: v for k, v in m.items() if k != PREFIX_KEY} for m in messages]
+        messages, merged = self._fit_template(messages)
+        try:
+            return self._apply_template(messages, template_args, prefill=prefill)
+        except Exception as exc:  # jinja raises its own errors for malformed conversations
+            hint = " (consecutive turns of one role were already merged into one)" if merged else ""
+            raise InvalidRequest(f"messages cannot be rendered with this model's chat template: {exc}{hint}") from exc
+
+    def _apply_template(self, messages: list[dict], template_args: dict[str, Any], *, prefill: bool = False) -> str:
         owner = self.processor if self.processor is not None else self.tokenizer
-        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True, **template_args}
+        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": not prefill, **template_args}
+        if prefill:
+            kwargs["continue_final_message"] = True
         if not self.chat_template:
             kwargs["chat_template"] = FALLBACK_TEMPLATE
             owner = self.tokenizer
+        return owner.apply_chat_template(messages, **kwargs)
+
+    def _fit_template(self, messages: list[dict]) -> tuple[list[dict], bool]:
+        """The history as this model's template takes it, and whether turns were merged."""
+        template = self.chat_template or ""
+        if "developer" not in template:  # a template that knows the role renders it itself
+            messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
+        if not self.refuses_repeated_roles():
+            return messages, False
+        fitted = merge_repeated_roles(messages)
+        return fitted, len(fitted) < len(messages)
+
+    def refuses_repeated_roles(self) -> bool:
+        """Whether the chat template refuses two user turns in a row (Gemma 3's demands alternation):
+        rendered once per template with such a probe; a template that renders no probe at all is
+        taken as it is (nothing merged)."""
+        template = self.chat_template
+        if not template:
+            return False
+        known = self._refuses_repeats.get(template)
+        if known is None:
+            one = [self._probe_turn("a")]
+            two = [*one, self._probe_turn("b")]
+            known = self._template_error(one) is None and self._template_error(two) is True
+            self._refuses_repeats[template] = known
+        return known
+
+    def _probe_turn(self, text: str) -> dict[str, Any]:
+        content: Any = [{"type": "text", "text": text}] if self.loaded.is_multimodal else text
+        return {"role": "user", "content": content}
+
+    def _template_error(self, messages: list[dict]) -> bool | None:
+        """True: the template raised on `messages`; None: it rendered them; False: it failed otherwise."""
         try:
-            return owner.apply_chat_template(list(messages), **kwargs)
-        except Exception as exc:  # jinja raises its own errors for malformed conversations
-            raise InvalidRequest(f"messages could not be rendered with the chat template: {exc}") from exc
+            self._apply_template(messages, {})
+        except jinja2.TemplateError:  # raise_exception(...) in a template, or a template syntax error
+            return True
+        except Exception:
+            return False
+        return None
 
     def _normalize_messages(self, messages: Sequence[dict]) -> tuple[list[dict], list[Image.Image]]:
         """Messages for the template, and the images they carry (in order).
@@ -192,3 +259,42 @@ class Prompter:
                 text = "\n".join(p["text"] for p in parts)
                 normalized.append({**message, "content": text})
         return normalized, images
+
+
+def _prefilled(messages: Sequence[dict]) -> bool:
+    """Whether the final message is a prefilled answer to continue; `prefix` elsewhere is a 400."""
+    for index, message in enumerate(messages):
+        if not message.get(PREFIX_KEY):
+            continue
+        if index != len(messages) - 1 or message.get("role") != "assistant":
+            raise InvalidRequest("`prefix` (continue_final_message) applies to the final message, an assistant one")
+    return bool(messages) and bool(messages[-1].get(PREFIX_KEY))
+
+
+def merge_repeated_roles(messages: Sequence[dict]) -> list[dict]:
+    """Consecutive turns of one role as one turn: texts joined by a blank line, content parts
+    (images) kept in order. Turns with tool calls or answering one are left as they are."""
+    merged: list[dict] = []
+    for message in messages:
+        last = merged[-1] if merged else None
+        if (
+            last is not None
+            and last.get("role") == message.get("role")
+            and not any(key in m for m in (last, message) for key in _UNMERGEABLE_KEYS)
+        ):
+            merged[-1] = {**last, **message, "content": _joined(last.get("content"), message.get("content"))}
+        else:
+            merged.append(message)
+    return merged
+
+
+def _joined(first: Any, second: Any) -> Any:
+    """Two turns' content as one: strings joined by a blank line; part lists concatenated, the text
+    at the seam joined into one part (templates trim each part, so a separate "\n\n" part vanishes)."""
+    if isinstance(first, str) and isinstance(second, str):
+        return "\n\n".join(text for text in (first, second) if text)
+    first, second = _content_parts(first), _content_parts(second)
+    if first and second and first[-1].get("type") == "text" and second[0].get("type") == "text":
+        seam = {"type": "text", "text": "\n\n".join(p["text"] for p in (first[-1], second[0]) if p["text"])}
+        return [*first[:-1], seam, *second[1:]]
+    return [*first, *second]

@@ -19,6 +19,7 @@ is a 400 at the ingress, before any replica is asked.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import uuid
@@ -77,7 +78,15 @@ def response_format_grammar(response_format: dict[str, Any] | None) -> str | Non
             raise BadRequestError(
                 "response_format.json_schema.schema must be a JSON schema object", param="response_format"
             )
-        return _compile_schema(schema, strict=bool(spec.get("strict")), param="response_format.json_schema.schema")
+        strict = bool(spec.get("strict"))
+        # Undeclared keys: `strict: true` closes every object that does not say otherwise, as
+        # OpenAI's strict mode does (it requires `additionalProperties: false` on every object)
+        # and xgrammar, vLLM's default, does. Without `strict` the schema is followed as written,
+        # JSON Schema's meaning (an object without `additionalProperties` takes any other key):
+        # the client asked for exactly that schema, and one that wants it closed says so.
+        if strict:
+            schema = closed_schema(schema)
+        return _compile_schema(schema, strict=strict, param="response_format.json_schema.schema")
     raise BadRequestError(
         f"response_format type {kind!r} is not supported (use text, json_object or json_schema)",
         param="response_format",
@@ -138,13 +147,105 @@ def chosen_tools(specs: list[ToolSpec], tool_choice: Any) -> tuple[str, list[Too
     return "required", named
 
 
+# Keywords whose schemas apply to the same instance as the schema holding them (their keys
+# count as that object's declared keys), and those that hold schemas of other values.
+_CONJUNCT_LISTS = ("allOf",)
+_CONJUNCT_ONES = ("then", "else")
+_ALTERNATIVE_LISTS = ("anyOf", "oneOf")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SUBSCHEMA_ONES = ("items", "additionalItems", "additionalProperties", "contains", "unevaluatedItems")
+_SUBSCHEMA_LISTS = ("prefixItems", "items")  # `items` as a list: draft 4-7 tuples
+_OBJECT_KEYWORDS = ("properties", "patternProperties", "required", "additionalProperties", "unevaluatedProperties")
+
+
+def closed_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `schema` in which every object schema that does not say otherwise takes only its
+    declared keys: `additionalProperties: false`, as OpenAI's strict tools and xgrammar (vLLM's
+    default) read a schema. JSON Schema itself lets an object without `additionalProperties` take
+    any other key, and a small model at temperature 0 then writes undeclared key after undeclared
+    key until max_tokens. An explicit `additionalProperties` (true or a schema) or
+    `unevaluatedProperties` is kept; `not` and `if` are left as written (closing them would
+    change what they match). The caller's dict is not changed.
+
+    Subschemas that apply to the same object (`allOf` branches, `then`/`else`, and `anyOf`/`oneOf`
+    branches beside the object's own `properties`) are not closed on their own, which would
+    make a key declared in one branch forbidden by another: their keys are declared on the object
+    that holds them, which is closed instead. `anyOf`/`oneOf` branches of a schema that is not
+    itself an object (e.g. `anyOf: [<an object>, {"type": "null"}]`) are alternatives: each is closed.
+    A required key that `properties` lacks is declared (any value), so a closed object stays
+    satisfiable."""
+    closed = copy.deepcopy(schema)
+    _close(closed, whole=True)
+    return closed
+
+
+def _close(schema: Any, *, whole: bool) -> None:
+    """Close `schema` in place; `whole` False: it is a branch whose keys its holder declares."""
+    if not isinstance(schema, dict):
+        return
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            for sub in schema[key].values():
+                _close(sub, whole=True)
+    for key in _SUBSCHEMA_ONES:
+        _close(schema.get(key), whole=True)
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            for sub in schema[key]:
+                _close(sub, whole=True)
+    conjuncts = _branches(schema, _CONJUNCT_LISTS, _CONJUNCT_ONES)
+    alternatives = _branches(schema, _ALTERNATIVE_LISTS, ())
+    one_object = _is_object(schema) or any(_is_object(branch) for branch in conjuncts)
+    if not whole or one_object:
+        # All of these apply to this one object: its holder (or this schema) declares their keys.
+        for branch in conjuncts + alternatives:
+            _close(branch, whole=False)
+    else:
+        for branch in conjuncts:
+            _close(branch, whole=False)
+        for branch in alternatives:
+            _close(branch, whole=True)
+    if not (whole and one_object) or "additionalProperties" in schema or "unevaluatedProperties" in schema:
+        return
+    if not isinstance(schema.get("properties", {}), dict):
+        return  # not a valid schema; left for the validator to refuse
+    properties = schema.setdefault("properties", {})
+    if not schema.get("patternProperties"):  # a required key may match a pattern: leave those alone
+        for name in _declared_keys(schema):
+            properties.setdefault(name, {})
+    schema["additionalProperties"] = False
+
+
+def _branches(schema: dict[str, Any], lists: tuple[str, ...], ones: tuple[str, ...]) -> list[dict[str, Any]]:
+    found = [sub for key in lists if isinstance(schema.get(key), list) for sub in schema[key]]
+    found += [schema[key] for key in ones if key in schema]
+    return [sub for sub in found if isinstance(sub, dict)]
+
+
+def _is_object(schema: dict[str, Any]) -> bool:
+    kind = schema.get("type")
+    if kind is None:
+        return any(key in schema for key in _OBJECT_KEYWORDS)
+    return kind == "object" or (isinstance(kind, list) and "object" in kind)
+
+
+def _declared_keys(schema: dict[str, Any]) -> list[str]:
+    """The keys `schema` and the branches applied with it name (`properties`, `required`)."""
+    names = list(schema["properties"]) if isinstance(schema.get("properties"), dict) else []
+    names += [name for name in schema.get("required") or [] if isinstance(name, str)]
+    for branch in _branches(schema, _CONJUNCT_LISTS + _ALTERNATIVE_LISTS, _CONJUNCT_ONES):
+        names += _declared_keys(branch)
+    return list(dict.fromkeys(names))
+
+
 def _call_schema(specs: list[ToolSpec]) -> dict[str, Any]:
-    """One call: `{"name": <an allowed tool>, "arguments": <that tool's parameters>}`."""
+    """One call: `{"name": <an allowed tool>, "arguments": <that tool's parameters>}`, the arguments
+    closed to the keys the tool declares (closed_schema)."""
     return {
         "anyOf": [
             {
                 "type": "object",
-                "properties": {"name": {"const": spec.name}, "arguments": spec.parameters},
+                "properties": {"name": {"const": spec.name}, "arguments": closed_schema(spec.parameters)},
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }

@@ -41,8 +41,13 @@ ROW_KEY = "rayfit_row"
 class GrammarCompiler:
     """Grammars for one tokenizer, compiled once each (a matcher per request is a cheap copy)."""
 
-    def __init__(self, tokenizer: Any, eos_token_ids: Sequence[int], cache_size: int = 64):
+    def __init__(
+        self, tokenizer: Any, eos_token_ids: Sequence[int], cache_size: int = 64, vocab_size: int | None = None
+    ):
+        """`vocab_size`: the model's logits width when it is wider than the tokenizer (Gemma 3: 262208
+        logits, 262145 tokens); the grammar's bitmask must cover every logit."""
         self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
         self._eos = list(eos_token_ids)
         self._ll_tokenizer: Any = None
         self._compiled: dict[str, Any] = {}
@@ -52,7 +57,9 @@ class GrammarCompiler:
     @property
     def ll_tokenizer(self) -> Any:
         if self._ll_tokenizer is None:  # ~0.3 s for a 50k vocabulary: built on the first grammar
-            self._ll_tokenizer = llguidance.hf.from_tokenizer(self._tokenizer, eos_token=self._eos or None)
+            self._ll_tokenizer = llguidance.hf.from_tokenizer(
+                self._tokenizer, n_vocab=self._vocab_size, eos_token=self._eos or None
+            )
         return self._ll_tokenizer
 
     def check(self, grammar: str) -> str | None:
@@ -294,9 +301,10 @@ class GenerateRowsProcessor(LogitsProcessor):
 class RowFactory:
     """Builds each request's `RowLogits` (None when it asks for nothing beyond temperature and top-p)."""
 
-    def __init__(self, tokenizer: Any, eos_token_ids: Sequence[int]):
+    def __init__(self, tokenizer: Any, eos_token_ids: Sequence[int], vocab_size: int | None = None):
+        """`vocab_size`: the model's logits width (GrammarCompiler)."""
         self.eos_token_ids = tuple(eos_token_ids)
-        self.grammars = GrammarCompiler(tokenizer, eos_token_ids)
+        self.grammars = GrammarCompiler(tokenizer, eos_token_ids, vocab_size=vocab_size)
 
     def row(self, rules: RowRules, prompt_ids: Sequence[int] = (), recorder: Any = None) -> RowLogits | None:
         """Raises ValueError for a grammar this tokenizer cannot follow. `recorder`: the

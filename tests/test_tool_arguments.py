@@ -206,3 +206,31 @@ def test_a_required_call_at_temperature_0_uses_only_declared_keys(smollm2_engine
     assert calls is not None and len(calls) == 1, out.text
     parameters = next(t["function"]["parameters"] for t in (WEATHER, BOOK) if t["function"]["name"] == calls[0].name)
     assert _undeclared_keys(json.loads(calls[0].arguments), parameters) == [], out.text
+
+
+def test_grammars_run_on_a_model_whose_logits_outnumber_its_tokens(text_twin_dir: Path) -> None:
+    """MedGemma's config says 262208 logits, its tokenizer has 262145 tokens: the grammar's bitmask
+    must cover every logit (llguidance built with the model's width), or every constrained request fails
+    ('Invalid buffer size'), on the pool and on the side path alike."""
+    spec = ModelSpec(model=str(text_twin_dir))
+    plan = engine_plan(spec, max_batch_size=2)
+    engine = Engine(load_model(spec, plan), plan)
+    try:
+        for seed in (None, 7):  # the pool (unseeded) and the side path (seeded)
+            body = {
+                "model": "m",
+                "messages": [{"role": "user", "content": "Weather in Paris?"}],
+                "response_format": {"type": "json_object"},
+                "temperature": 0 if seed is None else 0.5,
+                "seed": seed,
+                "max_tokens": 6,
+            }
+            request = ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v not in (None, [])})
+            out = engine.generate_batch([request.to_generation_input()])[0]
+            assert out.text.lstrip().startswith("{"), out.text
+            if out.finish_reason == "stop":  # the grammar closed the object before max_tokens
+                assert isinstance(json.loads(out.text), dict)
+            else:
+                assert out.finish_reason == "length" and out.completion_tokens == 6
+    finally:
+        engine.close()

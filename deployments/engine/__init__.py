@@ -112,7 +112,7 @@ class Engine:
         pad, eos = pad_token_id(loaded), eos_token_ids(loaded)
         self.text = TextRules(loaded.tokenizer, eos)
         # Grammars, penalties and other per-request logits rules, for both backends.
-        self.rows = RowFactory(loaded.tokenizer, eos)
+        self.rows = RowFactory(loaded.tokenizer, eos, vocab_size=int(self.model.config.get_text_config().vocab_size))
         self.kv_planned_bytes = plan.kv_budget_bytes
         self.kv_budget: KvBudget = plan.kv
         self.pool: PoolBackend | None = None

@@ -7,7 +7,8 @@ comes from the node's label) and Ray accounts for every GPU itself. Replicas loa
 (RAYFIT_ALLOW_CPU_FALLBACK=1, inherited from the raylets); where Ray put them (node, GPU ids,
 CUDA_VISIBLE_DEVICES) is still checked by each replica and by these tests.
 
-The plan (default size rules: 10 GiB or more takes the last GPU), GPU capacity 22.8 GiB each, every replica also charged its 0.5 GiB CUDA context:
+The plan (default size rules: 10 GiB or more takes the last GPU), GPU capacity 22.8 GiB each, every
+replica also charged its 0.5 GiB CUDA context:
 
     buffer_agent 15 GiB          → box-1                  (num_gpus 0.679)
     helper       2 GiB × 2       → box-0 and box-1        (num_gpus 0.109 each, one per GPU node)

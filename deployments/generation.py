@@ -34,12 +34,13 @@ class RowRules:
 DEFAULT_MAX_TOKENS = 256
 
 
-def checked_max_tokens(max_tokens: int | None, cap: int, model: str) -> int:
+def checked_max_tokens(max_tokens: int | None, cap: int | None, model: str) -> int:
     """A request's max_tokens under the replica plan's cap (placement.replica): the default when it
-    names none (never above the cap); InvalidRequest above the cap. The one place this rule lives."""
+    names none (never above the cap); InvalidRequest above the cap. `cap` None: not known here (the
+    replica checks again with its plan's). The one place this rule lives."""
     if max_tokens is None:
-        return min(DEFAULT_MAX_TOKENS, cap)
-    if max_tokens > cap:
+        return DEFAULT_MAX_TOKENS if cap is None else min(DEFAULT_MAX_TOKENS, cap)
+    if cap is not None and max_tokens > cap:
         raise InvalidRequest(f"max_tokens is {max_tokens} but model {model!r} allows at most {cap}")
     return max_tokens
 

@@ -40,6 +40,7 @@ from deployments.guard import (
 from deployments.ingress import Ingress
 from deployments.model import ModelServer
 from deployments.versions import versioned
+from placement.capacity import entry_capacity
 from placement.config import ModelSpec, load_model_configs
 from placement.demo_models import resolve_demo_models
 from placement.inventory import CUDA_CONTEXT_BYTES, DEFAULT_SAFETY_MARGIN, Inventory, Reserve, parse_gpu_spec
@@ -182,8 +183,9 @@ def _inventory(args: AppArgs) -> Inventory:
     return inventory_from_ray(gpu_memory_bytes=memory)
 
 
-def entry_summary(entry: PlanEntry, model_id: str | None = None) -> dict[str, Any]:
-    """A plan entry as JSON for /v1/placement; `model_id` as written in the config."""
+def entry_summary(entry: PlanEntry, model_id: str | None = None, gpus: tuple[GpuUsage, ...] = ()) -> dict[str, Any]:
+    """A plan entry as JSON for /v1/placement; `model_id` as written in the config; `gpus`: the plan's, for
+    the headroom its capacity shows."""
     return {
         "model": model_id or entry.model,
         "device": entry.device_label,
@@ -198,6 +200,8 @@ def entry_summary(entry: PlanEntry, model_id: str | None = None) -> dict[str, An
         "kv_cache_bytes": entry.kv_budget_bytes,
         # What each replica builds (placement.replica): the engine checks its pool and weights against these.
         "replica_plan": replica_summary(entry.replica) if entry.replica else None,
+        # What its KV holds (sequences at its context, tokens at batch 1) and the room left on its GPUs.
+        "capacity": entry_capacity(entry, gpus).as_dict(),
         "estimate_source": entry.estimate.source,
         "reason": entry.reason,
         # Per-GPU mode: every replica's budgeted place, by the GPU node's stable label ([] otherwise).
@@ -252,9 +256,10 @@ def plan_app(
     """Read the config and plan it: (loadable specs, role → model id as written, inventory, plan).
 
     `inventory` defaults to what `args` declares or the running Ray reports.
-    Raises ConfigError / PlanError with their own messages; nothing is bound yet.
+    Raises ConfigError / PlanError with their own messages (a PlanError lists the changes that would make
+    the plan feasible, placement.advice); nothing is bound yet.
     """
-    from placement.planner import make_plan
+    from placement.advice import plan_or_advise
     from placement.rules import load_rules
 
     configs = load_model_configs(args.models_path)
@@ -264,7 +269,7 @@ def plan_app(
         specs = {role: spec.model_copy(update={"continuous_batching": False}) for role, spec in specs.items()}
     inventory = _inventory(args) if inventory is None else inventory
     rules = load_rules(args.rules) if args.rules else None
-    plan = make_plan(specs, inventory, rules=rules, reserve=args.reserve)
+    plan = plan_or_advise(specs, inventory, rules=rules, reserve=args.reserve)
     return specs, model_ids, inventory, plan
 
 
@@ -301,7 +306,7 @@ def bind_app(args: AppArgs | dict[str, Any], inventory: Inventory | None = None)
         # Same bind arguments, same version: a redeploy leaves the replica alone (deployments.versions).
         deployment = versioned(ModelServer.options(name=entry.role, **options, **limits), entry.role, spec_dict, entry)
         handles[entry.role] = deployment.bind(entry.role, spec_dict, entry)
-    summaries = {entry.role: entry_summary(entry, model_ids[entry.role]) for entry in plan.entries}
+    summaries = {entry.role: entry_summary(entry, model_ids[entry.role], plan.gpus) for entry in plan.entries}
     gpus = [gpu_summary(usage) for usage in plan.gpus]
     settings = args.ingress_settings(specs)
     # The handles are versioned by role name (their bound objects have no stable form).

@@ -18,7 +18,7 @@ from rich.console import Console
 from placement.config import ConfigError, load_model_configs
 from placement.inventory import DEFAULT_SAFETY_MARGIN, Inventory, InventoryError, Reserve, parse_gpu_spec
 from placement.plan import PlanError
-from placement.render import plan_to_dict, print_plan
+from placement.render import plan_to_dict, print_advice, print_plan
 from placement.rules import load_rules
 from placement.units import parse_size
 
@@ -102,10 +102,26 @@ def plan(
     try:
         result = make_plan(models, inventory, rules=size_rules, reserve=reserve, estimates=estimates)
     except PlanError as exc:
+        from placement.advice import advise
+
+        # What would make it fit: each change planned again with every model (placement.advice).
+        failed = tuple(sorted(u.role for u in exc.unplaced))
+        advice = advise(
+            models,
+            inventory,
+            rules=size_rules,
+            reserve=reserve,
+            estimates=estimates,
+            estimate=estimate_memory,
+            failed=failed,
+        )
         if as_json:
-            payload = {"error": str(exc), "unplaced": [u.__dict__ for u in exc.unplaced]}
+            payload = {"error": str(exc), "unplaced": [u.__dict__ for u in exc.unplaced], **advice.as_dict()}
             print(json.dumps(payload, indent=2))
-        raise _fail(console, str(exc), EXIT_INFEASIBLE) from exc
+            raise _fail(console, f"{exc}\n{advice.describe()}", EXIT_INFEASIBLE) from exc
+        failure = _fail(console, str(exc), EXIT_INFEASIBLE)
+        print_advice(advice, console)
+        raise failure from exc
     if as_json:
         print(json.dumps(plan_to_dict(result), indent=2))
     else:

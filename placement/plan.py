@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from placement.config import Autoscaling
 from placement.estimate import MemoryEstimate
 from placement.replica import ReplicaPlan
+
+if TYPE_CHECKING:
+    from placement.advice import Advice, Suggestion
 
 
 @dataclass(frozen=True)
@@ -204,8 +207,15 @@ class Unplaced:
 
 class PlanError(RuntimeError):
     """No feasible plan. The message names every model that does not fit,
-    what it needs, and what each GPU has free."""
+    what it needs, and what each GPU has free; with `advice` (placement.advice),
+    also the changes that make the plan feasible."""
 
-    def __init__(self, message: str, unplaced: tuple[Unplaced, ...]):
+    def __init__(self, message: str, unplaced: tuple[Unplaced, ...], advice: Advice | None = None):
         super().__init__(message)
         self.unplaced = unplaced
+        self.advice = advice
+
+    @property
+    def suggestions(self) -> tuple[Suggestion, ...]:
+        """The changes after which the whole plan is feasible, least change first; () when not computed."""
+        return self.advice.suggestions if self.advice else ()

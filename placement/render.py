@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
+from placement.capacity import Capacity, plan_capacity
 from placement.plan import Plan, PlanEntry
 from placement.units import GIB, gib
+
+if TYPE_CHECKING:
+    from placement.advice import Advice
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
     """The plan as plain JSON-ready data (bytes as integers, plus GiB for reading)."""
     models = []
+    capacity = plan_capacity(plan)
     for entry in plan.entries:
         data = asdict(entry)
         data["estimate"]["total_bytes"] = entry.estimate.total_bytes
@@ -24,6 +29,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         # Per local GPU: the allocator cap (torch's side) and, beside it, the replica's CUDA context.
         data["gpu_budgets"] = list(entry.replica.gpu_budgets) if entry.replica else []
         data["autoscaling"] = entry.autoscaling.model_dump() if entry.autoscaling else None
+        # What its KV holds (from the replica plan's geometry) and the room left on its GPUs.
+        data["capacity"] = capacity[entry.role].as_dict()
         models.append(data)
     gpus = [{**asdict(g), "headroom_bytes": g.headroom_bytes} for g in plan.gpus]
     return {"models": models, "gpus": gpus, "warnings": list(plan.warnings)}
@@ -84,6 +91,7 @@ def print_plan(plan: Plan, console: Console) -> None:
             entry.reason,
         )
     console.print(models)
+    print_capacity(plan, console)
 
     if plan.gpus:
         gpus = Table(title="rayfit plan: GPUs")
@@ -107,3 +115,47 @@ def print_plan(plan: Plan, console: Console) -> None:
         console.print(gpus)
     for warning in plan.warnings:
         console.print(f"[bold yellow]warning:[/] {warning}")
+
+
+def _headroom(capacity: Capacity) -> str:
+    if not capacity.gpus:
+        return "- (CPU)"
+    return "\n".join(f"GPU {g.index}: {gib(g.headroom_bytes)}" for g in capacity.gpus)
+
+
+def print_capacity(plan: Plan, console: Console) -> None:
+    """Per role: the sequences and tokens its KV holds (the replica plan's geometry) and its GPUs' headroom."""
+    table = Table(title="rayfit plan: capacity per replica")
+    for column in ("model", "context", "sequences at context", "tokens at batch 1", "KV", "headroom on its GPU"):
+        table.add_column(column)
+    for role, capacity in plan_capacity(plan).items():
+        if capacity.sequences is None:
+            held = tokens = kv = "not itemized"
+        else:
+            held = f"{capacity.sequences} ({capacity.pool_sequences} pool + {capacity.side_sequences} side)"
+            tokens, kv = str(capacity.tokens_at_batch_1), gib(capacity.kv_bytes or 0)
+        table.add_row(role, str(capacity.context_length), held, tokens, kv, _headroom(capacity))
+    console.print(table)
+
+
+def print_advice(advice: Advice, console: Console) -> None:
+    """The changes that make an infeasible plan feasible, least change first (placement.advice)."""
+    if not advice.suggestions:
+        console.print(advice.describe(), highlight=False, markup=False)
+        return
+    table = Table(title="rayfit plan: changes that make it fit (least change first, each one planned)")
+    for column in ("#", "model", "set in model_configs.yaml", "what it changes", "then"):
+        table.add_column(column, overflow="fold")
+    for rank, item in enumerate(advice.suggestions, 1):
+        then = "\n".join(f"{role} on {device}" for role, device in item.lands)
+        steps = item.steps  # another model's move first, where one change alone does not fit
+        table.add_row(
+            str(rank),
+            "\n".join(step.role for step in steps),
+            "\n".join(step.yaml() for step in steps),
+            "\n".join(step.summary for step in steps),
+            then,
+        )
+    console.print(table)
+    for note in advice.notes:
+        console.print(f"note: {note}", highlight=False, markup=False)

@@ -132,21 +132,23 @@ def count_parameters(config: Mapping[str, Any] | PretrainedConfig, *, skip_modul
 
 def _override(spec: ModelSpec, cache_dir: Path | None) -> MemoryEstimate:
     assert spec.memory_gb is not None
-    # The total is the user's; the parameter count still comes from the best
-    # source, because size rules match on it (a 27B stays "large").
+    # The total is the user's; what the replica builds still comes from the best source: the
+    # parameter count (size rules match on it: a 27B stays "large"), the context (never past the
+    # model's positions) and the quantization decision.
     try:
-        params = estimate_memory(spec.model_copy(update={"memory_gb": None}), cache_dir=cache_dir, fetch=False).params
+        underlying = estimate_memory(spec.model_copy(update={"memory_gb": None}), cache_dir=cache_dir, fetch=False)
     except SizingError:
-        params = 0
-    quant = decide_quantization(spec.quantization, NOT_QUANTIZED, spec.model)
+        underlying = None
+    quant = underlying.quant if underlying and underlying.quant else None
+    quant = quant or decide_quantization(spec.quantization, NOT_QUANTIZED, spec.model)
     return MemoryEstimate.lump(
         int(spec.memory_gb * GIB),
         source="memory_gb",
-        params=params,
+        params=underlying.params if underlying else 0,
         quantization=quant.scheme,
         quant=quant,
         dtype=spec.dtype,
-        context_length=spec.context_length or DEFAULT_CONTEXT_CAP,
+        context_length=underlying.context_length if underlying else spec.context_length or DEFAULT_CONTEXT_CAP,
         batch_size=spec.max_batch_size,
         notes=(f"`memory_gb: {spec.memory_gb}` override: the whole amount is booked as weights; nothing was computed",),
     )

@@ -41,7 +41,9 @@ WEATHER = {
 }
 ANSWER_SCHEMA = {
     "type": "object",
-    "properties": {"answer": {"enum": ["yes", "no"]}, "confidence": {"type": "integer"}},
+    # A bounded integer: unbounded, a sampled answer (temperature 0.8 below) can be all digits until
+    # max_tokens cuts it. Bounded (and the grammar's JSON compact), every answer ends within ~15 tokens.
+    "properties": {"answer": {"enum": ["yes", "no"]}, "confidence": {"type": "integer", "minimum": 0, "maximum": 100}},
     "required": ["answer", "confidence"],
     "additionalProperties": False,
 }
@@ -287,9 +289,11 @@ def test_schema_holds_in_the_running_batch_and_on_the_side(smollm2_engine) -> No
     assert smollm2_engine.uses_pool(pooled) and not smollm2_engine.uses_pool(seeded)
     outputs = smollm2_engine.generate_batch([pooled, pooled, seeded])
     for output in outputs:
+        assert output.finish_reason == "stop", output  # the grammar ended it, max_tokens did not
         jsonschema.validate(json.loads(output.text), ANSWER_SCHEMA)
-    streamed = "".join(delta.text for delta in smollm2_engine.stream(pooled))
-    jsonschema.validate(json.loads(streamed), ANSWER_SCHEMA)
+    deltas = list(smollm2_engine.stream(pooled))
+    assert deltas[-1].finish_reason == "stop", deltas[-1]
+    jsonschema.validate(json.loads("".join(delta.text for delta in deltas)), ANSWER_SCHEMA)
     load = smollm2_engine.load_report()
     assert load["pool_requests_live"] == 0 and load["pool_slots_in_use"] == 0
     assert smollm2_engine.pool.batcher.row_processor.rows == {}  # every row's rules forgotten

@@ -93,18 +93,23 @@ def test_a_bad_request_is_the_callers_error_before_any_delta(remote: EngineProce
 
 
 def test_a_stream_closed_early_and_a_cancelled_call_stop_in_the_child(remote: EngineProcess) -> None:
+    submitted = remote.load_report()["pool_requests_submitted"]
+
     async def leave_early() -> None:
         deltas = await remote.open_stream(GenerationInput(params=LONG, prompt="Once upon a time"))
         async for _ in deltas:
             break
         await deltas.aclose()  # type: ignore[attr-defined]
         task = asyncio.create_task(remote.generate_async(GenerationInput(params=LONG, prompt="Far away")))
-        await asyncio.sleep(0.3)
+        # Cancelled once the child has handed it to its batch (the child's own count), not after a guess.
+        deadline = time.monotonic() + 30
+        while (await asyncio.to_thread(remote.load_report))["pool_requests_submitted"] < submitted + 2:
+            assert time.monotonic() < deadline and not task.done(), "the call never reached the child's batch"
+            await asyncio.sleep(0.005)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    submitted = remote.load_report()["pool_requests_submitted"]
     asyncio.run(leave_early())
     wait_until(lambda: remote.load_report()["pool_requests_live"] == 0, 10, "the child drops both requests")
     report = remote.load_report()
@@ -223,13 +228,24 @@ def test_the_child_dies_at_once_when_its_replica_is_killed(moment: str, spec: Mo
 def test_a_child_outlives_the_thread_that_built_it(spec: ModelSpec) -> None:
     """The parent-death signal fires when the forking *thread* exits: an EngineProcess built on a thread
     that then ends (an anyio worker thread running a Serve replica's sync method does) keeps serving."""
-    built: list[EngineProcess] = []
-    builder = threading.Thread(target=lambda: built.append(EngineProcess(spec, _entry(spec), "threaded")))
+    built: list[EngineProcess | BaseException] = []
+
+    def build() -> None:
+        try:
+            built.append(EngineProcess(spec, _entry(spec), "threaded"))
+        except BaseException as exc:  # handed back: raised below
+            built.append(exc)
+
+    builder = threading.Thread(target=build, daemon=True)
     builder.start()
-    builder.join()
+    builder.join(timeout=120)
+    assert not builder.is_alive(), "the EngineProcess constructor did not return within 120 s"
+    if isinstance(built[0], BaseException):
+        raise built[0]
     # Gone from the kernel too (a thread's exit sends its children's parent-death signals before that).
     wait_until(lambda: not Path(f"/proc/self/task/{builder.native_id}").exists(), 10, "the builder thread exits")
     engine = built[0]
+    assert isinstance(engine, EngineProcess)
     try:
         assert engine.load_report()["pool_slots_in_use"] == 0  # a round trip: the child is alive and answers
         assert _running(engine.pid)

@@ -1,8 +1,17 @@
-"""A free TCP port on loopback, for the demo's HTTP and for tests and benchmarks."""
+"""TCP ports on loopback for the demo's HTTP, tests and benchmarks.
+
+`free_port` only asks the OS for a port that is free now: it is released before the caller
+binds it, so another process may take it first. For Serve's HTTP proxy use `reserved_port`,
+which holds the port until the proxy listens on it, and `listening_pids` to read back who does.
+"""
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psutil
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -10,3 +19,32 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def reserved_port(host: str = "127.0.0.1") -> Iterator[int]:
+    """A free port held for the `with` block by a bound socket that never listens.
+
+    The socket sets SO_REUSEPORT, so a server of this same user that binds with SO_REUSEPORT too
+    (Ray Serve's proxies do, unless SERVE_SOCKET_REUSE_PORT_ENABLED=0) binds the port meanwhile;
+    any other bind of it fails, and the OS hands it to no one's bind(0). A socket that does not
+    listen is given no connections: once the server listens, every connection is the server's.
+    Leave the block after the server listens (`listening_pids`); the port is the server's then.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, 0))
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+def listening_pids(port: int) -> set[int]:
+    """The processes with a TCP socket listening on `port` (any address). Needs to see their
+    sockets: the same user's processes, or all of them as root."""
+    return {
+        conn.pid
+        for conn in psutil.net_connections(kind="tcp")
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid is not None
+    }

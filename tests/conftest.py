@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,6 +68,25 @@ def twin_hub_cache(tmp_path_factory: pytest.TempPathFactory, text_twin_dir: Path
     for repo_id, built in twins.items():
         install_in_hub_cache(hub, repo_id, built)
     return hub
+
+
+# ---- threads whose failures are the test's -------------------------------------------------
+
+
+@pytest.fixture
+def threads() -> Iterator[Any]:
+    """A serve_support.ThreadGroup: `threads.start(fn, *args)`, then `threads.join(timeout_s)` re-raises what a
+    thread raised and fails if one is still running. A group the test did not join is joined at teardown
+    (60 s), so a thread's failure is never lost."""
+    from serve_support import ThreadGroup
+
+    group = ThreadGroup()
+    yield group
+    if not group.joined:
+        group.join(THREAD_TEARDOWN_JOIN_S)
+
+
+THREAD_TEARDOWN_JOIN_S = 60.0
 
 
 # ---- leaving the test process ------------------------------------------------------------

@@ -5,18 +5,22 @@ model config writer, and small HTTP helpers."""
 from __future__ import annotations
 
 import os
+import shutil
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import ray
 from fault_injection import WRAPPER
 from ray import serve
+from ray_nodes import short_temp_dir
 
 from deployments.engine.host import ENGINE_WRAPPER_ENV
-from deployments.ports import free_port
+from deployments.ports import listening_pids, reserved_port
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -35,31 +39,99 @@ rules:
     prefer: first_gpu
 """
 
+PROXY_LISTENS_S = 60.0  # serve.start returns before its proxy listens; it does in ~1-3 s here
+SERVE_START_ATTEMPTS = 3
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    import psutil
+
+    try:
+        return any(parent.pid == ancestor for parent in psutil.Process(pid).parents())
+    except psutil.Error:
+        return False
+
+
+def start_serve(host: str = "127.0.0.1", ours: Callable[[], set[int]] | None = None, **serve_start: Any) -> int:
+    """`serve.start(**serve_start)` with its HTTP proxy on a port that cannot be lost; returns the port once
+    the proxy listens on it.
+
+    The port is held (deployments.ports.reserved_port) until the proxy listens on it, then read back: every
+    listener on it must be one of `ours()` (this cluster's processes; default: the descendants of this
+    process, as the nodes that `ray.init` starts are). Another Serve proxy (also SO_REUSEPORT) may still join
+    a held port if another process picked it free before it was held; that start is shut down and tried again
+    on a fresh port, as is one whose proxy never listens. Fails after `SERVE_START_ATTEMPTS`."""
+
+    def is_ours(pid: int) -> bool:
+        return pid in ours() if ours is not None else _descends_from(pid, os.getpid())
+
+    failures: list[str] = []
+    for _ in range(SERVE_START_ATTEMPTS):
+        with reserved_port(host) as port:
+            serve.start(http_options={"host": host, "port": port}, **serve_start)
+            deadline = time.monotonic() + PROXY_LISTENS_S
+            while not (listeners := listening_pids(port)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        foreign = {pid for pid in listeners if not is_ours(pid)}
+        if listeners and not foreign:
+            return port
+        failures.append(
+            f"port {port}: processes {sorted(foreign)} not of this cluster listen on it too"
+            if foreign
+            else f"port {port}: the proxy did not listen within {PROXY_LISTENS_S} s"
+            " (SERVE_SOCKET_REUSE_PORT_ENABLED=0 stops it binding a held port)"
+        )
+        serve.shutdown()
+    raise AssertionError(f"Serve's HTTP proxy never got a port of its own: {'; '.join(failures)}")
+
+
+class _OwnAgentPorts(ray._private.parameter.RayParams):
+    """ray.init's node with its dashboard agent on a port the OS picks: ray.init has no argument for it, and
+    Ray's default (52365) is the same for every cluster on this machine. The agent reads its port back."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("dashboard_agent_listen_port", 0)
+        super().__init__(*args, **kwargs)
+
 
 @contextmanager
 def local_serve(num_cpus: int = 4, env: dict[str, str] | None = None, **ray_init: Any) -> Iterator[int]:
-    """Ray + Serve on 127.0.0.1:<free port>; `env` is inherited by every replica,
+    """A new Ray of its own + Serve on 127.0.0.1:<port>; `env` is inherited by every replica,
     `ray_init` goes to `ray.init` (declared GPUs, resources). Yields the port.
+
+    Shares nothing with other clusters on this machine: a temp dir of its own (sessions, sockets,
+    logs, the address file), its own agent and metrics ports (bound by the OS), and the HTTP port held
+    until Serve's proxy listens (`start_serve`); never joins a running cluster (address="local").
+    A failure while starting tears down what was started and restores the environment.
 
     Every replica's engine is wrapped with fault injection (tests/fault_injection.py):
     requests carrying its markers misbehave, all others are served as in production."""
     python_path = os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH")) if p)
     env = {ENGINE_WRAPPER_ENV: WRAPPER, "PYTHONPATH": python_path, **(env or {})}
     previous = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)  # set before ray.init: the raylet passes it to every worker
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **ray_init)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    temp_dir = short_temp_dir("rf-")
+    started = False
     try:
+        os.environ.update(env)  # set before ray.init: the raylet passes it to every worker
+        ray_init = {"address": "local", "include_dashboard": False, "log_to_driver": False, **ray_init}
+        with mock.patch.object(ray._private.parameter, "RayParams", _OwnAgentPorts):
+            ray.init(num_cpus=num_cpus, _temp_dir=temp_dir, **ray_init)
+        port = start_serve()
+        started = True
         yield port
     finally:
-        serve.shutdown()
-        ray.shutdown()
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+            for key, value in previous.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            if started:  # kept after a failed start: its logs say why
+                shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def model_config(path: Path, roles: dict[str, dict[str, Any]]) -> Path:
@@ -72,17 +144,97 @@ def model_config(path: Path, roles: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
-def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """Poll `check` until true; seconds it took. Fails the test naming `what` on timeout."""
+def wait_until(
+    check: Callable[[], Any],
+    timeout_s: float,
+    what: str,
+    *,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+    interval_s: float = 0.5,
+) -> float:
+    """Poll `check` until it returns true; seconds it took.
+
+    An exception of a type in `retry_on` means "not yet" (default: any Exception; `retry_on=()` lets every
+    exception fail the test at once); others propagate. On timeout the test fails naming `what`, how many
+    checks ran, and the last exception a check raised (type and message), chained as its cause."""
     start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
+    checks, last_error, last_raised = 0, None, False
+    while True:
+        checks += 1
         try:
             if check():
                 return time.monotonic() - start
-        except Exception:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout_s} s")
+            last_raised = False
+        except retry_on as exc:
+            last_error, last_raised = exc, True
+        if time.monotonic() - start >= timeout_s:
+            break
+        time.sleep(interval_s)
+    detail = f"{checks} checks"
+    if last_error is not None:
+        when = "the last check" if last_raised else "an earlier check (the last returned false)"
+        detail += f"; {when} raised {type(last_error).__name__}: {last_error}"
+    raise AssertionError(f"{what}: not within {timeout_s} s ({detail})") from last_error
+
+
+class ThreadGroup:
+    """Threads whose failures are the test's: `start` runs a call in a thread of its own, `join` waits for all
+    of them within one bound, fails naming those still running, and re-raises the first exception a thread
+    raised (the others are listed in its notes). Returns their results in start order."""
+
+    def __init__(self, name: str = "worker") -> None:
+        self.name = name
+        self._threads: list[threading.Thread] = []
+        self._results: list[Any] = []
+        self._errors: list[tuple[int, BaseException]] = []
+        self._lock = threading.Lock()
+        self.joined = False
+
+    def start(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> threading.Thread:
+        index = len(self._threads)
+        self._results.append(None)
+
+        def run() -> None:
+            try:
+                self._results[index] = fn(*args, **kwargs)
+            except BaseException as exc:  # handed to the test by join
+                with self._lock:
+                    self._errors.append((index, exc))
+
+        self.joined = False
+        thread = threading.Thread(target=run, name=f"{self.name}-{index}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        return thread
+
+    def join(self, timeout_s: float) -> list[Any]:
+        self.joined = True
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        running = [thread.name for thread in self._threads if thread.is_alive()]
+        with self._lock:
+            errors = sorted(self._errors, key=lambda item: item[0])
+        first = errors[0][1] if errors else None
+        if first is not None:
+            for index, other in errors[1:]:
+                first.add_note(f"{self.name}-{index} raised too: {type(other).__name__}: {other}")
+        if running:
+            raise AssertionError(
+                f"{len(running)} of {len(self._threads)} threads still running after {timeout_s} s: {running}"
+            ) from first
+        if first is not None:
+            raise first
+        return list(self._results)
+
+
+def run_in_threads(calls: Sequence[Callable[[], Any]], timeout_s: float, name: str = "worker") -> list[Any]:
+    """Each call in a thread of its own, all at once; their results once all finished within `timeout_s`
+    (ThreadGroup.join: a thread still running or raising fails the test)."""
+    group = ThreadGroup(name)
+    for call in calls:
+        group.start(call)
+    return group.join(timeout_s)
 
 
 def p99(values: list[float]) -> float:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import psutil
 import pytest
 from fault_injection import BATCH_OOM_MARKER
 from ray import serve
-from serve_support import local_serve, model_config, wait_until
+from serve_support import ThreadGroup, local_serve, model_config, wait_until
 
 from deployments.app import AppArgs, build_app
 from deployments.client import get_model
@@ -86,10 +86,10 @@ def test_non_streaming_disconnect_stops_decoding(base_url: str) -> None:
     assert freed_s < full_s / 2
 
 
-def test_streaming_disconnect_while_queued_never_starts(base_url: str) -> None:
+def test_streaming_disconnect_while_queued_never_starts(base_url: str, threads: ThreadGroup) -> None:
     before = load()
-    holder = threading.Thread(target=full_request_seconds, args=(base_url,))
-    holder.start()
+    threads.name = "holder"
+    threads.start(full_request_seconds, base_url)  # its own assertions (a 200, every token) fail the test too
     wait_until(lambda: load()["pool_slots_in_use"] == 1, 30, "the first request holds the only slot")
     # The second request streams, but waits for the slot (the ingress answers once the first delta
     # exists, so no header comes yet); its client leaves before it gets one.
@@ -98,7 +98,7 @@ def test_streaming_disconnect_while_queued_never_starts(base_url: str) -> None:
             pass
     wait_until(lambda: load()["outcomes"].get("cancelled", 0) > before["outcomes"].get("cancelled", 0), 10, "cancel")
     assert load()["pool_slots_in_use"] == 1  # the holder still decodes: the abandoned request gave up waiting
-    holder.join(timeout=180)
+    threads.join(180)
     wait_until(idle, 30, "nothing left behind")
     after = load()
     # Only the holder (and any health probe meanwhile) reached the engine; the abandoned request never did.
@@ -183,19 +183,31 @@ def test_a_killed_model_holding_process_is_replaced(base_url: str) -> None:
     503s with Retry-After, never a 500 or a hang, until Serve's health check has a new replica up."""
     before = serve.get_deployment_handle(ROLE, APP).placement.remote().result(timeout_s=30)["actual"]
     os.kill(before["engine_pid"], signal.SIGKILL)
-    answers: list[tuple[int, bool]] = []  # (status, has Retry-After); wait_until swallows exceptions
+    # Every attempt is counted: a status (with or without Retry-After), or the error that stood for one
+    # (a timeout is the hang this test rules out; a dropped connection is no answer either).
+    counts: Counter[str] = Counter()
+    errors: list[str] = []
 
     def serves_again() -> bool:
-        reply = httpx.post(f"{base_url}/v1/completions", json=_body(max_tokens=4), timeout=60)
-        answers.append((reply.status_code, "Retry-After" in reply.headers))
+        try:
+            reply = httpx.post(f"{base_url}/v1/completions", json=_body(max_tokens=4), timeout=60)
+        except httpx.TransportError as exc:
+            counts[type(exc).__name__] += 1
+            errors.append(repr(exc))
+            return False
+        retry = " with Retry-After" if "Retry-After" in reply.headers else ""
+        counts[f"{reply.status_code}{retry}"] += 1
         return reply.status_code == 200
 
-    wait_until(serves_again, 120, "a new replica answers")
-    assert all(status == 200 or (status == 503 and retry) for status, retry in answers), answers
-    statuses = [status for status, _ in answers]
+    # retry_on=(): anything else a check raises is a failure of its own, not "not yet".
+    try:
+        wait_until(serves_again, 120, "a new replica answers", retry_on=())
+    finally:
+        print(f"\nanswers until served again: {dict(counts)}")  # shown with a failure too
+    assert not errors, (counts, errors)
+    assert counts["200"] == 1 and counts.total() == counts["200"] + counts["503 with Retry-After"], counts
     after = serve.get_deployment_handle(ROLE, APP).placement.remote().result(timeout_s=30)["actual"]
     assert after["engine_pid"] != before["engine_pid"]
-    print(f"\nstatuses until served again: {statuses}")
 
 
 def test_deleting_the_app_leaves_no_model_holding_process(base_url: str) -> None:

@@ -39,6 +39,7 @@ import ray
 import yaml
 from ray import serve
 from ray_nodes import LocalRayCluster, _ray_cli, local_ray_cluster
+from serve_support import ThreadGroup
 
 from deployments.app import AppArgs, build_app
 from deployments.model import CPU_FALLBACK_ENV, ModelServer
@@ -316,7 +317,7 @@ def test_a_model_aimed_at_a_full_gpu_stays_pending_with_the_reason(served: Serve
 
 
 @pytest.mark.slow
-def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served: Served) -> None:
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served: Served, threads: ThreadGroup) -> None:
     assert running(SCALER) == 1
     stop = threading.Event()
     codes: list[int] = []
@@ -325,17 +326,16 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served: Serv
         while not stop.is_set():
             codes.append(complete(served.url, SCALER, max_tokens=48).status_code)
 
-    workers = [threading.Thread(target=load) for _ in range(4)]
-    for worker in workers:
-        worker.start()
+    threads.name = "load"
+    for _ in range(4):
+        threads.start(load)  # an error in a load thread (a timeout, a dropped connection) fails the test
     try:
         wait_for(lambda: running(SCALER) == 2, "a second scaler replica under load")
         labels = sorted(r["gpu_label"] for r in placement(served.url)["models"][SCALER]["replicas"])
         assert labels == ["box-0", "box-1"]  # the second copy on the GPU the plan reserved it
     finally:
         stop.set()
-        for worker in workers:
-            worker.join(timeout=120)
+        threads.join(120)
     assert codes and set(codes) == {200}
     wait_for(lambda: running(SCALER) == 1, "back to one scaler replica after the load")
 

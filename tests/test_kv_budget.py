@@ -8,11 +8,11 @@ measured against the planned bytes.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -35,6 +35,9 @@ from placement.sizing.kv_budget import kv_budget, paged_pool
 from placement.sizing.meta_model import to_config
 from placement.sizing.reference_configs import MEDGEMMA_4B, MEDGEMMA_27B_TEXT
 from placement.units import GIB
+
+if TYPE_CHECKING:
+    from serve_support import ThreadGroup  # the `threads` fixture (conftest)
 
 # What the issue allows on top of the plan: 2%.
 TOLERANCE = 1.02
@@ -139,16 +142,9 @@ def test_side_path_stays_in_its_slot(engine: Engine, planned_kv: int) -> None:
     assert report["peak_kv_bytes"] <= planned_kv * TOLERANCE
 
 
-def test_every_path_at_once_under_load(engine: Engine, planned_kv: int) -> None:
+def test_every_path_at_once_under_load(engine: Engine, planned_kv: int, threads: ThreadGroup) -> None:
     """Greedy, sampled, seeded, streamed and batched requests together: never more KV than planned."""
-    errors: list[BaseException] = []
     long = engine.context_length - 10
-
-    def run(work: object) -> None:
-        try:
-            work()  # type: ignore[operator]
-        except BaseException as exc:  # collected, the test fails on it below
-            errors.append(exc)
 
     jobs = []
     for i in range(6):
@@ -158,12 +154,10 @@ def test_every_path_at_once_under_load(engine: Engine, planned_kv: int) -> None:
         jobs.append(lambda i=i: engine.generate_batch([_request(60, temperature=0.9, seed=i)]))
         jobs.append(lambda i=i: engine.generate_batch([_request(50, temperature=0.7) for _ in range(3)]))
         jobs.append(lambda: list(engine.stream(_request(30, temperature=0.9, seed=5))))
-    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=600)
-    assert not errors, errors
+    for job in jobs:
+        threads.start(job)
+    # Every job finished within the bound, none raised (join re-raises the first that did).
+    threads.join(600)
     report = engine.kv_report()
     assert engine.pool is not None
     assert engine.pool.batcher.slots.peak_in_use <= engine.pool.batcher.slots.capacity == 4
@@ -226,7 +220,7 @@ def test_classic_only_engine_batches_within_its_slots(loaded: LoadedModel, tiny_
     assert report["peak_kv_bytes"] <= report["built_bytes"] <= planned_kv
 
 
-def test_slots_make_excess_requests_wait() -> None:
+def test_slots_make_excess_requests_wait(threads: ThreadGroup) -> None:
     slots = SequenceSlots(1, "test")
     order: list[str] = []
     slots.acquire()
@@ -235,13 +229,12 @@ def test_slots_make_excess_requests_wait() -> None:
         with slots.hold():
             order.append("second")
 
-    thread = threading.Thread(target=second)
-    thread.start()
+    threads.start(second)
     time.sleep(0.2)
     assert order == [] and slots.in_use == 1  # waiting, holding nothing
     order.append("first done")
     slots.release()
-    thread.join(timeout=5)
+    threads.join(5)
     assert order == ["first done", "second"] and slots.in_use == 0
     with pytest.raises(ValueError, match="cannot hold 2"):
         slots.acquire(2)

@@ -43,13 +43,23 @@ PROXY_LISTENS_S = 60.0  # serve.start returns before its proxy listens; it does 
 SERVE_START_ATTEMPTS = 3
 
 
-def _descends_from(pid: int, ancestor: int) -> bool:
+def this_node_pids() -> set[int]:
+    """The processes of the Ray node that this process's `ray.init` started: its raylet and everything under it
+    (workers, actors: Serve's proxy among them)."""
     import psutil
+    from ray._private import ray_constants
 
-    try:
-        return any(parent.pid == ancestor for parent in psutil.Process(pid).parents())
-    except psutil.Error:
-        return False
+    node = ray._private.worker.global_worker.node
+    raylets = node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, []) if node is not None else []
+    assert raylets, "this process did not start a Ray node: say which processes are the cluster's (ours=...)"
+    pids: set[int] = set()
+    for info in raylets:
+        try:
+            raylet = psutil.Process(info.process.pid)
+            pids |= {raylet.pid, *(child.pid for child in raylet.children(recursive=True))}
+        except psutil.Error:
+            continue
+    return pids
 
 
 def start_serve(host: str = "127.0.0.1", ours: Callable[[], set[int]] | None = None, **serve_start: Any) -> int:
@@ -57,14 +67,11 @@ def start_serve(host: str = "127.0.0.1", ours: Callable[[], set[int]] | None = N
     the proxy listens on it.
 
     The port is held (deployments.ports.reserved_port) until the proxy listens on it, then read back: every
-    listener on it must be one of `ours()` (this cluster's processes; default: the descendants of this
-    process, as the nodes that `ray.init` starts are). Another Serve proxy (also SO_REUSEPORT) may still join
-    a held port if another process picked it free before it was held; that start is shut down and tried again
-    on a fresh port, as is one whose proxy never listens. Fails after `SERVE_START_ATTEMPTS`."""
-
-    def is_ours(pid: int) -> bool:
-        return pid in ours() if ours is not None else _descends_from(pid, os.getpid())
-
+    listener on it must be one of `ours()` (this cluster's processes; default `this_node_pids`: the node that
+    this process's `ray.init` started). Another Serve proxy (also SO_REUSEPORT) may still join a held port if
+    another process picked it free before it was held; that start is shut down and tried again on a fresh
+    port, as is one whose proxy never listens. Fails after `SERVE_START_ATTEMPTS`."""
+    ours = ours or this_node_pids
     failures: list[str] = []
     for _ in range(SERVE_START_ATTEMPTS):
         with reserved_port(host) as port:
@@ -72,7 +79,7 @@ def start_serve(host: str = "127.0.0.1", ours: Callable[[], set[int]] | None = N
             deadline = time.monotonic() + PROXY_LISTENS_S
             while not (listeners := listening_pids(port)) and time.monotonic() < deadline:
                 time.sleep(0.2)
-        foreign = {pid for pid in listeners if not is_ours(pid)}
+        foreign = listeners - ours() if listeners else set()
         if listeners and not foreign:
             return port
         failures.append(

@@ -238,3 +238,14 @@ def test_slots_make_excess_requests_wait(threads: ThreadGroup) -> None:
     assert order == ["first done", "second"] and slots.in_use == 0
     with pytest.raises(ValueError, match="cannot hold 2"):
         slots.acquire(2)
+
+
+def test_a_plan_past_the_models_positions_never_serves(loaded: LoadedModel, tiny_spec: ModelSpec) -> None:
+    """The tiny model has 256 positions; a plan for 512 tokens (a `memory_gb` plan once took 4096 from
+    nowhere) would let requests run past them: refused, naming both numbers."""
+    plan = replace(replica_plan(tiny_spec), context_length=512)
+    with pytest.raises(PlanContractError, match="512 tokens per sequence but the model has 256 positions"):
+        Engine(loaded, plan)
+    # A `memory_gb` override keeps the model's own context (min(positions, 4096)).
+    lump = replica_plan(tiny_spec.model_copy(update={"memory_gb": 1.0}))
+    assert lump.context_length == 256 and lump.kv is None and lump.kv_budget_bytes is None

@@ -240,12 +240,8 @@ def test_slots_make_excess_requests_wait(threads: ThreadGroup) -> None:
         slots.acquire(2)
 
 
-def test_a_plan_past_the_models_positions_never_serves(loaded: LoadedModel, tiny_spec: ModelSpec) -> None:
-    """The tiny model has 256 positions; a plan for 512 tokens (a `memory_gb` plan once took 4096 from
-    nowhere) would let requests run past them: refused, naming both numbers."""
-    plan = replace(replica_plan(tiny_spec), context_length=512)
-    with pytest.raises(PlanContractError, match="512 tokens per sequence but the model has 256 positions"):
-        Engine(loaded, plan)
-    # A `memory_gb` override keeps the model's own context (min(positions, 4096)).
+def test_a_memory_gb_plan_keeps_the_models_context(tiny_spec: ModelSpec) -> None:
+    """A `memory_gb` override keeps the model's own context (min(positions, 4096)): it once took 4096
+    from nowhere for this 256-position model. (A `context_length` the user sets is theirs to choose.)"""
     lump = replica_plan(tiny_spec.model_copy(update={"memory_gb": 1.0}))
     assert lump.context_length == 256 and lump.kv is None and lump.kv_budget_bytes is None

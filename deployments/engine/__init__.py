@@ -123,12 +123,7 @@ class Engine:
             self.pool = PoolBackend(batcher, self.text)
         self.kv_ledger = KvLedger(pool_bytes=self.pool.batcher.cache_bytes if self.pool else 0)
         try:
-            check_built(
-                plan,
-                weights_bytes=self.weights_bytes,
-                pool_bytes=self.kv_ledger.pool_bytes,
-                max_positions=getattr(self.model.config.get_text_config(), "max_position_embeddings", None),
-            )
+            check_built(plan, weights_bytes=self.weights_bytes, pool_bytes=self.kv_ledger.pool_bytes)
         except Exception:
             self.close()  # the batching thread holds the pool: stop it before refusing
             raise

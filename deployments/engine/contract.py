@@ -1,6 +1,5 @@
 """The plan is a contract: check what the engine built against its replica plan before it serves.
 
-- The context is within the model's positions.
 - The KV pool is the tensor transformers allocated for the plan's geometry:
   its bytes must equal the plan's pool bytes exactly.
 - The weights as loaded (parameters, buffers and bitsandbytes' quantization
@@ -54,15 +53,9 @@ def held_weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def check_built(plan: ReplicaPlan, *, weights_bytes: int, pool_bytes: int, max_positions: int | None = None) -> None:
-    """Raise PlanContractError naming both numbers when the engine's build breaks `plan`.
-    `max_positions`: the loaded model's max_position_embeddings (None: it declares none)."""
+def check_built(plan: ReplicaPlan, *, weights_bytes: int, pool_bytes: int) -> None:
+    """Raise PlanContractError naming both numbers when the engine's build breaks `plan`."""
     assert plan.kv is not None, "the host completes the KV geometry before the engine is built"
-    if max_positions is not None and plan.context_length > max_positions:
-        raise PlanContractError(
-            f"{plan.role}: the plan serves {plan.context_length} tokens per sequence but the model has "
-            f"{max_positions} positions; plan again with the model's config at hand or set `context_length`"
-        )
     if pool_bytes != plan.kv.pool_bytes:
         raise PlanContractError(
             f"{plan.role}: the KV pool holds {pool_bytes} bytes but the plan budgets {plan.kv.pool_bytes} "

@@ -9,7 +9,11 @@ through a handle, and an overloaded model is a 503 either way.
 
 from __future__ import annotations
 
-from typing import ClassVar, TypeVar
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import ValidationError
 
 # Seconds a client should wait before retrying an overloaded or restarting model.
 RETRY_AFTER_S = 1
@@ -122,3 +126,55 @@ def classify(exc: BaseException, role: str) -> RayfitError:
         # The replica died with the request on it; Serve starts a new one.
         return OverloadedError(f"model {role!r}: the replica serving this request died; it is being restarted")
     return ServerError(f"model {role!r}: {type(cause).__name__}: {cause}")
+
+
+def field_path(loc: tuple[int | str, ...] | list[int | str], data: Any, *, missing: bool = False) -> str:
+    """The request field a pydantic error's `loc` points at, as a dotted path through `data` (the
+    body as sent): the labels pydantic puts in a loc for union members (`str`, `list[...]`) and
+    tagged-union tags are not in the body, so they are left out. `missing`: the error is a missing
+    field, whose name (the loc's last entry) is not in the body either."""
+    return ".".join(_walk(loc, data, missing)[0])
+
+
+def _walk(loc: Sequence[int | str], data: Any, missing: bool) -> tuple[list[str], tuple[int | str, ...]]:
+    """(the field path, the loc up to its first label: which union member the error is in)."""
+    path: list[str] = []
+    member: tuple[int | str, ...] = ()
+    node = data
+    for index, part in enumerate(loc):
+        if isinstance(node, dict) and isinstance(part, str) and part in node:
+            path.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            path.append(str(part))
+            node = node[part]
+        elif missing and index == len(loc) - 1 and isinstance(node, dict):
+            path.append(str(part))
+        elif not member:
+            member = tuple(loc[: index + 1])
+    return path, member
+
+
+def validation_error(
+    exc: ValidationError, data: Any, *, prefix: str = "", rename: Callable[[str], str] | None = None
+) -> BadRequestError:
+    """A 400 for a pydantic error in validating `data`, naming the field (`param`) as the client sent it:
+    `prefix` is where `data` sits in the request; `rename` maps a path to the client's field names
+    (a request converted to another, such as a Responses request to chat)."""
+    found: list[tuple[str, str, tuple[int | str, ...]]] = []
+    for error in exc.errors(include_url=False):
+        parts, member = _walk(error.get("loc", ()), data, error.get("type") == "missing")
+        path = ".".join(p for p in (prefix, *parts) if p)
+        found.append((rename(path) if rename is not None else path, str(error.get("msg")), member))
+    # Of a union's members, the one the value was meant as is the one that got furthest (`input.0.role`,
+    # not `input: Input should be a valid string` for a list of items), then the one with fewest errors
+    # (`prompt.1: Input should be greater than or equal to 0` for token ids, not `should be a valid string`).
+    errors_in = Counter(member for _, _, member in found)
+    found.sort(key=lambda item: (-len(item[0].split(".")) if item[0] else 0, errors_in[item[2]]))
+    # A union's other members fail at the field itself: said only when nothing deeper inside it failed.
+    paths = [path for path, _, _ in found]
+    kept = [(p, m) for p, m, _ in found if not any(q.startswith(f"{p}.") or (q and not p) for q in paths)]
+    kept = kept or [(p, m) for p, m, _ in found]
+    messages = list(dict.fromkeys(f"{path or 'body'}: {message}" for path, message in kept))[:5]
+    param = kept[0][0] or None if kept else None
+    return BadRequestError("; ".join(messages) or "invalid request", param=param)

@@ -26,10 +26,11 @@ import time
 import uuid
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from deployments.errors import BadRequestError, InvalidRequest
+from deployments.errors import BadRequestError, InvalidRequest, validation_error
 from deployments.generation import (
     DEFAULT_MAX_TOKENS,
     GenerationInput,
@@ -64,6 +65,8 @@ from deployments.structured import (
 # Below this a temperature is greedy decoding: logits / 5e-324 overflow to inf
 # and sampling fails (found by the fuzz test); the limit of sampling is argmax anyway.
 MIN_SAMPLING_TEMPERATURE = 1e-5
+# The largest seed torch.manual_seed takes (the smallest is -(2**63)).
+MAX_SEED = 2**64 - 1
 # Choices one request may ask for (`n`): each is its own generation.
 MAX_CHOICES = 8
 # Prompts one completions request may carry (lm-evaluation-harness batches its requests this way):
@@ -80,6 +83,32 @@ UNSUPPORTED_FIELDS = {
 }
 
 
+def lone_surrogate(data: Any) -> str | None:
+    """The path of the first string in `data` (a parsed body; keys too) that is not Unicode text: one
+    holding a lone surrogate, which JSON's `\\ud800` escape can carry but no tokenizer takes."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(value, dict):
+            # A key that is not text is named by where it is (the error must be sendable as JSON).
+            stack += [(path, key) for key in value]
+            stack += [(f"{path}.{key}" if path else str(key), item) for key, item in value.items()]
+        elif isinstance(value, list):
+            stack += [(f"{path}.{index}" if path else str(index), item) for index, item in enumerate(value)]
+    return None
+
+
+def refuse_lone_surrogates(data: Any) -> None:
+    path = lone_surrogate(data)
+    if path is not None:
+        raise BadRequestError(f"{path}: text with a lone surrogate (\\ud800-\\udfff) is not valid Unicode", param=path)
+
+
 class OpenAIBaseModel(BaseModel):
     # Parts of a request: fields rayfit does not read (an SDK's `refusal`, `annotations`, ...) are ignored.
     model_config = ConfigDict(extra="ignore")
@@ -88,6 +117,16 @@ class OpenAIBaseModel(BaseModel):
 class _RequestModel(BaseModel):
     # A whole request: unknown fields are kept aside (`ignored_fields`), never an error.
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _named_errors(cls, data: Any, handler: Any) -> _RequestModel:
+        # A 400 naming the field as sent: pydantic's loc also names union members (`content.str`).
+        refuse_lone_surrogates(data)
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            raise validation_error(exc, data) from None
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _RequestModel:
@@ -149,6 +188,68 @@ class ChatMessage(OpenAIBaseModel):
         return isinstance(self.content, list) and any(isinstance(p, ImageContentPart) for p in self.content)
 
 
+# The shapes of the fields that hold free-form JSON (tools, tool_choice, response_format): checked
+# before anything reads them, so a value of the wrong shape (`function: "x"`, `json_schema: 5`) is a
+# 400 naming the field, never an exception in the code that reads it. What the values mean (known
+# tool types, valid JSON schemas, which response formats exist) is deployments.structured's to check.
+
+
+def _schema_shape(schema: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A JSON schema object whose `$schema`, if any, is a URI string (jsonschema looks it up)."""
+    if schema is not None and "$schema" in schema:
+        uri = schema["$schema"]
+        if not isinstance(uri, str):
+            raise ValueError("`$schema` must be a URI string")
+        try:
+            urlsplit(uri)
+        except ValueError as exc:
+            raise ValueError(f"`$schema` is not a URI: {exc}") from None
+    return schema
+
+
+JsonSchema = Annotated[dict[str, Any], AfterValidator(_schema_shape)]
+
+
+class FunctionDefinition(OpenAIBaseModel):
+    name: str | None = None  # required: deployments.structured.tool_specs says so
+    description: str | None = None
+    parameters: JsonSchema | None = None
+    strict: bool | None = None
+
+
+class ToolShape(OpenAIBaseModel):
+    type: str = "function"
+    function: FunctionDefinition | None = None
+
+
+class NamedFunction(OpenAIBaseModel):
+    name: str
+
+
+class ToolChoiceShape(OpenAIBaseModel):
+    type: str = "function"
+    function: NamedFunction
+
+
+class JsonSchemaSpec(OpenAIBaseModel):
+    name: str | None = None
+    description: str | None = None
+    schema_: JsonSchema | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatShape(OpenAIBaseModel):
+    type: str | None = None
+    json_schema: JsonSchemaSpec | None = None
+
+
+def _shape_checked(value: Any, shape: type[BaseModel], param: str) -> None:
+    try:
+        shape.model_validate(value)
+    except ValidationError as exc:
+        raise validation_error(exc, value, prefix=param) from None
+
+
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # usage in every chunk (vLLM's field; GuideLLM sends it)
@@ -159,12 +260,12 @@ class _SamplingFields(_RequestModel):
 
     model: str
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100, le=100)]] | None = None
     max_tokens: int | None = Field(default=None, gt=0)
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     response_format: dict[str, Any] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
+    seed: int | None = Field(default=None, ge=-(2**63), le=MAX_SEED)  # what torch.manual_seed takes
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -173,17 +274,28 @@ class _SamplingFields(_RequestModel):
     # Beyond OpenAI, as vLLM names them.
     top_k: int = Field(default=0, ge=-1, description="0 or -1: off")
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    # Seen tokens' positive logits are divided by it: near 0 they overflow to inf and sampling fails (the fuzz test).
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=10.0)
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> _SamplingFields:
         if isinstance(self.stop, list) and len(self.stop) > 4:
-            raise ValueError("`stop` takes at most 4 sequences")
+            raise BadRequestError("`stop` takes at most 4 sequences", param="stop")
         if self.n > 1 and self.stream:
             raise BadRequestError("n > 1 is not supported with stream: true", param="n")
+        if self.seed is not None and self.seed + self.n - 1 > MAX_SEED:
+            # Choice i is generated with seed + i (deployments.ingress): each must be a seed torch takes.
+            raise BadRequestError(f"seed + n - 1 must be at most {MAX_SEED} (choice i uses seed + i)", param="seed")
         return self
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format_shape(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            _shape_checked(value, ResponseFormatShape, "response_format")
+        return value
 
     def grammar(self) -> str | None:
         return response_format_grammar(self.response_format)
@@ -193,14 +305,20 @@ class _SamplingFields(_RequestModel):
         return None
 
     def sampling_params(
-        self, max_tokens: int | None = None, max_tokens_cap: int | None = None, grammar: str | None = None
+        self,
+        max_tokens: int | None = None,
+        max_tokens_cap: int | None = None,
+        grammar: str | None = None,
+        max_tokens_field: str = "max_tokens",
     ) -> SamplingParams:
-        """`max_tokens_cap`: the model's limit (its replica plan's); above it is a 400; the default obeys it
-        (deployments.generation.checked_max_tokens). None: the caller checks later (the replica does)."""
+        """`max_tokens_cap`: the model's limit (its replica plan's); above it is a 400 naming `max_tokens_field`
+        (the field `max_tokens` came from); the default obeys it (deployments.generation.checked_max_tokens).
+        None: the caller checks later (the replica does)."""
         try:
             max_tokens = checked_max_tokens(max_tokens, max_tokens_cap or DEFAULT_MAX_TOKENS, self.model)
         except InvalidRequest as exc:
-            raise BadRequestError(str(exc), param="max_tokens") from None
+            message = str(exc).replace("max_tokens", max_tokens_field, 1)
+            raise BadRequestError(message, param=max_tokens_field) from None
         if self.min_tokens > max_tokens:
             raise BadRequestError(
                 f"min_tokens ({self.min_tokens}) is above max_tokens ({max_tokens})", param="min_tokens"
@@ -248,6 +366,20 @@ class ChatCompletionRequest(_SamplingFields):
     # or, with `continue_final_message` (or `prefix: true` on it), continued: a prefilled answer.
     continue_final_message: bool = False
     add_generation_prompt: bool = True
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_shape(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for index, tool in enumerate(tools or []):
+            _shape_checked(tool, ToolShape, f"tools.{index}")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_shape(cls, choice: Any) -> Any:
+        if isinstance(choice, dict):
+            _shape_checked(choice, ToolChoiceShape, "tool_choice")
+        return choice
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
@@ -311,7 +443,8 @@ class ChatCompletionRequest(_SamplingFields):
             # replica. A model whose template has its own format swaps it (deployments.tool_formats).
             grammar = tool_call_grammar(tools, mode, self.parallel_tool_calls)
         # `max_completion_tokens` is the newer name; it wins when both are given.
-        params = self.sampling_params(self.max_completion_tokens or self.max_tokens, max_tokens_cap, grammar)
+        field = "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+        params = self.sampling_params(self.max_completion_tokens or self.max_tokens, max_tokens_cap, grammar, field)
         dumped = [m.model_dump(exclude_none=True, exclude={"tool_calls", "prefix"}) for m in self.messages]
         if self.prefilled:
             dumped[-1]["prefix"] = True  # deployments.engine.prompts continues it
@@ -327,12 +460,15 @@ class ChatCompletionRequest(_SamplingFields):
         )
 
 
+TokenId = Annotated[int, Field(ge=0)]  # below the vocabulary's size too: the replica checks that
+
+
 class CompletionRequest(_SamplingFields):
     """`prompt`: a string, token ids, or a list of either (each its own choices, in order).
     `logprobs` (0..5) alternatives per token; `echo` puts the prompt before the answer (with
     `logprobs`, its tokens' logprobs too); `max_tokens: 0` with `echo` scores the prompt only."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(default=None, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
@@ -340,8 +476,13 @@ class CompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _check_prompts(self) -> CompletionRequest:
         prompts = self.prompts()
-        if not prompts or any(isinstance(p, list) and not p for p in prompts):
-            raise BadRequestError("`prompt` is empty", param="prompt")
+        if not prompts or not all(prompts):
+            # "" too: a tokenizer that adds no BOS (SmolLM2's) makes it a prompt of no tokens, which the
+            # model cannot run (found by the fuzz benchmark: every request in its batch failed).
+            index = next((i for i, p in enumerate(prompts) if not p), None)
+            whole = index is None or prompts == [self.prompt]  # one prompt (text or token ids), or none
+            param = "prompt" if whole else f"prompt.{index}"
+            raise BadRequestError("`prompt` is empty", param=param)
         if len(prompts) > MAX_PROMPTS:
             raise BadRequestError(f"`prompt` holds {len(prompts)} prompts; at most {MAX_PROMPTS}", param="prompt")
         if self.stream and len(prompts) > 1:

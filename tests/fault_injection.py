@@ -11,14 +11,28 @@ marker then misbehaves:
   forever, as a hung CUDA kernel would;
 - `<rayfit:batch-oom>`: the model's next forward pass raises
   torch.cuda.OutOfMemoryError wherever it runs — for a pooled request inside
-  transformers' continuous-batching loop, as a real OOM there would.
+  transformers' continuous-batching loop, as a real OOM there would;
+- `hold_marker(pid)`: the request blocks forever in the engine whose process
+  is `pid` (the replica's `engine_pid` in /v1/placement), so it is certainly
+  on that replica when the replica is killed; anywhere else (a retry on a new
+  replica) it is served normally;
+- `gate_marker(path)`: the request waits until the file `path` exists (the
+  test opens the gate), at most GATE_LIMIT_S, then fails: a request the test
+  knows to be in flight on the replica for as long as it needs.
+
+The wrapper's `load_report` (the replica's `load` handle method) adds
+`held` and `gated`: how many requests wait at a hold or a gate right now.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +44,20 @@ WRAPPER = "fault_injection:FaultyEngine"
 OOM_MARKER = "<rayfit:oom>"
 WEDGE_MARKER = "<rayfit:wedge>"
 BATCH_OOM_MARKER = "<rayfit:batch-oom>"
+_HOLD = re.compile(r"<rayfit:hold:(\d+)>")
+_GATE = re.compile(r"<rayfit:gate:([^>]+)>")
+# A gate never opened fails its request after this (a 500 the test sees) instead of hanging it.
+GATE_LIMIT_S = 120.0
+
+
+def hold_marker(pid: int) -> str:
+    """Text that makes a request block forever in the engine process `pid`, and only there."""
+    return f"<rayfit:hold:{pid}>"
+
+
+def gate_marker(path: object) -> str:
+    """Text that makes a request wait until the file `path` exists (the test's gate)."""
+    return f"<rayfit:gate:{path}>"
 
 
 def _text_of(request: GenerationInput) -> str:
@@ -45,12 +73,36 @@ class FaultyEngine:
     def __init__(self, engine: Any):
         self._engine = engine
         self._wedged = threading.Event()
+        self._lock = threading.Lock()
+        self._waiting = {"held": 0, "gated": 0}  # requests blocked at a hold or a gate right now
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
+    def load_report(self) -> dict[str, int]:
+        with self._lock:
+            return {**self._engine.load_report(), **self._waiting}
+
+    def _count(self, key: str, step: int) -> None:
+        with self._lock:
+            self._waiting[key] += step
+
     def _inject(self, requests: Sequence[GenerationInput]) -> None:
         texts = [_text_of(r) for r in requests]
+        if any(int(pid) == os.getpid() for t in texts for pid in _HOLD.findall(t)):
+            self._count("held", 1)
+            threading.Event().wait()  # never returns: the request stays on this replica until it dies
+        gates = [Path(path) for t in texts for path in _GATE.findall(t)]
+        if gates:
+            self._count("gated", 1)
+            try:
+                deadline = time.monotonic() + GATE_LIMIT_S
+                while not all(gate.exists() for gate in gates):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"gate {gates} not opened within {GATE_LIMIT_S:.0f} s (injected fault)")
+                    time.sleep(0.02)
+            finally:
+                self._count("gated", -1)
         if any(WEDGE_MARKER in t for t in texts):
             self._wedged.set()
         if self._wedged.is_set():

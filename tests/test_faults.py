@@ -16,6 +16,7 @@ reports, and it must stay 0.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import shutil
 import threading
 import time
@@ -28,7 +29,7 @@ import httpx
 import pytest
 import ray
 import yaml
-from fault_injection import WEDGE_MARKER
+from fault_injection import WEDGE_MARKER, gate_marker, hold_marker
 from ray import serve
 from serve_support import ONE_START_ATTEMPT, local_serve, model_config, wait_until
 
@@ -38,6 +39,9 @@ APP = "faults"
 ALPHA, BETA, CORRUPT, MISSING = "alpha", "beta", "corrupt", "missing"
 LONG = {"temperature": 0, "max_tokens": 200}
 SHORT = {"temperature": 0, "max_tokens": 4}
+# A gated request is in flight for as long as its gate is shut: it need not be long (and its prompt, with the
+# gate's path, must leave room in the tiny model's 256-token context).
+GATED = {"temperature": 0, "max_tokens": 32}
 # Any request not answered within this is a hang: the test fails.
 CLIENT_TIMEOUT_S = 90
 
@@ -154,22 +158,49 @@ def test_load_failures_are_reported_and_the_rest_serves(http: httpx.Client) -> N
 # ---------------------------------------------------------- replica killed
 
 
+def load(role: str) -> dict[str, Any]:
+    """The replica's own report (ModelServer.load), with fault injection's `held` and `gated` counts."""
+    return serve.get_deployment_handle(role, APP).load.remote().result(timeout_s=30)
+
+
+def actual(http: httpx.Client, role: str) -> dict[str, Any]:
+    return http.get("/v1/placement").json()["models"][role]["replica"]["actual"]
+
+
+def answer(http: httpx.Client, role: str, text: str, *, stream: bool = False) -> tuple[int, str, str | None]:
+    """Status, body and Retry-After of one chat request (streamed: the whole event stream read)."""
+    body = {"model": role, "messages": [{"role": "user", "content": text}], **LONG, "stream": stream}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        return response.status_code, response.read().decode(), response.headers.get("retry-after")
+
+
 @pytest.mark.slow
 def test_killed_replica_is_restarted_and_no_request_hangs(http: httpx.Client) -> None:
-    before = pid(http, ALPHA)
+    before = actual(http, ALPHA)
     (name,) = replica_actor_names(ALPHA)
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    # Held in alpha's engine process until it dies: certainly on the replica when it is killed.
+    hold = hold_marker(before["engine_pid"])
+    with concurrent.futures.ThreadPoolExecutor(18) as pool:
+        held = [pool.submit(answer, http, ALPHA, f"{hold} held", stream=stream) for stream in (False, True)]
         alpha = [pool.submit(ask, http, ALPHA, LONG, f"story {i}") for i in range(12)]
         beta = [pool.submit(ask, http, BETA, SHORT, f"note {i}") for i in range(4)]
-        time.sleep(1.0)  # the alpha requests are in flight on its replica
+        wait_until(lambda: load(ALPHA)["held"] == 2, 60, "both held requests waiting in alpha's engine")
+        state = load(ALPHA)
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        held_answers = [f.result(timeout=CLIENT_TIMEOUT_S) for f in held]
         alpha_statuses = Counter(f.result(timeout=CLIENT_TIMEOUT_S) for f in alpha)
         beta_statuses = Counter(f.result(timeout=CLIENT_TIMEOUT_S) for f in beta)
-    print(f"\nkill: alpha {dict(alpha_statuses)}, beta {dict(beta_statuses)}")
-    assert set(alpha_statuses) <= {200, 503}  # a clear 503 for those on the dead replica, never a 500
+    print(f"\nkill: alpha's report at the kill {state}; alpha {dict(alpha_statuses)}, beta {dict(beta_statuses)}")
+    # The README's promise for a replica that dies mid-request: a clean 503 with Retry-After, never a 500.
+    for status, text, retry_after in held_answers:
+        assert status == 503, text
+        assert "the replica serving this request died" in json.loads(text)["error"]["message"], text
+        assert retry_after is not None and int(retry_after) >= 1
+    assert set(alpha_statuses) <= {200, 503}  # the others: answered before the kill, or 503
     assert beta_statuses == Counter({200: 4})  # the other model is untouched
     took = wait_until(lambda: ask(http, ALPHA) == 200, 90, "alpha serving again after its replica was killed")
-    assert pid(http, ALPHA) != before
+    after = actual(http, ALPHA)
+    assert after["pid"] != before["pid"] and after["engine_pid"] != before["engine_pid"]
     print(f"kill: alpha serving again {took:.1f} s after the last in-flight answer")
 
 
@@ -201,31 +232,65 @@ def _edited(args: AppArgs, role: str, **fields: Any) -> AppArgs:
     return args.model_copy(update={"models_path": str(edited)})
 
 
+def stopping(role: str) -> int:
+    """Replicas of `role` Serve is draining (graceful shutdown: they finish their requests first), from the
+    controller's own record (Serve's testing hook; `serve.status()` lists no deployment of an app being deleted)."""
+    from ray.serve._private.common import DeploymentID, ReplicaState
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    replicas = ray.get(controller._dump_replica_states_for_testing.remote(DeploymentID(role, APP)), timeout=30)
+    return replicas.count(states=[ReplicaState.STOPPING])
+
+
+def open_gate_when(gate: Path, check: Any, what: str, seen: list[str]) -> None:
+    """Open `gate` once `check` holds (polled, bounded); `seen` gets `what` if it did, so the test can
+    assert that its gated requests were still in flight at that moment. Opened in every case; gives up
+    at once when the test opened the gate itself (it failed)."""
+    try:
+        wait_until(lambda: gate.exists() or check(), 120, what)
+        if not gate.exists():
+            seen.append(what)
+    finally:
+        gate.touch()
+
+
 @pytest.mark.slow
-def test_redeploy_with_the_same_plan_keeps_serving(http: httpx.Client, args: AppArgs) -> None:
+def test_redeploy_with_the_same_plan_keeps_serving(http: httpx.Client, args: AppArgs, tmp_path: Path) -> None:
     # Serve restarts only a deployment whose version or Ray options changed (deployments.versions):
     # redeploying the same config would restart nothing, so alpha's entry is edited to force a real restart.
     edited = _edited(args, ALPHA, max_tokens_cap=300)
     alpha_before, beta_before = pid(http, ALPHA), pid(http, BETA)
     statuses: Counter[int] = Counter()
     stop = threading.Event()
+    gate, seen = tmp_path / "gate", []
 
     def traffic() -> None:
         while not stop.is_set():
             statuses[ask(http, ALPHA)] += 1
 
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        in_flight = [pool.submit(ask, http, ALPHA, LONG, f"long {i}") for i in range(2)]
-        loops = [pool.submit(traffic) for _ in range(2)]
-        time.sleep(0.5)
-        seconds = deploy(edited)
-        # serve.run returns once the broken roles report DEPLOY_FAILED; alpha may still be rolling.
-        wait_until(lambda: pid(http, ALPHA) != alpha_before, 120, "alpha restarted by the redeploy")
-        stop.set()
-        for loop in loops:
-            loop.result(timeout=CLIENT_TIMEOUT_S)
-        long_statuses = [f.result(timeout=CLIENT_TIMEOUT_S) for f in in_flight]
+    # Leaving the pool waits for every thread: whatever fails below, the traffic stops and the gate opens
+    # (a failure must not turn into a hang).
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        try:
+            # Held at a gate in alpha's old replica until Serve drains that replica: in flight through the redeploy.
+            in_flight = [pool.submit(ask, http, ALPHA, GATED, f"{gate_marker(gate)} gated {i}") for i in range(2)]
+            loops = [pool.submit(traffic) for _ in range(2)]
+            wait_until(lambda: load(ALPHA)["gated"] == 2 and statuses[200] > 0, 60, "2 gated on alpha, traffic 200")
+            opener = pool.submit(open_gate_when, gate, lambda: stopping(ALPHA) > 0, "old alpha replica draining", seen)
+            seconds = deploy(edited)
+            # serve.run returns once the broken roles report DEPLOY_FAILED; alpha may still be rolling.
+            wait_until(lambda: pid(http, ALPHA) != alpha_before, 120, "alpha restarted by the redeploy")
+            opener.result(timeout=CLIENT_TIMEOUT_S)
+            stop.set()
+            for loop in loops:
+                loop.result(timeout=CLIENT_TIMEOUT_S)
+            long_statuses = [f.result(timeout=CLIENT_TIMEOUT_S) for f in in_flight]
+        finally:
+            stop.set()
+            gate.touch()
     print(f"\nredeploy: {seconds:.1f} s; traffic meanwhile {dict(statuses)}; in-flight {long_statuses}")
+    assert seen == ["old alpha replica draining"]  # the gated requests were on it while it drained
     assert long_statuses == [200, 200]
     assert set(statuses) == {200} and statuses[200] > 0
     assert ask(http, ALPHA) == 200
@@ -233,14 +298,21 @@ def test_redeploy_with_the_same_plan_keeps_serving(http: httpx.Client, args: App
 
 
 @pytest.mark.slow
-def test_shutdown_lets_in_flight_requests_finish(http: httpx.Client, args: AppArgs) -> None:
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        in_flight = [pool.submit(ask, http, ALPHA, LONG, f"last {i}") for i in range(3)]
-        time.sleep(0.5)
-        start = time.perf_counter()
-        serve.delete(APP)
-        deleted = time.perf_counter() - start
-        statuses = [f.result(timeout=CLIENT_TIMEOUT_S) for f in in_flight]
+def test_shutdown_lets_in_flight_requests_finish(http: httpx.Client, args: AppArgs, tmp_path: Path) -> None:
+    gate, seen = tmp_path / "gate", []
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        try:
+            in_flight = [pool.submit(ask, http, ALPHA, GATED, f"{gate_marker(gate)} last {i}") for i in range(3)]
+            wait_until(lambda: load(ALPHA)["gated"] == 3, 60, "3 requests gated on alpha's replica")
+            start = time.perf_counter()
+            serve.delete(APP, _blocking=False)
+            pool.submit(open_gate_when, gate, lambda: stopping(ALPHA) > 0, "alpha's replica draining", seen)
+            wait_until(lambda: APP not in serve.status().applications, 120, f"{APP} deleted")
+            deleted = time.perf_counter() - start
+            statuses = [f.result(timeout=CLIENT_TIMEOUT_S) for f in in_flight]
+        finally:
+            gate.touch()  # whatever failed: no request left waiting at the gate
     print(f"\nshutdown: deleted in {deleted:.1f} s; in-flight {statuses}")
+    assert seen == ["alpha's replica draining"]  # the gated requests were on it while it drained
     assert statuses == [200, 200, 200]
     assert deleted < args.graceful_shutdown_timeout_s + 10

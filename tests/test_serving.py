@@ -337,9 +337,15 @@ def test_infeasible_plan_fails_before_anything_starts(
 ) -> None:
     path = tmp_path / "too_big.yaml"
     path.write_text(f"{BIG}:\n  model: {configs['text_dir']}\n  memory_gb: 30\n")
-    with pytest.raises(PlanError, match=BIG):
+    apps_before = {name: app.status for name, app in serve.status().applications.items()}
+    actors_before = {actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)}
+    with pytest.raises(PlanError, match=rf"(?s){BIG} needs 30\.00 GiB.*fits no single GPU.*Nothing was started"):
         build_app(AppArgs(model_config=str(path), gpus="2x24GB"))
-    assert "too-big" not in serve.status().applications
+    # Nothing reached Serve: the apps running before (the previous test's) are the same, in the same
+    # state, and no replica or other named actor was created.
+    assert apps_before, "the previous test's app should still be running"
+    assert {name: app.status for name, app in serve.status().applications.items()} == apps_before
+    assert {actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)} == actors_before
 
 
 def test_replaced_ray_actor_options_are_refused(ray_cluster: int, configs: dict[str, Path]) -> None:

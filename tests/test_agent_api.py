@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 import jsonschema
@@ -72,14 +72,37 @@ def client(base_url: str) -> openai.OpenAI:
 def test_json_schema_response_format(client: openai.OpenAI) -> None:
     response_format = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": VERDICT, "strict": True}}
     messages = [{"role": "user", "content": "Is the sky blue? Answer as JSON."}]
-    answer = client.chat.completions.create(model=ROLE, messages=messages, response_format=response_format)
-    assert answer.choices[0].finish_reason == "stop"
-    jsonschema.validate(json.loads(answer.choices[0].message.content), VERDICT)
-    streamed = client.chat.completions.create(
-        model=ROLE, messages=messages, response_format=response_format, stream=True, temperature=0.7
+    # Greedy: the content is compared below.
+    answer = client.chat.completions.create(
+        model=ROLE, messages=messages, response_format=response_format, temperature=0, max_tokens=64
     )
-    text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
-    jsonschema.validate(json.loads(text), VERDICT)
+    assert answer.choices[0].finish_reason == "stop"  # the grammar closed the object, max_tokens did not cut it
+    verdict = json.loads(answer.choices[0].message.content)
+    jsonschema.validate(verdict, VERDICT)  # exactly the two fields, the enum and the integer's bounds
+    assert 0 < answer.usage.completion_tokens < 64
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+    # Streamed, greedy: the same object token for token, with the same usage.
+    chunks = list(
+        client.chat.completions.create(
+            model=ROLE,
+            messages=messages,
+            response_format=response_format,
+            stream=True,
+            stream_options={"include_usage": True},
+            temperature=0,
+            max_tokens=64,
+        )
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == answer.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+    # Sampled: only what sampling cannot break (the grammar: every field, the enum, the bounds; compact JSON
+    # with a bounded integer ends well within max_tokens).
+    sampled = client.chat.completions.create(
+        model=ROLE, messages=messages, response_format=response_format, temperature=0.7, max_tokens=64
+    )
+    assert sampled.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(sampled.choices[0].message.content), VERDICT)
 
 
 def test_json_object_response_format_on_completions(client: openai.OpenAI) -> None:
@@ -87,6 +110,7 @@ def test_json_object_response_format_on_completions(client: openai.OpenAI) -> No
         model=ROLE,
         prompt="A JSON object about a cat:",
         max_tokens=48,
+        temperature=0,
         extra_body={"response_format": {"type": "json_object"}},
     )
     if answer.choices[0].finish_reason == "stop":
@@ -103,9 +127,12 @@ def test_required_tool_call_streamed_and_not(client: openai.OpenAI) -> None:
     )
     choice = answer.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
-    call = choice.message.tool_calls[0]
-    assert call.function.name == "get_weather"
-    jsonschema.validate(json.loads(call.function.arguments), WEATHER_TOOL["function"]["parameters"])
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id and call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, WEATHER_TOOL["function"]["parameters"])
+    assert set(arguments) == {"city"} and arguments["city"].strip()
+    assert 0 < answer.usage.completion_tokens <= 64
 
     named = {"type": "function", "function": {"name": "get_weather"}}
     chunks = list(
@@ -121,9 +148,11 @@ def test_required_tool_call_streamed_and_not(client: openai.OpenAI) -> None:
     )
     deltas = [c.choices[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]
     assert len(deltas) == 1 and deltas[0].finish_reason == "tool_calls"
-    streamed_call = deltas[0].delta.tool_calls[0]
+    (streamed_call,) = deltas[0].delta.tool_calls
     assert streamed_call.index == 0 and streamed_call.id and streamed_call.function.name == "get_weather"
-    json.loads(streamed_call.function.arguments)
+    streamed_arguments = json.loads(streamed_call.function.arguments)
+    jsonschema.validate(streamed_arguments, WEATHER_TOOL["function"]["parameters"])
+    assert set(streamed_arguments) == {"city"} and streamed_arguments["city"].strip()
 
 
 def test_tool_result_round_trip(client: openai.OpenAI) -> None:
@@ -132,16 +161,23 @@ def test_tool_result_round_trip(client: openai.OpenAI) -> None:
     first = client.chat.completions.create(
         model=ROLE, messages=QUESTION, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=64, temperature=0
     )
-    call = first.choices[0].message.tool_calls[0]
+    (call,) = first.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city"}
     history = [
         *QUESTION,
         first.choices[0].message.model_dump(exclude_none=True),
         {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"},
     ]
     final = client.chat.completions.create(
-        model=ROLE, messages=history, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=24
+        model=ROLE, messages=history, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=24, temperature=0
     )
     assert final.choices[0].message.content and final.choices[0].message.tool_calls is None
+    assert final.choices[0].finish_reason in ("stop", "length") and 0 < final.usage.completion_tokens <= 24
+    # The call and its result went into the prompt: longer than the question alone, asked the same way.
+    alone = client.chat.completions.create(
+        model=ROLE, messages=QUESTION, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=1, temperature=0
+    )
+    assert final.usage.prompt_tokens > alone.usage.prompt_tokens
 
 
 def test_the_fields_clients_send(client: openai.OpenAI) -> None:
@@ -160,7 +196,10 @@ def test_the_fields_clients_send(client: openai.OpenAI) -> None:
         extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 12, "ignore_eos": True},
     )
     assert [c.index for c in answer.choices] == [0, 1]
-    assert answer.usage.completion_tokens == 24  # min_tokens = max_tokens and EOS ignored: 12 each
+    # Sampled, but min_tokens = max_tokens and EOS ignored: 12 tokens each, cut by the length, whatever is drawn.
+    assert [c.finish_reason for c in answer.choices] == ["length", "length"]
+    assert all(c.message.content for c in answer.choices)
+    assert answer.usage.completion_tokens == 24
     chunks = list(
         client.chat.completions.create(
             model=ROLE,
@@ -194,19 +233,34 @@ def test_bad_agent_requests_are_400s_in_openai_shape(base_url: str) -> None:
 
 
 def test_responses_text_and_function_call(client: openai.OpenAI) -> None:
-    text = client.responses.create(model=ROLE, input="Say hello.", instructions="Be brief.", max_output_tokens=16)
-    assert text.output_text and text.usage.output_tokens > 0
+    text = client.responses.create(
+        model=ROLE, input="Say hello.", instructions="Be brief.", max_output_tokens=16, temperature=0
+    )
+    assert text.output_text and 0 < text.usage.output_tokens <= 16
+    assert text.usage.total_tokens == text.usage.input_tokens + text.usage.output_tokens
     tool = {"type": "function", "name": "get_weather", "parameters": WEATHER_TOOL["function"]["parameters"]}
+    # Greedy, as every required tool call here: sampled, the 135M model can spend max_output_tokens in the string.
     called = client.responses.create(
-        model=ROLE, input=QUESTION[0]["content"], tools=[tool], tool_choice="required", max_output_tokens=64
+        model=ROLE,
+        input=QUESTION[0]["content"],
+        tools=[tool],
+        tool_choice="required",
+        max_output_tokens=64,
+        temperature=0,
     )
     calls = [item for item in called.output if item.type == "function_call"]
-    assert calls and calls[0].name == "get_weather" and json.loads(calls[0].arguments)["city"]
-    events = list(client.responses.create(model=ROLE, input="Say hello.", max_output_tokens=8, stream=True))
+    assert calls, called.output  # parallel calls are allowed: each one must be a whole, valid call
+    for call in calls:
+        arguments = json.loads(call.arguments)
+        assert call.name == "get_weather" and call.call_id and set(arguments) == {"city"} and arguments["city"].strip()
+    events = list(
+        client.responses.create(model=ROLE, input="Say hello.", max_output_tokens=8, stream=True, temperature=0)
+    )
     kinds = [event.type for event in events]
     assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete")
     streamed = "".join(event.delta for event in events if event.type == "response.output_text.delta")
-    assert streamed == events[-1].response.output_text
+    assert streamed and streamed == events[-1].response.output_text
+    assert 0 < events[-1].response.usage.output_tokens <= 8
 
 
 def test_responses_refuses_server_side_state(base_url: str) -> None:
@@ -231,12 +285,16 @@ def test_langchain_structured_output_and_tools(base_url: str) -> None:
     # Greedy, as extraction code usually runs; a 135M model sampled at 1.0 can ramble inside a string.
     chat = ChatOpenAI(model=ROLE, base_url=base_url, api_key="unused", max_tokens=64, max_retries=0, temperature=0)
     question = "Is the sky blue? Reply as JSON with keys answer (yes or no) and confidence (an integer)."
-    verdict = chat.with_structured_output(Verdict, method="json_schema").invoke(question)
-    assert isinstance(verdict, Verdict)
+    structured = chat.with_structured_output(Verdict, method="json_schema", include_raw=True).invoke(question)
+    assert structured["parsing_error"] is None
+    # The model's own JSON has exactly Verdict's fields, and it is what LangChain parsed.
+    raw = json.loads(structured["raw"].content)
+    assert set(raw) == {"answer", "confidence"} and raw["answer"] in ("yes", "no")
+    assert structured["parsed"] == Verdict(**raw)
     # json_mode sends no schema (only "some JSON object"): what is guaranteed is a JSON object;
     # whether its keys match is up to the model.
-    raw = chat.with_structured_output(Verdict, method="json_mode", include_raw=True).invoke(question)["raw"]
-    assert isinstance(json.loads(raw.content), dict)
+    loose = chat.with_structured_output(Verdict, method="json_mode", include_raw=True).invoke(question)["raw"]
+    assert isinstance(json.loads(loose.content), dict)
 
     @tool
     def get_weather(city: str) -> str:
@@ -244,8 +302,10 @@ def test_langchain_structured_output_and_tools(base_url: str) -> None:
         return f"18 C in {city}"
 
     message = chat.bind_tools([get_weather], tool_choice="get_weather").invoke("What is the weather in Paris?")
-    assert message.tool_calls and message.tool_calls[0]["name"] == "get_weather"
-    assert isinstance(message.tool_calls[0]["args"]["city"], str)
+    assert message.tool_calls  # parallel calls are allowed: each one must be a whole, valid call
+    for call in message.tool_calls:
+        assert call["name"] == "get_weather" and call["id"]
+        assert set(call["args"]) == {"city"} and call["args"]["city"].strip()
 
 
 def test_openai_agents_sdk_one_tool_loop(base_url: str) -> None:
@@ -274,8 +334,21 @@ def test_openai_agents_sdk_one_tool_loop(base_url: str) -> None:
         tool_use_behavior="stop_on_first_tool",
     )
     result = Runner.run_sync(agent, "What is the weather in Paris?", max_turns=4)
-    assert calls, "the agent never called its tool"
+    assert len(calls) == 1 and calls[0].strip(), "the agent should call its tool once, with a city"
     assert result.final_output == f"18 C and sunny in {calls[0]}"
+
+
+def _tool_calls(run: Any) -> list[Any]:
+    """The tool calls the model made in a pydantic-ai run."""
+    from pydantic_ai.messages import ModelResponse, ToolCallPart
+
+    return [
+        part
+        for message in run.all_messages()
+        if isinstance(message, ModelResponse)
+        for part in message.parts
+        if isinstance(part, ToolCallPart)
+    ]
 
 
 @pytest.mark.parametrize("model_class", ["OpenAIChatModel", "OpenAIResponsesModel"])
@@ -287,8 +360,12 @@ def test_pydantic_ai_structured_output_and_an_output_tool(base_url: str, model_c
     model = getattr(pydantic_ai_openai, model_class)(ROLE, provider=OpenAIProvider(base_url=base_url, api_key="unused"))
     settings = {"temperature": 0, "max_tokens": 64}
     # pydantic-ai's default structured output: a `final_result` tool the model must call (tool_choice required).
-    verdict = Agent(model, output_type=Verdict, model_settings=settings).run_sync("Is water wet?").output
-    assert isinstance(verdict, Verdict)
+    run = Agent(model, output_type=Verdict, model_settings=settings).run_sync("Is water wet?")
+    # The model called the output tool with exactly Verdict's fields, and its first call is the output.
+    finals = [part for part in _tool_calls(run) if part.tool_name == "final_result"]
+    assert finals and all(set(final.args_as_dict()) == {"answer", "confidence"} for final in finals)
+    assert run.output == Verdict(**finals[0].args_as_dict())
+    assert run.usage.requests == 1 and run.usage.output_tokens > 0
 
     cities: list[str] = []
 
@@ -300,7 +377,12 @@ def test_pydantic_ai_structured_output_and_an_output_tool(base_url: str, model_c
     # A function as the agent's output tool: the loop ends with the tool's result.
     agent = Agent(model, output_type=ToolOutput(get_weather), model_settings=settings)
     result = agent.run_sync("What is the weather in Paris?")
-    assert cities and result.output == f"18 C and sunny in {cities[0]}"
+    assert len(cities) == 1 and cities[0].strip() and result.output == f"18 C and sunny in {cities[0]}"
+    # pydantic-ai names an output tool `final_result`, whatever function it runs, and runs the first call
+    # of a response (the model may send several): that one's argument is the city the function got.
+    calls = [part for part in _tool_calls(result) if part.tool_name == "final_result"]
+    assert calls and calls[0].args_as_dict() == {"city": cities[0]}
+    assert all(set(call.args_as_dict()) == {"city"} for call in calls)
 
 
 def test_smolagents_tool_calling_agent(base_url: str) -> None:
@@ -325,4 +407,10 @@ def test_smolagents_tool_calling_agent(base_url: str) -> None:
     agent = ToolCallingAgent(tools=[get_weather], model=model, max_steps=2, verbosity_level=0)
     agent.run("What is the weather in Paris?")
     steps = [step for step in agent.memory.steps if isinstance(step, ActionStep) and step.tool_calls]
-    assert cities and steps and all(step.error is None for step in steps)
+    assert cities and all(city.strip() for city in cities)
+    assert steps and all(step.error is None for step in steps)
+    # Each step's call was parsed into the tool's name and its one argument.
+    calls = [call for step in steps for call in step.tool_calls]
+    arguments = calls[0].arguments
+    arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+    assert calls[0].name == "get_weather" and arguments == {"city": cities[0]}

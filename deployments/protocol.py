@@ -32,7 +32,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from deployments.errors import BadRequestError, InvalidRequest, validation_error
 from deployments.generation import (
-    DEFAULT_MAX_TOKENS,
     GenerationInput,
     GenerationOutput,
     RowRules,
@@ -315,7 +314,7 @@ class _SamplingFields(_RequestModel):
         (the field `max_tokens` came from); the default obeys it (deployments.generation.checked_max_tokens).
         None: the caller checks later (the replica does)."""
         try:
-            max_tokens = checked_max_tokens(max_tokens, max_tokens_cap or DEFAULT_MAX_TOKENS, self.model)
+            max_tokens = checked_max_tokens(max_tokens, max_tokens_cap, self.model)
         except InvalidRequest as exc:
             message = str(exc).replace("max_tokens", max_tokens_field, 1)
             raise BadRequestError(message, param=max_tokens_field) from None

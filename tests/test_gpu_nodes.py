@@ -267,6 +267,8 @@ def test_a_whole_gpu_task_is_not_scheduled_onto_gpus_rayfit_fills(served: Served
         return [str(g) for g in ray.get_gpu_ids()], labels.get(GPU_LABEL)
 
     task = whole_gpu.remote()
+    # The thing under test is a duration: the task stays unscheduled for PENDING_WAIT_S, while Ray could
+    # have placed a feasible one several times over.
     ready, _ = ray.wait([task], timeout=PENDING_WAIT_S)
     assert not ready, "a num_gpus=1 task ran on a GPU rayfit's replicas hold shares of"
     # A free GPU joins: the task runs there at once, never on box-0 or box-1.
@@ -298,15 +300,23 @@ def test_a_model_aimed_at_a_full_gpu_stays_pending_with_the_reason(served: Serve
     options = deployment_options(entry, Inventory(nodes=()))  # a per-GPU entry carries all it needs
     app = ModelServer.options(name="intruder", **options).bind("intruder", {"model": "org/intruder"}, entry)
     serve._run(app, name="intruder", route_prefix=None, _blocking=False)
+
+    def intruder_status() -> Any:
+        app = serve.status().applications.get("intruder")
+        return app.deployments.get("intruder") if app else None
+
     try:
-        time.sleep(PENDING_WAIT_S)
+        # Serve says why the replica waits (RAY_SERVE_SLOW_STARTUP_WARNING_S=2 in this cluster): polled, bounded.
         deadline = time.monotonic() + 30
-        while True:
-            status = serve.status().applications["intruder"].deployments["intruder"]
-            if GPU_MEMORY_RESOURCE in status.message or time.monotonic() > deadline:
-                break
+        while (status := intruder_status()) is None or GPU_MEMORY_RESOURCE not in status.message:
+            assert time.monotonic() < deadline, status
             time.sleep(0.5)
-        assert status.replica_states.get("RUNNING", 0) == 0, status
+        # The thing under test is a duration: the replica stays pending (never RUNNING) for PENDING_WAIT_S,
+        # while Ray could have scheduled a feasible one several times over.
+        pending_until = time.monotonic() + PENDING_WAIT_S
+        while time.monotonic() < pending_until:
+            assert (status := intruder_status()).replica_states.get("RUNNING", 0) == 0, status
+            time.sleep(0.5)
         # Serve's own words: the replica waits to be scheduled, and for what (8 GiB = 8192 MiB of GPU memory).
         assert "to be scheduled" in status.message, status.message
         assert re.search(r'"rayfit_gpu_mib": 8192(\.0)?\b', status.message), status.message

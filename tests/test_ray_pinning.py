@@ -117,6 +117,15 @@ def wait_running(apps: list[str], timeout_s: float = DEPLOY_TIMEOUT_S) -> dict[s
     raise AssertionError(f"not all RUNNING after {timeout_s}s: {statuses}")
 
 
+def _starting_not_running(app: str) -> bool:
+    """The app's one deployment has a replica Serve started, and none RUNNING (pending in Ray)."""
+    status = serve.status().applications.get(app)
+    if status is None or app not in status.deployments:
+        return False
+    states = status.deployments[app].replica_states
+    return states.get("RUNNING", 0) == 0 and states.get("STARTING", 0) >= 1
+
+
 def delete_all(apps: list[str]) -> None:
     """Delete in parallel, then wait until all are gone (their GPU slots are free again)."""
     for app in apps:
@@ -171,7 +180,17 @@ def test_model_aimed_at_a_full_gpu_does_not_start(cluster: Inventory) -> None:
     try:
         deploy(holder, cluster)
         deploy(late, cluster, blocking=False)
-        time.sleep(PENDING_WAIT_S)
+        deadline = time.monotonic() + DEPLOY_TIMEOUT_S
+        while not _starting_not_running("late"):  # Serve created its replica; Ray has not placed it
+            assert time.monotonic() < deadline, serve.status().applications.get("late")
+            time.sleep(0.2)
+        # The thing under test is a duration: the replica stays pending (never RUNNING) for PENDING_WAIT_S,
+        # while Ray could have scheduled a feasible one several times over.
+        pending_until = time.monotonic() + PENDING_WAIT_S
+        while time.monotonic() < pending_until:
+            status = serve.status().applications["late"]
+            assert status.deployments["late"].replica_states.get("RUNNING", 0) == 0, status
+            time.sleep(0.5)
         assert app_status("late") == ApplicationStatus.DEPLOYING
         deployment = serve.status().applications["late"].deployments["late"]
         assert deployment.status.value == "UPDATING", deployment
@@ -191,14 +210,14 @@ def test_restarted_replica_comes_back_on_the_same_gpu(cluster: Inventory) -> Non
         before = report("moved")
         ray.kill(ray.get_actor(before["actor_name"], namespace="serve"), no_restart=True)
         deadline = time.monotonic() + DEPLOY_TIMEOUT_S
-        after = before
+        after, error = before, None
         while after["actor_id"] == before["actor_id"]:
-            assert time.monotonic() < deadline, "Serve did not restart the killed replica"
+            assert time.monotonic() < deadline, f"Serve did not restart the killed replica (last error: {error!r})"
             time.sleep(0.5)
             try:
                 after = report("moved")
-            except Exception:  # the handle errors while the replica is down
-                continue
+            except Exception as exc:  # the handle errors while the replica is down; named if it never comes back
+                error = exc
         assert after["cuda_visible_devices"] == "1"
     finally:
         delete_all([e.role for e in entries])

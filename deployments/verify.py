@@ -153,18 +153,19 @@ def entry_for_this_node(entry: PlanEntry) -> PlanEntry:
     return mine
 
 
-def _rss_bytes() -> int:
-    """Resident set size of this process (Linux /proc; psutil elsewhere)."""
+def _rss_bytes(field: str = "VmRSS") -> int:
+    """Resident set size of this process (Linux /proc; psutil elsewhere); `VmHWM`: its peak so far."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     import psutil  # Ray depends on it, so it is present wherever replicas run
 
-    return int(psutil.Process().memory_info().rss)
+    info = psutil.Process().memory_info()
+    return int(getattr(info, "peak_wset", info.rss) if field == "VmHWM" else info.rss)
 
 
 def memory_report(model: torch.nn.Module, weights: int | None = None) -> dict[str, int | str]:
@@ -184,10 +185,13 @@ def memory_report(model: torch.nn.Module, weights: int | None = None) -> dict[st
         for index in range(torch.cuda.device_count()):
             report[f"cuda:{index}_allocated_bytes"] = int(torch.cuda.memory_allocated(index))
             report[f"cuda:{index}_reserved_bytes"] = int(torch.cuda.memory_reserved(index))
+            # The most the allocator held since the process started, the load included (placement.calibration).
+            report[f"cuda:{index}_peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(index))
             # Device-wide (every process on the GPU), from the driver: what the report calls free.
             free, total = torch.cuda.mem_get_info(index)
             report[f"cuda:{index}_free_bytes"] = int(free)
             report[f"cuda:{index}_total_bytes"] = int(total)
     else:
         report["rss_bytes"] = _rss_bytes()
+        report["peak_rss_bytes"] = _rss_bytes("VmHWM")  # the process's peak, the load included
     return report

@@ -1,16 +1,19 @@
 """`python -m placement`: dry-run plans and cluster start-up arguments.
 
 Exit codes of `plan`: 0 a feasible plan, 1 no feasible plan (the message names
-every model that does not fit), 2 a bad config or argument. Exit codes of
-`report`: 0 every model where planned and within budget, 1 not so, 2 the app
-could not be read.
+every model that does not fit), 2 a bad config or argument. With `--add`
+(placement.add_model): 0 the new model fits and no running model moves, 1 it
+does not fit now, 3 it fits only if running models move, 2 bad input. Exit
+codes of `report`: 0 every model where planned and within budget, 1 not so, 2
+the app could not be read. `calibrate`: 0 stored, 1 nothing to store, 2 the app
+or the config could not be read.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -22,9 +25,15 @@ from placement.render import plan_to_dict, print_advice, print_plan
 from placement.rules import load_rules
 from placement.units import parse_size
 
+if TYPE_CHECKING:
+    from placement.calibration import CalibrationKey, Measurement
+    from placement.config import ModelSpec
+    from placement.rules import SizeRules
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="rayfit placement: which model goes on which GPU.")
 EXIT_INFEASIBLE = 1
 EXIT_BAD_INPUT = 2
+EXIT_MOVES = 3  # `plan --add`: the new model fits only if running models move
 
 
 def _fail(console: Console, message: str, code: int) -> typer.Exit:
@@ -77,11 +86,28 @@ def plan(
     per_gpu: Annotated[
         bool, typer.Option("--per-gpu", help="Plan as if every GPU were its own Ray node (the per-GPU mode).")
     ] = False,
+    add: Annotated[
+        str | None,
+        typer.Option(
+            help="One more model for the running cluster (with --address): MODEL, ROLE=MODEL, or a one-role "
+            "YAML entry '{role: {model: ..., ...}}'. Answers whether it fits now, where, and whether any "
+            "running model moves; deploys nothing."
+        ),
+    ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="Measured figures (`calibrate`); default $RAYFIT_CALIBRATION or ~/.cache/rayfit/…"),
+    ] = None,
+    measured: Annotated[
+        bool, typer.Option("--measured/--estimated", help="Use measured figures where stored, or estimates only.")
+    ] = True,
 ) -> None:
     """Plan where each model of CONFIG runs, before anything loads."""
     console = Console(stderr=as_json)
     try:
         configs = load_model_configs(config)
+        measurements = _measurements(calibration) if measured else {}
+        addition = _parse_addition(add) if add is not None else None
         size_rules = load_rules(rules)
         reserve = Reserve(cuda_context_bytes=parse_size(cuda_context), safety_margin=margin)
         inventory = _inventory(gpus, address, gpu_memory)
@@ -90,15 +116,21 @@ def plan(
     except (ConfigError, InventoryError, ValueError) as exc:
         raise _fail(console, str(exc), EXIT_BAD_INPUT) from exc
 
+    from placement.calibration import calibrated
     from placement.demo_models import resolve_demo_models
     from placement.planner import make_plan
     from placement.sizing import SizingError, estimate_memory
 
+    if addition is not None:
+        _answer_addition(console, configs.models, addition, inventory, size_rules, reserve, measurements, as_json)
+        return
     try:
         models = resolve_demo_models(configs.models)
         estimates = {role: estimate_memory(spec) for role, spec in models.items()}
     except (SizingError, FileNotFoundError) as exc:
         raise _fail(console, f"{config}: {exc}", EXIT_BAD_INPUT) from exc
+    # Where a replica of the same model, context and device kind was measured, its peak (placement.calibration).
+    estimates = calibrated(configs.models, estimates, inventory, measurements)
     try:
         result = make_plan(models, inventory, rules=size_rules, reserve=reserve, estimates=estimates)
     except PlanError as exc:
@@ -126,6 +158,60 @@ def plan(
         print(json.dumps(plan_to_dict(result), indent=2))
     else:
         print_plan(result, console)
+
+
+def _measurements(path: Path | None) -> dict[CalibrationKey, Measurement]:
+    from placement.calibration import default_path, load_measurements
+
+    return load_measurements(path or default_path())
+
+
+def _parse_addition(text: str) -> tuple[str, ModelSpec]:
+    from placement.add_model import parse_addition
+
+    return parse_addition(text)
+
+
+def _answer_addition(
+    console: Console,
+    written: dict[str, ModelSpec],
+    addition: tuple[str, ModelSpec],
+    inventory: Inventory,
+    size_rules: SizeRules,
+    reserve: Reserve,
+    measurements: dict[CalibrationKey, Measurement],
+    as_json: bool,
+) -> None:
+    """`plan --add`: print the answer and exit 0 (fits, nothing moves), 1 (no room) or 3 (moves)."""
+    from placement.add_model import check_addition
+    from placement.demo_models import resolve_demo_model
+    from placement.sizing import SizingError, estimate_memory
+
+    role, spec = addition
+    try:
+        answer = check_addition(
+            written,
+            role,
+            spec,
+            inventory,
+            resolve=resolve_demo_model,
+            estimate=estimate_memory,
+            rules=size_rules,
+            reserve=reserve,
+            measurements=measurements,
+        )
+    except (SizingError, FileNotFoundError, ValueError) as exc:
+        raise _fail(console, f"--add {spec.model}: {exc}", EXIT_BAD_INPUT) from exc
+    except PlanError as exc:
+        raise _fail(console, f"the running config does not fit this cluster now: {exc}", EXIT_INFEASIBLE) from exc
+    if as_json:
+        print(json.dumps(answer.as_dict(), indent=2))
+    else:
+        console.print(answer.describe(), highlight=False, markup=False)
+        for note in answer.notes:
+            console.print(f"note: {note}", highlight=False, markup=False)
+    if answer.verdict != "fits":
+        raise typer.Exit(EXIT_INFEASIBLE if answer.verdict == "no_room" else EXIT_MOVES)
 
 
 @app.command("ray-start-args")
@@ -231,6 +317,65 @@ def report(
     else:
         print_report(result, console)
     if not result.ok:
+        raise typer.Exit(EXIT_INFEASIBLE)
+
+
+@app.command()
+def calibrate(
+    config: Annotated[Path, typer.Argument(help="model_configs.yaml the running app serves")],
+    url: Annotated[
+        str, typer.Option(help="The running rayfit app (its /v1/placement is read).")
+    ] = "http://127.0.0.1:8000",
+    api_key: Annotated[
+        str | None, typer.Option(envvar="RAYFIT_API_KEY", help="Bearer key, when the app requires one.")
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option(help="Where to store them; default $RAYFIT_CALIBRATION or ~/.cache/rayfit/…")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the app.", min=1)] = 60.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what was stored as JSON.")] = False,
+) -> None:
+    """Store what each running replica really held (weights, KV, peak) for later plans (placement.calibration).
+
+    Run it after representative traffic: the peak counts from the replica's start, its largest request included."""
+    import httpx
+
+    from placement.calibration import CalibrationError, default_path, measurements_from_placement, save_measurements
+    from placement.demo_models import resolve_demo_model
+    from placement.sizing import SizingError, estimate_memory
+
+    console = Console(stderr=as_json)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    endpoint = url.rstrip("/") + "/v1/placement"
+    path = file or default_path()
+    try:
+        written = load_model_configs(config).models
+        estimates = {role: estimate_memory(resolve_demo_model(spec)) for role, spec in written.items()}
+        response = httpx.get(endpoint, headers=headers, timeout=timeout)
+        response.raise_for_status()
+        found, notes = measurements_from_placement(response.json(), written, estimates)
+        stored = save_measurements(path, found) if found else {}
+    except (ConfigError, SizingError, FileNotFoundError, CalibrationError) as exc:
+        raise _fail(console, str(exc), EXIT_BAD_INPUT) from exc
+    except (httpx.HTTPError, ValueError) as exc:
+        raise _fail(console, f"cannot read {endpoint}: {exc}", EXIT_BAD_INPUT) from exc
+    if as_json:
+        print(json.dumps({"file": str(path), "stored": [m.as_dict() for m in found], "notes": notes}, indent=2))
+    else:
+        from placement.units import gib
+
+        for m in found:
+            console.print(
+                f"{m.role}: {m.key.model} on {m.key.device_kind} at context {m.key.context_length}: peak "
+                f"{gib(m.peak_bytes)} (weights {gib(m.weights_bytes)}, KV {gib(m.kv_bytes)}; planned "
+                f"{gib(m.estimated_bytes)})",
+                highlight=False,
+                markup=False,
+            )
+        console.print(f"stored in {path} ({len(stored)} record(s))", highlight=False, markup=False)
+    for note in notes:
+        console.print(f"note: {note}", highlight=False, markup=False)
+    if not found:
         raise typer.Exit(EXIT_INFEASIBLE)
 
 

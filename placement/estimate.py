@@ -44,6 +44,14 @@ class MemoryEstimate:
     quant: QuantizationPlan | None = None
     dtype: str = "bfloat16"
     kv_budget: KvBudget | None = None
+    # Set when a replica's measured peak replaced the estimated total (placement.calibration): the bytes
+    # it held at its peak. On CPU that is the process's peak RSS, so the planner adds no process bytes.
+    measured_peak_bytes: int | None = None
+
+    @property
+    def source_label(self) -> str:
+        """The source as the plan shows it: 'measured (gguf)' once corrected by a measurement."""
+        return self.source if self.measured_peak_bytes is None else f"measured ({self.source})"
 
     @property
     def is_exact(self) -> bool:

@@ -179,8 +179,10 @@ def make_plan(
         on_gpu = [s for s in gpu_states if s.node in candidate_nodes]
         wants_cpu = spec.cpu or rule.prefer == "cpu"
         if wants_cpu or not on_gpu:
-            # On CPU each replica's own process (Python, torch, transformers) shares the RAM too.
-            need += CPU_PROCESS_BYTES * replicas
+            # On CPU each replica's own process (Python, torch, transformers) shares the RAM too;
+            # a measured peak RSS (placement.calibration) already holds it.
+            if estimate.measured_peak_bytes is None:
+                need += CPU_PROCESS_BYTES * replicas
             placement, why_not = _place_on_cpu(role, need, candidate_nodes, cpu_planned, spec, rule, warnings)
         elif per_gpu:
             spread, why_not = _spread_over_gpu_nodes(role, spec, estimate, context, rule, on_gpu)

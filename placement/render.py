@@ -23,6 +23,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     for entry in plan.entries:
         data = asdict(entry)
         data["estimate"]["total_bytes"] = entry.estimate.total_bytes
+        data["estimate"]["source_label"] = entry.estimate.source_label  # "measured (...)" once calibrated
         data["device_label"] = entry.device_label
         data["memory_budget_gib"] = round(entry.memory_budget_bytes / GIB, 3)
         data["max_memory"] = {str(k): v for k, v in entry.max_memory.items()}
@@ -78,7 +79,7 @@ def print_plan(plan: Plan, console: Console) -> None:
         models.add_column(column, overflow="fold")
     for entry in plan.entries:
         e = entry.estimate
-        source = f"[bold red]{e.source} (GUESS)[/]" if e.is_guess else e.source
+        source = f"[bold red]{e.source} (GUESS)[/]" if e.is_guess else e.source_label
         quant = "" if e.quantization == "none" else f" {e.quantization}"
         models.add_row(
             f"[bold]{entry.role}[/]\n{entry.model}",

@@ -114,7 +114,7 @@ def test_rayservice_gpu_workers_are_one_labelled_pod_per_gpu() -> None:
         assert params["num-gpus"] == "1" and int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
         # One pod per group: a recreated pod takes the group's labels, and no two pods share them.
         assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 1
-        labels = dict(item.split("=", 1) for item in params["labels"].split(","))
+        labels = group["labels"]  # the group's Ray node labels (KubeRay refuses them in rayStartParams)
         info = gpu_node_of(labels)
         assert info is not None and info.indices == (0,) and info.memory_bytes
         assert labels == gpu_node_labels(info.host, [0], info.memory_bytes)

@@ -30,9 +30,9 @@ import llguidance.hf
 import llguidance.torch
 import torch
 from transformers import LogitsProcessor
-from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
 
 from deployments.generation import RowRules
+from placement import hf_internals
 
 # The key every continuous-batching request carries (-1: nothing to do for this row).
 ROW_KEY = "rayfit_row"
@@ -191,7 +191,7 @@ class RowLogits:
         return scores + grammar_bias(bitmask, scores.size(-1), scores.dtype, scores.device)[0]
 
 
-class BatchRowsProcessor(ContinuousBatchingLogitsProcessor):
+class BatchRowsProcessor(hf_internals.CBLogitsProcessor):
     """`RowLogits` inside transformers' continuous batch.
 
     Each request that needs rules is added with `rayfit_row=<key>`; before a
@@ -228,10 +228,11 @@ class BatchRowsProcessor(ContinuousBatchingLogitsProcessor):
     def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
         keys = []
         for request in requests_with_new_token:
-            key = request.state.logit_processor_kwargs.get(ROW_KEY, -1)
+            kwargs, generated = hf_internals.request_row_state(request)
+            key = kwargs.get(ROW_KEY, -1)
             row = self.rows.get(key)
             if row is not None:
-                row.observe(request.state.generated_tokens)
+                row.observe(generated)
             keys.append(key if row is not None else -1)
         return torch.tensor(keys, dtype=torch.int32)
 
@@ -272,11 +273,7 @@ class BatchRowsProcessor(ContinuousBatchingLogitsProcessor):
 def install_batch_rows(manager: Any, rows: BatchRowsProcessor) -> None:
     """Put `rows` first in a continuous-batching manager's processors (before temperature and
     top-p, so rules act on the model's own scores); call before `manager.start()`."""
-    processors = manager.logit_processor
-    processors.logits_processor.insert(0, rows)
-    processors.tensors_required += 1
-    processors.supported_keys.update(rows.supported_kwargs)
-    processors.do_processing = True
+    hf_internals.add_first_processor(manager, rows)
 
 
 class GenerateRowsProcessor(LogitsProcessor):

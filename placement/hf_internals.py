@@ -96,6 +96,8 @@ TRANSFORMERS = SimpleNamespace(
     FullAttentionCacheAllocator=_find(f"{_CB}.cache_allocators", "FullAttentionCacheAllocator"),
     find_head_dim=_find(f"{_CB}.utils", "find_head_dim"),
     find_num_key_value_heads=_find(f"{_CB}.utils", "find_num_key_value_heads"),
+    DummyLayer=_find("transformers.cache_utils", "DummyLayer"),
+    PreTrainedModel=_find("transformers", "PreTrainedModel"),
 )
 _T = TRANSFORMERS
 
@@ -103,11 +105,11 @@ _T = TRANSFORMERS
 
 # No public way to give the manager a per-request logits processor: this base class is its protocol
 # (fill_defaults / prepare_tensor_args / __call__, kwargs declared in supported_kwargs).
-CBLogitsProcessor: type = _T.ContinuousBatchingLogitsProcessor
+CBLogitsProcessor = _T.ContinuousBatchingLogitsProcessor
 
 # The per-request top-p warper the manager builds from generation_config; no public way to change how it
 # filters (deployments.engine.pool subclasses it to skip the vocabulary sort where it changes nothing).
-CBTopPWarper: type = _T.ContinuousBatchingTopPLogitsWarper
+CBTopPWarper = _T.ContinuousBatchingTopPLogitsWarper
 
 
 def request_row_state(request: Any) -> tuple[Mapping[str, Any], list[int]]:
@@ -274,6 +276,19 @@ def sector_bytes(allocators: list[Any]) -> int:
     return math.lcm(*(block_bytes(a) for a in allocators), SECTOR_ALIGNMENT_BYTES)
 
 
+# ---- models and caches outside continuous batching -----------------------------------------------
+
+# The layer a Cache holds for a layer that stores no KV (shared-KV or attention-free layers); it is
+# undocumented, and nothing public tells such a layer apart (deployments.engine.kv skips it).
+NoKvCacheLayer = _T.DummyLayer
+
+
+def model_from_config(cls: type, config: Any) -> Any:
+    """An instance of the model class `cls` built from `config` (under the caller's device context)."""
+    # Only the Auto classes have a public from_config; a specific model class has the private _from_config.
+    return cls._from_config(config)
+
+
 # ---- the check ----------------------------------------------------------------------------------------
 
 
@@ -328,6 +343,8 @@ INTERNALS: tuple[Internal, ...] = (
     ),
     Internal("find_head_dim", (), "", ("config",)),
     Internal("find_num_key_value_heads", (), "", ("config",)),
+    Internal("DummyLayer"),
+    Internal("PreTrainedModel", (), "_from_config", ("config",)),
 )
 
 # The layer kinds kv_budget sizes, and the allocator each must be (the sliding one subclasses the full one).

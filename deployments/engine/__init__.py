@@ -76,6 +76,7 @@ from deployments.loading import LoadedModel
 from deployments.row_logits import RowFactory
 from deployments.tool_formats import ToolFormat
 from deployments.verify import memory_report
+from placement.hf_internals import check_transformers_internals
 from placement.kv_geometry import KvBudget
 from placement.replica import ReplicaPlan
 from placement.sizing.logprob_workspace import LogprobWorkspace
@@ -99,6 +100,7 @@ class Engine:
         `tool_format`: json, hermes, or auto (from the chat template; deployments.tool_formats)."""
         if plan.kv is None:
             raise ValueError(f"{plan.role}: the replica plan has no KV geometry yet (placement.replica.complete_kv)")
+        check_transformers_internals()  # an untested transformers fails here, naming the internal that moved
         self.loaded = loaded
         self.plan = plan
         self.model = loaded.model

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DummyLayer
+
+from placement.hf_internals import NoKvCacheLayer
 
 # How often a waiting request looks at its cancel flag.
 _CANCEL_POLL_S = 0.05
@@ -115,7 +116,7 @@ class SideCache(DynamicCache):
         self.peak = 0  # the most held at one moment since the last report
         self._layer_bytes: dict[int, int] = {}
         # Layers that hold no KV (shared-KV models) are never updated: a pass ends at the last one that is.
-        kept = [i for i, layer in enumerate(self.layers) if not isinstance(layer, DummyLayer)]
+        kept = [i for i, layer in enumerate(self.layers) if not isinstance(layer, NoKvCacheLayer)]
         self._last_layer = kept[-1] if kept else None
 
     def update(

@@ -35,6 +35,7 @@ batch, it sees the model's raw scores (deployments.engine.logprobs).
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import queue
@@ -47,7 +48,6 @@ from typing import Any
 
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedModel
-from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingTopPLogitsWarper
 
 from deployments.engine.kv import RequestCancelled, SequenceSlots
 from deployments.engine.logprobs import LogprobRecorder
@@ -56,6 +56,7 @@ from deployments.engine.text import IncrementalText, StopHoldBack, TextRules
 from deployments.errors import RetryableGenerationError
 from deployments.generation import SamplingParams, StreamDelta
 from deployments.row_logits import ROW_KEY, BatchRowsProcessor, RowFactory, install_batch_rows
+from placement import hf_internals
 from placement.sizing.kv_budget import PagedPool
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class TokenUpdate:
     finished: bool
 
 
-class _CheapTopP(ContinuousBatchingTopPLogitsWarper):
+class _CheapTopP(hf_internals.CBTopPWarper):
     """transformers' per-request top-p, without its vocabulary sort where none is needed.
 
     Profiled on the demo at 8 concurrent greedy requests, the stock warper's
@@ -139,18 +140,6 @@ class _CheapTopP(ContinuousBatchingTopPLogitsWarper):
         return out
 
 
-def _use_cheap_top_p(manager: Any) -> _CheapTopP | None:
-    """Swap the manager's top-p warper for `_CheapTopP` (same settings); the new warper."""
-    processors = manager.logit_processor.logits_processor
-    for index, processor in enumerate(processors):
-        if type(processor) is ContinuousBatchingTopPLogitsWarper:
-            cheap = _CheapTopP.__new__(_CheapTopP)
-            cheap.__dict__.update(processor.__dict__)
-            processors[index] = cheap
-            return cheap
-    return None
-
-
 class _GreedyAwareSampler:
     """The model runner's sampling step, without softmax and multinomial for greedy rows.
 
@@ -166,17 +155,17 @@ class _GreedyAwareSampler:
     warper did not note fails rather than sample them.
     """
 
-    def __init__(self, runner: Any, top_p: _CheapTopP):
-        self.stock = runner._sample
-        self.runner = runner
+    def __init__(self, stock: hf_internals.SampleStep, returns_logprobs: bool, top_p: _CheapTopP):
+        self.stock = stock
+        self.returns_logprobs = returns_logprobs
         self.top_p = top_p
         # The stock step (logprobs asked for) needs greedy rows cut to their argmax by the warper.
-        top_p.sampler_picks_greedy = not runner.return_logprobs
+        top_p.sampler_picks_greedy = not returns_logprobs
 
     def __call__(self, scores: torch.Tensor, output_ids: torch.Tensor) -> None:
         logits = scores[0]  # [rows, vocab]
         greedy, self.top_p.greedy_rows = self.top_p.greedy_rows, None
-        if self.runner.return_logprobs:
+        if self.returns_logprobs:
             return self.stock(scores, output_ids)  # the warper cut greedy rows to their argmax
         if greedy is None or greedy.numel() != logits.size(0):
             # The warper did not see these rows, so which of them are greedy is unknown, and the stock
@@ -231,18 +220,6 @@ class LoopSink:
 
 # Where one request's updates go: a thread-side queue, or an event loop.
 _Target = queue.Queue | LoopSink
-
-
-def _deliver_on_loop(manager: Any, request_id: str, sink: LoopSink) -> None:
-    """Have the manager hand this request's outputs to `sink` on the sink's loop.
-
-    What transformers' `register_result_handler` records, written from the
-    submitting thread (that method reads the running loop, so it only works on
-    the loop itself). Removed again by `release`.
-    """
-    router = manager.output_router
-    with router._lock:
-        router.result_handlers[request_id] = (sink.on_output, sink.loop)
 
 
 class ContinuousBatcher:
@@ -324,7 +301,8 @@ class ContinuousBatcher:
             generation_config=self._generation, continuous_batching_config=self._config
         )
         # Before start(): the loop thread builds its batch processor from this list.
-        self._top_p = _use_cheap_top_p(manager)
+        # Swap the manager's top-p warper for `_CheapTopP` (same settings).
+        self._top_p = hf_internals.swap_top_p_warper(manager, _CheapTopP)
         install_batch_rows(manager, self.row_processor)
         manager.start()
         return manager
@@ -333,13 +311,12 @@ class ContinuousBatcher:
         """Bytes of the KV pool tensor, read off the manager once its thread has built it."""
         deadline = time.monotonic() + _CACHE_WAIT_S
         while time.monotonic() < deadline:
-            processor = self._manager.batch_processor
+            processor = hf_internals.built_batch_processor(self._manager)
             if processor is not None:
                 # Before any request is admitted (`_ready` is still clear): every step samples this way.
                 if self._top_p is not None:
-                    processor.model_runner._sample = _GreedyAwareSampler(processor.model_runner, self._top_p)
-                tensor = processor.cache.cache_tensor
-                return int(tensor.numel() * tensor.element_size())
+                    hf_internals.wrap_sampler(processor, functools.partial(_GreedyAwareSampler, top_p=self._top_p))
+                return hf_internals.kv_cache_bytes(processor)
             if not self._manager.is_running():
                 break
             time.sleep(0.01)
@@ -366,7 +343,7 @@ class ContinuousBatcher:
     def _recover(self) -> None:
         """The batching loop died (an exception inside transformers' loop, e.g. CUDA out of memory):
         answer every waiting request with a retryable error, free the old pool, start a new manager."""
-        fatal = getattr(self._manager.background_thread_status, "fatal_error", None)
+        fatal = hf_internals.loop_fatal_error(self._manager)
         logger.warning("continuous batching stopped (%s); failing in-flight requests and restarting", fatal)
         self._fail_all(BatchInterrupted(f"the running batch failed ({fatal or 'batching loop stopped'}); retry"))
         self._manager.stop(block=True, timeout=10)
@@ -439,8 +416,8 @@ class ContinuousBatcher:
                     with self._lock:
                         self._queues[request_id] = queue.Queue()
                 manager = self._manager
-                if sink is not None:
-                    _deliver_on_loop(manager, request_id, sink)
+                if sink is not None:  # outputs straight onto the sink's loop; undone by `release`
+                    hf_internals.deliver_on_loop(manager, request_id, sink.on_output, sink.loop)
                 added = manager.add_request(
                     list(input_ids),
                     request_id=request_id,
@@ -537,7 +514,7 @@ class ContinuousBatcher:
     def last_progress(self) -> float:
         """Monotonic time the batch last moved: an output delivered, or a decode step taken
         (the manager's step counter; non-streamed requests deliver only at their end)."""
-        step = getattr(self._manager, "current_batch", None)
+        step = hf_internals.decode_step(self._manager)
         if step is not None and step != self._progress_step:
             self._progress_step, self._progress_time = step, time.monotonic()
         return self._progress_time
@@ -566,9 +543,7 @@ class ContinuousBatcher:
         manager = self._manager  # None while a failed batcher is being rebuilt: nothing to cancel then
         if manager is None:
             return
-        router = manager.output_router
-        with router._lock:
-            router.result_handlers.pop(request_id, None)
+        hf_internals.drop_loop_delivery(manager, request_id)
         if cancel:
             manager.cancel_request(request_id)
 

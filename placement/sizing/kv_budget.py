@@ -9,8 +9,9 @@ A replica holds KV cache in two places (deployments.engine):
   one `generate` each with their own cache, at most `side_sequences` at once.
 
 Both are computed here with transformers' own cache classes, so the planner
-budgets exactly what the engine builds. The pool geometry follows
-`generation/continuous_batching/cache.py` (transformers 5.24): layers are
+budgets exactly what the engine builds (their private parts are reached
+through placement.hf_internals). The pool geometry follows
+`generation/continuous_batching/cache.py` (transformers 5.25): layers are
 grouped by attention type, each group gets blocks of one page per layer, a
 *sector* is the least common multiple of the groups' block sizes, and the
 tensor holds the data sectors plus two trash sectors. Sliding-window layers
@@ -27,10 +28,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from transformers.generation.continuous_batching.cache import ATTN_TYPE_TO_ALLOCATOR, group_layers_by_attn_type
-from transformers.generation.continuous_batching.cache_allocators import FullAttentionCacheAllocator
-from transformers.generation.continuous_batching.utils import find_head_dim, find_num_key_value_heads
 
+from placement import hf_internals
 from placement.kv_geometry import KvBudget, PagedPool
 from placement.sizing.kv_cache import AttentionShape
 
@@ -40,9 +39,6 @@ __all__ = ["KvBudget", "PagedPool", "fit_budget", "kv_budget", "paged_pool", "si
 PAGE_SIZE = 64
 # Requests that bypass the pool (seeded sampling, images) run at most this many at once.
 SIDE_SEQUENCES = 1
-# transformers aligns sectors to this many bytes.
-_SECTOR_ALIGNMENT = 128
-
 _DTYPES = {1: torch.uint8, 2: torch.bfloat16, 4: torch.float32}
 
 
@@ -77,29 +73,17 @@ def paged_pool(
     if sequences < 1 or context_length < 1:
         raise ValueError(f"a pool needs sequences ≥ 1 and context_length ≥ 1, got {sequences}, {context_length}")
     cache_dtype = _cache_dtype(dtype)
-    kv_heads = find_num_key_value_heads(config)
-    allocators = [
-        ATTN_TYPE_TO_ALLOCATOR[kind](
-            index=index,
-            layer_indices=layers,
-            config=config,
-            num_key_value_heads=kv_heads,
-            cache_dtype=cache_dtype,
-            page_size=page_size,
-            allow_block_sharing=False,
-        )
-        for index, (kind, layers) in enumerate(group_layers_by_attn_type(config).items())
-    ]
-    bytes_per_sector = math.lcm(*(a.bytes_per_block for a in allocators), _SECTOR_ALIGNMENT)
+    allocators = hf_internals.cache_allocators(config, cache_dtype=cache_dtype, page_size=page_size)
+    bytes_per_sector = hf_internals.sector_bytes(allocators)
     # Each allocator takes whole sectors for itself: the worst case is every
     # request at full length, each group rounded up to its own sectors.
     sectors = 0
     for allocator in allocators:
-        blocks = sequences * allocator._compute_blocks_needed(0, 0, context_length)
-        sectors += math.ceil(blocks / (bytes_per_sector // allocator.bytes_per_block))
+        blocks = sequences * hf_internals.blocks_per_request(allocator, context_length)
+        sectors += math.ceil(blocks / (bytes_per_sector // hf_internals.block_bytes(allocator)))
     # transformers: sectors = ceil(num_blocks × bytes_per_block / bytes_per_sector), the block at full attention.
-    block_bytes = config.num_hidden_layers * FullAttentionCacheAllocator.get_bytes_per_page(
-        kv_heads, find_head_dim(config), cache_dtype, page_size
+    block_bytes = config.num_hidden_layers * hf_internals.full_attention_page_bytes(
+        config, cache_dtype=cache_dtype, page_size=page_size
     )
     num_blocks = max(1, sectors * bytes_per_sector // block_bytes)
     while math.ceil(num_blocks * block_bytes / bytes_per_sector) < sectors:
@@ -131,9 +115,9 @@ def side_sequence_bytes(config: Any, *, context_length: int, dtype: torch.dtype 
       `context_length` would hold the whole context for every short request and replace transformers'
       cache layers, for one layer's worth (27B at 4096: 32 MiB of 872).
     """
-    per_layer_token = 2 * find_num_key_value_heads(config) * find_head_dim(config) * _cache_dtype(dtype).itemsize
+    per_layer_token = 2 * hf_internals.kv_heads(config) * hf_internals.head_dim(config) * _cache_dtype(dtype).itemsize
     tokens = largest = 0
-    for kind, layers in group_layers_by_attn_type(config).items():
+    for kind, layers in hf_internals.layer_groups(config).items():
         if kind == "full_attention":
             held = context_length
         else:

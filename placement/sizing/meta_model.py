@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
+from placement.hf_internals import model_from_config
 from placement.sizing.quantization import ALWAYS_SKIPPED, anchored_skip_modules, is_skipped
 from placement.sizing.tensors import WeightTensor
 
@@ -51,7 +52,7 @@ def build_meta_model(config: Mapping[str, Any] | PretrainedConfig) -> nn.Module:
     with torch.device("meta"):
         if cls in (transformers.AutoModelForImageTextToText, transformers.AutoModelForCausalLM):
             return cls.from_config(cfg)
-        return cls._from_config(cfg)
+        return model_from_config(cls, cfg)
 
 
 def default_skips(model: nn.Module) -> tuple[str, ...]:

@@ -40,6 +40,7 @@ from deployments.guard import (
 from deployments.ingress import Ingress
 from deployments.model import ModelServer
 from deployments.versions import versioned
+from placement.add_model import RunningConfig
 from placement.capacity import entry_capacity
 from placement.config import ModelSpec, load_model_configs
 from placement.demo_models import resolve_demo_models
@@ -309,6 +310,16 @@ def bind_app(args: AppArgs | dict[str, Any], inventory: Inventory | None = None)
     summaries = {entry.role: entry_summary(entry, model_ids[entry.role], plan.gpus) for entry in plan.entries}
     gpus = [gpu_summary(usage) for usage in plan.gpus]
     settings = args.ingress_settings(specs)
+    # What the plan was made from, for /v1/placement/add (placement.add_model answers there, read-only).
+    running = RunningConfig(
+        models=load_model_configs(args.models_path).models,
+        reserve=args.reserve,
+        rules_path=args.rules,
+        gpus=args.gpus,
+        gpu_memory_bytes=int(args.gpu_memory_gb * GIB) if args.gpu_memory_gb else None,
+    )
     # The handles are versioned by role name (their bound objects have no stable form).
-    ingress = versioned(Ingress.options(**ingress_limits(args)), sorted(handles), model_ids, summaries, settings, gpus)
-    return ingress.bind(handles, model_ids, summaries, settings, gpus=gpus)
+    ingress = versioned(
+        Ingress.options(**ingress_limits(args)), sorted(handles), model_ids, summaries, settings, gpus, running
+    )
+    return ingress.bind(handles, model_ids, summaries, settings, gpus=gpus, running=running)

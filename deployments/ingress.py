@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -46,12 +47,16 @@ from deployments.protocol import (
 )
 from deployments.responses_api import ResponseEvents, ResponsesRequest, response_body, sse_events
 from deployments.status_watch import FAILED, READY, StatusWatch, read_states, wait_for_role
+from placement.add_model import RunningConfig, answer_for_running
+from placement.config import ConfigError
 
 T = TypeVar("T")
 logger = logging.getLogger("ray.serve")
 
 # /v1/placement waits this long for a replica's own report.
 PLACEMENT_TIMEOUT_S = 10.0
+# /v1/placement/add: sizing the new model and reading the live inventory (a task that loads the sizing code).
+ADD_TIMEOUT_S = 180.0
 # /v1/models asks a running role for its context length at most this long (then lists it without).
 MODELS_INFO_TIMEOUT_S = 2.0
 # A call to a deployment that failed to start can wait forever (measured on
@@ -60,6 +65,21 @@ MODELS_INFO_TIMEOUT_S = 2.0
 # `status_watch.wait_for_role`, which reads one cached status per ingress replica.
 
 app = FastAPI(title="rayfit", description="OpenAI-compatible API over rayfit's model deployments")
+
+
+class AdditionRequest(BaseModel):
+    """`/v1/placement/add`: the new model as `plan --add` takes it (MODEL, ROLE=MODEL, or a one-role YAML entry)."""
+
+    model_config = ConfigDict(extra="forbid")
+    add: str = Field(min_length=1, max_length=4096)
+
+
+def _answer_addition(running: RunningConfig, text: str) -> dict[str, Any]:
+    """Run as a Ray task: sizing loads torch, which the ingress process never does (tests/test_light_imports)."""
+    try:
+        return {"answer": answer_for_running(running, text)}
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        return {"bad_input": str(exc)}
 
 
 def _error(
@@ -167,10 +187,13 @@ class Ingress:
         plan: dict[str, dict[str, Any]] | None = None,
         settings: IngressSettings | None = None,
         gpus: list[dict[str, Any]] | None = None,
+        running: RunningConfig | None = None,
     ):
         """`models`: role → handle; `model_ids`: role → model id as in the config;
         `plan`: role → the planned entry as JSON (shown by /v1/placement);
-        `settings`: API key and body limit; `gpus`: the planned GPUs as JSON (for the report)."""
+        `settings`: API key and body limit; `gpus`: the planned GPUs as JSON (for the report);
+        `running`: what the app was planned from (for /v1/placement/add)."""
+        self.running = running
         self.models = models
         self.model_ids = model_ids
         self.plan = plan or {}
@@ -400,6 +423,22 @@ class Ingress:
             role: {"plan": self.plan.get(role), "replica": r, "replicas": replicas.get(role, [])} for role, r in pairs
         }
         return {"models": with_status(models, alive), "gpus": self.gpus}
+
+    @app.post("/v1/placement/add")
+    async def placement_add(self, http: Request) -> dict[str, Any]:
+        """Would one more model fit the running cluster now, where, and would a running model move?
+        Read-only: placement.add_model plans the config with and without it; nothing is deployed."""
+        authorize(http, self.settings.api_key)
+        request = parse_body(await read_body(http, self.settings.max_body_bytes), AdditionRequest)
+        if self.running is None:
+            raise NotFoundError("this app was bound without its config: /v1/placement/add is not available")
+        import ray
+
+        task = ray.remote(num_cpus=0, max_retries=0)(_answer_addition)
+        result = await asyncio.wait_for(task.remote(self.running, request.add), ADD_TIMEOUT_S)
+        if "bad_input" in result:
+            raise BadRequestError(result["bad_input"], param="add")
+        return result["answer"]
 
     @app.get("/health")
     async def health(self) -> dict[str, Any]:

@@ -166,3 +166,53 @@ def _compare(role: str, spec: ModelSpec, before: Plan, after: Plan) -> Addition:
     )
     entry = after.entry(role)
     return Addition(role, spec.model, "moves" if moved else "fits", entry=entry, moved=moved)
+
+
+@dataclass(frozen=True)
+class RunningConfig:
+    """What the running app was planned from, so the ingress can answer `/v1/placement/add` as the CLI does:
+    the specs as written, the reserve, the rules file, and declared GPUs (else the live Ray's)."""
+
+    models: dict[str, ModelSpec]
+    reserve: Reserve
+    rules_path: str | None = None
+    gpus: str | None = None
+    gpu_memory_bytes: int | None = None
+
+    def inventory(self) -> Inventory:
+        """As the app reads it (deployments.app): declared GPUs with the slots this Ray has, else the live Ray's."""
+        from dataclasses import replace
+
+        import ray
+
+        from placement.inventory import parse_gpu_spec
+        from placement.ray_inventory import inventory_from_ray
+        from placement.ray_options import GPU_SLOT_PREFIX
+
+        if self.gpus is None:
+            return inventory_from_ray(gpu_memory_bytes=self.gpu_memory_bytes)
+        declared = parse_gpu_spec(self.gpus)
+        slots = any(name.startswith(GPU_SLOT_PREFIX) for name in ray.cluster_resources())
+        return Inventory(nodes=tuple(replace(node, has_gpu_slots=slots) for node in declared.nodes))
+
+
+def answer_for_running(running: RunningConfig, text: str) -> dict[str, Any]:
+    """`/v1/placement/add`'s answer (Addition.as_dict) on the Ray this process is connected to; ConfigError or
+    ValueError for a bad `text`. No measurements: the running app was planned from estimates."""
+    from placement.demo_models import resolve_demo_model
+    from placement.rules import load_rules
+    from placement.sizing import estimate_memory
+
+    role, spec = parse_addition(text)
+    rules = load_rules(running.rules_path) if running.rules_path else None
+    answer = check_addition(
+        running.models,
+        role,
+        spec,
+        running.inventory(),
+        resolve=resolve_demo_model,
+        estimate=estimate_memory,
+        rules=rules,
+        reserve=running.reserve,
+    )
+    return answer.as_dict()

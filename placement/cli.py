@@ -122,7 +122,7 @@ def plan(
     from placement.sizing import SizingError, estimate_memory
 
     if addition is not None:
-        _answer_addition(console, configs.models, addition, inventory, size_rules, reserve, measurements, as_json)
+        _answer_addition(console, configs.models, addition, inventory, size_rules, reserve, as_json)
         return
     try:
         models = resolve_demo_models(configs.models)
@@ -179,7 +179,6 @@ def _answer_addition(
     inventory: Inventory,
     size_rules: SizeRules,
     reserve: Reserve,
-    measurements: dict[CalibrationKey, Measurement],
     as_json: bool,
 ) -> None:
     """`plan --add`: print the answer and exit 0 (fits, nothing moves), 1 (no room) or 3 (moves)."""
@@ -198,7 +197,8 @@ def _answer_addition(
             estimate=estimate_memory,
             rules=size_rules,
             reserve=reserve,
-            measurements=measurements,
+            # The running app was planned from estimates (deployments.app): so are both plans here.
+            measurements={},
         )
     except (SizingError, FileNotFoundError, ValueError) as exc:
         raise _fail(console, f"--add {spec.model}: {exc}", EXIT_BAD_INPUT) from exc

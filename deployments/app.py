@@ -16,7 +16,9 @@ GPU memory as available (placement.inventory), the plan is stable
 (placement.planner), and each deployment carries a version derived from its
 bind arguments (deployments.versions), so `serve.run` of the same config keeps
 every replica; see deployments.versions for what the declarative
-`serve deploy` path does instead.
+`serve deploy` path does instead. `python -m deployments.deploy
+serve_config.yaml` (deployments.deploy) runs this builder that way from the
+serve config: an edited model_configs.yaml restarts only the roles it changes.
 """
 
 import logging

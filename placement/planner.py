@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 
 from placement.config import ModelSpec
 from placement.estimate import MemoryEstimate
+from placement.gpu_nodes import accelerator_type, node_accelerator_type
 from placement.inventory import Gpu, Inventory, Node, Reserve, describe_gpu
 from placement.plan import GpuSlot, GpuUsage, Plan, PlanEntry, PlanError, Unplaced, short_node_id
 from placement.replica import plan_replica
@@ -153,6 +154,7 @@ def make_plan(
     slots: dict[str, tuple[_Placement, ...]] = {}  # per-GPU mode: one placement per replica
     unplaced: list[Unplaced] = []
     warnings: list[str] = []
+    accelerators: dict[str, str] = {}  # role → the card type it asked for, as its GPUs state it
     per_gpu = inventory.per_gpu_nodes
     labelled = [node for node in nodes if node.gpus and node.gpu_node is not None]
     if labelled and not per_gpu:
@@ -177,7 +179,14 @@ def make_plan(
             unplaced.append(Unplaced(role, need, f"no node matches `node: {spec.node}`"))
             continue
         on_gpu = [s for s in gpu_states if s.node in candidate_nodes]
-        wants_cpu = spec.cpu or rule.prefer == "cpu"
+        accelerator = None if spec.cpu else spec.accelerator or rule.accelerator
+        if accelerator is not None:
+            on_gpu, why_not = _of_accelerator(accelerator, on_gpu)
+            if not on_gpu:
+                unplaced.append(Unplaced(role, need, why_not, context, replicas))
+                continue
+            accelerators[role] = _accelerator_of(on_gpu[0])
+        wants_cpu = spec.cpu or (rule.prefer == "cpu" and accelerator is None)
         if wants_cpu or not on_gpu:
             # On CPU each replica's own process (Python, torch, transformers) shares the RAM too;
             # a measured peak RSS (placement.calibration) already holds it.
@@ -205,7 +214,10 @@ def make_plan(
         raise PlanError(_infeasible_message(unplaced, gpu_states, nodes, cpu_planned), tuple(unplaced))
 
     entries = tuple(
-        _entry(role, models[role], estimates[role], placements[role], slots.get(role, ()))
+        replace(
+            _entry(role, models[role], estimates[role], placements[role], slots.get(role, ())),
+            accelerator=accelerators.get(role),
+        )
         for role in sorted(placements)
     )
     gpus = tuple(_usage(state, entries, context) for state in gpu_states)
@@ -256,6 +268,21 @@ def _spread_over_gpu_nodes(
         _hold(placement, role, spec, 1, whole_gpus=len(placement.states) > 1)
         placed.append(placement)
     return placed, ""
+
+
+def _accelerator_of(state: _GpuState) -> str | None:
+    return node_accelerator_type(state.node.labels, state.gpu.name)
+
+
+def _of_accelerator(wanted: str, states: list[_GpuState]) -> tuple[list[_GpuState], str]:
+    """The GPUs whose card is `wanted` (Ray's accelerator type, or a card name mapped to it; any case),
+    or none and why."""
+    key = accelerator_type(wanted).lower()
+    matching = [s for s in states if (_accelerator_of(s) or "").lower() == key]
+    if matching:
+        return matching, ""
+    present = sorted({_accelerator_of(s) or "unknown (declared without a card)" for s in states})
+    return [], f"`accelerator: {wanted}` matches no GPU it may use (cards: {', '.join(present) or 'no GPU'})"
 
 
 def _placement_order(models: Mapping[str, ModelSpec], estimates: Mapping[str, MemoryEstimate]) -> list[str]:
@@ -435,8 +462,9 @@ def _place_on_cpu(
         elif need > free:
             continue
         cpu_planned[node.node_id] += need
-        room = "" if free is None else f" ({gib(free)} RAM free)"
-        return _Placement(node, (), (), f"{why}: CPU on node {short_node_id(node.node_id)}{room}"), ""
+        # The reason names no RAM figure: it is part of the entry a replica is built from, and a figure that
+        # moves with the models planned before it would restart this replica when an unrelated model is added.
+        return _Placement(node, (), (), f"{why}: CPU on node {short_node_id(node.node_id)}"), ""
     best = max((ram_free(n) or 0) for n in nodes)
     return None, f"on CPU ({why}) but the most RAM free on any node is {gib(best)}"
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from placement.box_start_cli import start_box_command
 from placement.config import ConfigError, load_model_configs
 from placement.inventory import DEFAULT_SAFETY_MARGIN, Inventory, InventoryError, Reserve, parse_gpu_spec
 from placement.plan import PlanError
@@ -265,24 +266,11 @@ def ray_start_args_command(
 def _per_gpu_lines(
     count: int | None, gpu_memory: str | None, host: str | None, address: str, groups: list[str], head: bool
 ) -> list[str]:
-    """`ray start` lines for one node per GPU of this box (measured GPUs, or `count` declared ones)."""
-    import socket
+    """`ray start` lines for one node per GPU of this box (measured GPUs, or `count` declared ones), each
+    with its share of the machine (placement.box_start)."""
+    from placement.box_start_cli import per_gpu_lines
 
-    from placement.gpu_nodes import box_start_lines
-
-    if count is None:
-        from placement.ray_inventory import local_inventory
-
-        (node,) = local_inventory().nodes
-        gpus = [(gpu.index, gpu.total_bytes, gpu.name) for gpu in node.gpus]
-    else:
-        if not gpu_memory:
-            raise ValueError("--per-gpu with --gpus needs --gpu-memory (each declared GPU's size, e.g. 24GB)")
-        gpus = [(index, parse_size(gpu_memory), None) for index in range(count)]
-    if not gpus:
-        raise ValueError("no GPU on this machine: nothing to start per GPU (pass --gpus and --gpu-memory to declare)")
-    parsed = [[int(part) for part in item.split(",") if part.strip()] for item in groups]
-    return box_start_lines(gpus, host=host or socket.gethostname(), address=address, groups=parsed, head_line=head)
+    return per_gpu_lines(count, gpu_memory, host, address, groups, head)
 
 
 @app.command()
@@ -377,6 +365,10 @@ def calibrate(
         console.print(f"note: {note}", highlight=False, markup=False)
     if not found:
         raise typer.Exit(EXIT_INFEASIBLE)
+
+
+# The README's one command: this box as Ray nodes, per-GPU by default (placement.box_start_cli).
+app.command("start-box")(start_box_command)
 
 
 def main() -> None:

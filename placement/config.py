@@ -67,6 +67,11 @@ class ModelSpec(BaseModel):
     share: bool = Field(default=True, description="May share a GPU with other models")
     split: bool = Field(default=False, description="May be split across GPUs of one node")
     cpu: bool = Field(default=False, description="Run on CPU")
+    accelerator: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Only GPUs of this card: Ray's accelerator type (A100, H100, GeForce-RTX-3090) or its name",
+    )
     num_cpus: float | None = Field(default=None, ge=0, description="CPUs Ray reserves for the replica")
     replicas: int = Field(
         default=1,
@@ -112,8 +117,8 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _hints_agree(self) -> ModelSpec:
-        if self.cpu and (self.gpu is not None or self.split):
-            raise ValueError("`cpu: true` cannot be combined with `gpu` or `split: true`")
+        if self.cpu and (self.gpu is not None or self.split or self.accelerator):
+            raise ValueError("`cpu: true` cannot be combined with `gpu`, `split: true` or `accelerator`")
         if self.gpu is not None and self.split:
             raise ValueError("`gpu` pins one GPU; drop it to allow `split: true`")
         if self.autoscaling is not None and self.replicas != 1:

@@ -19,7 +19,10 @@ option (measured on Ray 2.60 with one raylet per declared GPU):
 - `label_selector: {"rayfit.io/gpu": "<label>" | "in(<a>,<b>)"}`: the GPU
   node(s) the plan budgeted a replica on, by stable label, never by
   `ray.io/node-id`: a node restarted (or a KubeRay pod recreated) with the same
-  labels gets its replicas back; until then they stay pending.
+  labels gets its replicas back; until then they stay pending. A role whose
+  config asks for a card (`accelerator: A100`) also selects Ray's own
+  `ray.io/accelerator-type` label, which each GPU node states for its own card
+  (placement.gpu_nodes), so a node restarted with another card keeps it pending.
 - `max_replicas_per_node`: the most replicas the plan put on one GPU node (1
   when spread), so Serve places copies of a role on different GPUs as planned
   rather than two on the first GPU with room.
@@ -39,16 +42,20 @@ import math
 from collections import Counter
 from typing import Any
 
-from placement.gpu_nodes import GPU_LABEL, GPU_MEMORY_RESOURCE
+from placement.gpu_nodes import ACCELERATOR_TYPE_LABEL, GPU_LABEL, GPU_MEMORY_RESOURCE
 from placement.plan import PlanEntry
 from placement.units import MIB
 
 
-def gpu_selector(labels: tuple[str, ...]) -> dict[str, str]:
-    """Ray's label_selector for GPU nodes `labels`: one value, or `in(a,b)`."""
+def gpu_selector(labels: tuple[str, ...], accelerator: str | None = None) -> dict[str, str]:
+    """Ray's label_selector for GPU nodes `labels`: one value, or `in(a,b)`; and, when the config asked
+    for a card, Ray's own `ray.io/accelerator-type` label too."""
     if not labels:
         raise ValueError("a per-GPU entry names at least one GPU node")
-    return {GPU_LABEL: labels[0] if len(labels) == 1 else f"in({','.join(labels)})"}
+    selector = {GPU_LABEL: labels[0] if len(labels) == 1 else f"in({','.join(labels)})"}
+    if accelerator is not None:
+        selector[ACCELERATOR_TYPE_LABEL] = accelerator
+    return selector
 
 
 def memory_mib(entry: PlanEntry) -> int:
@@ -90,7 +97,7 @@ def gpu_node_options(entry: PlanEntry, env_vars: dict[str, str]) -> dict[str, An
         "num_cpus": entry.num_cpus,
         "num_gpus": num_gpus,
         "resources": {GPU_MEMORY_RESOURCE: memory_mib(entry)},
-        "label_selector": gpu_selector(entry.gpu_labels),
+        "label_selector": gpu_selector(entry.gpu_labels, entry.accelerator),
         "runtime_env": {"env_vars": dict(env_vars)},
     }
     per_node = max(Counter(slot.gpu_label for slot in entry.slots).values())

@@ -15,9 +15,17 @@ What a GPU node declares (all read back by placement.ray_inventory):
 - label `rayfit.io/gpu=<host>-<index>`: the GPU's stable name. Replicas select
   on it, never on `ray.io/node-id`, so a replacement node started with the
   same labels (the box restarted, a KubeRay pod recreated) gets its models back.
-- labels `rayfit.io/host`, `rayfit.io/gpu-index`, `rayfit.io/gpu-memory-mib`,
-  `rayfit.io/accelerator`: what the planner needs without probing (the GPU's
-  host index and size; declared GPUs on a CPU box have nothing to probe).
+- labels `rayfit.io/host`, `rayfit.io/gpu-index`, `rayfit.io/gpu-memory-mib`:
+  what the planner needs without probing (the GPU's host index and size;
+  declared GPUs on a CPU box have nothing to probe).
+- Ray's own label `ray.io/accelerator-type=<T>` and resource
+  `accelerator_type:<T>` for the card this node owns, given explicitly: Ray
+  2.60 detects a node's type from NVML index 0 whatever CUDA_VISIBLE_DEVICES
+  says, so on a mixed box GPU 1's raylet would advertise GPU 0's card. A label
+  given to `ray start` overrides Ray's detected one; the detected *resource*
+  cannot be removed, so on a mixed box a node carries its own type's resource
+  and GPU 0's too. rayfit's replicas select on the label (placement.gpu_node_options),
+  which is always right; `<T>` is Ray's name for the card ('A100', 'GeForce-RTX-3090').
 - resource `rayfit_gpu_mib: <the GPU's MiB>`: a per-GPU memory resource.
   A replica asks for its planned bytes in MiB, so Ray's accounting is
   memory-correct on mixed GPUs: a 0.5 share of a 48 GB card is not a 0.5
@@ -35,7 +43,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,13 +52,13 @@ GPU_LABEL = "rayfit.io/gpu"
 HOST_LABEL = "rayfit.io/host"
 GPU_INDEX_LABEL = "rayfit.io/gpu-index"
 GPU_MEMORY_LABEL = "rayfit.io/gpu-memory-mib"
-ACCELERATOR_LABEL = "rayfit.io/accelerator"
+# Ray's own label and resource prefix for a node's accelerator type (Ray 2.60).
+ACCELERATOR_TYPE_LABEL = "ray.io/accelerator-type"
+ACCELERATOR_RESOURCE_PREFIX = "accelerator_type:"
 # Custom resource: the GPU's memory in MiB (a group node: the sum over its GPUs).
 GPU_MEMORY_RESOURCE = "rayfit_gpu_mib"
 # Joins a group's indices in label values ('0_1'): Ray label values allow [A-Za-z0-9._-] only.
 GROUP_JOIN = "_"
-# Ray's dashboard agent listens on this port by default: a second raylet on the box would clash.
-DEFAULT_AGENT_PORT = 52365
 # Ray label values: up to 63 characters, alphanumeric at both ends, `-_.` inside.
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 
@@ -98,8 +105,26 @@ def gpu_node_labels(
         GPU_MEMORY_LABEL: str(memory_bytes // MIB),
     }
     if accelerator:
-        labels[ACCELERATOR_LABEL] = label_value(accelerator)
+        labels[ACCELERATOR_TYPE_LABEL] = accelerator_type(accelerator)
     return labels
+
+
+def accelerator_type(gpu_name: str) -> str:
+    """Ray's accelerator type for a GPU's NVML name, as Ray derives it for its own label and resource:
+    'NVIDIA A100-SXM4-40GB' → 'A100', 'NVIDIA GeForce RTX 3090' → 'GeForce-RTX-3090'. A name that is
+    already a type ('A100') maps to itself."""
+    from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager
+
+    derived = NvidiaGPUAcceleratorManager._gpu_name_to_accelerator_type(gpu_name.strip())
+    return label_value(derived or gpu_name)
+
+
+def node_accelerator_type(labels: dict[str, str], gpu_name: str | None) -> str | None:
+    """The accelerator type of a GPU on a node: a per-GPU node's `ray.io/accelerator-type` label (what a
+    replica's selector matches), else the GPU's own name (a single node's label names only GPU 0's card)."""
+    if gpu_node_of(labels) is not None and labels.get(ACCELERATOR_TYPE_LABEL):
+        return labels[ACCELERATOR_TYPE_LABEL]
+    return accelerator_type(gpu_name) if gpu_name else None
 
 
 def gpu_node_of(labels: dict[str, str]) -> GpuNodeInfo | None:
@@ -137,7 +162,9 @@ def gpu_node_start_args(
     for value in labels.values():
         if not _LABEL_VALUE.match(value):
             raise ValueError(f"label value {value!r} is not a valid Ray label value")
-    resources = {GPU_MEMORY_RESOURCE: (memory_bytes // MIB) * len(indices)}
+    resources: dict[str, int] = {GPU_MEMORY_RESOURCE: (memory_bytes // MIB) * len(indices)}
+    if ACCELERATOR_TYPE_LABEL in labels:
+        resources[ACCELERATOR_RESOURCE_PREFIX + labels[ACCELERATOR_TYPE_LABEL]] = 1
     args = [
         f"--address={address}",
         f"--num-gpus={len(indices)}",
@@ -147,49 +174,3 @@ def gpu_node_start_args(
     if agent_port is not None:
         args.append(f"--dashboard-agent-listen-port={agent_port}")
     return args
-
-
-def _line(indices: Sequence[int], args: list[str], ray: str) -> str:
-    visible = ",".join(str(i) for i in indices)
-    # PCI bus order: the indices are NVML's, as the plan's are (placement.ray_options, "GPU order").
-    env = f"CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES={visible}"
-    return f"{env} {ray} start " + " ".join(shlex.quote(a) for a in args)
-
-
-def box_start_lines(
-    gpus: Sequence[tuple[int, int, str | None]],
-    *,
-    host: str,
-    address: str,
-    groups: Sequence[Sequence[int]] = (),
-    ray: str = "ray",
-    head_line: bool = True,
-) -> list[str]:
-    """Shell lines that start one Ray node per GPU of a box: `gpus` is (index, total bytes, name) each.
-
-    The head (when `head_line`) holds no GPU: the Serve controller, the proxy and
-    the ingress run there. GPUs named in `groups` get one node per group (for
-    split models) instead of one each. Every raylet gets its own dashboard agent
-    port (the default one would clash on one box).
-    """
-    by_index = {index: (total, name) for index, total, name in gpus}
-    grouped = [tuple(sorted(group)) for group in groups]
-    for group in grouped:
-        missing = [i for i in group if i not in by_index]
-        if len(group) < 2 or missing:
-            raise ValueError(f"GPU group {list(group)} needs two or more of this box's GPUs {sorted(by_index)}")
-    in_groups = [i for group in grouped for i in group]
-    if len(in_groups) != len(set(in_groups)):
-        raise ValueError(f"GPU groups {[list(g) for g in grouped]} overlap")
-    units = list(grouped) + [(i,) for i in sorted(by_index) if i not in in_groups]
-    units.sort(key=lambda unit: unit[0])
-    port = address.rsplit(":", 1)[-1]
-    lines = [f"{ray} start --head --port={port} --num-gpus=0"] if head_line else []
-    for position, unit in enumerate(units, start=1):
-        total = min(by_index[i][0] for i in unit)
-        name = by_index[unit[0]][1]
-        args = gpu_node_start_args(
-            host, unit, total, address=address, accelerator=name, agent_port=DEFAULT_AGENT_PORT + position
-        )
-        lines.append(_line(unit, args, ray))
-    return lines

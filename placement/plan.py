@@ -66,6 +66,8 @@ class PlanEntry:
     # The CUDA context each replica's engine process holds on each of its GPUs (0 on CPU): charged to
     # the GPU's planned bytes and to `gpu_fractions`, outside the allocator caps (it is not torch's).
     cuda_context_bytes: int = 0
+    # The card the config asked for (`accelerator:`), as its GPUs state it (Ray's accelerator type); None: any.
+    accelerator: str | None = None
 
     @property
     def gpu_labels(self) -> tuple[str, ...]:

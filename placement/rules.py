@@ -26,6 +26,8 @@ class SizeRule(BaseModel):
     max_memory_gb: float | None = None
     prefer: Preference = "first_gpu"
     allow_split: bool = False
+    # Only GPUs of this card (as a model's `accelerator:`); a model's own `accelerator:` wins.
+    accelerator: str | None = Field(default=None, min_length=1)
 
     def matches(self, estimate: MemoryEstimate) -> bool:
         params_b = estimate.params / 1e9

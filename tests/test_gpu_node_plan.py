@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 
+from placement.box_start import box_commands
 from placement.config import Autoscaling, ModelSpec
 from placement.estimate import MemoryEstimate
 from placement.gpu_nodes import (
     GPU_LABEL,
     GPU_MEMORY_RESOURCE,
-    box_start_lines,
     gpu_node_labels,
     gpu_node_of,
     gpu_node_start_args,
@@ -66,7 +66,8 @@ def test_labels_round_trip_and_the_start_line_declares_memory() -> None:
 
 
 def test_box_lines_one_raylet_per_gpu_each_seeing_only_its_gpu() -> None:
-    lines = box_start_lines([(0, 24 * GIB, None), (1, 24 * GIB, None)], host=HOST, address="127.0.0.1:6379")
+    box = [Gpu(0, 24 * GIB), Gpu(1, 24 * GIB)]
+    lines = [command.shell() for command in box_commands(box, host=HOST, address="127.0.0.1:6379")]
     assert lines[0] == "ray start --head --port=6379 --num-gpus=0"
     assert [line.split(" ray ")[0] for line in lines[1:]] == [
         "CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=0",
@@ -76,7 +77,7 @@ def test_box_lines_one_raylet_per_gpu_each_seeing_only_its_gpu() -> None:
     ports = {part for line in lines[1:] for part in line.split() if part.startswith("--dashboard-agent-listen-port")}
     assert len(ports) == 2
     with pytest.raises(ValueError, match="overlap"):
-        box_start_lines([(i, GIB, None) for i in range(3)], host=HOST, address="h:1", groups=[(0, 1), (1, 2)])
+        box_commands([Gpu(i, GIB) for i in range(3)], host=HOST, address="h:1", groups=[(0, 1), (1, 2)])
 
 
 def test_users_case_lands_on_gpu_1_and_gpu_0_with_num_gpus() -> None:

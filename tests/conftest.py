@@ -115,3 +115,37 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_exit_status)
+
+
+# ---- markers: gpu and cpu_only (pyproject.toml) --------------------------------------------
+# Decided once per run from what torch sees in this process. torch.cuda.device_count() asks NVML
+# first, so the check creates no CUDA context here (a child given its own CUDA_VISIBLE_DEVICES
+# still gets its own view). Each skip carries its reason, and the summary says how many went.
+
+GPU_SKIP_REASON = "needs a CUDA GPU torch can see"
+CPU_ONLY_SKIP_REASON = "holds only without a GPU; on a GPU machine its gpu-marked twin tests the GPU path"
+_marker_skips: dict[str, int] = {}
+
+
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: only the selected tests are counted
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    marked = [item for item in items if item.get_closest_marker("gpu") or item.get_closest_marker("cpu_only")]
+    if not marked:
+        return  # a run that selects neither kind never imports torch here
+    import torch
+
+    has_gpu = torch.cuda.device_count() > 0
+    for item in marked:
+        if item.get_closest_marker("gpu") and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason=GPU_SKIP_REASON))
+            _marker_skips[GPU_SKIP_REASON] = _marker_skips.get(GPU_SKIP_REASON, 0) + 1
+        cpu_only = item.get_closest_marker("cpu_only")
+        if cpu_only and has_gpu:
+            reason = f"cpu_only: {cpu_only.kwargs.get('reason') or CPU_ONLY_SKIP_REASON}"
+            item.add_marker(pytest.mark.skip(reason=reason))
+            _marker_skips[reason] = _marker_skips.get(reason, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for reason, count in _marker_skips.items():
+        terminalreporter.write_line(f"skipped by marker ({count}): {reason}")

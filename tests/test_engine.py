@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import subprocess
+import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
-from plans import planned_entry, replica_plan
+from plans import replica_plan
 
 from deployments.engine import Engine, InvalidRequest
 from deployments.engine.contract import held_weight_bytes
@@ -23,7 +24,6 @@ from deployments.verify import (
     check_placement,
     memory_report,
     placement_log_line,
-    visible_gpu_uuids,
 )
 from placement.config import ModelSpec
 from placement.demo_models import smollm2_gguf
@@ -298,20 +298,83 @@ def test_gguf_conversion_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert out.text.strip() and out.prompt_tokens > 5
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_load_on_gpu_and_check_placement(tiny_text_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    if not visible.isdigit():
-        pytest.skip("run with CUDA_VISIBLE_DEVICES=<one index>, as a pinned replica is")
-    uuid = visible_gpu_uuids()[0]
-    spec = ModelSpec(model=str(tiny_text_model_dir), dtype="float32")
-    entry = replace(planned_entry(spec, gpus="1x80GB"), gpu_indices=(int(visible),), gpu_uuids=(uuid,))
-    assert check_placement(entry).device_uuids == (uuid,)
-    with pytest.raises(PlacementMismatch, match="UUID"):
-        check_placement(replace(entry, gpu_uuids=("GPU-00000000-0000-0000-0000-000000000000",)))
-    assert entry.replica is not None
-    loaded = load_model(spec, entry.replica)
-    assert next(loaded.model.parameters()).device == torch.device("cuda", 0)
-    out = Engine(loaded, entry.replica).generate_batch([GenerationInput(params=GREEDY, prompt="The quick")])[0]
-    assert out.completion_tokens == GREEDY.max_tokens
-    assert int(memory_report(loaded.model)["cuda:0_allocated_bytes"]) > 0
+# What a replica pinned to one GPU does (deployments.engine.host.build_engine), run in a process of its
+# own with CUDA_VISIBLE_DEVICES=<host index> as Ray's pin gives it: the pin must be in place before
+# CUDA starts, which this test process cannot promise. The child prints what it saw as JSON.
+_GPU_CHILD = """
+import json, sys
+from dataclasses import replace
+
+sys.path.insert(0, sys.argv[3])  # tests/: plans
+from plans import planned_entry
+
+from deployments.engine.host import build_engine
+from deployments.generation import GenerationInput, SamplingParams
+from deployments.verify import PlacementMismatch, check_placement, memory_report, visible_gpu_uuids
+from placement.config import ModelSpec
+
+model_dir, index = sys.argv[1], int(sys.argv[2])
+uuid = visible_gpu_uuids()[0]
+spec = ModelSpec(model=model_dir, dtype="float32")
+entry = planned_entry(spec, gpus="1x80GB")
+entry = replace(entry, gpu_indices=(index,), gpu_uuids=(uuid,))
+seen = {"uuid": uuid, "placement_uuids": list(check_placement(entry).device_uuids)}
+try:
+    check_placement(replace(entry, gpu_uuids=("GPU-00000000-0000-0000-0000-000000000000",)))
+    seen["wrong_uuid"] = "accepted"
+except PlacementMismatch as exc:
+    seen["wrong_uuid"] = str(exc)
+engine, facts = build_engine(spec, entry)
+try:
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    out = engine.generate_batch([GenerationInput(params=greedy, prompt="The q")])[0]
+    allocated = int(memory_report(engine.model)["cuda:0_allocated_bytes"])
+finally:
+    engine.close()  # its batching thread would keep this process alive
+seen.update(
+    device=facts.device,
+    cpu_fallback=facts.cpu_fallback,
+    gpu_uuids=list(facts.gpu_uuids),
+    memory_caps={str(k): v for k, v in facts.memory_caps.items()},
+    budget=entry.replica.gpu_budgets[0],
+    completion_tokens=out.completion_tokens,
+    allocated=allocated,
+)
+print("SEEN " + json.dumps(seen))
+"""
+
+
+def _host_gpu_index() -> int:
+    """The GPU this test pins its child to: the first this process may use (its own CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return 0
+    first = visible.split(",")[0].strip()
+    assert first.isdigit(), f"CUDA_VISIBLE_DEVICES={visible!r}: this test pins by host index, as rayfit does"
+    return int(first)
+
+
+@pytest.mark.gpu
+def test_load_on_gpu_and_check_placement(tiny_text_model_dir: Path) -> None:
+    index = _host_gpu_index()
+    tests_dir = Path(__file__).resolve().parent
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(index), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    done = subprocess.run(
+        [sys.executable, "-c", _GPU_CHILD, str(tiny_text_model_dir), str(index), str(tests_dir)],
+        env=env,
+        cwd=tests_dir.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("SEEN ")]
+    seen = json.loads(line[len("SEEN ") :])
+    assert seen["placement_uuids"] == [seen["uuid"]]
+    assert "UUID" in seen["wrong_uuid"], seen["wrong_uuid"]  # another card's UUID is refused
+    # Loaded on the pinned card (local cuda:0), not the CPU fallback, under the plan's allocator cap.
+    assert seen["device"] == "cuda:0" and seen["cpu_fallback"] is False
+    assert [u.removeprefix("GPU-") for u in seen["gpu_uuids"]] == [seen["uuid"].removeprefix("GPU-")]
+    assert seen["memory_caps"] == {"0": seen["budget"]} and seen["budget"] > 0
+    assert seen["completion_tokens"] == GREEDY.max_tokens
+    assert 0 < seen["allocated"] <= seen["budget"]

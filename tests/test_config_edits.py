@@ -25,7 +25,7 @@ import yaml
 from ray import serve
 from serve_support import local_serve, model_config
 
-from deployments.deploy import DeployConfigError, load_serve_config
+from deployments.deploy import DeployConfigError, load_serve_config, main
 from deployments.model import CPU_FALLBACK_ENV
 from placement.ray_options import gpu_slot_resource
 
@@ -138,6 +138,8 @@ def test_edited_role_restarts_alone(port: int, tmp_path: Path, tiny_text_model_d
 
 def test_fields_the_command_cannot_apply_are_refused(tmp_path: Path) -> None:
     """Per-deployment overrides and a runtime env are not silently dropped: the command names them."""
+    # The shipped serve_config.yaml is one the command takes.
+    assert [app.name for app in load_serve_config(REPO_ROOT / "serve_config.yaml").applications] == [APP]
     path = tmp_path / "serve_config.yaml"
     app = {"name": APP, "import_path": "deployments.app:build_app", "args": {"model_config": "m.yaml"}}
     path.write_text(yaml.safe_dump({"applications": [app]}))
@@ -152,3 +154,6 @@ def test_fields_the_command_cannot_apply_are_refused(tmp_path: Path) -> None:
     path.write_text("applications: [{name: x}]\n")  # no import_path: Serve's own schema refuses it
     with pytest.raises(DeployConfigError, match="not a Serve config"):
         load_serve_config(path)
+    # The command says so and exits 2 before it connects to any Ray.
+    assert main([str(path)]) == 2
+    assert main([str(tmp_path / "missing.yaml")]) == 2

@@ -265,19 +265,50 @@ def test_health(base_url: str) -> None:
     assert response.status_code == 200 and response.json()["status"] == "ok"
 
 
-def test_placement_endpoint_shows_plan_and_replica(base_url: str) -> None:
+def _placement_models(base_url: str) -> dict[str, Any]:
+    """/v1/placement's models, with what holds on any machine checked: the plan and the pin."""
     models = httpx.get(f"{base_url}/v1/placement", timeout=30).json()["models"]
     assert set(models) == {BIG, SMALL}
     for role, gpu in ((BIG, "1"), (SMALL, "0")):
         plan, actual = models[role]["plan"], models[role]["replica"]["actual"]
         assert plan["device"] == f"cuda:{gpu}"
         assert actual["cuda_visible_devices"] == gpu
-        assert actual["cpu_fallback"] is True  # no CUDA on this machine
-        assert actual["node_id"] and actual["load_seconds"] > 0 and actual["memory"]["rss_bytes"] > 0
+        assert actual["node_id"] and actual["load_seconds"] > 0
         # memory_gb overrides do not itemize KV: the plan says so, the engine still reports its KV.
         assert plan["kv_cache_bytes"] is None and actual["memory"]["kv_built_bytes"] > 0
-        assert actual["memory_cap_bytes"] == {}  # CPU: report only
     assert models[BIG]["plan"]["fraction"] > models[SMALL]["plan"]["fraction"]
+    return models
+
+
+@pytest.mark.cpu_only
+def test_placement_endpoint_shows_plan_and_replica(base_url: str) -> None:
+    for role in (BIG, SMALL):
+        actual = _placement_models(base_url)[role]["replica"]["actual"]
+        assert actual["cpu_fallback"] is True and actual["device"] == "cpu"  # no CUDA on this machine
+        assert actual["memory"]["rss_bytes"] > 0
+        assert actual["memory_cap_bytes"] == {}  # CPU: report only
+
+
+@pytest.mark.gpu
+def test_placement_endpoint_on_a_gpu_machine(base_url: str) -> None:
+    """The GPU twin: a replica pinned to a GPU this machine has loads there (its local cuda:0), capped at
+    its plan's budget; one pinned to a GPU the machine lacks (GPU 1 on a one-GPU box) falls back to CPU."""
+    import torch
+
+    host_gpus = torch.cuda.device_count()  # this process's view: Ray's workers get the same host GPUs
+    models = _placement_models(base_url)
+    for role, gpu in ((BIG, 1), (SMALL, 0)):
+        plan, actual = models[role]["plan"], models[role]["replica"]["actual"]
+        if gpu < host_gpus:
+            assert actual["cpu_fallback"] is False and actual["device"] == "cuda:0", actual
+            assert len(actual["gpu_uuids"]) == 1
+            # The allocator is capped at the replica plan's budget for the card, within the entry's budget.
+            (cap,) = actual["memory_cap_bytes"].values()
+            assert list(actual["memory_cap_bytes"]) == ["0"] and 0 < cap <= plan["memory_budget_bytes"]
+            assert 0 < int(actual["memory"]["cuda:0_allocated_bytes"]) <= cap, actual["memory"]
+        else:
+            assert actual["cpu_fallback"] is True and actual["device"] == "cpu", actual
+            assert actual["memory_cap_bytes"] == {}
 
 
 # ---------------------------------------------------------- handle client
@@ -306,6 +337,10 @@ def _devices(app: str) -> dict[str, str | None]:
     return {role: replica_placement(role, app)["actual"]["cuda_visible_devices"] for role in (BIG, SMALL)}
 
 
+@pytest.mark.cpu_only(
+    reason="plans from the running Ray's 2 declared GPUs: on a GPU machine its probe measures the real ones "
+    "(a one-GPU box refuses 2 declared); the pins are tested on any machine by the next two tests"
+)
 def test_big_model_gets_gpu1_whatever_the_config_order(ray_cluster: int, configs: dict[str, Path]) -> None:
     """Big first in the config, GPUs read from the running Ray (declared, sized by gpu_memory_gb)."""
     deploy(

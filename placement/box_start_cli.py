@@ -69,7 +69,9 @@ def start_box_command(
     num_cpus: Annotated[
         int | None, typer.Option(help="The machine's CPUs to share out (default: what Ray detects).", min=1)
     ] = None,
-    memory: Annotated[str | None, typer.Option(help="The machine's Ray `memory` to share out (e.g. 48GiB).")] = None,
+    memory: Annotated[
+        str | None, typer.Option(help="The machine's Ray `memory` to share out (48GiB, 512MiB; a bare number is GiB).")
+    ] = None,
     object_store_memory: Annotated[
         str | None, typer.Option(help="The machine's object store to share out (e.g. 16GiB).")
     ] = None,

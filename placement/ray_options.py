@@ -161,8 +161,8 @@ def placement_warnings(entry: PlanEntry, inventory: Inventory) -> tuple[str, ...
     return (
         f"model {entry.role!r} is pinned to {entry.device_label} on node {node.node_id!r}, but that node has "
         f"no {GPU_SLOT_PREFIX}* resources, so Ray will not stop another replica from filling the same GPU. "
-        f"Start Ray with `ray start {start}` (or one Ray node per GPU: `python -m placement ray-start-args "
-        "--per-gpu`) and deploy with --address/RAY_ADDRESS.",
+        f"Start Ray with `ray start {start}` (or one Ray node per GPU, Ray counting each: `python -m placement "
+        "start-box`, the lines of `ray-start-args --per-gpu`) and deploy with --address/RAY_ADDRESS.",
     )
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
+import sys
 
 import pytest
 
@@ -204,3 +206,32 @@ def test_cpu_and_accelerator_together_are_refused_in_the_config() -> None:
     with pytest.raises(ConfigError, match="accelerator"):
         parse_model_configs("m:\n  model: org/m\n  cpu: true\n  accelerator: A100\n")
     assert parse_model_configs("m:\n  model: org/m\n  accelerator: A100\n").models["m"].accelerator == "A100"
+
+
+# `python -m placement start-box`: what it would run (--dry-run), as a user calls it.
+def start_box(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "placement", "start-box", "--dry-run", "--host", HOST, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_start_box_prints_the_per_gpu_box_by_default_and_the_single_node_behind_a_flag() -> None:
+    declared = ["--gpus", "2", "--gpu-memory", "24GB", "--accelerator", RTX_A5000]
+    done = start_box(*declared, "--num-cpus", "6", "--memory", "6GiB", "--object-store-memory", "384MiB")
+    assert done.returncode == 0, done.stderr
+    head, *gpus = [shlex.split(line) for line in done.stdout.splitlines()]
+    assert head[1:4] == ["start", "--head", "--port=6379"] and "--num-gpus=0" in head
+    assert [line[1] for line in gpus] == ["CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1"]
+    assert all(f"{ACCELERATOR_TYPE_LABEL}=RTX-A5000" in " ".join(line) for line in gpus)
+    cpus = [int(arg.split("=")[1]) for line in (head, *gpus) for arg in line if arg.startswith("--num-cpus=")]
+    assert cpus == [2, 2, 2]
+
+    single = start_box(*declared, "--single-node")
+    assert single.returncode == 0, single.stderr
+    (line,) = single.stdout.splitlines()
+    assert '{"gpu_slot_0":1,"gpu_slot_1":1}' in line and "--num-gpus=2" in line and "CUDA_VISIBLE_DEVICES" not in line
+
+
+def test_start_box_refuses_a_machine_too_small_for_its_raylets_with_exit_2() -> None:
+    done = start_box("--gpus", "2", "--gpu-memory", "24GB", "--num-cpus", "2")
+    assert done.returncode == 2
+    assert "--num-cpus" in done.stderr and done.stdout == ""

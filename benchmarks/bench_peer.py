@@ -238,7 +238,9 @@ def sampling_copy(model_dir: Path, into: Path) -> Path:
     return into
 
 
-def start_peer(model_dir: Path, port: int) -> subprocess.Popen:
+def start_peer(model_dir: Path, port: int, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`transformers serve --continuous-batching` on `model_dir`, healthy; `extra`: more of its options
+    (benchmarks/gpu_check.py: CUDA graphs on a GPU, a small KV cache on CPU)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [
         str(REPO_ROOT / ".venv" / "bin" / "transformers"),
@@ -246,6 +248,7 @@ def start_peer(model_dir: Path, port: int) -> subprocess.Popen:
         "--port",
         str(port),
         "--continuous-batching",
+        *extra,
         str(model_dir),
     ]
     peer = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

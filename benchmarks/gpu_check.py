@@ -1,9 +1,26 @@
-"""GPU proof: the planner's memory estimate and decode speed on a real GPU, and both
-MedGemma shapes served side by side on one card by the plan.
+"""GPU proof: the suite's GPU tests, rayfit's speed next to its peer, the planner's memory
+estimate and decode speed on a real GPU, and both MedGemma shapes served side by side on
+one card by the plan.
 
-    .venv/bin/python benchmarks/gpu_check.py                 # one H100/H200, no network, < 8 min
-    .venv/bin/python benchmarks/gpu_check.py --cpu-smoke     # same steps at tiny sizes on CPU (CI)
+    .venv/bin/python benchmarks/gpu_check.py                 # one H100/H200, no network, < 8 min (budget)
+    .venv/bin/python benchmarks/gpu_check.py --cpu-smoke     # same steps at tiny sizes on CPU (CI, ~2 min)
     .venv/bin/python benchmarks/gpu_check.py --bandwidth-tbs 3.35 --no-compile --skip-serve
+
+Expected on one H100 (estimates until a GPU run records them; the JSON's `step_seconds` has
+each step's time): GPU tests ~1.5 min, the peer comparison ~2 min, the two MedGemma shapes
+(steps 1-3) ~3 min, serving both ~1.5 min. The run keeps to `--budget-s` (420 s by default
+on a GPU): a step that would start with too little time left is skipped and listed under
+"skipped steps", so one device run of 8 minutes always comes back with a report.
+
+0. GPU tests: `pytest -m gpu` over the test modules that carry the marker (tests/conftest.py
+   skips them where torch sees no GPU, with the reason): passed/failed/skipped counts and the
+   names of any failure.
+0b. Speed next to the peer: the offline demo's SmolLM2-135M (bf16, the converted GGUF that
+   benchmarks/bench_peer.py uses) served by rayfit (planned onto GPU 0 by the running Ray) and
+   by `transformers serve --continuous-batching` (with its CUDA graphs: `--cb-use-cuda-graph`;
+   rayfit's pool runs without them), one after the other, each alone on the card; closed-loop
+   greedy chat completions at concurrency 1 and 8 (bench_peer's client), tok/s and
+   rayfit/peer. On CPU (the smoke) these figures say the step works, nothing about a GPU.
 
 1. Memory. No MedGemma weights exist offline, so random-weight models of the
    real shapes are built in NF4 on the GPU: MedGemma 4B (Gemma3ForConditionalGeneration,
@@ -43,9 +60,12 @@ import argparse
 import gc
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,7 +246,10 @@ def decode_speed(model: nn.Module, vocab: int, device: torch.device, tokens: int
                 _generate_s(model, ids, tokens, **kwargs)
             one = min(_generate_s(model, ids, 1, **kwargs) for _ in range(2))
             full = min(_generate_s(model, ids, tokens, **kwargs) for _ in range(2))
-            out[name] = {"tok_s": round((tokens - 1) / max(full - one, 1e-9), 2)}
+            if full > one:
+                out[name] = {"tok_s": round((tokens - 1) / (full - one), 2)}
+            else:  # tiny shapes on a busy CPU: the difference drowns in noise; the whole run's rate instead
+                out[name] = {"tok_s": round(tokens / full, 2), "note": "t(N) <= t(1): whole-generation rate"}
         except Exception as exc:  # report, don't stop the check
             out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
     return out
@@ -478,7 +501,175 @@ def serve_both(dirs: dict[str, Path], ns: argparse.Namespace, workdir: Path) -> 
         ray.shutdown()
 
 
+# ---- 0. the suite's GPU-marked tests ------------------------------------------------------------
+
+
+def gpu_test_modules() -> list[str]:
+    """The test modules that carry `pytest.mark.gpu` (collecting only those keeps the step short)."""
+    tests = REPO_ROOT / "tests"
+    return sorted(str(p.relative_to(REPO_ROOT)) for p in tests.glob("test_*.py") if "mark.gpu" in p.read_text())
+
+
+def run_gpu_tests(timeout_s: float, workdir: Path) -> dict[str, Any]:
+    """`pytest -m gpu` in a process of its own; its counts from the JUnit XML it writes."""
+    junit = workdir / "gpu-tests.xml"
+    modules = gpu_test_modules()
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"]
+    command += [f"--junitxml={junit}", *modules]
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        tail = (exc.stdout or b"")[-2000:]
+        return {"modules": modules, "timed_out_s": round(timeout_s), "output_tail": str(tail)}
+    out: dict[str, Any] = {"modules": modules, "rc": done.returncode, "seconds": round(time.perf_counter() - started)}
+    out["output_tail"] = (done.stdout + done.stderr)[-1500:]
+    if not junit.is_file():
+        return out
+    cases = list(ET.parse(junit).getroot().iter("testcase"))
+    outcome: dict[str, list[str]] = {"passed": [], "failed": [], "skipped": []}
+    reasons: set[str] = set()
+    for case in cases:
+        name = f"{case.get('classname')}::{case.get('name')}"
+        if case.find("failure") is not None or case.find("error") is not None:
+            outcome["failed"].append(name)
+        elif (skipped := case.find("skipped")) is not None:
+            outcome["skipped"].append(name)
+            reasons.add(skipped.get("message", ""))
+        else:
+            outcome["passed"].append(name)
+    out.update({kind: len(names) for kind, names in outcome.items()})
+    out["failed_names"] = outcome["failed"]
+    out["skip_reasons"] = sorted(reasons)
+    return out
+
+
+# ---- 0b. rayfit next to transformers serve on the same device --------------------------------------
+
+PEER_SHAPE = {"stream": False, "temperature": 0}  # greedy: the peer's default decoding too (bench_peer)
+
+
+def _start_rayfit(model_dir: Path, workdir: Path, gpu: bool) -> str:
+    """Ray on this machine (its one GPU declared with its slot, or none) serving the SmolLM2 as the
+    `summarizer` role, planned as the demo plans it; the base URL."""
+    import ray
+    import yaml
+    from ray import serve
+
+    from deployments.app import AppArgs, build_app
+
+    config = workdir / "peer_models.yaml"
+    role = {"model": str(model_dir), "context_length": 2048, "max_batch_size": 16, "dtype": "bfloat16"}
+    config.write_text(yaml.safe_dump({"summarizer": role}))
+    if gpu:
+        ray.init(num_gpus=1, resources={"gpu_slot_0": 1}, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(AppArgs(model_config=str(config), gpus=None if gpu else "none")), name="rayfit")
+    return f"http://127.0.0.1:{port}"
+
+
+def _measure(url: str, model: str, ns: argparse.Namespace) -> dict[str, Any]:
+    """Closed-loop tok/s at c=1 and c=8 (median over rounds) after a warm-up, bench_peer's client."""
+    from bench_peer import closed_loop
+
+    closed_loop(url, model, PEER_SHAPE, 2, 1, ns.peer_max_tokens)  # warm-up (first batch, graphs, caches)
+    cells: dict[str, Any] = {}
+    for concurrency in (1, 8):
+        per_client = ns.peer_requests * (2 if concurrency == 1 else 1)
+        rates, errors = [], []
+        for _ in range(ns.peer_rounds):
+            tok_s, _, failed, _ = closed_loop(url, model, PEER_SHAPE, concurrency, per_client, ns.peer_max_tokens)
+            rates.append(tok_s)
+            errors += failed
+        cells[f"c{concurrency}"] = {"tok_s": round(statistics.median(rates), 2), "rounds": rates, "errors": errors}
+    return cells
+
+
+def peer_comparison(ns: argparse.Namespace, workdir: Path, gpu: bool) -> dict[str, Any]:
+    """rayfit, then the peer, each alone on the device, on the same SmolLM2 directory."""
+    import ray
+    from bench_peer import start_peer
+    from ray import serve
+    from served_demo import smollm2_dir
+
+    model_dir = smollm2_dir()
+    url = _start_rayfit(model_dir, workdir, gpu)
+    try:
+        rayfit = _measure(url, "summarizer", ns)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    # The peer with its CUDA graphs on a GPU; on CPU a small KV cache (it sizes one from free memory).
+    extra = ("--dtype", "bfloat16", "--cb-use-cuda-graph") if gpu else ("--dtype", "bfloat16", "--cb-num-blocks", "32")
+    port = free_port()
+    peer = start_peer(model_dir, port, extra)
+    try:
+        theirs = _measure(f"http://127.0.0.1:{port}", str(model_dir), ns)
+    finally:
+        peer.terminate()
+        peer.wait(timeout=60)
+    cells = {}
+    for key in ("c1", "c8"):
+        ratio = rayfit[key]["tok_s"] / theirs[key]["tok_s"] if theirs[key]["tok_s"] else None
+        cells[key] = {
+            "rayfit_tok_s": rayfit[key]["tok_s"],
+            "peer_tok_s": theirs[key]["tok_s"],
+            "ratio": round(ratio, 3) if ratio is not None else None,
+            "rayfit_rounds": rayfit[key]["rounds"],
+            "peer_rounds": theirs[key]["rounds"],
+            "errors": rayfit[key]["errors"] + theirs[key]["errors"],
+        }
+    return {
+        "gpu_figure": gpu,
+        "model": f"{model_dir.name} (bf16)",
+        "max_tokens": ns.peer_max_tokens,
+        "rounds": ns.peer_rounds,
+        "peer_options": list(extra),
+        "cells": cells,
+    }
+
+
 # ---- report -----------------------------------------------------------------------------------
+
+
+def tests_and_peer_markdown(tests: dict[str, Any] | None, peer: dict[str, Any] | None) -> list[str]:
+    lines: list[str] = []
+    if tests:
+        if "timed_out_s" in tests:
+            lines += [f"GPU-marked tests ({', '.join(tests['modules'])}): TIMED OUT after {tests['timed_out_s']} s", ""]
+        else:
+            lines += [
+                f"GPU-marked tests (`pytest -m gpu` over {', '.join(tests['modules'])}, {tests.get('seconds')} s): "
+                f"**{tests.get('passed', '?')} passed, {tests.get('failed', '?')} failed, "
+                f"{tests.get('skipped', '?')} skipped** (exit {tests['rc']})"
+                + (f"; skipped because: {'; '.join(tests['skip_reasons'])}" if tests.get("skip_reasons") else ""),
+                "",
+            ]
+            lines += [f"- FAILED {name}" for name in tests.get("failed_names", [])]
+            if tests.get("failed_names"):
+                lines.append("")
+    if peer:
+        where = (
+            "on this GPU" if peer["gpu_figure"] else "**CPU SMOKE: not a GPU figure** (the step works; no speed claim)"
+        )
+        lines += [
+            f"rayfit vs `transformers serve --continuous-batching {' '.join(peer['peer_options'])}`, {where}: "
+            f"{peer['model']}, each alone on the device, closed-loop greedy chat completions, "
+            f"max_tokens {peer['max_tokens']}, median of {peer['rounds']} round(s)",
+            "",
+            "| c | rayfit tok/s | peer tok/s | rayfit/peer | errors |",
+            "|---|---|---|---|---|",
+        ]
+        for key, cell in peer["cells"].items():
+            ratio = f"{cell['ratio']:.2f}×" if cell["ratio"] is not None else "-"
+            lines.append(
+                f"| {key[1:]} | {cell['rayfit_tok_s']} | {cell['peer_tok_s']} | {ratio} | {len(cell['errors'])} |"
+            )
+        lines.append("")
+    return lines
 
 
 def markdown(
@@ -487,10 +678,17 @@ def markdown(
     results: list[ModelResult],
     served: dict[str, Any] | None,
     cap: dict[str, Any] | None = None,
+    tests: dict[str, Any] | None = None,
+    peer: dict[str, Any] | None = None,
 ) -> str:
     lines = [
         f"GPU check on **{card}** (bandwidth {bw or 'unknown'} TB/s), torch {torch.__version__}",
         "",
+    ]
+    if not torch.cuda.is_available():
+        lines += ["**CPU smoke: no figure below is a GPU figure.**", ""]
+    lines += tests_and_peer_markdown(tests, peer)
+    lines += [
         "| model | params | est. weights MiB | allocated after load MiB | error | est. total MiB "
         "| peak alloc MiB | peak reserved MiB | error | context×batch |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -556,6 +754,12 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+# Seconds a step needs left in the budget to start, on one H100 (estimates; the JSON's step_seconds
+# records what each took). The GPU tests go first and are bounded by what is left.
+MIN_LEFT_S = {"peer": 150.0, "4b": 90.0, "27b": 180.0, "compile": 240.0, "serve": 120.0}
+GPU_BUDGET_S = 420.0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (CI keeps the script working)")
@@ -564,7 +768,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="sequences in the generation at full context")
     parser.add_argument("--decode-tokens", type=int, default=None, help="tokens per decode timing (default 64)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip static cache + compile")
-    parser.add_argument("--skip-serve", action="store_true", help="skip step 3 (Ray + Serve)")
+    parser.add_argument("--skip-serve", action="store_true", help="skip step 4 (both models served by Ray + Serve)")
+    parser.add_argument("--skip-tests", action="store_true", help="skip step 0 (pytest -m gpu)")
+    parser.add_argument("--skip-peer", action="store_true", help="skip step 0b (rayfit vs transformers serve)")
+    parser.add_argument("--peer-max-tokens", type=int, default=None, help="tokens per request (default 64; smoke 8)")
+    parser.add_argument("--peer-rounds", type=int, default=None, help="rounds per cell, median (default 3; smoke 1)")
+    parser.add_argument("--peer-requests", type=int, default=2, help="requests per client at c=8 (twice at c=1)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help=f"seconds the whole run may take; a step that would start with too little left is skipped "
+        f"(default {GPU_BUDGET_S:.0f} on a GPU, none for the smoke)",
+    )
     parser.add_argument("--models", default="4b,27b", help="comma list of 4b, 27b")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     ns = parser.parse_args(argv)
@@ -573,6 +789,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no CUDA device: run on a GPU machine, or pass --cpu-smoke")
     ns.context = ns.context or (64 if smoke else 4096)
     ns.decode_tokens = ns.decode_tokens or (8 if smoke else 64)
+    ns.peer_max_tokens = ns.peer_max_tokens or (8 if smoke else 64)
+    ns.peer_rounds = ns.peer_rounds or (1 if smoke else 3)
+    budget = ns.budget_s if ns.budget_s is not None else (None if smoke else GPU_BUDGET_S)
     device = torch.device("cpu" if smoke else "cuda:0")
     card, bw = card_bandwidth(ns.bandwidth_tbs)
     configs = {
@@ -580,12 +799,46 @@ def main(argv: list[str] | None = None) -> int:
         "27b": ("medgemma-27b-text", SMOKE_27B_TEXT if smoke else MEDGEMMA_27B_TEXT, "buffer_agent"),
     }
     started = time.perf_counter()
+    step_seconds: dict[str, float] = {}
+    skipped_steps: list[str] = []
+
+    def left() -> float:
+        return float("inf") if budget is None else budget - (time.perf_counter() - started)
+
+    def may_start(step: str) -> bool:
+        if left() >= MIN_LEFT_S.get(step, 0.0):
+            return True
+        skipped_steps.append(f"{step}: {max(left(), 0):.0f} s left of the {budget:.0f} s budget")
+        print(f"skipping {skipped_steps[-1]}", flush=True)
+        return False
+
+    def timed(step: str, since: float) -> None:
+        step_seconds[step] = round(time.perf_counter() - since, 1)
+
     results: list[ModelResult] = []
     served: dict[str, Any] | None = None
+    tests: dict[str, Any] | None = None
+    peer: dict[str, Any] | None = None
+    cap: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="rayfit-gpucheck-") as scratch:
         workdir = Path(scratch)
+        if not ns.skip_tests:
+            t0 = time.perf_counter()
+            tests = run_gpu_tests(min(300.0, left()), workdir)
+            timed("gpu tests", t0)
+            print(f"GPU tests: { {k: v for k, v in tests.items() if k != 'output_tail'} }", flush=True)
+        if not ns.skip_peer and may_start("peer"):
+            t0 = time.perf_counter()
+            peer = peer_comparison(ns, workdir, gpu=not smoke)
+            timed("peer", t0)
+            print(f"rayfit vs peer: {peer['cells']}", flush=True)
         dirs: dict[str, Path] = {}
         for key in [k.strip() for k in ns.models.split(",") if k.strip()]:
+            if not may_start(key):
+                continue
+            if ns.compile and not may_start("compile"):
+                ns.compile = False
+            t0 = time.perf_counter()
             name, config, role = configs[key]
             model, result = check_model(name, config, ns, device, bw)
             results.append(result)
@@ -595,12 +848,18 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        cap = allocator_cap_check(device)
-        print(f"allocator cap: {cap}", flush=True)
-        if dirs:
+            timed(key, t0)
+        if results:
+            cap = allocator_cap_check(device)
+            print(f"allocator cap: {cap}", flush=True)
+        if dirs and may_start("serve"):
+            t0 = time.perf_counter()
             served = serve_both(dirs, ns, workdir)
-    report = markdown(card, bw, results, served, cap)
-    report += f"\ntotal {time.perf_counter() - started:.0f} s\n"
+            timed("serve", t0)
+    report = markdown(card, bw, results, served, cap, tests, peer)
+    if skipped_steps:
+        report += "\nskipped steps (time budget): " + "; ".join(skipped_steps) + "\n"
+    report += f"\ntotal {time.perf_counter() - started:.0f} s (by step: {step_seconds})\n"
     print("\n" + report)
     ns.out.mkdir(parents=True, exist_ok=True)
     stem = "gpu_check-cpu-smoke" if smoke else f"gpu_check-{card.replace(' ', '_')}"
@@ -609,10 +868,16 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "card": card,
+                "gpu_figures": not smoke,
                 "bandwidth_tbs": bw,
+                "gpu_tests": tests,
+                "peer": peer,
                 "models": [asdict(r) for r in results],
                 "allocator_cap": cap,
                 "served": served,
+                "budget_s": budget,
+                "step_seconds": step_seconds,
+                "skipped_steps": skipped_steps,
             },
             indent=1,
         )

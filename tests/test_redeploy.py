@@ -23,13 +23,13 @@ from typing import Any
 import httpx
 import pytest
 from ray import serve
-from serve_support import local_serve, model_config
+from serve_support import model_config
+from shared_cluster import shared_serve
 
 from deployments.app import AppArgs, bind_app, build_app, plan_app
-from deployments.model import CPU_FALLBACK_ENV
 from placement.inventory import Gpu, Inventory
 from placement.ray_inventory import gpu_processes, inventory_from_ray
-from placement.ray_options import CUDA_DEVICE_ORDER, PCI_BUS_ID, ROLE_ENV, gpu_slot_resource
+from placement.ray_options import CUDA_DEVICE_ORDER, PCI_BUS_ID, ROLE_ENV
 from placement.units import GIB, MIB
 
 APP = "redeploy"
@@ -39,10 +39,13 @@ DRIVER = 300 * MIB
 FOREIGN = 2 * GIB
 
 
+# On the session's shared Ray (tests/shared_cluster.py): CPU, 2 declared GPUs with slots, the CPU fallback.
+pytestmark = pytest.mark.shared_serve
+
+
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
-    slots = {gpu_slot_resource(i): 1.0 for i in range(2)}
-    with local_serve(env={CPU_FALLBACK_ENV: "1"}, num_gpus=2, resources=slots) as port:
+    with shared_serve() as port:
         yield port
 
 
@@ -89,6 +92,10 @@ def _while_running(pids: dict[str, int], foreign_pid: int, *, attributed: bool =
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_only(
+    reason="declares 2 GPUs and simulates NVML's figures for them: on a GPU machine the first plan would measure "
+    "the real cards (a one-GPU box refuses 2 declared) and the replicas would not all fall back to CPU"
+)
 def test_redeploy_keeps_every_unchanged_replica(
     port: int, foreign_pid: int, tmp_path: Path, tiny_text_model_dir: Path
 ) -> None:

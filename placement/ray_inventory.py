@@ -12,8 +12,10 @@ Each process NVML lists on a GPU is attributed by `gpu_processes`: a rayfit
 model replica carries `ROLE_ENV` in its environment (placement.ray_options
 sets it), read from `/proc/<pid>/environ`, so its memory counts as the plan's
 own (placement.inventory). A pid that cannot be read there (another user,
-another PID namespace, as in a container without the host's PIDs) counts as
-foreign: the plan then has less room, never more.
+another PID namespace: inside a container NVML reports host pids) is matched
+against the reports the node's replicas write, by GPU UUID
+(placement.held_memory); what neither way explains counts as foreign: the
+plan then has less room, never more.
 
 `local_inventory` reads this machine's GPUs without Ray, for `ray-start-args`
 and a dry-run plan on a GPU box.
@@ -30,12 +32,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from placement.gpu_nodes import GpuNodeInfo, gpu_node_of
+from placement.held_memory import rayfit_role, read_held, with_held
 from placement.inventory import LOCAL_NODE, Gpu, GpuProcess, Inventory, InventoryError, Node
-from placement.ray_options import CUDA_DEVICE_ORDER, CUDA_VISIBLE_DEVICES, PCI_BUS_ID, ROLE_ENV, gpu_slot_resource
+from placement.ray_options import CUDA_DEVICE_ORDER, CUDA_VISIBLE_DEVICES, PCI_BUS_ID, gpu_slot_resource
 
 # A probe task only imports pynvml/torch; if it has not answered by then the node is stuck.
 PROBE_TIMEOUT_S = 120.0
@@ -47,19 +49,6 @@ def _visible_selectors() -> list[str] | None:
     if value is None:
         return None
     return [part.strip() for part in value.split(",") if part.strip()]
-
-
-def rayfit_role(pid: int, proc: Path = Path("/proc")) -> str | None:
-    """The rayfit model role process `pid` serves (its environment's ROLE_ENV), or None."""
-    try:
-        environ = (proc / str(pid) / "environ").read_bytes()
-    except OSError:  # gone, another user's, or not in this PID namespace
-        return None
-    prefix = f"{ROLE_ENV}=".encode()
-    for item in environ.split(b"\0"):
-        if item.startswith(prefix):
-            return item[len(prefix) :].decode(errors="replace") or None
-    return None
 
 
 def gpu_processes(listed: Iterable[tuple[int, int | None]]) -> tuple[GpuProcess, ...]:
@@ -174,11 +163,12 @@ def _gpus_from_torch() -> list[Gpu]:
 
 
 def probe_gpus() -> list[Gpu]:
-    """This process's visible GPUs (NVML first, then torch.cuda); [] when none is seen."""
+    """This process's visible GPUs (NVML first, then torch.cuda); [] when none is seen. Each NVML process
+    the pid path cannot attribute is matched against the node's replicas' reports (placement.held_memory)."""
     gpus = _gpus_from_nvml()
     if gpus is None:
-        gpus = _gpus_from_torch()
-    return gpus
+        return _gpus_from_torch()
+    return with_held(gpus, read_held())
 
 
 def _available_ram_bytes() -> int | None:

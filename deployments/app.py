@@ -46,6 +46,7 @@ from placement.add_model import RunningConfig
 from placement.capacity import entry_capacity
 from placement.config import ModelSpec, load_model_configs
 from placement.demo_models import resolve_demo_models
+from placement.gpu_nodes import GPU_LABEL
 from placement.inventory import CUDA_CONTEXT_BYTES, DEFAULT_SAFETY_MARGIN, Inventory, Reserve, parse_gpu_spec
 from placement.plan import GpuUsage, Plan, PlanEntry, placement_log_line
 from placement.ray_options import GPU_SLOT_PREFIX
@@ -167,6 +168,21 @@ def ingress_limits(args: AppArgs) -> dict[str, Any]:
         # (measured: a redeploy under load, the model replaced while requests waited for it).
         "graceful_shutdown_timeout_s": args.ingress_graceful_shutdown_timeout_s,
     }
+
+
+def ingress_options(args: AppArgs, inventory: Inventory) -> dict[str, Any]:
+    """Serve's options for the ingress (`ingress_limits`) and, in the per-GPU mode, where it may run: on no
+    GPU node. Those nodes have CPUs of their own (start-box gives each raylet its share), so the ingress's
+    0.1 CPU could land there; a label selector keeps it off every GPU node the plan knows (a node without
+    the `rayfit.io/gpu` label, such as the head, matches `!in(...)`), so a GPU node's failure or drain
+    never takes the HTTP entry point with it. Serve replaces `ray_actor_options` whole: the ingress's own
+    CPU share is repeated here."""
+    options = ingress_limits(args)
+    labels = sorted({node.gpu_node.gpu_label for node in inventory.nodes if node.gpu_node is not None})
+    if inventory.per_gpu_nodes and labels:
+        selector = {GPU_LABEL: f"!in({','.join(labels)})"}
+        options["ray_actor_options"] = {**Ingress.ray_actor_options, "label_selector": selector}
+    return options
 
 
 def _inventory(args: AppArgs) -> Inventory:
@@ -322,6 +338,12 @@ def bind_app(args: AppArgs | dict[str, Any], inventory: Inventory | None = None)
     )
     # The handles are versioned by role name (their bound objects have no stable form).
     ingress = versioned(
-        Ingress.options(**ingress_limits(args)), sorted(handles), model_ids, summaries, settings, gpus, running
+        Ingress.options(**ingress_options(args, inventory)),
+        sorted(handles),
+        model_ids,
+        summaries,
+        settings,
+        gpus,
+        running,
     )
     return ingress.bind(handles, model_ids, summaries, settings, gpus=gpus, running=running)

@@ -14,6 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The session's shared Ray for the modules marked `shared_serve` (tests/shared_cluster.py).
+    import shared_cluster
+
+    config.pluginmanager.register(shared_cluster, "shared-cluster")
+
+
 # ---- tiny random models (tests/tiny_models.py) ----------------------------
 
 

@@ -20,11 +20,12 @@ import openai
 import pytest
 from pydantic import BaseModel
 from ray import serve
-from serve_support import local_serve, model_config
+from serve_support import model_config
+from shared_cluster import shared_serve
 
 from deployments.app import AppArgs, build_app
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.shared_serve]
 ROLE = "summarizer"
 WEATHER_TOOL = {
     "type": "function",
@@ -56,7 +57,7 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         directory / "model_configs.yaml",
         {ROLE: {"model": "demo:smollm2-135m-instruct", "context_length": 2048, "max_batch_size": 4}},
     )
-    with local_serve(num_cpus=4) as port:
+    with shared_serve() as port:
         serve.run(build_app(AppArgs(model_config=str(config), gpus="none")), name="agents", route_prefix="/")
         yield f"http://127.0.0.1:{port}/v1"
 

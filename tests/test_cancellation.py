@@ -26,7 +26,8 @@ import psutil
 import pytest
 from fault_injection import BATCH_OOM_MARKER
 from ray import serve
-from serve_support import ThreadGroup, local_serve, model_config, wait_until
+from serve_support import ThreadGroup, model_config, wait_until
+from shared_cluster import shared_serve
 
 from deployments.app import AppArgs, build_app
 from deployments.client import get_model
@@ -37,6 +38,10 @@ APP, ROLE = "cancel", "scribe"
 LONG = {"temperature": 0, "max_tokens": 3000}
 
 
+# On the session's shared Ray (tests/shared_cluster.py): CPU, 2 declared GPUs with slots, the CPU fallback.
+pytestmark = pytest.mark.shared_serve
+
+
 @pytest.fixture(scope="module", params=[False, True], ids=["engine in the replica", "engine process"])
 def base_url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_text_model_dir: Path
@@ -44,7 +49,7 @@ def base_url(
     fields = {"model": tiny_text_model_dir, "dtype": "float32", "max_batch_size": 1, "num_cpus": 0.2}
     fields |= {"context_length": 8192, "max_tokens_cap": 8192, "engine_process": request.param}
     path = model_config(tmp_path_factory.mktemp("cancel") / "models.yaml", {ROLE: fields})
-    with local_serve() as port:
+    with shared_serve() as port:
         serve.run(build_app(AppArgs(model_config=str(path), gpus="none")), name=APP, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
         serve.delete(APP)

@@ -23,11 +23,10 @@ import pytest
 import ray
 import yaml
 from ray import serve
-from serve_support import local_serve, model_config
+from serve_support import model_config
+from shared_cluster import shared_serve
 
 from deployments.deploy import DeployConfigError, load_serve_config, main
-from deployments.model import CPU_FALLBACK_ENV
-from placement.ray_options import gpu_slot_resource
 
 APP = "rayfit"
 BIG, SMALL = "buffer_agent", "summarizer"
@@ -36,10 +35,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_TIMEOUT_S = 300
 
 
+# On the session's shared Ray (tests/shared_cluster.py): CPU, 2 declared GPUs with slots, the CPU fallback.
+pytestmark = pytest.mark.shared_serve
+
+
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
-    slots = {gpu_slot_resource(i): 1.0 for i in range(2)}
-    with local_serve(env={CPU_FALLBACK_ENV: "1"}, num_gpus=2, resources=slots) as port:
+    with shared_serve() as port:
         yield port
 
 

@@ -31,7 +31,8 @@ import ray
 import yaml
 from fault_injection import WEDGE_MARKER, gate_marker, hold_marker
 from ray import serve
-from serve_support import ONE_START_ATTEMPT, local_serve, model_config, wait_until
+from serve_support import model_config, wait_until
+from shared_cluster import shared_serve
 
 from deployments.app import AppArgs, build_app
 
@@ -58,9 +59,13 @@ def _broken_copies(text_dir: Path, root: Path) -> tuple[Path, Path]:
     return corrupt, missing
 
 
+# On the session's shared Ray (tests/shared_cluster.py): CPU, 2 declared GPUs with slots, the CPU fallback.
+pytestmark = pytest.mark.shared_serve
+
+
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
-    with local_serve(env=ONE_START_ATTEMPT) as port:  # the broken model directories fail every time
+    with shared_serve() as port:  # the broken model directories fail every time
         yield port
 
 

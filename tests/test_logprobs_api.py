@@ -14,7 +14,8 @@ import httpx
 import openai
 import pytest
 from ray import serve
-from serve_support import local_serve, model_config
+from serve_support import model_config
+from shared_cluster import shared_serve
 from transformers import AutoTokenizer
 
 from deployments.app import AppArgs, build_app
@@ -23,7 +24,7 @@ from deployments.loading import convert_gguf
 from deployments.logprob_api import ChoiceLogprobs
 from placement.demo_models import smollm2_gguf
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.shared_serve]
 ROLE = "summarizer"
 APP = "logprobs"
 QUESTION = [{"role": "user", "content": "Name three colours."}]
@@ -37,7 +38,7 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         directory / "model_configs.yaml",
         {ROLE: {"model": "demo:smollm2-135m-instruct", "context_length": 1024, "max_batch_size": 2}},
     )
-    with local_serve(num_cpus=4) as port:
+    with shared_serve() as port:
         serve.run(build_app(AppArgs(model_config=str(config), gpus="none")), name=APP, route_prefix="/")
         yield f"http://127.0.0.1:{port}/v1"
 

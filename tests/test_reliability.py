@@ -34,7 +34,8 @@ from fault_injection import BATCH_OOM_MARKER, OOM_MARKER, WEDGE_MARKER
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 from ray import serve
-from serve_support import local_serve, model_config, p99
+from serve_support import model_config, p99
+from shared_cluster import shared_serve
 
 from deployments.app import AppArgs, build_app
 from deployments.client import get_model
@@ -54,9 +55,13 @@ VOCAB = 256  # token ids below this are both tiny models' (tests/tiny_models.py:
 SHORT = {"temperature": 0, "max_tokens": 4}
 
 
+# On the session's shared Ray (tests/shared_cluster.py): CPU, 2 declared GPUs with slots, the CPU fallback.
+pytestmark = pytest.mark.shared_serve
+
+
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
-    with local_serve() as port:
+    with shared_serve() as port:
         yield port
 
 

@@ -31,12 +31,12 @@ import openai
 import pytest
 import ray
 from ray import serve
-from serve_support import ONE_START_ATTEMPT, local_serve
 from serve_support import SIZE_RULES as RULES
+from shared_cluster import shared_serve
 
 from deployments.app import AppArgs, build_app
 from deployments.client import get_model
-from deployments.model import CPU_FALLBACK_ENV, ModelServer
+from deployments.model import ModelServer
 from placement.plan import PlanError
 
 APP = "rayfit-test"
@@ -68,13 +68,16 @@ def replica_placement(role: str, app: str) -> dict[str, Any]:
     return serve.get_deployment_handle(role, app).placement.remote().result(timeout_s=30)
 
 
+# On the session's shared Ray (tests/shared_cluster.py): CPU, 2 declared GPUs with slots, the CPU fallback.
+pytestmark = pytest.mark.shared_serve
+
+
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[int]:
     """A local Ray with 2 declared GPUs + slots, and Serve's HTTP on a free port."""
     # The replicas inherit the CPU fallback: their GPUs are declared, not real. A replica that refuses
     # its placement refuses every time.
-    env = {CPU_FALLBACK_ENV: "1", **ONE_START_ATTEMPT}
-    with local_serve(env=env, num_gpus=2, resources={"gpu_slot_0": 1, "gpu_slot_1": 1}) as port:
+    with shared_serve() as port:
         yield port
 
 

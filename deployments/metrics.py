@@ -5,6 +5,21 @@ also get `_total`), e.g. `ray_rayfit_requests_total{model="summarizer",gpu="0",
 status="ok"}`; Serve adds `application`, `deployment` and `replica` tags. Every
 metric carries `model` (the role) and `gpu` (the host GPU index, "0+1" for a
 split, "cpu" on CPU). Names are listed in METRIC_NAMES and the README.
+
+Per-role GPU memory, one series per GPU the replica uses (a split model: one per
+GPU), tagged `model`, `gpu` (host index), `GpuUuid` (the card, named as Ray's own
+`ray_node_gram_used` names it, so a query can join or deduplicate on it) and `node`
+(the Ray node id):
+
+- `rayfit_gpu_memory_planned_bytes`: the plan's budget on that GPU, which torch's
+  allocator is capped at (the engine process's CUDA context is charged beside it);
+- `rayfit_gpu_memory_allocated_bytes` / `_reserved_bytes`: torch's figures now;
+- `rayfit_gpu_memory_peak_bytes`: the most torch's allocator has reserved there
+  since the engine started (the load included).
+
+A replica on CPU has no GPU series: its planned memory is `rayfit_memory_planned_bytes`
+(gpu="cpu"), its allocated `rayfit_process_rss_bytes` and its peak
+`rayfit_process_peak_rss_bytes` (the engine process's resident set and its high-water mark).
 """
 
 from __future__ import annotations
@@ -14,6 +29,10 @@ from collections.abc import Mapping
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 TAG_KEYS = ("model", "gpu")
+# Per GPU: the card by Ray's own label name for it (GpuUuid, as on ray_node_gram_used) and the Ray node.
+GPU_TAG_KEYS = ("model", "gpu", "GpuUuid", "node")
+# CPU memory: where it is held.
+CPU_MEMORY_TAG_KEYS = ("model", "gpu", "node")
 # Seconds. TTFT spans a CPU prefill on a test box to a 27B prefill on a GPU.
 TTFT_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 # Seconds between streamed deltas (about one token each): 5 ms (H100, small model) to 2 s (CPU).
@@ -30,10 +49,15 @@ METRIC_NAMES = (
     "rayfit_memory_planned_bytes",
     "rayfit_kv_cache_planned_bytes",
     "rayfit_kv_cache_bytes",
+    "rayfit_gpu_memory_planned_bytes",
     "rayfit_gpu_memory_allocated_bytes",
     "rayfit_gpu_memory_reserved_bytes",
+    "rayfit_gpu_memory_peak_bytes",
     "rayfit_process_rss_bytes",
+    "rayfit_process_peak_rss_bytes",
 )
+# Exported only by a replica on a GPU (a CPU replica reports RSS instead: module docstring).
+GPU_ONLY_METRIC_NAMES = frozenset(name for name in METRIC_NAMES if name.startswith("rayfit_gpu_memory_"))
 
 
 def gpu_tag(gpu_indices: tuple[int, ...]) -> str:
@@ -42,13 +66,28 @@ def gpu_tag(gpu_indices: tuple[int, ...]) -> str:
 
 
 class ModelMetrics:
-    """The metrics of one replica of `role`, which runs on `gpu_indices` (empty: CPU)."""
+    """The metrics of one replica of `role`, which runs on `gpu_indices` (empty: CPU) of Ray node `node`.
+
+    `gpu_uuids` and `gpu_budgets`: per GPU, in the order of `gpu_indices` (local index order), the card's
+    UUID and the plan's budget there; shorter when unknown (the CPU fallback has neither).
+    """
 
     def __init__(
-        self, role: str, gpu_indices: tuple[int, ...], planned_bytes: int, planned_kv_bytes: int | None = None
+        self,
+        role: str,
+        gpu_indices: tuple[int, ...],
+        planned_bytes: int,
+        planned_kv_bytes: int | None = None,
+        *,
+        node: str = "",
+        gpu_uuids: tuple[str, ...] = (),
+        gpu_budgets: tuple[int, ...] = (),
     ):
         self.tags = {"model": role, "gpu": gpu_tag(gpu_indices)}
         self.role = role
+        self.node = node
+        self.gpu_indices = gpu_indices
+        self.gpu_uuids = gpu_uuids
         # The same outcomes counted locally, so the replica can report them without a Prometheus scrape.
         self.outcomes: dict[str, int] = {}
         self.requests = Counter(
@@ -91,13 +130,42 @@ class ModelMetrics:
             tag_keys=TAG_KEYS,
         )
         # Per physical GPU: a split model reports each of its GPUs under its own `gpu` tag.
+        self._gpu_planned = Gauge(
+            "rayfit_gpu_memory_planned_bytes",
+            description="The plan's budget on this GPU (torch's cap; the CUDA context is charged beside it).",
+            tag_keys=GPU_TAG_KEYS,
+        )
+        for index, budget in zip(gpu_indices, gpu_budgets, strict=False):
+            self._gpu_planned.set(budget, tags=self.gpu_tags(index))
         self.allocated = Gauge(
-            "rayfit_gpu_memory_allocated_bytes", description="torch allocated bytes per GPU.", tag_keys=TAG_KEYS
+            "rayfit_gpu_memory_allocated_bytes", description="torch allocated bytes per GPU.", tag_keys=GPU_TAG_KEYS
         )
         self.reserved = Gauge(
-            "rayfit_gpu_memory_reserved_bytes", description="torch reserved bytes per GPU.", tag_keys=TAG_KEYS
+            "rayfit_gpu_memory_reserved_bytes", description="torch reserved bytes per GPU.", tag_keys=GPU_TAG_KEYS
         )
-        self.rss = Gauge("rayfit_process_rss_bytes", description="Replica process RSS (CPU models).", tag_keys=TAG_KEYS)
+        self.peak = Gauge(
+            "rayfit_gpu_memory_peak_bytes",
+            description="Most bytes torch reserved per GPU since the engine started (the load included).",
+            tag_keys=GPU_TAG_KEYS,
+        )
+        self.rss = Gauge(
+            "rayfit_process_rss_bytes",
+            description="Engine process RSS: a CPU model's allocated memory.",
+            tag_keys=CPU_MEMORY_TAG_KEYS,
+        )
+        self.peak_rss = Gauge(
+            "rayfit_process_peak_rss_bytes",
+            description="Engine process peak RSS (high-water mark): a CPU model's peak memory.",
+            tag_keys=CPU_MEMORY_TAG_KEYS,
+        )
+
+    def gpu_tags(self, index: int) -> dict[str, str]:
+        """The tags of host GPU `index`'s series (its UUID when known)."""
+        position = self.gpu_indices.index(index) if index in self.gpu_indices else -1
+        uuid = self.gpu_uuids[position] if 0 <= position < len(self.gpu_uuids) else "unknown"
+        if uuid != "unknown" and not uuid.upper().startswith(("GPU-", "MIG-")):
+            uuid = f"GPU-{uuid}"  # torch gives the bare hex; Ray's GpuUuid (from NVML) has the prefix
+        return {"model": self.role, "gpu": str(index), "GpuUuid": uuid, "node": self.node}
 
     def request_done(self, status: str, seconds: float, prompt_tokens: int = 0, generated_tokens: int = 0) -> None:
         self.outcomes[status] = self.outcomes.get(status, 0) + 1
@@ -120,20 +188,26 @@ class ModelMetrics:
         reserved: Mapping[int, int],
         rss_bytes: int | None,
         kv_cache_bytes: int | None = None,
+        *,
+        peak: Mapping[int, int] | None = None,
+        peak_rss_bytes: int | None = None,
     ) -> None:
-        """`allocated`/`reserved`: host GPU index → bytes; `rss_bytes` for a CPU replica."""
+        """`allocated`/`reserved`/`peak`: host GPU index → bytes; `rss_bytes`/`peak_rss_bytes` for a CPU replica."""
         if kv_cache_bytes is not None:
             self.kv_cache.set(kv_cache_bytes, tags=self.tags)
-        for index, value in allocated.items():
-            self.allocated.set(value, tags={"model": self.role, "gpu": str(index)})
-        for index, value in reserved.items():
-            self.reserved.set(value, tags={"model": self.role, "gpu": str(index)})
+        for gauge, values in ((self.allocated, allocated), (self.reserved, reserved), (self.peak, peak or {})):
+            for index, value in values.items():
+                gauge.set(value, tags=self.gpu_tags(index))
+        cpu_tags = {**self.tags, "node": self.node}
         if rss_bytes is not None:
-            self.rss.set(rss_bytes, tags=self.tags)
+            self.rss.set(rss_bytes, tags=cpu_tags)
+        if peak_rss_bytes is not None:
+            self.peak_rss.set(peak_rss_bytes, tags=cpu_tags)
 
 
 def host_gpu_memory(report: Mapping[str, int | str], gpu_indices: tuple[int, ...], kind: str) -> dict[int, int]:
-    """`verify.memory_report`'s 'cuda:<local>_<kind>_bytes' keyed by host GPU index instead.
+    """`verify.memory_report`'s 'cuda:<local>_<kind>_bytes' (kind: allocated, reserved, peak_reserved) keyed
+    by host GPU index instead.
 
     Local index i inside the replica is host GPU gpu_indices[i] (the pin sets
     CUDA_VISIBLE_DEVICES to the planned indices, in that order).

@@ -25,6 +25,7 @@ from deployments.metrics import ModelMetrics, host_gpu_memory
 from deployments.verify import CPU_FALLBACK_ENV, entry_for_this_node, placement_log_line
 from placement.config import ModelSpec
 from placement.gpu_nodes import GPU_LABEL
+from placement.held_memory import held_by_engine, write_held
 from placement.plan import PlanEntry
 
 logger = logging.getLogger("ray.serve")
@@ -92,7 +93,15 @@ class ModelServer:
         self.node_id = ray.get_runtime_context().get_node_id()
         logger.info(placement_log_line(role, self.node_id, load_entry))
         # Tagged with where the model really runs (the CPU fallback reports "cpu").
-        self.metrics = ModelMetrics(role, load_entry.gpu_indices, entry.memory_budget_bytes, entry.kv_budget_bytes)
+        self.metrics = ModelMetrics(
+            role,
+            load_entry.gpu_indices,
+            entry.memory_budget_bytes,
+            entry.kv_budget_bytes,
+            node=self.node_id,
+            gpu_uuids=tuple(self.facts.gpu_uuids),
+            gpu_budgets=self.plan.gpu_budgets if not self.cpu_fallback else (),
+        )
         self._memory_refresh_due = False  # a refresh of the memory gauges is scheduled
         self._memory_report()
 
@@ -115,13 +124,23 @@ class ModelServer:
         no device sync; one call to an engine process)."""
         report = self.engine.memory_report()
         indices = () if self.cpu_fallback else self.entry.gpu_indices
-        rss = report.get("rss_bytes")
+        rss, peak_rss = report.get("rss_bytes"), report.get("peak_rss_bytes")
         self.metrics.memory(
             host_gpu_memory(report, indices, "allocated"),
             host_gpu_memory(report, indices, "reserved"),
             rss if isinstance(rss, int) else None,
             int(report["kv_built_bytes"]),
+            peak=host_gpu_memory(report, indices, "peak_reserved"),
+            peak_rss_bytes=peak_rss if isinstance(peak_rss, int) else None,
         )
+        if indices and self.facts.gpu_uuids:
+            # What the engine holds per GPU UUID, for a later plan on this node (placement.held_memory).
+            pid = getattr(self.engine, "pid", os.getpid())
+            held = held_by_engine(self.role, pid, self.facts.gpu_uuids, report, self.facts.memory_caps)
+            try:
+                write_held(held)
+            except OSError as exc:
+                logger.warning("%s: cannot write what it holds for the planner (%s)", self.role, exc)
         return report
 
     # ------------------------------------------------------------ generation

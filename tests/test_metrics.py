@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from deployments.app import AppArgs, build_app
-from deployments.metrics import METRIC_NAMES
+from deployments.metrics import GPU_ONLY_METRIC_NAMES, METRIC_NAMES, ModelMetrics
 from deployments.ports import free_port
 from placement.config import ModelSpec
 from placement.sizing import estimate_memory
@@ -64,8 +64,8 @@ def test_metrics_are_exported_with_model_and_gpu_tags(served: tuple[str, int], t
     assert events[-1] == "data: [DONE]"
 
     # Ray exports `ray_<name>`; counters end in `_total`, histograms in `_bucket/_count/_sum`.
-    wanted = {f"ray_{name}" for name in METRIC_NAMES} - {"ray_rayfit_gpu_memory_allocated_bytes"}
-    wanted -= {"ray_rayfit_gpu_memory_reserved_bytes"}  # CPU: RSS instead of CUDA memory
+    # CPU: RSS (now and peak) instead of the per-GPU memory series.
+    wanted = {f"ray_{name}" for name in METRIC_NAMES if name not in GPU_ONLY_METRIC_NAMES}
     found: dict[str, list] = {}
     deadline = time.monotonic() + SCRAPE_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -101,3 +101,21 @@ def test_metrics_are_exported_with_model_and_gpu_tags(served: tuple[str, int], t
     assert value("ray_rayfit_kv_cache_planned_bytes") == planned.kv_cache_bytes
     assert 0 < value("ray_rayfit_kv_cache_bytes") <= planned.kv_cache_bytes
     assert value("ray_rayfit_process_rss_bytes") > 100 * 2**20
+    # CPU: allocated is the engine's RSS, peak its high-water mark, both tagged with the Ray node.
+    assert value("ray_rayfit_process_peak_rss_bytes") >= value("ray_rayfit_process_rss_bytes")
+    node_ids = {n["NodeID"] for n in ray.nodes()}
+    for name in ("ray_rayfit_process_rss_bytes", "ray_rayfit_process_peak_rss_bytes"):
+        assert {s.labels["node"] for s in found[name]} <= node_ids and found[name]
+
+
+def test_gpu_series_name_each_card_of_a_split_model() -> None:
+    """On a GPU each memory gauge has one series per card (checked here without Ray: no GPU on this box).
+    torch's bare UUID gets NVML's `GPU-` prefix, as Ray's own GpuUuid label has it."""
+    metrics = ModelMetrics(
+        "big", (2, 3), 10 * 2**30, node="n1", gpu_uuids=("58d1f30c", "GPU-9e2a"), gpu_budgets=(6 * 2**30, 4 * 2**30)
+    )
+    assert metrics.gpu_tags(2) == {"model": "big", "gpu": "2", "GpuUuid": "GPU-58d1f30c", "node": "n1"}
+    assert metrics.gpu_tags(3)["GpuUuid"] == "GPU-9e2a"
+    fallback = ModelMetrics("small", (0,), 2**30, node="n1")  # planned on GPU 0, no card seen
+    assert fallback.gpu_tags(0)["GpuUuid"] == "unknown"
+    assert {"rayfit_gpu_memory_planned_bytes", "rayfit_gpu_memory_peak_bytes"} <= GPU_ONLY_METRIC_NAMES

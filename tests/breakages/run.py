@@ -54,6 +54,11 @@ CASES = [
         ("tests/test_cancellation.py", "-k", "while_queued and replica"),
         "test_streaming_disconnect_while_queued_never_starts",
     ),
+    Case(
+        "engine_loss_is_500",
+        ("tests/test_cancellation.py", "-k", "killed_model_holding and not replica"),
+        "test_a_killed_model_holding_process_is_replaced",
+    ),
 ]
 
 

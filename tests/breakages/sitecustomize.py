@@ -120,6 +120,15 @@ def death_is_500(errors: ModuleType) -> None:
     errors.classify = classify
 
 
+def engine_loss_is_500(engine_process: ModuleType) -> None:
+    """A request lost with its engine process answers 500 instead of 503 + Retry-After (EngineProcessLost
+    made a plain error, no longer retryable).
+
+    Caught by test_cancellation.py::test_a_killed_model_holding_process_is_replaced[engine process]: it
+    counts every answer until the replica serves again, so one 500 among the 503s fails it."""
+    engine_process.EngineProcessLost = type("EngineProcessLost", (RuntimeError,), {})
+
+
 def never_reaches(fault_injection: ModuleType) -> None:
     """The test's held requests never reach the replica it kills (hold_marker names another process),
     so they are served normally and nothing shows a request was lost with the replica.
@@ -146,6 +155,7 @@ BREAKAGES: dict[str, tuple[str, Callable[[ModuleType], None]]] = {
     "late_registration": ("deployments.engine.pool", late_registration),
     "replica_500_once": ("fault_injection", replica_500_once),
     "death_is_500": ("deployments.errors", death_is_500),
+    "engine_loss_is_500": ("deployments.engine_process", engine_loss_is_500),
     "never_reaches": ("fault_injection", never_reaches),
     "gate_ignored": ("fault_injection", gate_ignored),
 }

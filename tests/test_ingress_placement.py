@@ -8,6 +8,7 @@ local Ray: a head without GPUs and one per-GPU node (tests/ray_nodes.py, as star
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -52,11 +53,19 @@ class Where:
 
 @pytest.fixture(scope="module")
 def head_and_gpu_node() -> Iterator[LocalRayCluster]:
+    # This driver joins a token-auth cluster (as tests/test_gpu_nodes.py does).
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+    _enable_token_auth()
     with local_ray_cluster() as nodes:
         nodes.start_head(gpus=0, labels={}, num_cpus=1)
         nodes.add_gpu_node("box", 0, 24 * GIB, num_cpus=1)
         ray.init(address=nodes.address, log_to_driver=False)
         try:
+            deadline = time.monotonic() + SCHEDULE_TIMEOUT_S
+            while sum(n["Alive"] for n in ray.nodes()) < 2:
+                assert time.monotonic() < deadline, "the GPU node did not join"
+                time.sleep(0.5)
             yield nodes
         finally:
             ray.shutdown()

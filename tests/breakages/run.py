@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,13 +110,14 @@ def run_case(case: Case, broken: bool, timeout_s: float, lock: str | None, logs:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 pass
-            os.killpg(process.pid, signal.SIGKILL)
+            with suppress(ProcessLookupError):  # the group may be gone already
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         seconds = time.monotonic() - start
     text = log.read_text(errors="replace")
-    failed = [
-        m.group(2) for m in re.finditer(r"^(FAILED|ERROR) (tests/\S+?(?:\[[^\]]*\])?)(?: - .*)?$", text, re.MULTILINE)
-    ]
+    summary = re.finditer(r"^(FAILED|ERROR) (tests/\S+?(?:\[[^\]]*\])?)(?: - .*)?$", text, re.MULTILINE)
+    outcomes = [(m.group(1), m.group(2)) for m in summary]  # ERROR: a fixture failed (e.g. a cluster start)
+    failed = [f"{test} ({kind})" if kind == "ERROR" else test for kind, test in outcomes]
     first_error = next((line[1:].strip() for line in text.splitlines() if line.startswith("E ")), "")
     if hung:
         verdict = "hung"
@@ -124,7 +125,9 @@ def run_case(case: Case, broken: bool, timeout_s: float, lock: str | None, logs:
         verdict = "caught by pytest-timeout"
     elif process.returncode == 0:
         verdict = "missed" if broken else "passed"
-    elif any(case.expected in test for test in failed):
+    elif not broken:
+        verdict = "failed"
+    elif any(kind == "FAILED" and case.expected in test for kind, test in outcomes):
         verdict = "caught"
     else:
         verdict = "failed elsewhere"
@@ -152,7 +155,8 @@ def main() -> int:
     for case in cases:
         result = run_case(case, not args.clean, args.timeout, args.lock, logs)
         results.append(result)
-        print(f"{case.name}: {result.verdict} in {result.seconds:.0f} s; failed {result.failed}", flush=True)
+        what = " ".join(case.selection) if args.clean else case.name
+        print(f"{what}: {result.verdict} in {result.seconds:.0f} s; failed {result.failed}", flush=True)
         if result.first_error:
             print(f"    E {result.first_error}", flush=True)
     print("\n| breakage | selection | verdict | failing test | first error | s |\n|---|---|---|---|---|---|")

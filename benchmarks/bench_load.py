@@ -22,9 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 
 import torch  # noqa: E402
 
-from deployments.engine import Engine  # noqa: E402
-from deployments.generation import GenerationInput, SamplingParams  # noqa: E402
-from deployments.loading import load_model  # noqa: E402
+from deployments.engine.core import Engine  # noqa: E402
+from deployments.engine.generation import GenerationInput, SamplingParams  # noqa: E402
+from deployments.engine.loading import load_model  # noqa: E402
 from placement.config import ModelSpec  # noqa: E402
 from placement.demo_models import gemma3_270m_gguf, smollm2_gguf  # noqa: E402
 from placement.inventory import parse_gpu_spec  # noqa: E402

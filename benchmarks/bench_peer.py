@@ -73,7 +73,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from bench_serving import run_concurrent  # noqa: E402
 from served_demo import smollm2_dir  # noqa: E402
 
-from deployments.engine_process import ENGINE_PROCESS_ENV  # noqa: E402
+from deployments.engine.process import ENGINE_PROCESS_ENV  # noqa: E402
 from deployments.ports import free_port  # noqa: E402
 
 DEMO_CONFIG = REPO_ROOT / "examples" / "demo" / "model_configs.yaml"

@@ -82,8 +82,8 @@ def load_engine(config: Path, role: str, threads: int, continuous: bool) -> Any:
     import torch
 
     from deployments.app import AppArgs, plan_app
-    from deployments.engine import Engine
-    from deployments.loading import load_model
+    from deployments.engine.core import Engine
+    from deployments.engine.loading import load_model
 
     specs, _, _, plan = plan_app(AppArgs(model_config=str(config), gpus="none"))
     torch.set_num_threads(threads)
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         # ---- 1. overhead at concurrency 1 (same engine mode in both paths)
-        from deployments.protocol import ChatCompletionRequest
+        from deployments.openai_api.protocol import ChatCompletionRequest
 
         deploy(configs["on"], "bench")
         threads = serve.get_deployment_handle(ns.role, "bench").placement.remote().result()["actual"]["torch_threads"]

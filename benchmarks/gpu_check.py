@@ -71,7 +71,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# The role served with its engine in a process of its own (deployments.engine_process).
+# The role served with its engine in a process of its own (deployments.engine.process).
 ENGINE_PROCESS_ROLE = "summarizer"
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # tiny_models: the offline tokenizer
@@ -330,8 +330,8 @@ def check_model(name: str, config: dict[str, Any], ns: argparse.Namespace, devic
 
 def kv_pool_check(model: nn.Module, ns: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Build the engine's KV pool on the device; allocated bytes vs the plan's pool bytes."""
+    from deployments.engine.generation import SamplingParams
     from deployments.engine.pool import ContinuousBatcher
-    from deployments.generation import SamplingParams
     from placement.sizing.kv_budget import kv_budget
 
     text_config = model.config.get_text_config()
@@ -357,7 +357,7 @@ def kv_pool_check(model: nn.Module, ns: argparse.Namespace, device: torch.device
 
 
 def allocator_cap_check(device: torch.device) -> dict[str, Any]:
-    """The replica's cap (deployments.memory): past it, this process's allocation fails."""
+    """The replica's cap (deployments.engine.memory): past it, this process's allocation fails."""
     if device.type != "cuda":
         return {"skipped": "CPU: the replica only reports (no allocator cap)"}
     gc.collect()

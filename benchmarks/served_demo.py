@@ -15,7 +15,7 @@ DEMO_SERVE_CONFIG = REPO_ROOT / "examples" / "demo" / "serve_config.yaml"
 
 def smollm2_dir() -> Path:
     """The converted SmolLM2 directory the demo loads (converted on first use; tokenizer files included)."""
-    from deployments.loading import convert_gguf
+    from deployments.engine.loading import convert_gguf
     from placement.demo_models import smollm2_gguf
 
     directory, name = smollm2_gguf()

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
-from deployments.errors import RETRY_AFTER_S
+from deployments.engine.errors import RETRY_AFTER_S
 from deployments.guard import (
     API_KEY_ENV,
     DEFAULT_MAX_BODY_BYTES,

@@ -1,6 +1,6 @@
 """Deployment-handle client for agent code running on the Ray cluster.
 
-Same request and response types as the HTTP API (`deployments.protocol`), but
+Same request and response types as the HTTP API (`deployments.openai_api.protocol`), but
 no HTTP hop: the call goes straight to the role's replicas.
 
     from deployments.client import get_model
@@ -14,7 +14,7 @@ no HTTP hop: the call goes straight to the role's replicas.
 The sync methods block; call them from plain threads or drivers. Inside a
 Serve deployment or any running event loop, use `achat` / `astream`.
 
-Failures raise `deployments.errors.RayfitError` subclasses carrying the HTTP
+Failures raise `deployments.engine.errors.RayfitError` subclasses carrying the HTTP
 status the same request would get: `BadRequestError` (400: bad parameters,
 max_tokens over the cap, prompt over the context), `NotFoundError` (404: no
 such role), `OverloadedError` (503: queue full, out of memory, replica
@@ -31,9 +31,9 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.errors import BadRequestError, NotFoundError, RayfitError, classify, returned
+from deployments.engine.errors import BadRequestError, NotFoundError, RayfitError, classify, returned
 from deployments.guard import validation_message
-from deployments.protocol import (
+from deployments.openai_api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionStreamResponse,

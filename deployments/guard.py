@@ -16,7 +16,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from deployments.errors import (
+from deployments.engine.errors import (
     RETRY_AFTER_S,
     AuthenticationError,
     BadRequestError,

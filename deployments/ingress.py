@@ -25,11 +25,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.errors import BadRequestError, NotFoundError, OverloadedError, RayfitError, classify, returned
-from deployments.generation import GenerationInput, GenerationOutput, StreamDelta
+from deployments.engine.errors import BadRequestError, NotFoundError, OverloadedError, RayfitError, classify, returned
+from deployments.engine.generation import GenerationInput, GenerationOutput, StreamDelta
 from deployments.guard import Admission, IngressSettings, Ticket, authorize, parse_body, read_body
-from deployments.placement_status import alive_nodes, replica_locations, unplaced_roles, with_status
-from deployments.protocol import (
+from deployments.openai_api.protocol import (
     SSE_DONE,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -45,7 +44,8 @@ from deployments.protocol import (
     now,
     sse_lines,
 )
-from deployments.responses_api import ResponseEvents, ResponsesRequest, response_body, sse_events
+from deployments.openai_api.responses import ResponseEvents, ResponsesRequest, response_body, sse_events
+from deployments.placement_status import alive_nodes, replica_locations, unplaced_roles, with_status
 from deployments.status_watch import FAILED, READY, StatusWatch, read_states, wait_for_role
 from placement.add_model import RunningConfig, answer_for_running
 from placement.config import ConfigError
@@ -322,7 +322,7 @@ class Ingress:
 
     @app.post("/v1/responses")
     async def responses(self, http: Request):
-        """OpenAI's Responses API, answered through the chat path (deployments.responses_api)."""
+        """OpenAI's Responses API, answered through the chat path (deployments.openai_api.responses)."""
         async with self.admission.enter() as ticket:
             request: ResponsesRequest = await self._body(http, ResponsesRequest)
             chat = request.to_chat()

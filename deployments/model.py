@@ -18,11 +18,18 @@ from typing import Any
 
 from ray import serve
 
-from deployments.engine_process import EngineProcess, engine_process_on
-from deployments.errors import InvalidRequest, RetryableGenerationError
-from deployments.generation import GenerationInput, GenerationOutput, SamplingParams, StreamDelta, checked_max_tokens
+from deployments.engine.errors import InvalidRequest, RetryableGenerationError
+from deployments.engine.generation import (
+    GenerationInput,
+    GenerationOutput,
+    SamplingParams,
+    StreamDelta,
+    checked_max_tokens,
+)
+from deployments.engine.process import EngineProcess, engine_process_on
+from deployments.engine.protocol import EngineProtocol
+from deployments.engine.verify import CPU_FALLBACK_ENV, entry_for_this_node, placement_log_line
 from deployments.metrics import ModelMetrics, host_gpu_memory
-from deployments.verify import CPU_FALLBACK_ENV, entry_for_this_node, placement_log_line
 from placement.config import ModelSpec
 from placement.gpu_nodes import GPU_LABEL
 from placement.held_memory import held_by_engine, write_held
@@ -71,8 +78,9 @@ class ModelServer:
         # the plan's size. A wrong placement raises PlacementMismatch, a load failure ModelLoadError
         # naming the cause: Serve marks the deployment DEPLOY_FAILED with it, and the app's other
         # models keep serving. By default the engine runs in a child process with a GIL of its own
-        # (deployments.engine_process), and this process never imports torch or transformers;
+        # (deployments.engine.process), and this process never imports torch or transformers;
         # `engine_process: false` (or RAYFIT_ENGINE_PROCESS=0) keeps it in this process.
+        self.engine: EngineProtocol
         if engine_process_on(self.spec.engine_process):
             self.engine = EngineProcess(self.spec, entry, role)
             self.facts = self.engine.facts
@@ -189,7 +197,7 @@ class ModelServer:
 
     async def _generate_continuous(self, request: GenerationInput) -> GenerationOutput | BaseException:
         """One request through the engine's continuous batcher (joins the running batch)."""
-        from deployments.memory import out_of_memory_answer
+        from deployments.engine.memory import out_of_memory_answer
 
         # The caller gone (Serve cancels this coroutine): the engine drops the request within
         # a decode step, also while it still waits for a slot.
@@ -206,7 +214,7 @@ class ModelServer:
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     async def _generate_batch(self, requests: list[GenerationInput]) -> list[GenerationOutput | BaseException]:
-        from deployments.memory import out_of_memory_answer
+        from deployments.engine.memory import out_of_memory_answer
 
         try:
             # A thread: generate_batch holds the GIL-releasing forward passes for
@@ -239,7 +247,7 @@ class ModelServer:
         """Deltas as the engine produces them (Engine.open_stream: a pooled request's tokens
         come onto this event loop each decode step). Client disconnect → CancelledError → the
         engine stops the request. A bad request is yielded as its InvalidRequest (see `_rejected`)."""
-        from deployments.memory import out_of_memory_answer
+        from deployments.engine.memory import out_of_memory_answer
 
         start = last = time.perf_counter()
         status, usage = "cancelled", (0, 0)  # stays "cancelled" when the client goes away mid-stream
@@ -343,7 +351,7 @@ class ModelServer:
         out-of-memory, or to a batch the batcher restarted, is no reason to
         replace the replica.
         """
-        from deployments.memory import out_of_memory_answer
+        from deployments.engine.memory import out_of_memory_answer
 
         last_check, self._last_check = self._last_check, time.monotonic()
         # An engine process that died raises here (EngineProcessLost): the check fails, Serve replaces us.

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from deployments.errors import OverloadedError
+from deployments.engine.errors import OverloadedError
 from deployments.failures import failure_reason
 
 logger = logging.getLogger("ray.serve")

@@ -83,7 +83,7 @@ class ModelSpec(BaseModel):
         default=None, description="Serve autoscaling between min_replicas and max_replicas (instead of `replicas`)"
     )
     trust_remote_code: bool = False
-    # Chat: how the model is prompted (deployments.tool_formats).
+    # Chat: how the model is prompted (deployments.engine.tool_formats).
     chat_template: str | None = Field(
         default=None,
         description="A Jinja chat template file to use instead of the model's own (relative: to this file)",
@@ -97,7 +97,7 @@ class ModelSpec(BaseModel):
         description="Unseeded text requests share one continuous batch (transformers' paged KV pool); "
         "false runs every request on its own generate (the KV plan then budgets max_batch_size side slots)",
     )
-    # Serving: where the engine runs (deployments.engine_process).
+    # Serving: where the engine runs (deployments.engine.process).
     engine_process: bool = Field(
         default=True,
         description="Run the engine (weights, KV cache, batching loop) in a process of its own next to the "

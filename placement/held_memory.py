@@ -50,7 +50,7 @@ class HeldGpu:
 
     uuid: str  # the GPU's UUID, 'GPU-…' or bare hex (compared without the prefix)
     reserved_bytes: int  # torch.cuda.memory_reserved: the allocator's blocks, the CUDA context excluded
-    cap_bytes: int | None = None  # the plan's cap on this GPU (deployments.memory.cap_gpu_memory)
+    cap_bytes: int | None = None  # the plan's cap on this GPU (deployments.engine.memory.cap_gpu_memory)
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ def held_by_engine(
     report: Mapping[str, int | str],
     caps: Mapping[int, int],
 ) -> HeldReport:
-    """The report of an engine process from its memory report (deployments.verify.memory_report:
+    """The report of an engine process from its memory report (deployments.engine.verify.memory_report:
     'cuda:<local>_reserved_bytes'), its visible GPUs' UUIDs in local order and its caps by local index."""
     gpus = []
     for local, uuid in enumerate(uuids):

@@ -1,7 +1,7 @@
 """Every touch of a transformers private internal, in one place.
 
 rayfit leans on transformers' continuous batching (deployments.engine.pool,
-deployments.row_logits) and on its paged-cache allocators to size the KV pool
+deployments.engine.row_logits) and on its paged-cache allocators to size the KV pool
 (placement.sizing.kv_budget) further than the public API reaches. Each such
 touch is one named function or constant here, with the public behaviour whose
 absence forces it; nothing else in rayfit reaches into transformers' private

@@ -1,7 +1,7 @@
 """Which quantization a model is held in: decided once, here, for the plan and the load.
 
 Sizing prices the weights in the scheme `decide_quantization` returns, and the
-loader (deployments.loading) loads them in the scheme the replica plan carries,
+loader (deployments.engine.loading) loads them in the scheme the replica plan carries,
 which is that same decision. No other code reads a model's name or its
 `quantization_config` to choose a scheme. Kept free of torch and transformers.
 """

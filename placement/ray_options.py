@@ -24,7 +24,7 @@ The scheme, and why (measured on Ray 2.60, see DESIGN.md):
   and declared GPUs alike (a declared GPU has no UUID), the pin stays the
   index the plan, the logs, the report and `PlanEntry.cuda_visible_devices`
   speak, and the start-up check still compares the visible card's UUID with
-  the planned one (deployments.verify), so a wrong card is refused either way.
+  the planned one (deployments.engine.verify), so a wrong card is refused either way.
 - `RAYFIT_ROLE=<role>` in every replica's env_vars marks the process as a
   rayfit model replica: the inventory reads it from `/proc/<pid>/environ` of
   each process NVML lists on a GPU and counts that memory as the plan's own

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from deployments.generation import GenerationInput, GenerationOutput, StreamDelta
+from deployments.engine.generation import GenerationInput, GenerationOutput, StreamDelta
 
 # Importable on a replica once this directory is on its PYTHONPATH.
 WRAPPER = "fault_injection:FaultyEngine"

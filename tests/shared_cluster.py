@@ -23,7 +23,7 @@ import ray
 from ray import serve
 from serve_support import ONE_START_ATTEMPT, local_serve
 
-from deployments.verify import CPU_FALLBACK_ENV
+from deployments.engine.verify import CPU_FALLBACK_ENV
 
 MARKER = "shared_serve"
 # What every shared module gets: the union of what each of them asked for on its own cluster.

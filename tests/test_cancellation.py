@@ -7,7 +7,7 @@ own report (`ModelServer.load`) must show no slot held and no live request,
 and the request counted as `cancelled` — not merely that the next request works.
 
 Every test runs twice: with the engine inside the replica, and in a process of
-its own (`engine_process: true`, the default; deployments.engine_process), where each
+its own (`engine_process: true`, the default; deployments.engine.process), where each
 cancel, error and report crosses a process boundary.
 """
 

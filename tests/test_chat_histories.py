@@ -20,12 +20,12 @@ import pytest
 from PIL import Image
 from plans import replica_plan
 
-from deployments.engine import Engine, InvalidRequest
+from deployments.engine.core import Engine, InvalidRequest
+from deployments.engine.errors import BadRequestError, classify
+from deployments.engine.generation import GenerationInput
+from deployments.engine.loading import load_model
 from deployments.engine.prompts import merge_repeated_roles
-from deployments.errors import BadRequestError, classify
-from deployments.generation import GenerationInput
-from deployments.loading import load_model
-from deployments.protocol import ChatCompletionRequest
+from deployments.openai_api.protocol import ChatCompletionRequest
 from placement.config import ModelSpec
 
 GEMMA3_TEMPLATE = Path(__file__).parent / "templates" / "gemma3.jinja"

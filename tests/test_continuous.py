@@ -15,9 +15,9 @@ import pytest
 import torch
 from plans import engine_plan
 
-from deployments.engine import Engine
-from deployments.generation import GenerationInput, GenerationOutput, SamplingParams
-from deployments.loading import LoadedModel, load_model
+from deployments.engine.core import Engine
+from deployments.engine.generation import GenerationInput, GenerationOutput, SamplingParams
+from deployments.engine.loading import LoadedModel, load_model
 from placement.config import ModelSpec
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
@@ -147,8 +147,8 @@ def test_a_failure_inside_the_batching_loop_is_recovered(loaded: LoadedModel, sp
     the in-flight request gets a retryable error, the batcher rebuilds, the next request works."""
     import torch
 
+    from deployments.engine.errors import RetryableGenerationError
     from deployments.engine.pool import BatchInterrupted
-    from deployments.errors import RetryableGenerationError
 
     engine = Engine(loaded, engine_plan(spec, max_batch_size=2))
     armed = threading.Event()
@@ -271,7 +271,7 @@ def test_a_short_request_is_not_stuck_behind_long_ones(continuous: Engine) -> No
     """No head-of-line blocking: a 2-token request sent while three long ones decode (sampled at the
     OpenAI default temperature, as most clients send) joins the running batch and finishes while
     they are still going, in a small part of their time."""
-    from deployments.generation import RowRules
+    from deployments.engine.generation import RowRules
 
     # ignore_eos: sampled rows that may not stop early, so the counts below are exact whatever is drawn.
     long = SamplingParams(max_tokens=200, temperature=1.0, rules=RowRules(ignore_eos=True))

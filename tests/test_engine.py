@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 from plans import replica_plan
 
-from deployments.engine import Engine, InvalidRequest
 from deployments.engine.contract import held_weight_bytes
-from deployments.generation import GenerationInput, SamplingParams
-from deployments.loading import LoadedModel, convert_gguf, gguf_cache_dir, load_model
-from deployments.verify import (
+from deployments.engine.core import Engine, InvalidRequest
+from deployments.engine.generation import GenerationInput, SamplingParams
+from deployments.engine.loading import LoadedModel, convert_gguf, gguf_cache_dir, load_model
+from deployments.engine.verify import (
     PlacementMismatch,
     check_placement,
     memory_report,
@@ -309,8 +309,8 @@ sys.path.insert(0, sys.argv[3])  # tests/: plans
 from plans import planned_entry
 
 from deployments.engine.host import build_engine
-from deployments.generation import GenerationInput, SamplingParams
-from deployments.verify import PlacementMismatch, check_placement, memory_report, visible_gpu_uuids
+from deployments.engine.generation import GenerationInput, SamplingParams
+from deployments.engine.verify import PlacementMismatch, check_placement, memory_report, visible_gpu_uuids
 from placement.config import ModelSpec
 
 model_dir, index = sys.argv[1], int(sys.argv[2])

@@ -1,7 +1,8 @@
-"""The engine in a process of its own (deployments.engine_process, deployments.engine.child): the same answers as in the
+"""The engine in a process of its own (deployments.engine.process, deployments.engine.child): the same answers as in the
 replica, errors and cancellation across the process boundary, and what happens when it dies.
 
-Also that the child dies with its replica, kill -9 included, at any moment of its start (deployments.orphan_guard).
+Also that the child dies with its replica, kill -9 included, at any moment of its start
+(deployments.engine.orphan_guard).
 
 Real child processes, the real tiny model; no Ray here (tests/test_serving_engine_process.py
 serves through Ray)."""
@@ -26,12 +27,12 @@ from plans import planned_entry
 from ray_nodes import _running
 from serve_support import wait_until
 
+from deployments.engine.errors import InvalidRequest
+from deployments.engine.generation import GenerationInput, SamplingParams
 from deployments.engine.host import ENGINE_WRAPPER_ENV, build_engine
-from deployments.engine_process import EngineProcess, EngineProcessLost
-from deployments.errors import InvalidRequest
-from deployments.generation import GenerationInput, SamplingParams
-from deployments.loading import ModelLoadError
-from deployments.orphan_guard import PARENT_GONE
+from deployments.engine.loading import ModelLoadError
+from deployments.engine.orphan_guard import PARENT_GONE
+from deployments.engine.process import EngineProcess, EngineProcessLost
 from placement.config import ModelSpec
 from placement.plan import PlanEntry
 
@@ -162,7 +163,7 @@ def test_the_child_exits_when_its_replica_goes(spec: ModelSpec) -> None:
     assert not child.is_running()
 
 
-# -- no orphaned engine: the child dies with its replica, even while it loads (deployments.orphan_guard)
+# -- no orphaned engine: the child dies with its replica, even while it loads (deployments.engine.orphan_guard)
 
 # Test-only: the wrapper (RAYFIT_ENGINE_WRAPPER) runs in the child once the model is loaded and before
 # it reports ready; this one writes its pid to a marker file and blocks forever, a load that never ends.
@@ -177,7 +178,7 @@ def never_ready(engine):
 # A replica-like parent: builds an EngineProcess for the pickled (spec, entry) and waits in the constructor.
 _REPLICA = """
 import pickle, sys
-from deployments.engine_process import EngineProcess
+from deployments.engine.process import EngineProcess
 spec, entry = pickle.loads(open(sys.argv[1], "rb").read())
 EngineProcess(spec, entry, "orphan")
 """
@@ -254,16 +255,16 @@ def test_a_child_outlives_the_thread_that_built_it(spec: ModelSpec) -> None:
 
 
 def _guarded(parent_pid: int, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    """`python -m deployments.orphan_guard <parent_pid> probe`, where probe reports the child's state."""
+    """`python -m deployments.engine.orphan_guard <parent_pid> probe`, where probe reports the child's state."""
     (tmp_path / "probe.py").write_text(
         "import ctypes, sys\n"
         "signal = ctypes.c_int()\n"
         "ctypes.CDLL(None).prctl(2, ctypes.byref(signal), 0, 0, 0)  # PR_GET_PDEATHSIG\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'deployments.engine') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'deployments.engine.core') if m in sys.modules)\n"
         "print(signal.value, heavy, sys.argv[1:])\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), str(tmp_path)])}
-    command = [sys.executable, "-m", "deployments.orphan_guard", str(parent_pid), "probe", "an", "argument"]
+    command = [sys.executable, "-m", "deployments.engine.orphan_guard", str(parent_pid), "probe", "an", "argument"]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
 
 

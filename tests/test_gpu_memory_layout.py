@@ -266,7 +266,7 @@ def test_accelerate_places_the_27b_weights_as_planned(split_27b) -> None:
 
 
 def test_the_loader_gives_accelerate_the_plans_weights(tiny_text_model_dir: Path, monkeypatch) -> None:
-    from deployments import loading
+    from deployments.engine import loading
 
     seen: dict[str, Any] = {}
 

@@ -31,7 +31,7 @@ from serve_support import local_serve, model_config, wait_until
 
 from deployments.app import AppArgs, build_app
 from deployments.client import get_model
-from deployments.errors import BadRequestError, OverloadedError
+from deployments.engine.errors import BadRequestError, OverloadedError
 from deployments.model import CPU_FALLBACK_ENV
 from deployments.status_watch import REFRESH_S, StatusWatch, read_states, wait_for_role
 

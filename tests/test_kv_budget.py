@@ -21,11 +21,11 @@ from transformers import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.generation.continuous_batching.distributed import DistributedHelper
 
-from deployments.engine import Engine
+from deployments.engine.core import Engine
+from deployments.engine.errors import PlanContractError
+from deployments.engine.generation import GenerationInput, SamplingParams
 from deployments.engine.kv import SequenceSlots
-from deployments.errors import PlanContractError
-from deployments.generation import GenerationInput, SamplingParams
-from deployments.loading import LoadedModel, load_model
+from deployments.engine.loading import LoadedModel, load_model
 from placement.config import ModelSpec
 from placement.inventory import parse_gpu_spec
 from placement.planner import make_plan

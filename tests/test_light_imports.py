@@ -4,7 +4,7 @@ The ingress replica routes HTTP: loading torch cost it ~3.5 s of start-up on
 every deploy and ~300 MiB of memory. The placement CLI answers `--help`, a bad
 config and `ray-start-args` without sizing any model: loading torch made each
 take ~4.5 s. A replica whose engine runs in its own process only forwards
-requests to it (deployments.engine_process): the child alone needs them. Checked
+requests to it (deployments.engine.process): the child alone needs them. Checked
 in a fresh interpreter, since this test process has long imported both.
 """
 
@@ -19,7 +19,7 @@ HEAVY = ("torch", "transformers")
 
 
 @pytest.mark.parametrize(
-    "module", ["deployments.ingress", "placement.cli", "deployments.engine_process", "deployments.model"]
+    "module", ["deployments.ingress", "placement.cli", "deployments.engine.process", "deployments.model"]
 )
 def test_module_does_not_load_torch_or_transformers(module: str) -> None:
     code = f"import sys, {module}; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"

@@ -20,8 +20,8 @@ from transformers import AutoTokenizer
 
 from deployments.app import AppArgs, build_app
 from deployments.client import ModelClient
-from deployments.loading import convert_gguf
-from deployments.logprob_api import ChoiceLogprobs
+from deployments.engine.loading import convert_gguf
+from deployments.openai_api.logprobs import ChoiceLogprobs
 from placement.demo_models import smollm2_gguf
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared_serve]

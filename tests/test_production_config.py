@@ -47,9 +47,9 @@ def test_plan_of_the_production_config_sizes_from_the_cached_checkpoints(twin_hu
 
 LOAD_AND_GENERATE = """
 import json, sys
-from deployments.engine import Engine
-from deployments.generation import GenerationInput, SamplingParams
-from deployments.loading import load_model
+from deployments.engine.core import Engine
+from deployments.engine.generation import GenerationInput, SamplingParams
+from deployments.engine.loading import load_model
 from placement.config import load_model_configs
 from placement.inventory import parse_gpu_spec
 from placement.planner import make_plan

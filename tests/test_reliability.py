@@ -39,11 +39,11 @@ from shared_cluster import shared_serve
 
 from deployments.app import AppArgs, build_app
 from deployments.client import get_model
-from deployments.errors import BadRequestError, NotFoundError, OverloadedError
+from deployments.engine.errors import BadRequestError, NotFoundError, OverloadedError
+from deployments.engine.images import MAX_IMAGE_PIXELS
 from deployments.guard import parse_body
-from deployments.images import MAX_IMAGE_PIXELS
-from deployments.protocol import ChatCompletionRequest, CompletionRequest
-from deployments.responses_api import ResponsesRequest
+from deployments.openai_api.protocol import ChatCompletionRequest, CompletionRequest
+from deployments.openai_api.responses import ResponsesRequest
 
 APP = "reliability"
 TEXT, VISION, FUZZ = "writer", "viewer", "fuzzed"
@@ -1287,7 +1287,7 @@ def test_http_binds_loopback_by_default(tmp_path: Path, monkeypatch: pytest.Monk
 def test_trust_remote_code_refused_unless_set(tmp_path: Path, tiny_text_model_dir: Path) -> None:
     from plans import replica_plan
 
-    from deployments.loading import ModelLoadError, load_model
+    from deployments.engine.loading import ModelLoadError, load_model
     from placement.config import ModelSpec
 
     (tmp_path / "config.json").write_text(

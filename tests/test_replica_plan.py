@@ -27,9 +27,9 @@ from PIL import Image
 from plans import replica_plan
 from test_kv_budget import _transformers_pool_bytes
 
-from deployments.engine import Engine
-from deployments.generation import GenerationInput, SamplingParams
-from deployments.loading import load_model
+from deployments.engine.core import Engine
+from deployments.engine.generation import GenerationInput, SamplingParams
+from deployments.engine.loading import load_model
 from placement.config import ModelSpec, load_model_configs
 from placement.inventory import parse_gpu_spec
 from placement.planner import make_plan
@@ -218,7 +218,7 @@ def test_the_vision_tower_stays_unquantized_in_the_plan_and_the_load(vision_twin
 def test_images_per_request_are_capped_and_priced(vision_twin_dir: Path) -> None:
     """The plan's runtime holds `max_images_per_request` images (pixels, vision tower, features); a
     request with more is a 400-class InvalidRequest before anything is decoded."""
-    from deployments.errors import InvalidRequest
+    from deployments.engine.errors import InvalidRequest
     from placement.sizing.image_workspace import image_workspace
 
     spec = ModelSpec(model=str(vision_twin_dir), max_images_per_request=2)

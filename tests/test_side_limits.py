@@ -27,11 +27,11 @@ from tiny_models import TOKENS_PER_IMAGE, VOCAB_SIZE, build_tokenizer
 from transformers import AutoProcessor, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig
 from transformers.cache_utils import Cache
 
+from deployments.engine.generation import SamplingParams
 from deployments.engine.kv import KvLedger, RequestCancelled
 from deployments.engine.prompts import PreparedPrompt
 from deployments.engine.side import SideBackend
 from deployments.engine.text import TextRules
-from deployments.generation import SamplingParams
 from placement.sizing.kv_budget import side_sequence_bytes
 
 CONTEXT = 256

@@ -1,8 +1,8 @@
 """Structured output and tools at the protocol level: request fields, grammars, tool calls.
 
-No Ray here: the request models (deployments.protocol), the grammars built
-from them (deployments.structured) and the per-row logits rules
-(deployments.row_logits) driving a real `model.generate` of the demo's
+No Ray here: the request models (deployments.openai_api.protocol), the grammars built
+from them (deployments.engine.structured) and the per-row logits rules
+(deployments.engine.row_logits) driving a real `model.generate` of the demo's
 SmolLM2 (converted once from its GGUF, cached).
 """
 
@@ -18,13 +18,13 @@ import torch
 from peak_memory import peak_allocated
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from deployments.errors import BadRequestError
-from deployments.generation import RowRules, StreamDelta
-from deployments.loading import convert_gguf
-from deployments.protocol import ChatCompletionRequest, ChatStreamConverter, CompletionRequest
-from deployments.row_logits import GenerateRowsProcessor, RowFactory
-from deployments.structured import parse_tool_calls, response_format_grammar, tool_call_grammar, tool_specs
-from deployments.tool_formats import ToolFormat
+from deployments.engine.errors import BadRequestError
+from deployments.engine.generation import RowRules, StreamDelta
+from deployments.engine.loading import convert_gguf
+from deployments.engine.row_logits import GenerateRowsProcessor, RowFactory
+from deployments.engine.structured import parse_tool_calls, response_format_grammar, tool_call_grammar, tool_specs
+from deployments.engine.tool_formats import ToolFormat
+from deployments.openai_api.protocol import ChatCompletionRequest, ChatStreamConverter, CompletionRequest
 from placement.demo_models import smollm2_gguf
 
 WEATHER = {
@@ -263,8 +263,8 @@ def test_tool_grammar_rejects_an_unknown_tool_name(smollm2) -> None:
 def smollm2_engine(smollm2):
     from plans import engine_plan
 
-    from deployments.engine import Engine
-    from deployments.loading import load_model
+    from deployments.engine.core import Engine
+    from deployments.engine.loading import load_model
     from placement.config import ModelSpec
 
     directory, name = smollm2_gguf()
@@ -276,7 +276,7 @@ def smollm2_engine(smollm2):
 
 
 def test_schema_holds_in_the_running_batch_and_on_the_side(smollm2_engine) -> None:
-    from deployments.generation import GenerationInput
+    from deployments.engine.generation import GenerationInput
 
     request = chat(
         response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER_SCHEMA}},
@@ -313,7 +313,7 @@ def test_a_call_list_cut_at_max_tokens_keeps_its_whole_calls() -> None:
 def test_logits_rules_stay_within_the_planned_workspace(smollm2, rows: int) -> None:
     """The contract: a decode step's rules (every one of them, on every row) hold at most what
     placement.sizing.rules_workspace states, in the batch's processor and in generate's."""
-    from deployments.row_logits import BatchRowsProcessor
+    from deployments.engine.row_logits import BatchRowsProcessor
     from placement.sizing.rules_workspace import RulesWorkspace
 
     tokenizer, _ = smollm2
@@ -346,8 +346,8 @@ def test_tool_choice_none_never_reads_the_answer_as_calls() -> None:
     assert request.tool_setup() == ("none", [])
     generation = request.to_generation_input()
     assert generation.tools is None and generation.params.rules.grammar is None
-    from deployments.generation import GenerationOutput
-    from deployments.protocol import chat_choice
+    from deployments.engine.generation import GenerationOutput
+    from deployments.openai_api.protocol import chat_choice
 
     call_like = '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}'
     choice = chat_choice(GenerationOutput(call_like, 3, 9, "stop"), request.tool_setup()[1])
@@ -356,7 +356,7 @@ def test_tool_choice_none_never_reads_the_answer_as_calls() -> None:
 
 def test_grammar_bias_is_zero_exactly_on_allowed_tokens() -> None:
     """llguidance's bitmask (bit j of word w: token 32·w + j allowed) as the additive 0 / -inf bias."""
-    from deployments.row_logits import grammar_bias
+    from deployments.engine.row_logits import grammar_bias
 
     vocab = 70  # three words, the last one partly past the vocabulary
     allowed = [{0, 5, 31, 32, 69}, set(range(64, 70))]

@@ -5,7 +5,7 @@ and so did the grammar built from a tool's `parameters`. The demo's SmolLM2,
 asked for a required call at temperature 0, then wrote the schema's own words
 as arguments: `"when": {"type": "object", "properties": {"date": ...}}`.
 rayfit closes every object of a tool's parameters that does not say otherwise
-(deployments.structured.closed_schema), as OpenAI's strict tools and xgrammar do.
+(deployments.engine.structured.closed_schema), as OpenAI's strict tools and xgrammar do.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ import jsonschema
 import pytest
 from plans import engine_plan
 
-from deployments.engine import Engine
-from deployments.loading import load_model
-from deployments.protocol import ChatCompletionRequest
-from deployments.row_logits import RowFactory
-from deployments.structured import (
+from deployments.engine.core import Engine
+from deployments.engine.loading import load_model
+from deployments.engine.row_logits import RowFactory
+from deployments.engine.structured import (
     closed_schema,
     parse_tool_calls,
     response_format_grammar,
@@ -31,6 +30,7 @@ from deployments.structured import (
     tool_call_grammar,
     tool_specs,
 )
+from deployments.openai_api.protocol import ChatCompletionRequest
 from placement.config import ModelSpec
 from placement.demo_models import smollm2_gguf
 

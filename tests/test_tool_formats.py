@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from plans import engine_plan
 
-from deployments.engine import Engine
-from deployments.loading import load_model
-from deployments.protocol import ChatCompletionRequest, ChatStreamConverter
-from deployments.structured import parse_tool_calls, tagged_tool_call_grammar, tool_specs
-from deployments.tool_formats import detect_tool_format
+from deployments.engine.core import Engine
+from deployments.engine.loading import load_model
+from deployments.engine.structured import parse_tool_calls, tagged_tool_call_grammar, tool_specs
+from deployments.engine.tool_formats import detect_tool_format
+from deployments.openai_api.protocol import ChatCompletionRequest, ChatStreamConverter
 from placement.config import ConfigError, ModelSpec, load_model_configs
 from placement.demo_models import smollm2_gguf
 
@@ -91,7 +91,7 @@ def test_required_calls_follow_the_templates_format_on_both_backends(hermes_engi
 
 
 def test_a_streamed_tagged_call_is_held_back_and_sent_as_tool_calls() -> None:
-    from deployments.generation import StreamDelta
+    from deployments.engine.generation import StreamDelta
 
     converter = ChatStreamConverter("m", tools=tool_specs([WEATHER]))
     pieces = ["<tool", '_call>\n{"name": "get_weather", ', '"arguments": {"city": "Oslo"}}\n</tool_call>']

@@ -26,7 +26,7 @@ from ray import serve
 from serve_support import ONE_START_ATTEMPT, local_serve
 
 from deployments.app import AppArgs, build_app
-from deployments.verify import CPU_FALLBACK_ENV
+from deployments.engine.verify import CPU_FALLBACK_ENV
 from placement.config import load_model_configs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

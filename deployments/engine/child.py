@@ -1,7 +1,7 @@
 """The engine's own process (`engine_process: true`, the default): the child's side.
 
 `python -m deployments.engine.child <fd>` is started by the replica
-(deployments.engine_process.EngineProcess, whose docstring has the why and
+(deployments.engine.process.EngineProcess, whose docstring has the why and
 the wire). It builds the engine with `build_engine` — the same GPU cap, load
 and KV budget as in a replica — reports ready (or why not), then runs each
 call as a task on its event loop and sends every turn's answers in one
@@ -21,11 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
+from deployments.engine.errors import InvalidRequest, RetryableGenerationError
+from deployments.engine.generation import GenerationInput
 from deployments.engine.host import build_engine
 from deployments.engine.kv import RequestCancelled
-from deployments.errors import InvalidRequest, RetryableGenerationError
-from deployments.generation import GenerationInput
-from deployments.memory import is_out_of_memory, recover
+from deployments.engine.memory import is_out_of_memory, recover
 
 logger = logging.getLogger("ray.serve")
 
@@ -34,7 +34,9 @@ _SLOT_WAITERS = 32
 
 # Modules whose exceptions the replica unpickles without loading torch or transformers (a call's error
 # from any other module is sent as its nearest class from these: tests/test_cancellation.py).
-_LIGHT_MODULES = frozenset({"builtins", "deployments.errors", "deployments.engine_process", "deployments.verify"})
+_LIGHT_MODULES = frozenset(
+    {"builtins", "deployments.engine.errors", "deployments.engine.process", "deployments.engine.verify"}
+)
 
 # What a request did wrong or was told to stop: answered without a traceback in the log.
 _EXPECTED = (InvalidRequest, RequestCancelled, RetryableGenerationError)

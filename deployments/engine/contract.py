@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from deployments.errors import PlanContractError
+from deployments.engine.errors import PlanContractError
 from placement.replica import WEIGHTS_TOLERANCE, ReplicaPlan
 from placement.units import gib
 

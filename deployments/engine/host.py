@@ -1,7 +1,7 @@
 """Check the placement, load one model and build its engine, in the process that will run it.
 
 The replica does this itself (`engine_process: false`), or has a process of
-its own do it (the default; deployments.engine_process and
+its own do it (the default; deployments.engine.process and
 deployments.engine.child). Both call `build_engine`, so the placement check,
 the plan's memory cap, the load and the engine's KV budget are the same
 either way, and only the process that holds the model imports torch.
@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Any
 
-from deployments.generation import ModelFacts
+from deployments.engine.generation import ModelFacts
 from placement.config import ModelSpec
 from placement.plan import PlanEntry
 
@@ -31,10 +31,10 @@ def build_engine(spec: ModelSpec, entry: PlanEntry) -> tuple[Any, ModelFacts]:
     Raises PlacementMismatch, ModelLoadError, or PlanContractError (the build differs from the plan)."""
     import torch
 
-    from deployments.engine import Engine
-    from deployments.loading import load_model
-    from deployments.memory import cap_gpu_memory
-    from deployments.verify import placed_entry
+    from deployments.engine.core import Engine
+    from deployments.engine.loading import load_model
+    from deployments.engine.memory import cap_gpu_memory
+    from deployments.engine.verify import placed_entry
     from placement.replica import complete_kv
 
     # Raises PlacementMismatch with the reason (a missing pin names the serve YAML's

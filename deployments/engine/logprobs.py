@@ -7,7 +7,7 @@ thinks, whatever the request's sampling settings; with greedy decoding and no
 rules the chosen token is the top-1 alternative.
 
 - `LogprobRecorder` follows one decoding row. Each step the row's
-  `RowLogits` (deployments.row_logits, first in both backends' processor
+  `RowLogits` (deployments.engine.row_logits, first in both backends' processor
   lists) hands it the raw scores before any rule edits them (`record`); the
   token chosen from them shows up at the next step (`observe`) or when the
   caller reads the entries (`resolved`). It keeps one vocabulary-sized fp32
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from deployments.generation import SamplingParams, StreamDelta, TokenLogprob, TopLogprob
+from deployments.engine.generation import SamplingParams, StreamDelta, TokenLogprob, TopLogprob
 
 # Alternatives per token OpenAI allows: chat `top_logprobs` up to 20, completions `logprobs` up to 5.
 MAX_TOP_LOGPROBS = 20

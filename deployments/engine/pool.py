@@ -49,13 +49,13 @@ from typing import Any
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedModel
 
+from deployments.engine.errors import RetryableGenerationError
+from deployments.engine.generation import SamplingParams, StreamDelta
 from deployments.engine.kv import RequestCancelled, SequenceSlots
 from deployments.engine.logprobs import LogprobRecorder
 from deployments.engine.prompts import PreparedPrompt
+from deployments.engine.row_logits import ROW_KEY, BatchRowsProcessor, RowFactory, install_batch_rows
 from deployments.engine.text import IncrementalText, StopHoldBack, TextRules
-from deployments.errors import RetryableGenerationError
-from deployments.generation import SamplingParams, StreamDelta
-from deployments.row_logits import ROW_KEY, BatchRowsProcessor, RowFactory, install_batch_rows
 from placement import hf_internals
 from placement.sizing.kv_budget import PagedPool
 

@@ -28,11 +28,11 @@ import jinja2
 import torch
 from PIL import Image
 
-from deployments.errors import InvalidRequest
-from deployments.generation import GenerationInput
-from deployments.images import decode_image_url
-from deployments.loading import LoadedModel
-from deployments.tool_formats import ToolFormat, detect_tool_format
+from deployments.engine.errors import InvalidRequest
+from deployments.engine.generation import GenerationInput
+from deployments.engine.images import decode_image_url
+from deployments.engine.loading import LoadedModel
+from deployments.engine.tool_formats import ToolFormat, detect_tool_format
 
 # For tokenizers without a chat template (e.g. a base model's GGUF): plain
 # "role: content" lines, then "assistant:" for the model to continue.

@@ -44,12 +44,12 @@ from transformers import (
     TextIteratorStreamer,
 )
 
+from deployments.engine.generation import SamplingParams, StreamDelta
 from deployments.engine.kv import KvLedger, RequestCancelled, SequenceSlots, SideCache
 from deployments.engine.logprobs import LogprobRecorder, Scored, score_prompt
 from deployments.engine.prompts import PreparedPrompt
+from deployments.engine.row_logits import GenerateRowsProcessor, RowFactory
 from deployments.engine.text import STOP_TAIL_TOKENS, StopHoldBack, TextRules
-from deployments.generation import SamplingParams, StreamDelta
-from deployments.row_logits import GenerateRowsProcessor, RowFactory
 from placement.sizing.kv_budget import SIDE_PREFILL_CHUNK
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from deployments.generation import SamplingParams, StreamDelta
+from deployments.engine.generation import SamplingParams, StreamDelta
 
 # Extra tokens decoded around a stop string when checking for it during
 # generation (a token can hold less than one character).

@@ -1,4 +1,4 @@
-"""Bytes the per-request logits rules need at a decode step (deployments.row_logits).
+"""Bytes the per-request logits rules need at a decode step (deployments.engine.row_logits).
 
 A step's rules (grammar masks, penalties, logit bias, min_tokens / ignore_eos,
 top-k, min-p) act on the scores of the rows that ask for them, in both

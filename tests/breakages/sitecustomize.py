@@ -154,8 +154,8 @@ BREAKAGES: dict[str, tuple[str, Callable[[ModuleType], None]]] = {
     "decode_hangs": ("deployments.engine.pool", decode_hangs),
     "late_registration": ("deployments.engine.pool", late_registration),
     "replica_500_once": ("fault_injection", replica_500_once),
-    "death_is_500": ("deployments.errors", death_is_500),
-    "engine_loss_is_500": ("deployments.engine_process", engine_loss_is_500),
+    "death_is_500": ("deployments.engine.errors", death_is_500),
+    "engine_loss_is_500": ("deployments.engine.process", engine_loss_is_500),
     "never_reaches": ("fault_injection", never_reaches),
     "gate_ignored": ("fault_injection", gate_ignored),
 }

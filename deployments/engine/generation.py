@@ -6,15 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.errors import InvalidRequest
+from deployments.engine.errors import InvalidRequest
 
 
 @dataclass(frozen=True)
 class RowRules:
     """What one request asks of its logits beyond temperature and top-p, all optional
-    (`active`: any is set). deployments.row_logits applies them in both backends."""
+    (`active`: any is set). deployments.engine.row_logits applies them in both backends."""
 
-    grammar: str | None = None  # an llguidance grammar (deployments.structured builds it)
+    grammar: str | None = None  # an llguidance grammar (deployments.engine.structured builds it)
     logit_bias: tuple[tuple[int, float], ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -69,7 +69,7 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class ToolSpec:
-    """One function tool, checked (deployments.structured.tool_specs)."""
+    """One function tool, checked (deployments.engine.structured.tool_specs)."""
 
     name: str
     description: str
@@ -84,7 +84,7 @@ class ToolSpec:
 @dataclass(frozen=True)
 class ToolRequest:
     """The tools a chat request lets the answer call, checked at the ingress. The
-    replica's tool format (deployments.tool_formats) tells the model about them."""
+    replica's tool format (deployments.engine.tool_formats) tells the model about them."""
 
     tools: tuple[ToolSpec, ...]
     mode: str  # "auto" (prose or calls) or "required" (calls only; a named tool_choice is this, cut to one tool)

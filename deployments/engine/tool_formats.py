@@ -19,7 +19,7 @@ format of its own, e.g. Llama 3.1's, still gets rayfit's: set a template
 with `chat_template:` to change that). Both formats are constrained alike:
 `required` or a named tool allow only calls, `auto` prose or calls.
 
-The ingress reads both formats back (deployments.structured.parse_tool_calls),
+The ingress reads both formats back (deployments.engine.structured.parse_tool_calls),
 so it never needs to know which one a model uses.
 """
 
@@ -29,8 +29,8 @@ import dataclasses
 import json
 from typing import Any, Literal
 
-from deployments.generation import GenerationInput, SamplingParams
-from deployments.structured import TOOL_CALL_TAG, history_messages, tagged_tool_call_grammar, tools_prompt
+from deployments.engine.generation import GenerationInput, SamplingParams
+from deployments.engine.structured import TOOL_CALL_TAG, history_messages, tagged_tool_call_grammar, tools_prompt
 
 ToolFormatName = Literal["json", "hermes"]
 

@@ -30,8 +30,8 @@ from typing import Any
 import jsonschema
 import llguidance
 
-from deployments.errors import BadRequestError
-from deployments.generation import ToolSpec
+from deployments.engine.errors import BadRequestError
+from deployments.engine.generation import ToolSpec
 
 # How templates in the Hermes style (Qwen 2.5/3, Hermes, ...) open a call.
 TOOL_CALL_TAG = "<tool_call>"
@@ -315,7 +315,7 @@ def tools_prompt(specs: list[ToolSpec], mode: str, parallel: bool) -> str:
 def parse_tool_calls(text: str, specs: list[ToolSpec]) -> list[ToolCall] | None:
     """The tool calls in an answer, or None when it is prose (or holds no valid call).
 
-    Reads both formats (deployments.tool_formats): rayfit's `{"tool_calls": [...]}`
+    Reads both formats (deployments.engine.tool_formats): rayfit's `{"tool_calls": [...]}`
     object and `<tool_call>{...}</tool_call>` blocks. An answer cut off by
     max_tokens in the middle of a later call keeps the calls it completed (a
     small model tends to repeat calls until the limit)."""

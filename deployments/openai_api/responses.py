@@ -27,16 +27,16 @@ from pydantic import (
     model_validator,
 )
 
-from deployments.errors import BadRequestError, validation_error
-from deployments.generation import GenerationInput, StreamDelta
-from deployments.protocol import (
+from deployments.engine.errors import BadRequestError, validation_error
+from deployments.engine.generation import GenerationInput, StreamDelta
+from deployments.engine.structured import ToolCallHoldBack, ToolSpec
+from deployments.openai_api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     new_id,
     now,
     refuse_lone_surrogates,
 )
-from deployments.structured import ToolCallHoldBack, ToolSpec
 
 # Every field is checked here with chat's bounds, so a bad value is a 400 naming the Responses field
 # before anything is converted; what the conversion to chat still refuses (tool schemas, text.format's
@@ -65,7 +65,7 @@ class InputText(_Part):
 
 class InputImage(_Part):
     type: Literal["input_image"]
-    image_url: str  # a data URL; checked as chat checks it (deployments.images)
+    image_url: str  # a data URL; checked as chat checks it (deployments.engine.images)
     detail: Literal["auto", "low", "high"] | None = None
 
 

@@ -25,7 +25,7 @@ import gc
 import logging
 import sys
 
-from deployments.errors import GenerationOutOfMemory
+from deployments.engine.errors import GenerationOutOfMemory
 from placement.replica import ReplicaPlan
 
 logger = logging.getLogger("ray.serve")

@@ -1,11 +1,11 @@
-"""`python -m deployments.orphan_guard <parent pid> <module> [args...]`: run `<module>` as `__main__`, in a
+"""`python -m deployments.engine.orphan_guard <parent pid> <module> [args...]`: run `<module>` as `__main__`, in a
 process that the kernel kills the moment its parent dies (SIGKILL included), from its first instruction on.
 
-Why: the replica starts its engine in a child (deployments.engine_process). The child notices a closed
+Why: the replica starts its engine in a child (deployments.engine.process). The child notices a closed
 socket only once it reads it, i.e. after loading the model — minutes on a GPU, all that time holding GPU
 memory the replacement replica needs. Linux's parent-death signal (prctl PR_SET_PDEATHSIG) ends it at
 once instead. It must be set before the heavy imports start: `python -m deployments.engine.child` would
-import `deployments/engine/__init__.py` (torch, transformers) before any of the child's own code ran, so
+import `deployments/engine/core.py` (torch, transformers) before any of the child's own code ran, so
 this light module (stdlib only; `deployments/__init__.py` is empty) is the entry point and runs the
 child's module after. Its name stays on the command line (benchmarks find the engine process by it).
 

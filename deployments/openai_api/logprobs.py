@@ -1,4 +1,4 @@
-"""Token log-probabilities in OpenAI's two response shapes (used by deployments.protocol).
+"""Token log-probabilities in OpenAI's two response shapes (used by deployments.openai_api.protocol).
 
 - chat: `choices[i].logprobs = {"content": [{token, logprob, bytes,
   top_logprobs: [{token, logprob, bytes}]}], "refusal": null}`; a streamed
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel
 
-from deployments.generation import TokenLogprob
+from deployments.engine.generation import TokenLogprob
 
 # OpenAI's limits: chat `top_logprobs` ≤ 20, completions `logprobs` ≤ 5.
 MAX_CHAT_TOP_LOGPROBS = 20

@@ -10,7 +10,7 @@ Shaped like vLLM's `entrypoints/openai/protocol.py`. The field policy
   `response_format`, `tools` / `tool_choice` / `parallel_tool_calls`,
   `stream_options` (`include_usage`, `continuous_usage_stats`), `logprobs` /
   `top_logprobs` (chat), `logprobs` / `echo` and token-id prompts
-  (completions; deployments.logprob_api);
+  (completions; deployments.openai_api.logprobs);
 - fields that change nothing here (`user`, `metadata`, `store`, ...) and any
   field rayfit does not know are accepted and ignored (listed by
   `ignored_fields`, which the ingress logs at debug), as vLLM and Ollama do;
@@ -30,8 +30,8 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from deployments.errors import BadRequestError, InvalidRequest, validation_error
-from deployments.generation import (
+from deployments.engine.errors import BadRequestError, InvalidRequest, validation_error
+from deployments.engine.generation import (
     GenerationInput,
     GenerationOutput,
     RowRules,
@@ -40,17 +40,8 @@ from deployments.generation import (
     ToolRequest,
     checked_max_tokens,
 )
-from deployments.images import check_image_url
-from deployments.logprob_api import (
-    MAX_CHAT_TOP_LOGPROBS,
-    MAX_COMPLETION_LOGPROBS,
-    ChoiceLogprobs,
-    CompletionLogprobs,
-    chat_logprobs,
-    completion_logprobs,
-    next_offset,
-)
-from deployments.structured import (
+from deployments.engine.images import check_image_url
+from deployments.engine.structured import (
     ToolCall,
     ToolCallHoldBack,
     ToolSpec,
@@ -59,6 +50,15 @@ from deployments.structured import (
     response_format_grammar,
     tool_call_grammar,
     tool_specs,
+)
+from deployments.openai_api.logprobs import (
+    MAX_CHAT_TOP_LOGPROBS,
+    MAX_COMPLETION_LOGPROBS,
+    ChoiceLogprobs,
+    CompletionLogprobs,
+    chat_logprobs,
+    completion_logprobs,
+    next_offset,
 )
 
 # Below this a temperature is greedy decoding: logits / 5e-324 overflow to inf
@@ -190,7 +190,7 @@ class ChatMessage(OpenAIBaseModel):
 # The shapes of the fields that hold free-form JSON (tools, tool_choice, response_format): checked
 # before anything reads them, so a value of the wrong shape (`function: "x"`, `json_schema: 5`) is a
 # 400 naming the field, never an exception in the code that reads it. What the values mean (known
-# tool types, valid JSON schemas, which response formats exist) is deployments.structured's to check.
+# tool types, valid JSON schemas, which response formats exist) is deployments.engine.structured's to check.
 
 
 def _schema_shape(schema: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -210,7 +210,7 @@ JsonSchema = Annotated[dict[str, Any], AfterValidator(_schema_shape)]
 
 
 class FunctionDefinition(OpenAIBaseModel):
-    name: str | None = None  # required: deployments.structured.tool_specs says so
+    name: str | None = None  # required: deployments.engine.structured.tool_specs says so
     description: str | None = None
     parameters: JsonSchema | None = None
     strict: bool | None = None
@@ -311,7 +311,7 @@ class _SamplingFields(_RequestModel):
         max_tokens_field: str = "max_tokens",
     ) -> SamplingParams:
         """`max_tokens_cap`: the model's limit (its replica plan's); above it is a 400 naming `max_tokens_field`
-        (the field `max_tokens` came from); the default obeys it (deployments.generation.checked_max_tokens).
+        (the field `max_tokens` came from); the default obeys it (deployments.engine.generation.checked_max_tokens).
         None: the caller checks later (the replica does)."""
         try:
             max_tokens = checked_max_tokens(max_tokens, max_tokens_cap, self.model)
@@ -439,7 +439,7 @@ class ChatCompletionRequest(_SamplingFields):
             if grammar is not None:
                 raise BadRequestError("response_format cannot be combined with tools", param="response_format")
             # rayfit's JSON call format; building it checks the tool schemas here, before any
-            # replica. A model whose template has its own format swaps it (deployments.tool_formats).
+            # replica. A model whose template has its own format swaps it (deployments.engine.tool_formats).
             grammar = tool_call_grammar(tools, mode, self.parallel_tool_calls)
         # `max_completion_tokens` is the newer name; it wins when both are given.
         field = "max_completion_tokens" if self.max_completion_tokens else "max_tokens"

@@ -16,7 +16,7 @@ import warnings
 
 from PIL import Image
 
-from deployments.errors import InvalidRequest
+from deployments.engine.errors import InvalidRequest
 
 # Encoded bytes of one image: a large photo as PNG fits, a raw dump does not.
 MAX_IMAGE_BYTES = 8 * 1024 * 1024

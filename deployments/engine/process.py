@@ -8,7 +8,7 @@ has a GIL to itself, and each turn of that process's event loop sends the
 deltas of every stream in one message (the shape of vLLM's engine core).
 Measured on the CPU demo: BENCHMARKS.md, "Latest runs".
 
-`EngineProcess` starts `python -m deployments.orphan_guard <pid> deployments.engine.child`
+`EngineProcess` starts `python -m deployments.engine.orphan_guard <pid> deployments.engine.child`
 (the child: it loads the model and runs the engine, deployments.engine.child) on one end of
 a socket pair, and offers what deployments.model calls on an engine:
 generate_async, open_stream, generate_batch, uses_pool, kv_report,
@@ -24,7 +24,7 @@ replica: a list of (kind, call_id, payload) per turn of its loop; kinds
 
 Lifetimes: the child exits when the replica's end of the socket closes (the
 replica exited or was killed); while it still loads, and reads no socket, the
-kernel kills it as the replica dies, SIGKILL included (deployments.orphan_guard:
+kernel kills it as the replica dies, SIGKILL included (deployments.engine.orphan_guard:
 the parent-death signal, set before the child imports torch; `_spawn` forks it
 from a thread that lives as long as the replica). When the child dies, every
 open call fails with EngineProcessLost (a 503) and every later call too,
@@ -51,8 +51,8 @@ from concurrent.futures import Executor, Future, InvalidStateError
 from multiprocessing.connection import Connection
 from typing import Any
 
-from deployments.errors import RetryableGenerationError
-from deployments.generation import GenerationInput, GenerationOutput, ModelFacts, StreamDelta, joins_pool
+from deployments.engine.errors import RetryableGenerationError
+from deployments.engine.generation import GenerationInput, GenerationOutput, ModelFacts, StreamDelta, joins_pool
 from placement.config import ModelSpec
 from placement.plan import PlanEntry
 
@@ -92,8 +92,8 @@ class EngineProcess:
         ours, theirs = socket.socketpair()
         # The replica's import path (Ray's working_dir, the tests' helpers) for the child too.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
-        # The child dies with this process, SIGKILL included, even while it loads (deployments.orphan_guard).
-        command = [sys.executable, "-m", "deployments.orphan_guard", str(os.getpid())]
+        # The child dies with this process, SIGKILL included, even while it loads (deployments.engine.orphan_guard).
+        command = [sys.executable, "-m", "deployments.engine.orphan_guard", str(os.getpid())]
         self.process = _spawn([*command, "deployments.engine.child", str(theirs.fileno())], theirs.fileno(), env)
         theirs.close()
         self._conn = Connection(ours.detach())
@@ -112,7 +112,7 @@ class EngineProcess:
             self._conn.send((spec, entry, role))
             kind, payload = self._conn.recv()
         except (EOFError, OSError) as exc:
-            from deployments.loading import ModelLoadError  # transformers: only on this failure
+            from deployments.engine.loading import ModelLoadError  # transformers: only on this failure
 
             code = self.process.wait()
             raise ModelLoadError(

@@ -31,7 +31,7 @@ import llguidance.torch
 import torch
 from transformers import LogitsProcessor
 
-from deployments.generation import RowRules
+from deployments.engine.generation import RowRules
 from placement import hf_internals
 
 # The key every continuous-batching request carries (-1: nothing to do for this row).

@@ -1,0 +1,54 @@
+"""The engine's face: what the Serve replica (deployments.model) may call, declared once.
+
+Two implementations keep it: `core.Engine` (the model in the replica's process) and
+`process.EngineProcess` (the proxy to the engine's own process, the default). The replica
+holds an `EngineProtocol` and never asks which one it has; tests/test_engine_rooms.py checks
+that both implement every member with the same parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Executor
+from typing import Any, Protocol, runtime_checkable
+
+from deployments.engine.generation import GenerationInput, GenerationOutput, StreamDelta
+
+
+@runtime_checkable
+class EngineProtocol(Protocol):
+    async def generate_async(self, inp: GenerationInput, executor: Executor | None = None) -> GenerationOutput:
+        """One whole answer; cancelling the caller withdraws the request."""
+        ...
+
+    async def open_stream(self, inp: GenerationInput, executor: Executor | None = None) -> AsyncIterator[StreamDelta]:
+        """Checks the request (InvalidRequest before any delta), then the deltas; closing the
+        iterator stops generation."""
+        ...
+
+    def generate_batch(self, inputs: Sequence[GenerationInput]) -> list[GenerationOutput]:
+        """Whole answers in input order (the replica's `@serve.batch` path)."""
+        ...
+
+    def uses_pool(self, inp: GenerationInput) -> bool:
+        """Whether the request joins the continuous batch (the replica then skips its own grouping)."""
+        ...
+
+    def kv_report(self) -> dict[str, Any]:
+        """The plan's KV bytes, what was built and the side caches' peak."""
+        ...
+
+    def load_report(self) -> dict[str, int]:
+        """What the engine holds now: slots and live requests."""
+        ...
+
+    def memory_report(self) -> dict[str, int | str]:
+        """The model's memory: device, weights, KV built, process figures."""
+        ...
+
+    @property
+    def last_progress(self) -> float:
+        """CLOCK_MONOTONIC of the last token (the health check's liveness)."""
+        ...
+
+    def close(self) -> None: ...

@@ -100,6 +100,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_text_model_dir: Path) 
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_only(reason="sizes declared GPUs that no NVML sees (--gpu-memory); a GPU box measures its cards")
 def test_plan_command_reads_the_running_cluster(served: Served, tmp_path: Path, tiny_text_model_dir: Path) -> None:
     # No node hints: the planner itself spreads a 15 GiB and a 3 GiB model over the two nodes' GPUs.
     config = tmp_path / "models.yaml"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pytest
 from ray import serve
 from serve_support import local_serve, model_config
 
@@ -27,6 +28,7 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+@pytest.mark.cpu_only(reason="declares 2 GPUs to Ray; a box with fewer real GPUs refuses the declaration")
 def test_pinned_anyway_and_warned(tiny_text_model_dir: Path, tmp_path: Path) -> None:
     config = model_config(
         tmp_path / "models.yaml",

@@ -88,8 +88,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # The shared modules first, together; the order within each group is pytest's.
-    items.sort(key=lambda item: not _shared(item))
+    # The shared modules first, together; then the modules with slow tests, then the rest (two workers
+    # each take whole modules in this order: a slow module last would leave one worker idle meanwhile).
+    # The order within each group is pytest's.
+    slow_modules = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: (not _shared(item), item.nodeid.split("::")[0] not in slow_modules))
 
 
 @pytest.hookimpl(tryfirst=True)

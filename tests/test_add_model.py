@@ -37,6 +37,8 @@ from placement.config import ConfigError
 from placement.planner import CPU_PROCESS_BYTES
 from placement.units import GIB
 
+pytestmark = pytest.mark.slow  # starts a Ray cluster of its own
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "examples" / "demo" / "model_configs.yaml"
 ROLES = ("buffer_agent", "summarizer")

@@ -35,6 +35,8 @@ from deployments.engine.errors import BadRequestError, OverloadedError
 from deployments.model import CPU_FALLBACK_ENV
 from deployments.status_watch import REFRESH_S, StatusWatch, read_states, wait_for_role
 
+pytestmark = pytest.mark.slow  # starts a Ray cluster of its own
+
 APP, TIGHT = "status", "tight"
 STUCK, READY = "stuck", "ready"
 UNAVAILABLE_S = 3.0

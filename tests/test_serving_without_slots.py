@@ -16,6 +16,8 @@ from serve_support import local_serve, model_config
 from deployments.app import AppArgs, build_app
 from deployments.model import CPU_FALLBACK_ENV
 
+pytestmark = pytest.mark.slow  # starts a Ray cluster of its own
+
 BIG, SMALL = "buffer_agent", "summarizer"
 
 

@@ -41,7 +41,8 @@ def _inner_pytest(tmp_path: Path, source: str, timeout_s: float = 120) -> subpro
 
 def test_every_test_has_a_time_limit_with_a_stack_dump(pytestconfig: pytest.Config) -> None:
     assert float(pytestconfig.getini("timeout")) == 600
-    assert pytestconfig.getini("timeout_method") == "thread"  # dumps every thread's stack
+    # signal: fails the test with every thread's stack, and the run goes on
+    assert pytestconfig.getini("timeout_method") == "signal"
     assert 0 < float(pytestconfig.getini("faulthandler_timeout")) < 600
 
 

@@ -29,6 +29,8 @@ from deployments.app import AppArgs, build_app
 from deployments.engine.verify import CPU_FALLBACK_ENV
 from placement.config import load_model_configs
 
+pytestmark = pytest.mark.slow  # starts a Ray cluster of its own
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 USER_CONFIG = REPO_ROOT / "model_configs.yaml"
 GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 6}

@@ -57,6 +57,7 @@ HOST = "box"
 GPU_BYTES = 24 * GIB
 GREEDY = {"temperature": 0, "max_tokens": 4}
 TIMEOUT_S = 90.0
+SCALE_UP_TIMEOUT_S = 240.0
 # Long enough for Ray to have scheduled a feasible actor or task several times over.
 PENDING_WAIT_S = 5.0
 # A killed node is declared dead in ~3 s instead of Ray's ~15 s; Serve says within 2 s that a
@@ -340,7 +341,9 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served: Serv
     for _ in range(4):
         threads.start(load)  # an error in a load thread (a timeout, a dropped connection) fails the test
     try:
-        wait_for(lambda: running(SCALER) == 2, "a second scaler replica under load")
+        # Serve sees the load, waits its upscale delay, then a new replica loads the model: on 2 busy cores
+        # (the other test worker) that took over 90 s once.
+        wait_for(lambda: running(SCALER) == 2, "a second scaler replica under load", SCALE_UP_TIMEOUT_S)
         labels = sorted(r["gpu_label"] for r in placement(served.url)["models"][SCALER]["replicas"])
         assert labels == ["box-0", "box-1"]  # the second copy on the GPU the plan reserved it
     finally:

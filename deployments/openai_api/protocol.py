@@ -113,19 +113,25 @@ class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class _RequestModel(BaseModel):
-    # A whole request: unknown fields are kept aside (`ignored_fields`), never an error.
+class NamedErrorsModel(BaseModel):
+    """A whole request body (chat, completions, responses): unknown fields are kept aside, never an
+    error; a validation error is a 400 naming the field as sent."""
+
     model_config = ConfigDict(extra="allow")
 
     @model_validator(mode="wrap")
     @classmethod
-    def _named_errors(cls, data: Any, handler: Any) -> _RequestModel:
-        # A 400 naming the field as sent: pydantic's loc also names union members (`content.str`).
+    def _named_errors(cls, data: Any, handler: Any) -> Any:
+        # pydantic's loc also names union members (`content.str`, `input.list[...].0`): not the field sent.
         refuse_lone_surrogates(data)
         try:
             return handler(data)
         except ValidationError as exc:
             raise validation_error(exc, data) from None
+
+
+class _RequestModel(NamedErrorsModel):
+    # Chat and completions: unknown fields are reported as ignored (`ignored_fields`).
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _RequestModel:

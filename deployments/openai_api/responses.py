@@ -33,9 +33,9 @@ from deployments.engine.structured import ToolCallHoldBack, ToolSpec
 from deployments.openai_api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
+    NamedErrorsModel,
     new_id,
     now,
-    refuse_lone_surrogates,
 )
 
 # Every field is checked here with chat's bounds, so a bad value is a 400 naming the Responses field
@@ -150,10 +150,8 @@ class TextConfig(_Part):
     format: TextFormat | None = None
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(NamedErrorsModel):
     """The fields rayfit reads, bounded as chat bounds them; the rest is accepted and ignored (as for chat)."""
-
-    model_config = ConfigDict(extra="allow")
 
     model: str
     input: str | Annotated[list[InputItem], Field(min_length=1)]
@@ -166,16 +164,6 @@ class ResponsesRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stream: bool = False
     text: TextConfig | None = None
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _named_errors(cls, data: Any, handler: Any) -> ResponsesRequest:
-        # pydantic's loc names union members (`input.list[...].0`); the 400 names the field as sent.
-        refuse_lone_surrogates(data)
-        try:
-            return handler(data)
-        except ValidationError as exc:
-            raise validation_error(exc, data) from None
 
     @model_validator(mode="after")
     def _no_server_state(self) -> ResponsesRequest:

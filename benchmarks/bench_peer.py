@@ -74,7 +74,7 @@ from bench_serving import run_concurrent  # noqa: E402
 from served_demo import smollm2_dir  # noqa: E402
 
 from deployments.engine.process import ENGINE_PROCESS_ENV  # noqa: E402
-from deployments.ports import free_port  # noqa: E402
+from deployments.ports import free_port, start_serve_on_a_free_port  # noqa: E402
 
 DEMO_CONFIG = REPO_ROOT / "examples" / "demo" / "model_configs.yaml"
 ROLE = "summarizer"
@@ -238,9 +238,22 @@ def sampling_copy(model_dir: Path, into: Path) -> Path:
     return into
 
 
-def start_peer(model_dir: Path, port: int, extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    """`transformers serve --continuous-batching` on `model_dir`, healthy; `extra`: more of its options
-    (benchmarks/gpu_check.py: CUDA graphs on a GPU, a small KV cache on CPU)."""
+def start_peer(model_dir: Path, extra: tuple[str, ...] = (), attempts: int = 3) -> tuple[subprocess.Popen, int]:
+    """`transformers serve --continuous-batching` on `model_dir`, healthy, and its port; `extra`: more of
+    its options (benchmarks/gpu_check.py: CUDA graphs on a GPU, a small KV cache on CPU). A port picked
+    free can be taken by another process before the peer binds it (the peer then exits): another port."""
+    exits: list[str] = []
+    for _ in range(attempts):
+        port = free_port()
+        peer = _start_peer_on(model_dir, port, extra)
+        if peer is not None:
+            return peer, port
+        exits.append(str(port))
+    raise SystemExit(f"transformers serve exited before it was healthy, on ports {', '.join(exits)}")
+
+
+def _start_peer_on(model_dir: Path, port: int, extra: tuple[str, ...]) -> subprocess.Popen | None:
+    """The healthy peer on `port`, or None when it exited first (a taken port, most often)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [
         str(REPO_ROOT / ".venv" / "bin" / "transformers"),
@@ -254,13 +267,13 @@ def start_peer(model_dir: Path, port: int, extra: tuple[str, ...] = ()) -> subpr
     peer = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
+        if peer.poll() is not None:
+            return None
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return peer
         except httpx.HTTPError:
             pass
-        if peer.poll() is not None:
-            raise SystemExit(f"transformers serve exited with {peer.returncode}")
         time.sleep(1)
     peer.kill()
     raise SystemExit("transformers serve did not become healthy in 300 s")
@@ -274,8 +287,7 @@ def start_rayfit(config: Path = DEMO_CONFIG) -> str:
     from deployments.app import AppArgs, build_app
 
     ray.init(include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_serve_on_a_free_port()
     serve.run(build_app(AppArgs(model_config=str(config), gpus="none")), name="rayfit", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
@@ -412,8 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="bench-peer-"))
     for temperature in (0, 1.0):
         peer_dir = model_dir if temperature == 0 else sampling_copy(model_dir, scratch / model_dir.name)
-        port = free_port()
-        peer = start_peer(peer_dir, port)
+        peer, port = start_peer(peer_dir)
         try:
             peer_url = f"http://127.0.0.1:{port}"
             closed_loop(peer_url, str(peer_dir), {"stream": False, "temperature": temperature}, 1, 1, args.max_tokens)

@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 import yaml
 
-from deployments.ports import free_port
+from deployments.ports import start_serve_on_a_free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "examples" / "demo" / "model_configs.yaml"
@@ -214,10 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     continuous = ns.engine == "continuous"
     # Replicas inherit the environment of the Ray this process starts.
     os.environ["RAYFIT_CONTINUOUS_BATCHING"] = "1" if continuous else "0"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     ray.init(include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_serve_on_a_free_port()
+    url = f"http://127.0.0.1:{port}"
     try:
         # ---- 1. overhead at concurrency 1 (same engine mode in both paths)
         from deployments.openai_api.protocol import ChatCompletionRequest

@@ -80,7 +80,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from deployments.ports import free_port  # noqa: E402
+from deployments.ports import start_serve_on_a_free_port  # noqa: E402
 from placement.sizing import estimate_from_config  # noqa: E402
 from placement.sizing.reference_configs import MEDGEMMA_4B, MEDGEMMA_27B_TEXT  # noqa: E402
 from placement.units import MIB  # noqa: E402
@@ -455,10 +455,9 @@ def serve_both(dirs: dict[str, Path], ns: argparse.Namespace, workdir: Path) -> 
     config_path.write_text(yaml.safe_dump(models))
     if not torch.cuda.is_available():
         os.environ["RAYFIT_ALLOW_CPU_FALLBACK"] = "1"  # smoke: the GPU plan loads on CPU, pin still checked
-    port = free_port()
     ray.init(num_gpus=1, resources={"gpu_slot_0": 1}, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        port = start_serve_on_a_free_port()
         args = AppArgs(model_config=str(config_path), gpu_memory_gb=None if torch.cuda.is_available() else 64)
         started = time.perf_counter()
         serve.run(build_app(args), name="gpucheck", route_prefix="/")
@@ -565,8 +564,7 @@ def _start_rayfit(model_dir: Path, workdir: Path, gpu: bool) -> str:
         ray.init(num_gpus=1, resources={"gpu_slot_0": 1}, include_dashboard=False, log_to_driver=False)
     else:
         ray.init(include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_serve_on_a_free_port()
     serve.run(build_app(AppArgs(model_config=str(config), gpus=None if gpu else "none")), name="rayfit")
     return f"http://127.0.0.1:{port}"
 
@@ -604,8 +602,7 @@ def peer_comparison(ns: argparse.Namespace, workdir: Path, gpu: bool) -> dict[st
         ray.shutdown()
     # The peer with its CUDA graphs on a GPU; on CPU a small KV cache (it sizes one from free memory).
     extra = ("--dtype", "bfloat16", "--cb-use-cuda-graph") if gpu else ("--dtype", "bfloat16", "--cb-num-blocks", "32")
-    port = free_port()
-    peer = start_peer(model_dir, port, extra)
+    peer, port = start_peer(model_dir, extra)
     try:
         theirs = _measure(f"http://127.0.0.1:{port}", str(model_dir), ns)
     finally:

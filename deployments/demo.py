@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from deployments.ports import free_port
+from deployments.ports import start_serve_on_a_free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "examples" / "demo" / "serve_config.yaml"
@@ -86,15 +86,17 @@ def serve_config(path: Path, port: int | None) -> tuple[str, int]:
     app_cfg = config["applications"][0]
     http = config.get("http_options") or {}
     host = http.get("host", "127.0.0.1")
-    port = http.get("port", 8000) if port is None else port or free_port()
-    if not _port_free(host, port):
-        fallback = free_port()
-        print(f"port {port} is busy; serving on {fallback} instead")
-        port = fallback
+    port = http.get("port", 8000) if port is None else port
+    if port and not _port_free(host, port):
+        print(f"port {port} is busy; serving on a free one instead")
+        port = 0
     args = dict(app_cfg.get("args") or {})
     if "model_config" in args:
         args["model_config"] = _resolve(args["model_config"], path.parent)
-    serve.start(http_options={"host": host, "port": port})
+    if port:
+        serve.start(http_options={"host": host, "port": port})
+    else:  # 0: any free port, held until the proxy listens on it
+        port = start_serve_on_a_free_port(host)
     builder = import_attr(app_cfg["import_path"])
     app = call_user_app_builder_with_args_if_necessary(builder, args)
     serve.run(app, name=app_cfg.get("name", "rayfit"), route_prefix=app_cfg.get("route_prefix", "/"))

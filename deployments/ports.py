@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psutil
 
@@ -48,3 +49,15 @@ def listening_pids(port: int) -> set[int]:
         for conn in psutil.net_connections(kind="tcp")
         if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid is not None
     }
+
+
+def start_serve_on_a_free_port(host: str = "127.0.0.1", **serve_start: Any) -> int:
+    """`serve.start` with its HTTP proxy on a port no other process can take meanwhile; the port.
+
+    The port is held (`reserved_port`) until `serve.start` returns, by which time the proxy
+    listens on it (Serve waits for the proxy's `ready`, which binds the socket)."""
+    from ray import serve
+
+    with reserved_port(host) as port:
+        serve.start(http_options={"host": host, "port": port}, **serve_start)
+    return port

@@ -36,6 +36,9 @@ APP, ROLE = "cancel", "scribe"
 # Long enough that a cancelled request would still be decoding when the check runs (the tiny
 # model's RoPE runs past its 256 configured positions, so the role is given a longer context).
 LONG = {"temperature": 0, "max_tokens": 3000}
+# A stream the client leaves must end by the cancel, never by running out: 8000 tokens take the tiny
+# model over 15 s, far longer than a cancel's path (proxy, ingress, replica) even on busy cores.
+ENDLESS = {"temperature": 0, "max_tokens": 8000}
 
 
 # On the session's shared Ray (tests/shared_cluster.py): CPU, 2 declared GPUs with slots, the CPU fallback.
@@ -64,6 +67,13 @@ def idle() -> bool:
     return state["pool_slots_in_use"] == 0 and state["side_slots_in_use"] == 0 and state["pool_requests_live"] == 0
 
 
+def wait_dropped(before: dict[str, Any], what: str) -> None:
+    """Until the replica holds nothing AND has counted one more cancel: the slot is freed just before
+    the outcome is counted, so idleness alone can be seen a moment too early."""
+    cancelled = before["outcomes"].get("cancelled", 0)
+    wait_until(lambda: idle() and load()["outcomes"].get("cancelled", 0) > cancelled, 60, what)
+
+
 def _body(**extra: Any) -> dict[str, Any]:
     return {"model": ROLE, "prompt": "once upon a time", **LONG, **extra}
 
@@ -82,7 +92,7 @@ def test_non_streaming_disconnect_stops_decoding(base_url: str) -> None:
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{base_url}/v1/completions", json=_body(), timeout=full_s / 5)
     gone = time.monotonic()
-    wait_until(idle, 30, "the replica drops the abandoned request")
+    wait_dropped(before, "the replica drops the abandoned request")
     freed_s = time.monotonic() - gone
     after = load()
     assert after["outcomes"].get("cancelled", 0) == before["outcomes"].get("cancelled", 0) + 1
@@ -114,10 +124,11 @@ def test_streaming_disconnect_while_queued_never_starts(base_url: str, threads: 
 
 def test_streaming_disconnect_mid_stream(base_url: str) -> None:
     before = load()
-    with httpx.stream("POST", f"{base_url}/v1/completions", json=_body(stream=True), timeout=60) as response:
+    body = _body(stream=True, **ENDLESS)
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
-    wait_until(idle, 30, "the replica drops the abandoned stream")
+    wait_dropped(before, "the replica drops the abandoned stream")
     after = load()
     assert after["outcomes"].get("cancelled", 0) == before["outcomes"].get("cancelled", 0) + 1
     assert after["outcomes"].get("ok", 0) == before["outcomes"].get("ok", 0)
@@ -126,10 +137,10 @@ def test_streaming_disconnect_mid_stream(base_url: str) -> None:
 def test_handle_client_breaking_out_of_a_stream(base_url: str) -> None:
     before = load()
     model = get_model(ROLE, APP)
-    for chunk in model.stream([{"role": "user", "content": "tell me a story"}], **LONG):
+    for chunk in model.stream([{"role": "user", "content": "tell me a story"}], **ENDLESS):
         if chunk.choices and chunk.choices[0].delta.content:
             break
-    wait_until(idle, 30, "the replica drops the stream the caller left")
+    wait_dropped(before, "the replica drops the stream the caller left")
     after = load()
     assert after["outcomes"].get("cancelled", 0) == before["outcomes"].get("cancelled", 0) + 1
     assert after["outcomes"].get("ok", 0) == before["outcomes"].get("ok", 0)
@@ -142,7 +153,7 @@ def test_a_failed_choice_cancels_the_requests_other_choices(base_url: str) -> No
     body = _body(prompt=["once upon a time", "word " * 9000])
     reply = httpx.post(f"{base_url}/v1/completions", json=body, timeout=120)
     assert reply.status_code == 400 and "context" in reply.json()["error"]["message"], reply.text
-    wait_until(idle, 30, "the replica drops the request's other choice")
+    wait_dropped(before, "the replica drops the request's other choice")
     after = load()
     assert after["outcomes"].get("invalid", 0) == before["outcomes"].get("invalid", 0) + 1
     assert after["outcomes"].get("cancelled", 0) == before["outcomes"].get("cancelled", 0) + 1

@@ -16,6 +16,7 @@ deploy planned, to the byte.
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,8 +123,16 @@ def test_a_redeploy_in_a_pod_plans_what_the_first_deploy_planned() -> None:
 def test_on_the_host_the_pid_path_decides_and_reports_add_nothing(tmp_path: Path) -> None:
     """A replica whose pid NVML lists and whose environment names its role: its report claims nothing more,
     so a foreign process of about its size stays foreign."""
-    replica = subprocess.Popen(["sleep", "60"], env={"PATH": "/usr/bin:/bin", ROLE_ENV: "summarizer"})
+    # The child says it runs before its pid is read: until exec has set up its environment, the
+    # kernel shows /proc/<pid>/environ empty (seen on a busy machine right after Popen returned).
+    replica = subprocess.Popen(
+        [sys.executable, "-c", "print('up', flush=True); import time; time.sleep(60)"],
+        env={"PATH": "/usr/bin:/bin", ROLE_ENV: "summarizer"},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
+        assert replica.stdout is not None and replica.stdout.readline() == "up\n"
         (foreign,) = host_pids(1)
         used = RESERVED["summarizer"] + CONTEXT
         gpu = box({0: [(replica.pid, used), (foreign, used)]}).nodes[0].gpus[0]

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from deployments.ports import start_serve_on_a_free_port
+from placement.placement_document import PlacementDocument, PlannedRole, ReplicaMemory, ReplicaReport
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "examples" / "demo" / "serve_config.yaml"
@@ -104,20 +105,22 @@ def serve_config(path: Path, port: int | None) -> tuple[str, int]:
 
 
 def print_placement(placement: dict[str, Any]) -> None:
+    """/v1/placement's JSON (placement.placement_document), one line per role and why it is there."""
     print("\nWhere each model runs (planned → actual):")
-    for role, item in placement["models"].items():
-        plan, replica = item["plan"], item["replica"]
-        actual = replica.get("actual", {}) if isinstance(replica, dict) else {}
-        memory = actual.get("memory", {})
-        held = memory.get("rss_bytes") or memory.get("cuda:0_allocated_bytes") or 0
+    for role, item in PlacementDocument.model_validate(placement).models.items():
+        plan = item.plan or PlannedRole()
+        actual = item.replica.actual if isinstance(item.replica, ReplicaReport) else None
+        memory = actual.memory if actual else ReplicaMemory()
+        held = memory.rss_bytes or memory.cuda_bytes("allocated").get(0) or 0
         print(
-            f"  {role:<14} {plan['model']:<28} planned {plan['device']:<8} ({plan['memory_budget']}), "
-            f"actual {actual.get('device', '?')} CUDA_VISIBLE_DEVICES={actual.get('cuda_visible_devices')!r}, "
-            f"{'RSS' if 'rss_bytes' in memory else 'allocated'} {held / 2**30:.2f} GiB, "
-            f"loaded in {actual.get('load_seconds', 0):.1f} s"
+            f"  {role:<14} {plan.model!s:<28} planned {plan.device!s:<8} ({plan.memory_budget}), "
+            f"actual {actual.device if actual else '?'} "
+            f"CUDA_VISIBLE_DEVICES={actual.cuda_visible_devices if actual else None!r}, "
+            f"{'RSS' if memory.rss_bytes is not None else 'allocated'} {held / 2**30:.2f} GiB, "
+            f"loaded in {(actual.load_seconds if actual else None) or 0:.1f} s"
         )
-        print(f"  {'':<14} why: {plan['reason']}")
-        kv_plan, kv_engine = plan.get("kv_cache_bytes"), memory.get("kv_built_bytes")
+        print(f"  {'':<14} why: {plan.reason}")
+        kv_plan, kv_engine = plan.kv_cache_bytes, memory.kv_built_bytes
         if kv_plan is not None and kv_engine is not None:
             verdict = "within plan" if kv_engine <= kv_plan else "OVER PLAN"
             print(f"  {'':<14} KV cache: planned {kv_plan} B, engine holds at most {kv_engine} B ({verdict})")

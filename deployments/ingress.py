@@ -45,10 +45,11 @@ from deployments.openai_api.protocol import (
     sse_lines,
 )
 from deployments.openai_api.responses import ResponseEvents, ResponsesRequest, response_body, sse_events
-from deployments.placement_status import alive_nodes, replica_locations, unplaced_roles, with_status
+from deployments.placement_status import alive_nodes, replica_locations, role_placement, unplaced_roles
 from deployments.status_watch import FAILED, READY, StatusWatch, read_states, wait_for_role
 from placement.add_model import RunningConfig, answer_for_running
 from placement.config import ConfigError
+from placement.placement_document import PlacementDocument, PlannedGpu, PlannedRole, ReplicaError, ReplicaReport
 
 T = TypeVar("T")
 logger = logging.getLogger("ray.serve")
@@ -196,9 +197,10 @@ class Ingress:
         self.running = running
         self.models = models
         self.model_ids = model_ids
-        self.plan = plan or {}
+        # Validated once, here: a plan off /v1/placement's schema fails the deploy, not every report.
+        self.plan = {role: PlannedRole.model_validate(entry) for role, entry in (plan or {}).items()}
         self.settings = settings or IngressSettings()
-        self.gpus = gpus or []
+        self.gpus = [PlannedGpu.model_validate(gpu) for gpu in gpus or []]
         self._info: dict[str, dict[str, Any]] = {}
         # One status reader per ingress replica: requests read its cache, never the controller.
         self.watch = StatusWatch(functools.partial(read_states, serve.get_replica_context().app_name))
@@ -386,10 +388,11 @@ class Ingress:
         created = now()
         return RoleList(data=await asyncio.gather(*(self._role_card(role, created) for role in sorted(self.models))))
 
-    @app.get("/v1/placement")
-    async def placement(self, http: Request) -> dict[str, Any]:
+    @app.get("/v1/placement", response_model=PlacementDocument, response_model_exclude_unset=True)
+    async def placement(self, http: Request) -> PlacementDocument:
         """The plan next to what each role's replica reports (one replica per role answers),
-        or why the role has no replica (its deployment failed: the load error)."""
+        or why the role has no replica (its deployment failed: the load error).
+        Each part keeps exactly the keys its producer wrote (placement.placement_document)."""
         authorize(http, self.settings.api_key)
         roles = sorted(self.models)
         try:
@@ -406,23 +409,24 @@ class Ingress:
             logger.warning("/v1/placement: cannot list replicas: %s", exc)
             replicas = {}
 
-        async def report(role: str) -> dict[str, Any]:
+        async def report(role: str) -> ReplicaReport | ReplicaError:
             if role in gone:  # its replica can only come back on that node: don't wait for it
-                return {"error": gone[role], **problems.get(role, {})}
+                return ReplicaError(error=gone[role], **problems.get(role, {}))
             if role in failed:
-                return {"error": self.watch.state(role).reason, "status": "DEPLOY_FAILED"}
+                return ReplicaError(error=self.watch.state(role).reason, status="DEPLOY_FAILED")
             try:
                 # Bounded: a deployment still starting must not hold the whole report.
-                return await asyncio.wait_for(self.models[role].placement.remote(), PLACEMENT_TIMEOUT_S)
+                answer = await asyncio.wait_for(self.models[role].placement.remote(), PLACEMENT_TIMEOUT_S)
             except Exception as exc:
-                return {"error": _message_of(exc), **problems.get(role, {})}
+                return ReplicaError(error=_message_of(exc), **problems.get(role, {}))
+            return ReplicaReport.model_validate(answer)  # a report off its schema is this app's bug: a 500
 
         reports = await asyncio.gather(*(report(role) for role in roles))
-        pairs = zip(roles, reports, strict=True)
         models = {
-            role: {"plan": self.plan.get(role), "replica": r, "replicas": replicas.get(role, [])} for role, r in pairs
+            role: role_placement(role, self.plan.get(role), replica, replicas.get(role, []), alive)
+            for role, replica in zip(roles, reports, strict=True)
         }
-        return {"models": with_status(models, alive), "gpus": self.gpus}
+        return PlacementDocument(models=models, gpus=self.gpus)
 
     @app.post("/v1/placement/add")
     async def placement_add(self, http: Request) -> dict[str, Any]:

@@ -12,19 +12,33 @@ a replacement node started with the same labels takes its replicas back.
 
 `replica_locations` lists every replica of every role as Ray sees it (state,
 node, GPU node label and GPU indices), for /v1/placement and the report.
+`role_placement` puts one role's part of the document together
+(placement.placement_document); `with_status` does the same on plain JSON.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import ray
+from pydantic import TypeAdapter
 
 from placement.gpu_nodes import GPU_LABEL, gpu_node_of
 from placement.inventory import LOCAL_NODE
+from placement.placement_document import (
+    PlannedRole,
+    Replica,
+    ReplicaError,
+    ReplicaLocation,
+    ReplicaReport,
+    RolePlacement,
+    RoleStatus,
+)
 from placement.report import MISPLACED_KINDS, check_replica
 
 HEALTHY = "ok"
+_REPLICA: TypeAdapter[ReplicaReport | ReplicaError] = TypeAdapter(Replica)
 
 
 def alive_nodes() -> set[str]:
@@ -35,20 +49,19 @@ def alive_nodes() -> set[str]:
     return {node["NodeID"] for node in alive} | {label for label in labels if label}
 
 
-def _gone(plan: dict[str, Any], alive: set[str]) -> str | None:
+def _gone(plan: PlannedRole, alive: set[str]) -> str | None:
     """Why the role's planned place has left the cluster, or None while it (or one of its GPU nodes) is alive."""
-    labels = plan.get("gpu_labels") or []
-    if labels:
-        if any(label in alive for label in labels):
+    if plan.gpu_labels:
+        if any(label in alive for label in plan.gpu_labels):
             return None
-        return f"none of its GPU nodes ({', '.join(labels)}) is in the cluster"
-    node = plan.get("node_id")
+        return f"none of its GPU nodes ({', '.join(plan.gpu_labels)}) is in the cluster"
+    node = plan.node_id
     if node and node != LOCAL_NODE and node not in alive:
         return f"planned node {node[:12]} has left the cluster"
     return None
 
 
-def replica_locations(app_name: str) -> dict[str, list[dict[str, Any]]]:
+def replica_locations(app_name: str) -> dict[str, list[ReplicaLocation]]:
     """role → every replica Serve has for it, with its state, node, and GPU node label and indices.
 
     Read from the Serve controller's details (the same data `serve status` and the dashboard show;
@@ -60,7 +73,7 @@ def replica_locations(app_name: str) -> dict[str, list[dict[str, Any]]]:
     details = _get_global_client().get_serve_details()
     app = (details.get("applications") or {}).get(app_name) or {}
     labels = {node["NodeID"]: node.get("Labels") or {} for node in ray.nodes()}
-    out: dict[str, list[dict[str, Any]]] = {}
+    out: dict[str, list[ReplicaLocation]] = {}
     for role, deployment in (app.get("deployments") or {}).items():
         rows = []
         for replica in deployment.get("replicas") or []:
@@ -68,37 +81,56 @@ def replica_locations(app_name: str) -> dict[str, list[dict[str, Any]]]:
             gpu_node = gpu_node_of(labels.get(node_id, {})) if node_id else None
             state = replica.get("state")
             rows.append(
-                {
-                    "replica_id": replica.get("replica_id"),
-                    "state": getattr(state, "value", state),
-                    "node_id": node_id,
-                    "gpu_label": gpu_node.gpu_label if gpu_node else None,
-                    "gpu_indices": list(gpu_node.indices) if gpu_node else None,
-                    "pid": replica.get("pid"),
-                }
+                ReplicaLocation(
+                    replica_id=replica.get("replica_id"),
+                    state=getattr(state, "value", state),
+                    node_id=node_id,
+                    gpu_label=gpu_node.gpu_label if gpu_node else None,
+                    gpu_indices=list(gpu_node.indices) if gpu_node else None,
+                    pid=replica.get("pid"),
+                )
             )
-        out[role] = sorted(rows, key=lambda row: (str(row["gpu_label"]), str(row["replica_id"])))
+        out[role] = sorted(rows, key=lambda row: (str(row.gpu_label), str(row.replica_id)))
     return out
 
 
-def role_status(role: str, plan: dict[str, Any] | None, replica: dict[str, Any], alive: set[str]) -> tuple[str, str]:
+def role_status(
+    role: str,
+    plan: PlannedRole | Mapping[str, Any] | None,
+    replica: ReplicaReport | ReplicaError | Mapping[str, Any],
+    alive: set[str],
+) -> tuple[RoleStatus, str]:
     """(status, reason) for one role from its plan entry and its replica's report (or {"error": ...})."""
-    gone = _gone(plan or {}, alive)
+    plan = PlannedRole.model_validate(plan or {})
+    gone = _gone(plan, alive)
     if gone:
         return "unplaced", (
             f"its {gone}; Serve keeps the replica pending there instead of moving it to a GPU the plan "
             "did not size for (re-plan, or bring the node back)"
         )
-    if "actual" not in replica:
-        return "unavailable", str(replica.get("error") or "no replica answered")
-    misplaced = [f.message for f in check_replica(role, plan or {}, replica) if f.kind in MISPLACED_KINDS]
+    replica = _REPLICA.validate_python(replica)
+    if isinstance(replica, ReplicaError):
+        return "unavailable", replica.error or "no replica answered"
+    misplaced = [f.message for f in check_replica(role, plan, replica) if f.kind in MISPLACED_KINDS]
     if misplaced:
         return "misplaced", "; ".join(misplaced)
     return HEALTHY, ""
 
 
+def role_placement(
+    role: str,
+    plan: PlannedRole | None,
+    replica: ReplicaReport | ReplicaError,
+    replicas: list[ReplicaLocation],
+    alive: set[str],
+) -> RolePlacement:
+    """One role's part of /v1/placement: its status and reason next to the plan and what its replicas report."""
+    status, reason = role_status(role, plan, replica, alive)
+    return RolePlacement(status=status, reason=reason, plan=plan, replica=replica, replicas=replicas)
+
+
 def with_status(models: dict[str, dict[str, Any]], alive: set[str]) -> dict[str, dict[str, Any]]:
-    """/v1/placement's `models` ({role: {plan, replica}}) with each role's status and reason added."""
+    """The same on JSON: /v1/placement's `models` ({role: {plan, replica}}) with each role's status and reason."""
     out = {}
     for role, entry in models.items():
         status, reason = role_status(role, entry.get("plan"), entry.get("replica") or {}, alive)
@@ -106,11 +138,11 @@ def with_status(models: dict[str, dict[str, Any]], alive: set[str]) -> dict[str,
     return out
 
 
-def unplaced_roles(plan: dict[str, dict[str, Any]], alive: set[str]) -> dict[str, str]:
+def unplaced_roles(plan: Mapping[str, PlannedRole | Mapping[str, Any]], alive: set[str]) -> dict[str, str]:
     """role → reason, for roles whose planned node is gone (for /health, without asking replicas)."""
     out = {}
     for role, entry in plan.items():
-        gone = _gone(entry, alive)
+        gone = _gone(PlannedRole.model_validate(entry), alive)
         if gone:
             out[role] = gone
     return out

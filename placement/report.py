@@ -1,12 +1,9 @@
 """The per-GPU report: the app's `/v1/placement` JSON → findings and per-GPU usage.
 
-Pure functions over plain data (no HTTP, no Ray), so the checks can be tested
+Pure functions over the document (no HTTP, no Ray), so the checks can be tested
 on any JSON. `python -m placement report --url ...` fetches and prints them.
-
-`/v1/placement` looks like:
-  {"models": {role: {"status", "reason", "plan": {...}, "replica": {"planned", "actual"} | {"error"},
-                     "replicas": [{"replica_id", "state", "node_id", "gpu_label", "gpu_indices"}]}},
-   "gpus": [{"node_id", "index", "name", "total_bytes", "usable_bytes", "planned_bytes", "roles"}]}
+The document's shape is placement.placement_document.PlacementDocument; JSON
+is validated into it first.
 
 A model's actual memory is what torch holds for it: reserved bytes summed over
 its GPUs; on CPU the loaded weights (`weights_bytes`), because a CPU replica's
@@ -20,6 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from placement.inventory import LOCAL_NODE
+from placement.placement_document import (
+    PlacementDocument,
+    PlannedGpu,
+    PlannedRole,
+    ReplicaError,
+    ReplicaMemory,
+    ReplicaReport,
+    RolePlacement,
+)
 
 Severity = Literal["error", "warning"]
 # What a finding is about: the replica's node, its GPUs, its memory, a CPU fallback, or no replica at all.
@@ -100,76 +106,66 @@ class Report:
         return not any(f.severity == "error" for f in self.findings)
 
 
-def _cuda_bytes(memory: Mapping[str, Any], kind: str) -> dict[int, int]:
-    """'cuda:<local>_<kind>_bytes' → {local index: bytes}."""
-    out = {}
-    for key, value in memory.items():
-        if key.startswith("cuda:") and key.endswith(f"_{kind}_bytes") and isinstance(value, int):
-            out[int(key[len("cuda:") :].split("_", 1)[0])] = value
-    return out
-
-
-def actual_bytes(memory: Mapping[str, Any]) -> int | None:
+def actual_bytes(memory: ReplicaMemory) -> int | None:
     """What the model holds: CUDA reserved over its GPUs, else its weights on CPU."""
-    reserved = _cuda_bytes(memory, "reserved")
+    reserved = memory.cuda_bytes("reserved")
     if reserved:
         return sum(reserved.values())
-    weights = memory.get("weights_bytes")
-    return weights if isinstance(weights, int) and weights > 0 else None
+    weights = memory.weights_bytes
+    return weights if weights is not None and weights > 0 else None
 
 
-def check_replica(role: str, plan: Mapping[str, Any], replica: Mapping[str, Any]) -> list[Finding]:
+def check_replica(
+    role: str, plan: PlannedRole | Mapping[str, Any] | None, replica: ReplicaReport | Mapping[str, Any]
+) -> list[Finding]:
     """Is the replica where the plan put it, and within its budget? (plan: /v1/placement's `plan` entry)"""
+    plan = PlannedRole.model_validate(plan or {})
+    actual = ReplicaReport.model_validate(replica).actual
     findings: list[Finding] = []
-    actual = replica.get("actual", {})
-    planned_node = plan.get("node_id")
-    slots = plan.get("slots") or []
-    if slots:
+    planned_visible = plan.cuda_visible_devices or ""
+    if plan.slots:
         # Per-GPU mode: any GPU node the plan budgeted a replica on, by label (its node id may be new).
-        label = actual.get("gpu_label")
-        mine = [slot for slot in slots if slot.get("gpu_label") == label]
-        if not mine:
-            allowed = ", ".join(sorted({str(slot.get("gpu_label")) for slot in slots}))
-            findings.append(Finding("error", "node", role, f"runs on GPU node {label!r}, planned on {allowed}"))
-        if mine:
-            plan = {**plan, "cuda_visible_devices": mine[0].get("cuda_visible_devices")}
-    elif planned_node and planned_node != LOCAL_NODE and actual.get("node_id") != planned_node:
-        findings.append(
-            Finding(
-                "error", "node", role, f"runs on node {str(actual.get('node_id'))[:12]}, planned {planned_node[:12]}"
+        slot = plan.slot_on(actual.gpu_label)
+        if slot is None:
+            allowed = ", ".join(sorted({slot.gpu_label for slot in plan.slots}))
+            findings.append(
+                Finding("error", "node", role, f"runs on GPU node {actual.gpu_label!r}, planned on {allowed}")
             )
+        else:
+            planned_visible = slot.cuda_visible_devices or ""
+    elif plan.node_id and plan.node_id != LOCAL_NODE and actual.node_id != plan.node_id:
+        findings.append(
+            Finding("error", "node", role, f"runs on node {str(actual.node_id)[:12]}, planned {plan.node_id[:12]}")
         )
-    planned_visible = plan.get("cuda_visible_devices") or ""
-    visible = (actual.get("cuda_visible_devices") or "").replace(" ", "")
+    visible = (actual.cuda_visible_devices or "").replace(" ", "")
     if visible != planned_visible:
         findings.append(
             Finding(
                 "error",
                 "gpu",
                 role,
-                f"sees CUDA_VISIBLE_DEVICES={visible!r}, planned {planned_visible!r} ({plan.get('device')})",
+                f"sees CUDA_VISIBLE_DEVICES={visible!r}, planned {planned_visible!r} ({plan.device})",
             )
         )
-    if actual.get("cpu_fallback"):
+    if actual.cpu_fallback:
         findings.append(
             Finding(
                 "warning",
                 "fallback",
                 role,
-                f"planned on {plan.get('device')} but runs on CPU (RAYFIT_ALLOW_CPU_FALLBACK)",
+                f"planned on {plan.device} but runs on CPU (RAYFIT_ALLOW_CPU_FALLBACK)",
             )
         )
-    budget = plan.get("memory_budget_bytes")
-    used = actual_bytes(actual.get("memory", {}))
-    if isinstance(budget, int) and used is not None and used > budget:
+    budget = plan.memory_budget_bytes
+    used = actual_bytes(actual.memory)
+    if budget is not None and used is not None and used > budget:
         findings.append(
             Finding(
                 "error", "memory", role, f"uses {used / 2**30:.2f} GiB, over its budget of {budget / 2**30:.2f} GiB"
             )
         )
-    kv_planned = plan.get("kv_cache_bytes")
-    kv_actual = actual.get("memory", {}).get("kv_built_bytes")
-    if isinstance(kv_planned, int) and isinstance(kv_actual, int) and kv_actual > kv_planned:
+    kv_planned, kv_actual = plan.kv_cache_bytes, actual.memory.kv_built_bytes
+    if kv_planned is not None and kv_actual is not None and kv_actual > kv_planned:
         findings.append(
             Finding(
                 "error",
@@ -182,80 +178,79 @@ def check_replica(role: str, plan: Mapping[str, Any], replica: Mapping[str, Any]
     return findings
 
 
-def _model_row(role: str, entry: Mapping[str, Any]) -> tuple[ModelRow, list[Finding]]:
-    plan = entry.get("plan") or {}
-    replica = entry.get("replica") or {}
-    status = entry.get("status") or ("ok" if "actual" in replica else "unavailable")
+def _model_row(role: str, entry: RolePlacement) -> tuple[ModelRow, list[Finding]]:
+    plan = entry.plan or PlannedRole()
+    replica = entry.replica
     findings: list[Finding] = []
-    if "actual" not in replica:
-        reason = entry.get("reason") or replica.get("error") or "no replica answered"
-        findings.append(Finding("error", "unavailable", role, f"{status}: {reason}"))
+    if isinstance(replica, ReplicaError):
+        reason = entry.reason or replica.error or "no replica answered"
+        findings.append(Finding("error", "unavailable", role, f"{entry.status}: {reason}"))
+        actual, model = None, None
     else:
         findings.extend(check_replica(role, plan, replica))
-    actual = replica.get("actual", {})
-    memory = actual.get("memory", {})
-    rss = memory.get("rss_bytes")
+        actual, model = replica.actual, replica.model
+    memory = actual.memory if actual else ReplicaMemory()
     row = ModelRow(
         role=role,
-        model=str(plan.get("model") or replica.get("model") or "?"),
-        status=status,
-        planned_node=plan.get("node_id"),
-        planned_device=plan.get("device"),
-        actual_node=actual.get("node_id"),
-        actual_device=actual.get("device"),
-        cuda_visible_devices=actual.get("cuda_visible_devices"),
-        budget_bytes=plan.get("memory_budget_bytes"),
+        model=str(plan.model or model or "?"),
+        status=entry.status,
+        planned_node=plan.node_id,
+        planned_device=plan.device,
+        actual_node=actual.node_id if actual else None,
+        actual_device=actual.device if actual else None,
+        cuda_visible_devices=actual.cuda_visible_devices if actual else None,
+        budget_bytes=plan.memory_budget_bytes,
         actual_bytes=actual_bytes(memory) if actual else None,
-        rss_bytes=rss if isinstance(rss, int) else None,
-        kv_planned_bytes=plan.get("kv_cache_bytes"),
-        kv_actual_bytes=memory.get("kv_built_bytes") if isinstance(memory.get("kv_built_bytes"), int) else None,
+        rss_bytes=memory.rss_bytes,
+        kv_planned_bytes=plan.kv_cache_bytes,
+        kv_actual_bytes=memory.kv_built_bytes,
     )
     return row, findings
 
 
-def _gpu_rows(gpus: list[Mapping[str, Any]], models: Mapping[str, Mapping[str, Any]]) -> tuple[GpuRow, ...]:
+def _gpu_rows(gpus: list[PlannedGpu], models: Mapping[str, RolePlacement]) -> tuple[GpuRow, ...]:
     # Host (node, GPU index) → what the replicas on it report; a replica's local cuda:i is its plan's gpu_indices[i].
-    allocated: dict[tuple[str, int], int] = {}
-    reserved: dict[tuple[str, int], int] = {}
-    free: dict[tuple[str, int], int] = {}
+    allocated: dict[tuple[str | None, int], int] = {}
+    reserved: dict[tuple[str | None, int], int] = {}
+    free: dict[tuple[str | None, int], int] = {}
     for entry in models.values():
-        plan = entry.get("plan") or {}
-        actual = (entry.get("replica") or {}).get("actual")
-        if not actual:
+        if not isinstance(entry.replica, ReplicaReport):
             continue
-        memory = actual.get("memory", {})
-        node_id, indices = plan.get("node_id"), plan.get("gpu_indices") or []
-        for slot in plan.get("slots") or []:  # per-GPU mode: the GPU node this replica runs on
-            if slot.get("gpu_label") == actual.get("gpu_label"):
-                node_id, indices = slot.get("node_id"), slot.get("gpu_indices") or []
+        plan, actual = entry.plan or PlannedRole(), entry.replica.actual
+        node_id, indices = plan.node_id, plan.gpu_indices
+        slot = plan.slot_on(actual.gpu_label)  # per-GPU mode: the GPU node this replica runs on
+        if slot is not None:
+            node_id, indices = slot.node_id, slot.gpu_indices
         for target, kind in ((allocated, "allocated"), (reserved, "reserved"), (free, "free")):
-            for local, value in _cuda_bytes(memory, kind).items():
+            for local, value in actual.memory.cuda_bytes(kind).items():
                 if local < len(indices):
                     key = (node_id, indices[local])
                     # Free is device-wide: every replica on the GPU sees the same number.
                     target[key] = value if kind == "free" else target.get(key, 0) + value
     rows = []
     for gpu in gpus:
-        key = (gpu["node_id"], gpu["index"])
+        key = (gpu.node_id, gpu.index)
         rows.append(
             GpuRow(
-                node_id=gpu["node_id"],
-                index=gpu["index"],
-                name=gpu.get("name"),
-                total_bytes=gpu["total_bytes"],
-                planned_bytes=gpu.get("planned_bytes", 0),
+                node_id=gpu.node_id,
+                index=gpu.index,
+                name=gpu.name,
+                total_bytes=gpu.total_bytes,
+                planned_bytes=gpu.planned_bytes,
                 allocated_bytes=allocated.get(key),
                 reserved_bytes=reserved.get(key),
                 free_bytes=free.get(key),
-                roles=tuple(gpu.get("roles", ())),
+                roles=tuple(gpu.roles),
             )
         )
     return tuple(rows)
 
 
-def build_report(placement: Mapping[str, Any]) -> Report:
-    """Findings and per-GPU usage from the app's /v1/placement JSON."""
-    models = placement.get("models", {})
+def build_report(placement: PlacementDocument | Mapping[str, Any]) -> Report:
+    """Findings and per-GPU usage from the app's /v1/placement JSON (a pydantic ValidationError, naming the
+    field, when it is not that document)."""
+    document = PlacementDocument.model_validate(placement)
+    models = document.models
     rows, findings = [], []
     for role in sorted(models):
         row, found = _model_row(role, models[role])
@@ -264,14 +259,14 @@ def build_report(placement: Mapping[str, Any]) -> Report:
     replicas = tuple(
         ReplicaRow(
             role=role,
-            replica_id=row.get("replica_id"),
-            state=row.get("state"),
-            node_id=row.get("node_id"),
-            gpu_label=row.get("gpu_label"),
-            gpu_indices=tuple(row["gpu_indices"]) if row.get("gpu_indices") is not None else None,
+            replica_id=row.replica_id,
+            state=row.state,
+            node_id=row.node_id,
+            gpu_label=row.gpu_label,
+            gpu_indices=tuple(row.gpu_indices) if row.gpu_indices is not None else None,
         )
         for role in sorted(models)
-        for row in models[role].get("replicas") or []
+        for row in models[role].replicas
     )
-    gpus = _gpu_rows(placement.get("gpus", []), models)
+    gpus = _gpu_rows(document.gpus, models)
     return Report(models=tuple(rows), gpus=gpus, findings=tuple(findings), replicas=replicas)

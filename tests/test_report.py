@@ -15,8 +15,10 @@ import sys
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from deployments.placement_status import role_status, unplaced_roles, with_status
+from placement.placement_document import PlacementDocument, ReplicaError
 from placement.report import build_report
 
 GIB = 2**30
@@ -151,3 +153,41 @@ def test_report_cli_exit_code_when_the_app_cannot_be_read() -> None:
     assert done.returncode == 2, done.stderr
     assert "cannot read http://127.0.0.1:9/v1/placement" in done.stderr
     assert json.loads(done.stdout or "null") is None
+
+
+def test_the_document_keeps_its_keys_through_the_model() -> None:
+    """The ingress answers the document through PlacementDocument: the JSON it gives back is the JSON it was
+    given, key for key (the replica's CUDA figures kept as the memory report's extra keys)."""
+    doc = document()
+    unhealthy = {"error": "no replica answered", "status": "UNHEALTHY", "reason": "health check failed"}
+    doc["models"]["summarizer"].update(status="unavailable", reason="no replica answered", replica=unhealthy)
+    parsed = PlacementDocument.model_validate(doc)
+    assert parsed.to_json() == doc
+    memory = parsed.models["buffer_agent"].replica.actual.memory  # type: ignore[union-attr]
+    assert memory.cuda_bytes("reserved") == {0: 14 * GIB} and memory.weights_bytes == int(14 * GIB * 0.8)
+    assert isinstance(parsed.models["summarizer"].replica, ReplicaError)
+    assert build_report(parsed) == build_report(doc)
+
+
+@pytest.mark.parametrize(
+    ("break_it", "field"),
+    [
+        (lambda doc: doc.pop("models"), "models"),
+        (lambda doc: doc["models"]["summarizer"].pop("replica"), "models.summarizer.replica"),
+        (lambda doc: doc["models"]["summarizer"].pop("status"), "models.summarizer.status"),
+        (lambda doc: doc["models"]["summarizer"].update(replica={}), "models.summarizer.replica.error.error"),
+        (lambda doc: doc["gpus"][1].pop("total_bytes"), "gpus.1.total_bytes"),
+        (
+            lambda doc: doc["models"]["summarizer"]["replica"]["actual"]["memory"].update({"cuda:0_free_bytes": "?"}),
+            "models.summarizer.replica.report.actual.memory.cuda:0_free_bytes",
+        ),
+    ],
+)
+def test_a_document_missing_a_part_is_an_error_naming_it(break_it: Any, field: str) -> None:
+    doc = document()
+    break_it(doc)
+    with pytest.raises(ValidationError) as raised:
+        build_report(doc)
+    (error,) = raised.value.errors()
+    assert ".".join(str(part) for part in error["loc"]) == field
+    assert field in str(raised.value)

@@ -15,12 +15,10 @@ generate_async, open_stream, generate_batch, uses_pool, kv_report,
 load_report, memory_report, last_progress. This module imports neither torch
 nor transformers: the replica does not need them to forward requests.
 
-Wire: multiprocessing.connection over the socket pair, pickled tuples.
-Replica → child: (kind, call_id, payload); kinds "generate", "stream",
-"call" (a blocking engine method, on a thread there), "quick" (a cheap
-report, answered by the child's reader thread at once), "cancel". Child →
-replica: a list of (kind, call_id, payload) per turn of its loop; kinds
-"result", "error", "opened", "item", "end".
+Wire: multiprocessing.connection over the socket pair, carrying only the typed
+messages of deployments.engine.messages (its docstring has the exchange): a request
+per call, each with its call id; a list of answers per turn of the child's loop.
+Reports (`messages.Report`) are answered by the child's reader thread at once.
 
 Lifetimes: the child exits when the replica's end of the socket closes (the
 replica exited or was killed); while it still loads, and reads no socket, the
@@ -46,13 +44,33 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor, Future, InvalidStateError
 from multiprocessing.connection import Connection
 from typing import Any
 
 from deployments.engine.errors import RetryableGenerationError
 from deployments.engine.generation import GenerationInput, GenerationOutput, ModelFacts, StreamDelta, joins_pool
+from deployments.engine.messages import (
+    Answer,
+    Cancel,
+    End,
+    Failure,
+    Generate,
+    GenerateBatch,
+    Item,
+    KvReport,
+    LastProgress,
+    LoadReport,
+    MemoryReport,
+    Opened,
+    Ready,
+    Request,
+    Result,
+    Start,
+    StartFailed,
+    Stream,
+)
 from placement.config import ModelSpec
 from placement.plan import PlanEntry
 
@@ -61,8 +79,6 @@ logger = logging.getLogger("ray.serve")
 # "1" or "0": every replica runs its engine in a child process, or in itself, whatever its spec
 # says (benchmarks, tests); unset, each model's `engine_process` decides.
 ENGINE_PROCESS_ENV = "RAYFIT_ENGINE_PROCESS"
-# Reports cheap enough for the child's reader thread to answer without its event loop.
-QUICK_CALLS = frozenset({"kv_report", "load_report", "memory_report", "last_progress"})
 
 
 class EngineProcessLost(RetryableGenerationError):
@@ -80,7 +96,7 @@ class _Inbox:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.queue: asyncio.Queue[Item | End | Failure] = asyncio.Queue()
 
 
 class EngineProcess:
@@ -109,8 +125,8 @@ class EngineProcess:
 
     def _start(self, spec: ModelSpec, entry: PlanEntry, role: str) -> tuple[ModelFacts, bool]:
         try:
-            self._conn.send((spec, entry, role))
-            kind, payload = self._conn.recv()
+            self._conn.send(Start(spec, entry, role))
+            reply = self._conn.recv()
         except (EOFError, OSError) as exc:
             from deployments.engine.loading import ModelLoadError  # transformers: only on this failure
 
@@ -119,15 +135,21 @@ class EngineProcess:
                 f"{role}: the engine process exited (code {code}) before loading {spec.model}; "
                 "its log is in this replica's log"
             ) from exc
-        if kind == "failed":
-            self.process.wait()
-            raise payload
-        return payload
+        match reply:
+            case Ready(facts=facts, has_pool=has_pool):
+                return facts, has_pool
+            case StartFailed(error=error):
+                self.process.wait()
+                raise error
+            case _:
+                self.close()
+                raise TypeError(f"{role}: the engine process answered its start with {type(reply).__name__}")
 
     # -- calls
 
-    def _open(self, kind: str, payload: Any, inbox: _Inbox | None = None) -> tuple[int, Future[Any]]:
-        """Send one call; its future resolves with the answer (a stream's: when it opened)."""
+    def _open(self, request: Callable[[int], Request], inbox: _Inbox | None = None) -> tuple[int, Future[Any]]:
+        """Send one request, built for its new call id; its future resolves with the answer (a stream's:
+        when it opened)."""
         call_id, future = next(self._ids), Future()
         with self._calls_lock:
             if self._lost is not None:
@@ -135,10 +157,10 @@ class EngineProcess:
             self._futures[call_id] = future
             if inbox is not None:
                 self._inboxes[call_id] = inbox
-        self._send((kind, call_id, payload))
+        self._send(request(call_id))
         return call_id, future
 
-    def _send(self, message: tuple[str, int, Any]) -> None:
+    def _send(self, message: Request) -> None:
         try:
             with self._send_lock:
                 self._conn.send(message)
@@ -153,18 +175,17 @@ class EngineProcess:
             if self._lost is not None:
                 return
         try:
-            self._send(("cancel", call_id, None))
+            self._send(Cancel(call_id))
         except EngineProcessLost:
             pass
 
-    def _wait(self, name: str, *args: Any) -> Any:
-        """A blocking call: a cheap report, or an engine method the child runs on a thread."""
-        kind = "quick" if name in QUICK_CALLS else "call"
-        return self._open(kind, (name, args))[1].result()
+    def _wait(self, request: Callable[[int], Request]) -> Any:
+        """A blocking call: a report (the child's reader thread answers it), or a batch."""
+        return self._open(request)[1].result()
 
     async def generate_async(self, inp: GenerationInput, executor: Executor | None = None) -> GenerationOutput:
         """Engine.generate_async in the child; cancelling the caller withdraws the request there."""
-        call_id, future = self._open("generate", inp)
+        call_id, future = self._open(lambda call_id: Generate(call_id, inp))
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -175,7 +196,7 @@ class EngineProcess:
         """Engine.open_stream in the child: awaiting it checks the request (InvalidRequest before any
         delta); closing the iterator stops generation there."""
         inbox = _Inbox(asyncio.get_running_loop())
-        call_id, opened = self._open("stream", inp, inbox)
+        call_id, opened = self._open(lambda call_id: Stream(call_id, inp), inbox)
         try:
             await asyncio.wrap_future(opened)
         except BaseException:
@@ -187,38 +208,40 @@ class EngineProcess:
         finished = False
         try:
             while True:
-                kind, value = await inbox.queue.get()
-                if kind == "item":
-                    yield value
-                    continue
-                finished = True
-                if kind == "error":
-                    raise value
-                return
+                match await inbox.queue.get():
+                    case Item(delta=delta):
+                        yield delta
+                    case Failure(error=error):
+                        finished = True
+                        raise error
+                    case End():
+                        finished = True
+                        return
         finally:
             if not finished:
                 self._withdraw(call_id)
 
     def generate_batch(self, inputs: Sequence[GenerationInput]) -> list[GenerationOutput]:
-        return self._wait("generate_batch", list(inputs))
+        batch = tuple(inputs)
+        return self._wait(lambda call_id: GenerateBatch(call_id, batch))
 
     def uses_pool(self, inp: GenerationInput) -> bool:
         return joins_pool(inp, pool_on=self._pool_on)
 
     def kv_report(self) -> dict[str, Any]:
-        return self._wait("kv_report")
+        return self._wait(KvReport)
 
     def load_report(self) -> dict[str, int]:
-        return self._wait("load_report")
+        return self._wait(LoadReport)
 
     def memory_report(self) -> dict[str, int | str]:
-        return self._wait("memory_report")
+        return self._wait(MemoryReport)
 
     @property
     def last_progress(self) -> float:
         """The child's last token time (CLOCK_MONOTONIC is one clock for both processes).
         Raises EngineProcessLost once the child is gone: the health check then fails."""
-        return self._wait("last_progress")
+        return self._wait(LastProgress)
 
     # -- answers
 
@@ -236,24 +259,33 @@ class EngineProcess:
         logger.error("the engine process %s exited (code %s); the replica fails its health check", self.pid, code)
         self._fail_all(EngineProcessLost(f"the engine process exited (code {code}); the replica is being replaced"))
 
-    def _deliver(self, batch: list[tuple[str, int, Any]]) -> None:
+    def _deliver(self, batch: list[Answer]) -> None:
         """Resolve futures here; hand stream items to their loops, one wake-up per loop per batch."""
-        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Inbox, str, Any]]] = {}
+        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Inbox, Item | End | Failure]]] = {}
         with self._calls_lock:
-            for kind, call_id, payload in batch:
+            for answer in batch:
+                call_id = answer.call_id
                 future = self._futures.get(call_id)
-                if future is not None and kind in ("result", "error", "opened"):
+                if future is not None and isinstance(answer, Result | Failure | Opened):
                     del self._futures[call_id]
-                    if kind == "error":
-                        self._inboxes.pop(call_id, None)
-                    _settle(future, payload, failed=kind == "error")
+                    match answer:
+                        case Result(value=value):
+                            _settle(future, value, failed=False)
+                        case Failure(error=error):
+                            self._inboxes.pop(call_id, None)
+                            _settle(future, error, failed=True)
+                        case Opened():
+                            _settle(future, None, failed=False)
                     continue
                 inbox = self._inboxes.get(call_id)
                 if inbox is None:
                     continue  # withdrawn: its last items are dropped
-                if kind != "item":
+                if not isinstance(answer, Item | End | Failure):
+                    logger.error("the engine process answered stream %d with %r (dropped)", call_id, answer)
+                    continue
+                if not isinstance(answer, Item):
                     del self._inboxes[call_id]
-                per_loop.setdefault(inbox.loop, []).append((inbox, kind, payload))
+                per_loop.setdefault(inbox.loop, []).append((inbox, answer))
         for loop, items in per_loop.items():
             loop.call_soon_threadsafe(_put, items)
 
@@ -264,8 +296,8 @@ class EngineProcess:
             inboxes, self._inboxes = self._inboxes, {}
         for future in futures.values():
             _settle(future, error, failed=True)
-        for inbox in inboxes.values():
-            inbox.loop.call_soon_threadsafe(_put, [(inbox, "error", error)])
+        for call_id, inbox in inboxes.items():
+            inbox.loop.call_soon_threadsafe(_put, [(inbox, Failure(call_id, error))])
 
     def close(self) -> None:
         """Stop the child (it would also exit on its own once this process is gone)."""
@@ -327,7 +359,7 @@ def _settle(future: Future[Any], value: Any, *, failed: bool) -> None:
         pass  # the caller cancelled it meanwhile
 
 
-def _put(items: list[tuple[_Inbox, str, Any]]) -> None:
-    """On the streams' loop: each (kind, payload) into its stream's queue, in order."""
-    for inbox, kind, payload in items:
-        inbox.queue.put_nowait((kind, payload))
+def _put(items: list[tuple[_Inbox, Item | End | Failure]]) -> None:
+    """On the streams' loop: each answer into its stream's queue, in order."""
+    for inbox, answer in items:
+        inbox.queue.put_nowait(answer)

@@ -22,6 +22,9 @@ import base64
 import concurrent.futures
 import io
 import json
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ import httpx
 import openai
 import pytest
 import ray
+from pydantic import BaseModel
 from ray import serve
 from serve_support import SIZE_RULES as RULES
 from shared_cluster import shared_serve
@@ -37,6 +41,7 @@ from shared_cluster import shared_serve
 from deployments.app import AppArgs, build_app
 from deployments.client import get_model
 from deployments.model import ModelServer
+from placement.placement_document import PlacementDocument, ReplicaMemory
 from placement.plan import PlanError
 
 APP = "rayfit-test"
@@ -268,9 +273,29 @@ def test_health(base_url: str) -> None:
     assert response.status_code == 200 and response.json()["status"] == "ok"
 
 
+def _unmodelled(part: Any, where: str = "") -> list[str]:
+    """Where the served document has keys PlacementDocument does not name (the CUDA figures per local GPU aside,
+    which the memory report keeps as extra keys by design)."""
+    if isinstance(part, list):
+        return [key for i, item in enumerate(part) for key in _unmodelled(item, f"{where}.{i}")]
+    if isinstance(part, dict):
+        return [key for name, item in part.items() for key in _unmodelled(item, f"{where}.{name}")]
+    if not isinstance(part, BaseModel):
+        return []
+    extra = [f"{where}.{key}" for key in part.model_extra or {}]
+    if isinstance(part, ReplicaMemory):
+        extra = [key for key in extra if not re.search(r"\.cuda:\d+_\w+_bytes$", key)]
+    fields = ((name, getattr(part, name)) for name in type(part).model_fields)
+    return extra + [key for name, value in fields for key in _unmodelled(value, f"{where}.{name}")]
+
+
 def _placement_models(base_url: str) -> dict[str, Any]:
-    """/v1/placement's models, with what holds on any machine checked: the plan and the pin."""
-    models = httpx.get(f"{base_url}/v1/placement", timeout=30).json()["models"]
+    """/v1/placement's models, with what holds on any machine checked: the document's schema, the plan and the pin."""
+    document = httpx.get(f"{base_url}/v1/placement", timeout=30).json()
+    parsed = PlacementDocument.model_validate(document)
+    assert parsed.to_json() == document  # the model keeps every key the app sends
+    assert _unmodelled(parsed) == []  # and names each of them
+    models = document["models"]
     assert set(models) == {BIG, SMALL}
     for role, gpu in ((BIG, "1"), (SMALL, "0")):
         plan, actual = models[role]["plan"], models[role]["replica"]["actual"]
@@ -312,6 +337,29 @@ def test_placement_endpoint_on_a_gpu_machine(base_url: str) -> None:
         else:
             assert actual["cpu_fallback"] is True and actual["device"] == "cpu", actual
             assert actual["memory_cap_bytes"] == {}
+
+
+def test_report_cli_reads_the_served_document(base_url: str) -> None:
+    """`placement report` parses the app's /v1/placement with the same model and finds both roles in place
+    (on a machine without the second GPU, a CPU fallback is a warning, not an error)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "placement", "report", "--url", base_url, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    rows = {row["role"]: row for row in report["models"]}
+    assert {role: (row["status"], row["planned_device"]) for role, row in rows.items()} == {
+        BIG: ("ok", "cuda:1"),
+        SMALL: ("ok", "cuda:0"),
+    }
+    assert all(row["actual_bytes"] and row["actual_node"] for row in rows.values()), rows
+    assert all((f["kind"], f["severity"]) == ("fallback", "warning") for f in report["findings"]), report["findings"]
+    assert [gpu["index"] for gpu in report["gpus"]] == [0, 1]
+    running = sorted(rep["role"] for rep in report["replicas"] if rep["state"] == "RUNNING")
+    assert running == [BIG, SMALL]
 
 
 # ---------------------------------------------------------- handle client

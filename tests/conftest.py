@@ -12,6 +12,10 @@ import pytest
 # Set before transformers is imported by any test module: no hub access exists here.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Ray waits 30 s for a new head's GCS to write its port, then fails ray.init; with two test workers
+# each starting clusters on 2 busy cores that wait ran out once. Every Ray this run starts (ray.init
+# here, `ray start` in subprocesses, which inherit the environment) waits up to 120 s instead.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 
 
 def pytest_configure(config: pytest.Config) -> None:

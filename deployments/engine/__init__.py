@@ -10,6 +10,7 @@ loading a model. What loads torch is imported only where a model is served:
   backends, `kv` the sequence slots and KV ledger, `prompts`, `text`, `logprobs`, `row_logits`;
 - `loading` (a model onto its planned device), `memory` (the plan's cap), `verify` (where the
   replica really runs), `contract` (what was built against the plan);
-- `process`, `child`, `host`, `orphan_guard`: the engine in a process of its own;
+- `process`, `child`, `messages`, `host`, `orphan_guard`: the engine in a process of its own
+  (`messages`: the fixed, typed set the replica and that process exchange);
 - `generation`, `errors`: the types every room shares.
 """

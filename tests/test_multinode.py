@@ -153,6 +153,7 @@ def complete(url: str, role: str) -> httpx.Response:
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_only(reason="both nodes' replicas load on CPU here (the fallback findings); on a GPU box they load")
 def test_each_model_runs_on_its_planned_node_and_gpu(served: Served) -> None:
     models = placement(served.url)["models"]
     for role, node in ((BIG, served.worker_id), (SMALL, served.head_id)):

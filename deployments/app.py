@@ -31,6 +31,9 @@ from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
 from deployments.engine.errors import RETRY_AFTER_S
+from deployments.engine.host import ENGINE_WRAPPER_ENV, EngineOptions
+from deployments.engine.process import ENGINE_PROCESS_ENV
+from deployments.engine.verify import CPU_FALLBACK_ENV
 from deployments.guard import (
     API_KEY_ENV,
     DEFAULT_MAX_BODY_BYTES,
@@ -55,7 +58,15 @@ from placement.units import GIB, gib
 
 logger = logging.getLogger("ray.serve")
 # "0": every model runs without continuous batching (benchmarks compare both); else each spec decides.
+# Read by AppArgs.continuous_batching's default, as the other switches' variables are by theirs.
 CONTINUOUS_ENV = "RAYFIT_CONTINUOUS_BATCHING"
+
+
+def _env_flag(name: str) -> bool | None:
+    """A switch's environment variable: None when unset, else whether it is "1"."""
+    value = os.environ.get(name)
+    return None if value is None else value == "1"
+
 
 # Requests the ingress takes beyond its own bound: to turn them away in JSON, and for
 # /health, /v1/models and /v1/placement while generation requests fill the bound.
@@ -112,6 +123,31 @@ class AppArgs(BaseModel):
     )
     health_check_period_s: float = Field(default=10, gt=0, description="Seconds between replica health checks")
     health_check_timeout_s: float = Field(default=30, gt=0, description="A health check longer than this fails")
+    # Benchmark, dev and test switches. The app reads them here once, where it is built: a field left out
+    # of the YAML defaults from its environment variable there (so a variable set for `serve run` or a
+    # test's Ray still works). Replicas and engines get the values in their bind arguments, never from
+    # their own environment.
+    engine_process: bool | None = Field(
+        default_factory=lambda: _env_flag(ENGINE_PROCESS_ENV),
+        description="true/false: every replica runs its engine in a process of its own / inside itself, "
+        f"whatever its model's `engine_process` says; unset: each model decides (default: env {ENGINE_PROCESS_ENV} "
+        "as 1/0)",
+    )
+    continuous_batching: bool = Field(
+        default_factory=lambda: os.environ.get(CONTINUOUS_ENV) != "0",
+        description="false: no model runs continuous batching (benchmarks compare both; the plan budgets it); "
+        f"true: each model's `continuous_batching` decides (default: false when env {CONTINUOUS_ENV}=0)",
+    )
+    allow_cpu_fallback: bool = Field(
+        default_factory=lambda: os.environ.get(CPU_FALLBACK_ENV) == "1",
+        description="Dev/test only: a GPU-planned model loads on CPU when its replica has no CUDA (the pin is "
+        f"still checked); in production it would hide a broken pin (default: env {CPU_FALLBACK_ENV}=1)",
+    )
+    engine_wrapper: str | None = Field(
+        default_factory=lambda: os.environ.get(ENGINE_WRAPPER_ENV) or None,
+        description="Test only: 'module:callable', importable where the engine runs, that each engine is passed "
+        f"through once built (fault injection; default: env {ENGINE_WRAPPER_ENV})",
+    )
 
     @field_validator("gpus")
     @classmethod
@@ -123,6 +159,20 @@ class AppArgs(BaseModel):
     @property
     def reserve(self) -> Reserve:
         return Reserve(cuda_context_bytes=int(self.reserve_gb * GIB), safety_margin=self.safety_margin)
+
+    @property
+    def engine_options(self) -> EngineOptions:
+        """The switches every replica hands on to its engine (deployments.engine.host.build_engine)."""
+        return EngineOptions(allow_cpu_fallback=self.allow_cpu_fallback, wrapper=self.engine_wrapper)
+
+    def applied(self, spec: ModelSpec) -> ModelSpec:
+        """`spec` with the app's switches that override a model's config (the plan and the replica read them)."""
+        update: dict[str, Any] = {}
+        if not self.continuous_batching:
+            update["continuous_batching"] = False
+        if self.engine_process is not None:
+            update["engine_process"] = self.engine_process
+        return spec.model_copy(update=update) if update else spec
 
     def ingress_settings(self, specs: dict[str, ModelSpec]) -> IngressSettings:
         """Read when the app is built (never at import): the key from args, else from the environment."""
@@ -283,9 +333,7 @@ def plan_app(
 
     configs = load_model_configs(args.models_path)
     model_ids = {role: spec.model for role, spec in configs.models.items()}
-    specs = resolve_demo_models(configs.models)
-    if os.environ.get(CONTINUOUS_ENV) == "0":  # a benchmark's switch, read once here: the plan budgets it
-        specs = {role: spec.model_copy(update={"continuous_batching": False}) for role, spec in specs.items()}
+    specs = {role: args.applied(spec) for role, spec in resolve_demo_models(configs.models).items()}
     inventory = _inventory(args) if inventory is None else inventory
     rules = load_rules(args.rules) if args.rules else None
     plan = plan_or_advise(specs, inventory, rules=rules, reserve=args.reserve)
@@ -323,8 +371,9 @@ def bind_app(args: AppArgs | dict[str, Any], inventory: Inventory | None = None)
         spec_dict = specs[entry.role].model_dump()
         limits = model_limits(specs[entry.role], args)
         # Same bind arguments, same version: a redeploy leaves the replica alone (deployments.versions).
-        deployment = versioned(ModelServer.options(name=entry.role, **options, **limits), entry.role, spec_dict, entry)
-        handles[entry.role] = deployment.bind(entry.role, spec_dict, entry)
+        server = ModelServer.options(name=entry.role, **options, **limits)
+        deployment = versioned(server, entry.role, spec_dict, entry, args.engine_options)
+        handles[entry.role] = deployment.bind(entry.role, spec_dict, entry, args.engine_options)
     summaries = {entry.role: entry_summary(entry, model_ids[entry.role], plan.gpus) for entry in plan.entries}
     gpus = [gpu_summary(usage) for usage in plan.gpus]
     settings = args.ingress_settings(specs)

@@ -26,7 +26,8 @@ from deployments.engine.generation import (
     StreamDelta,
     checked_max_tokens,
 )
-from deployments.engine.process import EngineProcess, engine_process_on
+from deployments.engine.host import EngineOptions
+from deployments.engine.process import EngineProcess
 from deployments.engine.protocol import EngineProtocol
 from deployments.engine.verify import CPU_FALLBACK_ENV, entry_for_this_node, placement_log_line
 from deployments.metrics import ModelMetrics, host_gpu_memory
@@ -64,7 +65,11 @@ MEMORY_REFRESH_S = 1.0
 class ModelServer:
     """One model role. Methods are called through DeploymentHandles (ingress, agent code)."""
 
-    def __init__(self, role: str, spec: ModelSpec | dict[str, Any], entry: PlanEntry):
+    def __init__(
+        self, role: str, spec: ModelSpec | dict[str, Any], entry: PlanEntry, options: EngineOptions | None = None
+    ):
+        """`options`: the app's dev/test switches for the engine (deployments.app.AppArgs), handed on to
+        wherever the engine is built; None: production's (no CPU fallback, no wrapper)."""
         self.role = role
         self.spec = spec if isinstance(spec, ModelSpec) else ModelSpec.model_validate(spec)
         # Per-GPU mode: the slot of the GPU node Ray chose among those the plan allows (else the entry).
@@ -79,15 +84,17 @@ class ModelServer:
         # naming the cause: Serve marks the deployment DEPLOY_FAILED with it, and the app's other
         # models keep serving. By default the engine runs in a child process with a GIL of its own
         # (deployments.engine.process), and this process never imports torch or transformers;
-        # `engine_process: false` (or RAYFIT_ENGINE_PROCESS=0) keeps it in this process.
+        # `engine_process: false` keeps it in this process (the app's `engine_process` switch sets it
+        # for every model, deployments.app.plan_app).
+        options = options or EngineOptions()
         self.engine: EngineProtocol
-        if engine_process_on(self.spec.engine_process):
-            self.engine = EngineProcess(self.spec, entry, role)
+        if self.spec.engine_process:
+            self.engine = EngineProcess(self.spec, entry, role, options)
             self.facts = self.engine.facts
         else:
             from deployments.engine.host import build_engine
 
-            self.engine, self.facts = build_engine(self.spec, entry)
+            self.engine, self.facts = build_engine(self.spec, entry, options)
         self.cpu_fallback = self.facts.cpu_fallback
         load_entry = entry.on_cpu() if self.cpu_fallback else entry
         # Requests the pool takes skip @serve.batch (whose batches run one at a time) and

@@ -29,7 +29,7 @@ from serve_support import wait_until
 
 from deployments.engine.errors import InvalidRequest
 from deployments.engine.generation import GenerationInput, SamplingParams
-from deployments.engine.host import ENGINE_WRAPPER_ENV, build_engine
+from deployments.engine.host import EngineOptions, build_engine
 from deployments.engine.loading import ModelLoadError
 from deployments.engine.orphan_guard import PARENT_GONE
 from deployments.engine.process import EngineProcess, EngineProcessLost
@@ -165,7 +165,7 @@ def test_the_child_exits_when_its_replica_goes(spec: ModelSpec) -> None:
 
 # -- no orphaned engine: the child dies with its replica, even while it loads (deployments.engine.orphan_guard)
 
-# Test-only: the wrapper (RAYFIT_ENGINE_WRAPPER) runs in the child once the model is loaded and before
+# Test-only: the wrapper (EngineOptions.wrapper) runs in the child once the model is loaded and before
 # it reports ready; this one writes its pid to a marker file and blocks forever, a load that never ends.
 _SLOW_LOAD = """
 import os, pathlib, threading
@@ -175,12 +175,13 @@ def never_ready(engine):
     threading.Event().wait()
 """
 
-# A replica-like parent: builds an EngineProcess for the pickled (spec, entry) and waits in the constructor.
+# A replica-like parent: builds an EngineProcess for the pickled (spec, entry, options) and waits in the
+# constructor.
 _REPLICA = """
 import pickle, sys
 from deployments.engine.process import EngineProcess
-spec, entry = pickle.loads(open(sys.argv[1], "rb").read())
-EngineProcess(spec, entry, "orphan")
+spec, entry, options = pickle.loads(open(sys.argv[1], "rb").read())
+EngineProcess(spec, entry, "orphan", options)
 """
 
 
@@ -196,13 +197,13 @@ def test_the_child_dies_at_once_when_its_replica_is_killed(moment: str, spec: Mo
     """kill -9 of the replica while its child still starts (interpreter, imports) or loads: the child goes
     at once, not after the load, when it would first touch the socket (here the load never ends)."""
     (tmp_path / "slow_load.py").write_text(_SLOW_LOAD)
-    (tmp_path / "spec_entry.pkl").write_bytes(pickle.dumps((spec, _entry(spec))))
+    options = EngineOptions(wrapper="slow_load:never_ready")
+    (tmp_path / "spec_entry.pkl").write_bytes(pickle.dumps((spec, _entry(spec), options)))
     marker = tmp_path / "loading"
     repo = Path(__file__).resolve().parent.parent
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(repo), str(tmp_path)]),
-        ENGINE_WRAPPER_ENV: "slow_load:never_ready",
         "RAYFIT_TEST_LOADING_MARKER": str(marker),
     }
     replica = subprocess.Popen([sys.executable, "-c", _REPLICA, str(tmp_path / "spec_entry.pkl")], env=env)

@@ -4,7 +4,7 @@ A GPU-less head (controller, proxy, ingress) and two GPU nodes started as `ray-s
 prints them (tests/ray_nodes.py `add_gpu_node`: CUDA_VISIBLE_DEVICES=<i>, --num-gpus=1, the labels and
 the `rayfit_gpu_mib` resource of a 24 GiB GPU). The app plans from the running cluster (the GPU size
 comes from the node's label) and Ray accounts for every GPU itself. Replicas load on CPU
-(RAYFIT_ALLOW_CPU_FALLBACK=1, inherited from the raylets); where Ray put them (node, GPU ids,
+(the app's allow_cpu_fallback, AppArgs); where Ray put them (node, GPU ids,
 CUDA_VISIBLE_DEVICES) is still checked by each replica and by these tests.
 
 The plan (default size rules: 10 GiB or more takes the last GPU), GPU capacity 22.8 GiB each, every
@@ -42,7 +42,7 @@ from ray_nodes import LocalRayCluster, _ray_cli, local_ray_cluster
 from serve_support import ThreadGroup
 
 from deployments.app import AppArgs, build_app
-from deployments.model import CPU_FALLBACK_ENV, ModelServer
+from deployments.model import ModelServer
 from deployments.ports import free_port
 from placement.estimate import MemoryEstimate
 from placement.gpu_nodes import GPU_LABEL, GPU_MEMORY_RESOURCE
@@ -63,7 +63,6 @@ PENDING_WAIT_S = 5.0
 # A killed node is declared dead in ~3 s instead of Ray's ~15 s; Serve says within 2 s that a
 # replica waits for resources (its default 30 s would outlast the test).
 CLUSTER_ENV = {
-    CPU_FALLBACK_ENV: "1",
     "RAY_health_check_period_ms": "1000",
     "RAY_health_check_failure_threshold": "3",
     "RAY_SERVE_SLOW_STARTUP_WARNING_S": "2",
@@ -124,7 +123,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_text_model_dir: Path) 
             config = _config(tmp_path_factory.mktemp("gpus") / "models.yaml", tiny_text_model_dir)
             http_port = free_port()
             serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port})
-            serve.run(build_app(AppArgs(model_config=str(config))), name=APP, route_prefix="/")
+            serve.run(build_app(AppArgs(model_config=str(config), allow_cpu_fallback=True)), name=APP, route_prefix="/")
             yield Served(nodes, ports, f"http://127.0.0.1:{http_port}")
         finally:
             # No serve.shutdown(): its graceful drain (~4.5 s) tests nothing, and the cluster is killed next.

@@ -5,7 +5,7 @@ declaring one 24 GB GPU and its `gpu_slot_0`, as `ray-start-args` does on a
 one-GPU box. The config pins the "big" model to the worker's node and the
 "small" one to the head's (the `node` field); the app plans from the running
 cluster (`gpu_memory_gb`, since declared GPUs cannot be measured) and serves.
-Replicas load on CPU (RAYFIT_ALLOW_CPU_FALLBACK=1, inherited from the raylets);
+Replicas load on CPU (the app's allow_cpu_fallback, AppArgs);
 the pin itself (node and CUDA_VISIBLE_DEVICES) is still checked.
 
 The worker's CPUs are 0 and the big model asks for 0 CPUs, so the ingress
@@ -31,7 +31,6 @@ from ray import serve
 from ray_nodes import LocalRayCluster, local_ray_cluster
 
 from deployments.app import AppArgs, build_app
-from deployments.model import CPU_FALLBACK_ENV
 from deployments.ports import free_port
 from placement.ray_options import gpu_slot_resource
 
@@ -79,8 +78,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_text_model_dir: Path) 
     from ray._private.authentication.authentication_token_setup import _enable_token_auth
 
     _enable_token_auth()
-    env = {CPU_FALLBACK_ENV: "1", **FAST_NODE_DEATH}
-    with local_ray_cluster(env) as nodes:
+    with local_ray_cluster(FAST_NODE_DEATH) as nodes:
         nodes.start_head(1, {"rayfit-node": "head"}, num_cpus=2)
         worker_port = nodes.add_worker(1, {"rayfit-node": "worker"}, num_cpus=0)
         ray.init(address=nodes.address, log_to_driver=False)
@@ -92,7 +90,11 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_text_model_dir: Path) 
             http_port = free_port()
             # HeadOnly: both nodes share this machine's ports, one proxy only.
             serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port})
-            serve.run(build_app(AppArgs(model_config=str(config), gpu_memory_gb=24)), name=APP, route_prefix="/")
+            serve.run(
+                build_app(AppArgs(model_config=str(config), allow_cpu_fallback=True, gpu_memory_gb=24)),
+                name=APP,
+                route_prefix="/",
+            )
             yield Served(nodes, worker_port, ids["head"], ids["worker"], f"http://127.0.0.1:{http_port}")
         finally:
             # No serve.shutdown(): its graceful drain (~4.5 s) tests nothing, and the cluster is killed next.

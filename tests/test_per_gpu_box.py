@@ -15,8 +15,8 @@ The seed's roles, as tiny models sized to land as the seed's do (default size ru
     buffer_agent   15 GiB, accelerator: RTX-A5000  → box-1   num_gpus 0.679 (15.5 / 22.8)
     summarizer      3 GiB                          → box-0   num_gpus 0.153 (3.5 / 22.8)
 
-so Ray counts 0.832 of 2 GPUs in use. Replicas load on CPU (RAYFIT_ALLOW_CPU_FALLBACK=1, inherited
-from the raylets); where Ray put them is what is checked.
+so Ray counts 0.832 of 2 GPUs in use. Replicas load on CPU (the app's allow_cpu_fallback,
+AppArgs); where Ray put them is what is checked.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from ray import serve
 from ray_nodes import LocalRayCluster, _ray_cli, local_ray_cluster
 
 from deployments.app import AppArgs, build_app
-from deployments.model import CPU_FALLBACK_ENV
 from deployments.ports import free_port
 from placement.gpu_nodes import ACCELERATOR_TYPE_LABEL, GPU_LABEL
 from placement.units import GIB, MIB
@@ -50,7 +49,6 @@ CARD_TYPE = "RTX-A5000"  # Ray's name for it
 CPUS = 6
 MEMORY = 6 * GIB
 OBJECT_STORE = 384 * MIB
-CLUSTER_ENV = {CPU_FALLBACK_ENV: "1"}
 TIMEOUT_S = 120.0
 
 
@@ -85,7 +83,7 @@ def box(tmp_path_factory: pytest.TempPathFactory, tiny_text_model_dir: Path) -> 
     from ray._private.authentication.authentication_token_setup import _enable_token_auth
 
     _enable_token_auth()  # this driver joins a token-auth cluster (as tests/test_gpu_nodes.py does)
-    with local_ray_cluster(CLUSTER_ENV) as nodes:
+    with local_ray_cluster() as nodes:
         started = start_box(nodes)
         assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
         ray.init(address=nodes.address, log_to_driver=False)
@@ -96,7 +94,7 @@ def box(tmp_path_factory: pytest.TempPathFactory, tiny_text_model_dir: Path) -> 
             config = tmp_path_factory.mktemp("box") / "model_configs.yaml"
             config.write_text(yaml.safe_dump(roles))
             serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()})
-            serve.run(build_app(AppArgs(model_config=str(config))), name=APP, route_prefix="/")
+            serve.run(build_app(AppArgs(model_config=str(config), allow_cpu_fallback=True)), name=APP, route_prefix="/")
             yield nodes
         finally:
             ray.shutdown()

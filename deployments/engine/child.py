@@ -217,7 +217,7 @@ def main(fd: int) -> None:
         sys.exit(WIRE_BROKEN)
     role = start.role
     try:
-        engine, facts = build_engine(start.spec, start.entry)
+        engine, facts = build_engine(start.spec, start.entry, start.options)
     except BaseException as exc:
         logger.exception("%s: the engine could not start", role)
         conn.send(StartFailed(_portable(exc)))

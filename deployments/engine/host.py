@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
+from dataclasses import dataclass
 from typing import Any
 
 from deployments.engine.generation import ModelFacts
@@ -20,14 +20,26 @@ from placement.plan import PlanEntry
 
 logger = logging.getLogger("ray.serve")
 
-# "module:callable", importable where the engine runs: the engine is passed through it once built
-# (tests wrap it with fault injection, tests/fault_injection.py). Unset in production.
+# The environment variable that `deployments.app.AppArgs.engine_wrapper` defaults from (read there only).
 ENGINE_WRAPPER_ENV = "RAYFIT_ENGINE_WRAPPER"
 
 
-def build_engine(spec: ModelSpec, entry: PlanEntry) -> tuple[Any, ModelFacts]:
+@dataclass(frozen=True)
+class EngineOptions:
+    """The app's dev/test switches for building an engine (deployments.app.AppArgs, read once there), as
+    the replica hands them on: to `build_engine`, or to its engine process in `messages.Start`."""
+
+    # A GPU-planned model loads on CPU when this process has no CUDA (the pin is still checked). Dev/test
+    # only: in production it would hide a broken pin.
+    allow_cpu_fallback: bool = False
+    # "module:callable", importable where the engine runs: the engine is passed through it once built
+    # (tests wrap it with fault injection, tests/fault_injection.py). None in production.
+    wrapper: str | None = None
+
+
+def build_engine(spec: ModelSpec, entry: PlanEntry, options: EngineOptions = EngineOptions()) -> tuple[Any, ModelFacts]:
     """Check that this process sits where `entry` says, cap its GPU memory at the replica plan's budget,
-    load `spec` as the plan says and build its engine (wrapped by RAYFIT_ENGINE_WRAPPER when set).
+    load `spec` as the plan says and build its engine (wrapped by `options.wrapper` when set).
     Raises PlacementMismatch, ModelLoadError, or PlanContractError (the build differs from the plan)."""
     import torch
 
@@ -39,7 +51,7 @@ def build_engine(spec: ModelSpec, entry: PlanEntry) -> tuple[Any, ModelFacts]:
 
     # Raises PlacementMismatch with the reason (a missing pin names the serve YAML's
     # ray_actor_options); Serve then reports the deployment as failed.
-    entry, cpu_fallback = placed_entry(entry)
+    entry, cpu_fallback = placed_entry(entry, allow_cpu_fallback=options.allow_cpu_fallback)
     if entry.replica is None:
         raise ValueError(f"{entry.role}: plan entry without a replica plan (make plans with placement.planner)")
     plan = entry.replica
@@ -64,16 +76,15 @@ def build_engine(spec: ModelSpec, entry: PlanEntry) -> tuple[Any, ModelFacts]:
         else (),
         cpu_fallback=cpu_fallback,
     )
-    return _wrapped(engine), facts
+    return _wrapped(engine, options.wrapper), facts
 
 
-def _wrapped(engine: Any) -> Any:
-    """`engine` passed through the callable named by RAYFIT_ENGINE_WRAPPER, if set."""
-    target = os.environ.get(ENGINE_WRAPPER_ENV)
+def _wrapped(engine: Any, target: str | None) -> Any:
+    """`engine` passed through the callable `target` names ("module:callable"), if any."""
     if not target:
         return engine
     module, _, name = target.partition(":")
     if not name:
-        raise ValueError(f"{ENGINE_WRAPPER_ENV}={target!r}: expected 'module:callable'")
-    logger.warning("engine wrapped by %s (%s is set; never in production)", target, ENGINE_WRAPPER_ENV)
+        raise ValueError(f"engine wrapper {target!r}: expected 'module:callable'")
+    logger.warning("engine wrapped by %s (the app's engine_wrapper; never in production)", target)
     return getattr(importlib.import_module(module), name)(engine)

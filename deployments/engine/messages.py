@@ -4,7 +4,7 @@ The replica's proxy (deployments.engine.process.EngineProcess) and the child
 (deployments.engine.child) exchange pickled instances of these classes over one socket, and
 nothing else; each side dispatches on the message's type to one explicit engine method.
 
-    start-up   replica → child   Start(spec, entry, role)
+    start-up   replica → child   Start(spec, entry, role, options)
                child → replica   Ready(facts, has_pool) | StartFailed(error)
     requests   replica → child   Generate | Stream | GenerateBatch     (run on the child's event loop)
                                  KvReport | LoadReport | MemoryReport | LastProgress
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deployments.engine.generation import GenerationInput, GenerationOutput, ModelFacts, StreamDelta
+from deployments.engine.host import EngineOptions
 from placement.config import ModelSpec
 from placement.plan import PlanEntry
 
@@ -34,11 +35,13 @@ from placement.plan import PlanEntry
 
 @dataclass(frozen=True)
 class Start:
-    """The replica's first message: what to load, as which role."""
+    """The replica's first message: what to load, as which role, built with which of the app's switches
+    (the child reads them here, never from its environment)."""
 
     spec: ModelSpec
     entry: PlanEntry
     role: str
+    options: EngineOptions = EngineOptions()
 
 
 @dataclass(frozen=True)

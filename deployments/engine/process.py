@@ -51,6 +51,7 @@ from typing import Any
 
 from deployments.engine.errors import RetryableGenerationError
 from deployments.engine.generation import GenerationInput, GenerationOutput, ModelFacts, StreamDelta, joins_pool
+from deployments.engine.host import EngineOptions
 from deployments.engine.messages import (
     Answer,
     Cancel,
@@ -76,19 +77,13 @@ from placement.plan import PlanEntry
 
 logger = logging.getLogger("ray.serve")
 
-# "1" or "0": every replica runs its engine in a child process, or in itself, whatever its spec
-# says (benchmarks, tests); unset, each model's `engine_process` decides.
+# The environment variable that `deployments.app.AppArgs.engine_process` defaults from (read there only):
+# "1" or "0", every replica runs its engine in a child process, or in itself, whatever its spec says.
 ENGINE_PROCESS_ENV = "RAYFIT_ENGINE_PROCESS"
 
 
 class EngineProcessLost(RetryableGenerationError):
     """The engine's process exited: the request was lost (a 503) and Serve's health check replaces the replica."""
-
-
-def engine_process_on(configured: bool) -> bool:
-    """Whether a replica runs its engine apart: RAYFIT_ENGINE_PROCESS when set, else the model's config."""
-    forced = os.environ.get(ENGINE_PROCESS_ENV)
-    return configured if forced is None else forced == "1"
 
 
 class _Inbox:
@@ -102,9 +97,10 @@ class _Inbox:
 class EngineProcess:
     """The engine of one replica, running in a child process; the same calls as `Engine`."""
 
-    def __init__(self, spec: ModelSpec, entry: PlanEntry, role: str):
-        """Start the child and wait until it has loaded the model (minutes for a large one).
-        Raises what the load raised (ModelLoadError), or ModelLoadError if the child died."""
+    def __init__(self, spec: ModelSpec, entry: PlanEntry, role: str, options: EngineOptions | None = None):
+        """Start the child and wait until it has loaded the model (minutes for a large one); `options`
+        reach its `build_engine` in the Start message. Raises what the load raised (ModelLoadError), or
+        ModelLoadError if the child died."""
         ours, theirs = socket.socketpair()
         # The replica's import path (Ray's working_dir, the tests' helpers) for the child too.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
@@ -119,13 +115,14 @@ class EngineProcess:
         self._futures: dict[int, Future[Any]] = {}
         self._inboxes: dict[int, _Inbox] = {}
         self._lost: EngineProcessLost | None = None
-        self.facts, self._pool_on = self._start(spec, entry, role)
+        self.facts, self._pool_on = self._start(Start(spec, entry, role, options or EngineOptions()))
         self.pid = self.process.pid
         threading.Thread(target=self._read, name=f"{role}-engine-reader", daemon=True).start()
 
-    def _start(self, spec: ModelSpec, entry: PlanEntry, role: str) -> tuple[ModelFacts, bool]:
+    def _start(self, start: Start) -> tuple[ModelFacts, bool]:
+        role, spec = start.role, start.spec
         try:
-            self._conn.send(Start(spec, entry, role))
+            self._conn.send(start)
             reply = self._conn.recv()
         except (EOFError, OSError) as exc:
             from deployments.engine.loading import ModelLoadError  # transformers: only on this failure

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 __all__ = ["placement_log_line"]  # the log line format lives with the plan; replicas import it from here too
 
 _GIB = 1024**3
-# Dev/test switch: a GPU-planned replica on a machine without CUDA loads on CPU
+# The environment variable that `deployments.app.AppArgs.allow_cpu_fallback` defaults from (read there
+# only; `placed_entry` gets the value): a GPU-planned replica on a machine without CUDA loads on CPU
 # instead of refusing. Never set in production: there it hides a broken pin.
 CPU_FALLBACK_ENV = "RAYFIT_ALLOW_CPU_FALLBACK"
 
@@ -100,13 +101,13 @@ def check_placement(entry: PlanEntry) -> ActualPlacement:
     return ActualPlacement(cuda_visible_devices=actual_env, device_uuids=uuids, cuda_available=cuda)
 
 
-def placed_entry(entry: PlanEntry) -> tuple[PlanEntry, bool]:
+def placed_entry(entry: PlanEntry, allow_cpu_fallback: bool = False) -> tuple[PlanEntry, bool]:
     """Check that this process sits where `entry` says (check_placement; raises PlacementMismatch) and
     return the entry to load with, and whether it is the CPU fallback's: a GPU plan on a CUDA-less
-    machine loads on CPU only when RAYFIT_ALLOW_CPU_FALLBACK=1, after checking the pin still arrived."""
+    machine loads on CPU only when `allow_cpu_fallback` (dev/test), after checking the pin still arrived."""
     import torch
 
-    if entry.device != "gpu" or torch.cuda.is_available() or os.environ.get(CPU_FALLBACK_ENV) != "1":
+    if entry.device != "gpu" or torch.cuda.is_available() or not allow_cpu_fallback:
         check_placement(entry)
         return entry, False
     # The GPU half of check_placement cannot run without CUDA; the pin can still be checked.
@@ -118,7 +119,8 @@ def placed_entry(entry: PlanEntry) -> tuple[PlanEntry, bool]:
             "options (and its GPU pin) with them instead of merging."
         )
     logger.warning(
-        "%s: planned on %s but CUDA is unavailable; loading on CPU because %s=1 (dev/test only)",
+        "%s: planned on %s but CUDA is unavailable; loading on CPU because the app allows it "
+        "(allow_cpu_fallback, %s=1: dev/test only)",
         entry.role,
         entry.device_label,
         CPU_FALLBACK_ENV,

@@ -18,7 +18,7 @@ from typing import Any
 
 from ray import serve
 
-from deployments.engine.errors import InvalidRequest, RetryableGenerationError
+from deployments.engine.errors import GenerationOutOfMemory, InvalidRequest, RetryableGenerationError
 from deployments.engine.generation import (
     GenerationInput,
     GenerationOutput,
@@ -164,6 +164,16 @@ class ModelServer:
         """The plan's max_tokens cap, also for callers that bypass the protocol layer."""
         checked_max_tokens(request.params.max_tokens, self.plan.max_tokens_cap, self.role)
 
+    def _engine_failure(self, exc: Exception) -> GenerationOutOfMemory:
+        """What the caller gets for an engine failure: an out-of-memory error becomes the retryable 503
+        answer (GenerationOutOfMemory, the memory freed first; an engine process sends it ready-made);
+        any other error is re-raised as it is."""
+        from deployments.engine.memory import out_of_memory_answer
+
+        if (answer := out_of_memory_answer(self.role, exc)) is None:
+            raise exc
+        return answer
+
     def _rejected(self, exc: BaseException, start: float) -> BaseException:
         """A client's bad request: counted `invalid`, logged as one WARNING line, and RETURNED to the
         caller (Serve logs every exception a method raises as an ERROR with its traceback; the
@@ -204,8 +214,6 @@ class ModelServer:
 
     async def _generate_continuous(self, request: GenerationInput) -> GenerationOutput | BaseException:
         """One request through the engine's continuous batcher (joins the running batch)."""
-        from deployments.engine.memory import out_of_memory_answer
-
         # The caller gone (Serve cancels this coroutine): the engine drops the request within
         # a decode step, also while it still waits for a slot.
         try:
@@ -213,16 +221,12 @@ class ModelServer:
         except InvalidRequest as exc:
             return exc
         except Exception as exc:
-            if (answer := out_of_memory_answer(self.role, exc)) is None:
-                raise
-            return answer
+            return self._engine_failure(exc)
         self._last_success = time.monotonic()
         return output
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     async def _generate_batch(self, requests: list[GenerationInput]) -> list[GenerationOutput | BaseException]:
-        from deployments.engine.memory import out_of_memory_answer
-
         try:
             # A thread: generate_batch holds the GIL-releasing forward passes for
             # seconds, and the replica's event loop must keep serving meanwhile.
@@ -233,10 +237,8 @@ class ModelServer:
             if len(requests) == 1:
                 return [exc]
         except Exception as exc:
-            if (answer := out_of_memory_answer(self.role, exc)) is None:
-                raise
             # The batch lost its memory, the weights did not: each request gets a retryable 503.
-            return [answer] * len(requests)
+            return [self._engine_failure(exc)] * len(requests)
         # One bad request must not fail its batch mates: run them one by one.
         results: list[GenerationOutput | BaseException] = []
         for request in requests:
@@ -245,17 +247,13 @@ class ModelServer:
             except InvalidRequest as exc:
                 results.append(exc)
             except Exception as exc:
-                if (answer := out_of_memory_answer(self.role, exc)) is None:
-                    raise
-                results.append(answer)
+                results.append(self._engine_failure(exc))
         return results
 
     async def stream(self, request: GenerationInput) -> AsyncIterator[StreamDelta]:
         """Deltas as the engine produces them (Engine.open_stream: a pooled request's tokens
         come onto this event loop each decode step). Client disconnect → CancelledError → the
         engine stops the request. A bad request is yielded as its InvalidRequest (see `_rejected`)."""
-        from deployments.engine.memory import out_of_memory_answer
-
         start = last = time.perf_counter()
         status, usage = "cancelled", (0, 0)  # stays "cancelled" when the client goes away mid-stream
         deltas: AsyncIterator[StreamDelta] | None = None
@@ -280,8 +278,8 @@ class ModelServer:
             yield exc  # type: ignore[misc]  # the ingress raises it as a 400
         except Exception as exc:
             status = "error"
-            if (answer := out_of_memory_answer(self.role, exc)) is None or answer is exc:
-                raise
+            if (answer := self._engine_failure(exc)) is exc:
+                raise  # the engine process's answer, ready-made
             raise answer from exc
         finally:
             if deltas is not None:
@@ -358,8 +356,6 @@ class ModelServer:
         out-of-memory, or to a batch the batcher restarted, is no reason to
         replace the replica.
         """
-        from deployments.engine.memory import out_of_memory_answer
-
         last_check, self._last_check = self._last_check, time.monotonic()
         # An engine process that died raises here (EngineProcessLost): the check fails, Serve replaces us.
         if max(self._last_success, self.engine.last_progress) > last_check:
@@ -377,7 +373,6 @@ class ModelServer:
             logger.warning("%s: health probe lost to a restarted batch; the replica recovered", self.role)
             return
         except Exception as exc:
-            if out_of_memory_answer(self.role, exc) is None:
-                raise
+            self._engine_failure(exc)  # an out-of-memory: transient, the replica stays; anything else raises
             return
         self._last_success = time.monotonic()

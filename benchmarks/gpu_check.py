@@ -3,7 +3,7 @@ estimate and decode speed on a real GPU, and both MedGemma shapes served side by
 one card by the plan.
 
     .venv/bin/python benchmarks/gpu_check.py                 # one H100/H200, no network, < 8 min (budget)
-    .venv/bin/python benchmarks/gpu_check.py --cpu-smoke     # same steps at tiny sizes on CPU (CI, ~2 min)
+    .venv/bin/python benchmarks/gpu_check.py --cpu-smoke     # same steps at tiny sizes on CPU (CI, ~1.5 min)
     .venv/bin/python benchmarks/gpu_check.py --bandwidth-tbs 3.35 --no-compile --skip-serve
 
 Expected on one H100 (estimates until a GPU run records them; the JSON's `step_seconds` has
@@ -546,6 +546,10 @@ def run_gpu_tests(timeout_s: float, workdir: Path) -> dict[str, Any]:
 # ---- 0b. rayfit next to transformers serve on the same device --------------------------------------
 
 PEER_SHAPE = {"stream": False, "temperature": 0}  # greedy: the peer's default decoding too (bench_peer)
+# rayfit's role: as the demo plans it; the CPU smoke only needs room for c=8 short requests (a 2048 × 16
+# pool is 0.7 GiB of CPU memory to allocate for a step that makes no speed claim).
+PEER_ROLE = {"context_length": 2048, "max_batch_size": 16}
+SMOKE_PEER_ROLE = {"context_length": 256, "max_batch_size": 8}
 
 
 def _start_rayfit(model_dir: Path, workdir: Path, gpu: bool) -> str:
@@ -558,7 +562,7 @@ def _start_rayfit(model_dir: Path, workdir: Path, gpu: bool) -> str:
     from deployments.app import AppArgs, build_app
 
     config = workdir / "peer_models.yaml"
-    role = {"model": str(model_dir), "context_length": 2048, "max_batch_size": 16, "dtype": "bfloat16"}
+    role = {"model": str(model_dir), **(PEER_ROLE if gpu else SMOKE_PEER_ROLE), "dtype": "bfloat16"}
     config.write_text(yaml.safe_dump({"summarizer": role}))
     if gpu:
         ray.init(num_gpus=1, resources={"gpu_slot_0": 1}, include_dashboard=False, log_to_driver=False)
@@ -768,9 +772,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-serve", action="store_true", help="skip step 4 (both models served by Ray + Serve)")
     parser.add_argument("--skip-tests", action="store_true", help="skip step 0 (pytest -m gpu)")
     parser.add_argument("--skip-peer", action="store_true", help="skip step 0b (rayfit vs transformers serve)")
-    parser.add_argument("--peer-max-tokens", type=int, default=None, help="tokens per request (default 64; smoke 8)")
+    parser.add_argument("--peer-max-tokens", type=int, default=None, help="tokens per request (default 64; smoke 4)")
     parser.add_argument("--peer-rounds", type=int, default=None, help="rounds per cell, median (default 3; smoke 1)")
-    parser.add_argument("--peer-requests", type=int, default=2, help="requests per client at c=8 (twice at c=1)")
+    parser.add_argument(
+        "--peer-requests", type=int, default=None, help="requests per client at c=8, twice at c=1 (default 2; smoke 1)"
+    )
     parser.add_argument(
         "--budget-s",
         type=float,
@@ -786,8 +792,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no CUDA device: run on a GPU machine, or pass --cpu-smoke")
     ns.context = ns.context or (64 if smoke else 4096)
     ns.decode_tokens = ns.decode_tokens or (8 if smoke else 64)
-    ns.peer_max_tokens = ns.peer_max_tokens or (8 if smoke else 64)
+    ns.peer_max_tokens = ns.peer_max_tokens or (4 if smoke else 64)
     ns.peer_rounds = ns.peer_rounds or (1 if smoke else 3)
+    ns.peer_requests = ns.peer_requests or (1 if smoke else 2)
+    if smoke:
+        # One torch thread, as each replica has: with two, every op of the tiny shapes waits for a thread
+        # the other busy processes hold (steps 1-3 took 132 s instead of 34 s on 2 loaded cores).
+        torch.set_num_threads(1)
     budget = ns.budget_s if ns.budget_s is not None else (None if smoke else GPU_BUDGET_S)
     device = torch.device("cpu" if smoke else "cuda:0")
     card, bw = card_bandwidth(ns.bandwidth_tbs)

@@ -24,7 +24,7 @@ def test_gpu_check_cpu_smoke(tmp_path: Path) -> None:
         [sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=540,  # ~2.5 min alone on 2 cores: two Ray starts, the peer server, a pytest run
+        timeout=540,  # ~1.5-2.5 min alone on 2 cores: two Ray starts, the peer server, a pytest run
         cwd=REPO_ROOT,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]

@@ -153,7 +153,7 @@ def check_replica(
                 "warning",
                 "fallback",
                 role,
-                f"planned on {plan.device} but runs on CPU (RAYFIT_ALLOW_CPU_FALLBACK)",
+                f"planned on {plan.device} but runs on CPU (the app's allow_cpu_fallback)",
             )
         )
     budget = plan.memory_budget_bytes

@@ -111,6 +111,7 @@ class EngineProcess:
         self._conn = Connection(ours.detach())
         self._send_lock = threading.Lock()
         self._calls_lock = threading.Lock()
+        self._closing = False  # close() was asked: the child's exit is expected, not an error
         self._ids = itertools.count(1)
         self._futures: dict[int, Future[Any]] = {}
         self._inboxes: dict[int, _Inbox] = {}
@@ -253,7 +254,10 @@ class EngineProcess:
             code: int | None = self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             code = None
-        logger.error("the engine process %s exited (code %s); the replica fails its health check", self.pid, code)
+        if self._closing:
+            logger.info("the engine process %s stopped (code %s)", self.pid, code)
+        else:
+            logger.error("the engine process %s exited (code %s); the replica fails its health check", self.pid, code)
         self._fail_all(EngineProcessLost(f"the engine process exited (code {code}); the replica is being replaced"))
 
     def _deliver(self, batch: list[Answer]) -> None:
@@ -298,6 +302,7 @@ class EngineProcess:
 
     def close(self) -> None:
         """Stop the child (it would also exit on its own once this process is gone)."""
+        self._closing = True
         self._conn.close()
         self.process.terminate()
 

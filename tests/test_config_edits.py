@@ -2,10 +2,11 @@
 the edited role restarts.
 
 Real local Ray with two declared GPUs and their gpu_slot resources, real Serve, the tiny text model
-(loaded on CPU: RAYFIT_ALLOW_CPU_FALLBACK=1; each replica still checks its pin). Both deploys are
-the user's command, `python -m deployments.deploy serve_config.yaml`, run as its own process against
-this cluster (a new driver each time, as a user's shell would be). Replica pids come from each
-replica's own report (`ModelServer.placement`).
+(loaded on CPU: RAYFIT_ALLOW_CPU_FALLBACK=1; each replica still checks its pin). The first deploy is
+the command's own `deploy` run from this test's driver; the redeploy after the edit is the user's
+command, `python -m deployments.deploy serve_config.yaml`, run as its own process against this cluster
+(a new driver, as a user's shell would be; a fresh interpreter costs ~25 s on 2 busy cores, so only
+the deploy under test pays it). Replica pids come from each replica's own report (`ModelServer.placement`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ray import serve
 from serve_support import model_config
 from shared_cluster import shared_serve
 
-from deployments.deploy import DeployConfigError, load_serve_config, main
+from deployments.deploy import DeployConfigError, deploy, load_serve_config, main
 
 APP = "rayfit"
 BIG, SMALL = "buffer_agent", "summarizer"
@@ -105,7 +106,7 @@ def test_edited_role_restarts_alone(port: int, tmp_path: Path, tiny_text_model_d
     models = tmp_path / "model_configs.yaml"
     serve_config = _serve_config(tmp_path / "serve_config.yaml", models, port)
     model_config(models, _roles(tiny_text_model_dir, tiny_text_model_dir, small_batch=4))
-    _deploy(serve_config)
+    deploy(load_serve_config(serve_config))  # what the command runs once connected
     first = _reports()
     assert first[SMALL]["model"] == str(tiny_text_model_dir) and first[SMALL]["info"]["max_batch_size"] == 4
     # Each on its planned GPU (the pin reached it; CPU fallback on this box).

@@ -16,6 +16,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # each starting clusters on 2 busy cores that wait ran out once. Every Ray this run starts (ray.init
 # here, `ray start` in subprocesses, which inherit the environment) waits up to 120 s instead.
 os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+# One torch thread per test process, as each replica computes (Ray sets its OMP_NUM_THREADS from
+# num_cpus): two test workers on 2 cores each running torch on 2 threads stall every small op.
+# Measured on tests/test_structured.py under load: 61-65 s with 2 threads, 27-30 s with 1.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_configure(config: pytest.Config) -> None:

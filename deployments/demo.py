@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from deployments.ports import start_serve_on_a_free_port
+from deployments.ports import listening_addresses, start_serve_on_a_free_port
 from placement.placement_document import PlacementDocument, PlannedRole, ReplicaMemory, ReplicaReport
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -146,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     start_ray(ns.verbose)
     try:
         print(f"serving {ns.config} (first run converts the GGUF files once; later runs take seconds) ...")
-        base_url, _ = serve_config(ns.config, ns.port)
+        base_url, port = serve_config(ns.config, ns.port)
         print(f"ready at {base_url}/v1 after {time.perf_counter() - started:.1f} s")
+        # What the OS says, not what was asked: 127.0.0.1 alone means no other machine can reach it.
+        print(f"listening on {', '.join(sorted(listening_addresses(port))) or '(not visible)'} port {port}")
 
         client = OpenAI(base_url=f"{base_url}/v1", api_key="unused")
         print("models:", ", ".join(f"{m.id}" for m in client.models.list().data))

@@ -51,6 +51,16 @@ def listening_pids(port: int) -> set[int]:
     }
 
 
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses a TCP socket listens on at `port` ("127.0.0.1", "0.0.0.0", "::"...):
+    whether a server is reachable from this machine only. Same visibility rule as `listening_pids`."""
+    return {
+        conn.laddr.ip
+        for conn in psutil.net_connections(kind="tcp")
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port
+    }
+
+
 def start_serve_on_a_free_port(host: str = "127.0.0.1", **serve_start: Any) -> int:
     """`serve.start` with its HTTP proxy on a port no other process can take meanwhile; the port.
 

@@ -38,6 +38,9 @@ def test_demo_serves_and_answers() -> None:
     answer = out.split("A (summarizer): ", 1)[1].splitlines()[0].strip()
     assert answer, out
     assert "models: buffer_agent, summarizer" in out
+    # The config names no host but 127.0.0.1: the proxy listens on loopback only, as the OS reports it.
+    listening = out.split("listening on ", 1)[1].splitlines()[0]
+    assert listening.startswith("127.0.0.1 port "), listening
     placement = out.split("Where each model runs", 1)[1]
     for role in ("summarizer", "buffer_agent"):
         assert role in placement

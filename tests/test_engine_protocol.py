@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import get_type_hints
 
 import pytest
 from plans import planned_entry
@@ -21,7 +22,7 @@ from deployments.engine.generation import GenerationInput, SamplingParams
 from deployments.engine.host import build_engine
 from deployments.engine.messages import Report, Request
 from deployments.engine.process import EngineProcess
-from deployments.engine.protocol import EngineProtocol
+from deployments.engine.protocol import EngineProtocol, KvFigures, LoadFigures
 from placement.config import ModelSpec
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
@@ -137,6 +138,12 @@ def test_reports_have_the_same_keys_and_types_from_both(engines: dict[str, Engin
         assert {key: type(value) for key, value in here.items()} == {
             key: type(value) for key, value in there.items()
         }, report
+    # Both keep the declared shape of the fixed reports (deployments.engine.protocol).
+    for report, declared in (("kv_report", KvFigures), ("load_report", LoadFigures)):
+        hints = get_type_hints(declared)
+        for engine in (local, remote):
+            figures = getattr(engine, report)()
+            assert {key: type(value) for key, value in figures.items()} == hints, report
     # The same plan built the same KV either way.
     planned = ("built_bytes", "planned_bytes", "pool_bytes", "pool_sequences", "side_sequences", "context_length")
     assert {key: local.kv_report()[key] for key in planned} == {key: remote.kv_report()[key] for key in planned}

@@ -71,6 +71,7 @@ from deployments.engine.loading import LoadedModel
 from deployments.engine.logprobs import LogprobRecorder, Scored, StreamedLogprobs, TokenTexts
 from deployments.engine.pool import ContinuousBatcher, PoolBackend
 from deployments.engine.prompts import PreparedPrompt, Prompter, eos_token_ids, pad_token_id
+from deployments.engine.protocol import KvFigures, LoadFigures
 from deployments.engine.row_logits import RowFactory
 from deployments.engine.side import SideBackend
 from deployments.engine.text import TextRules
@@ -333,7 +334,7 @@ class Engine:
         pool = self.pool.batcher.last_progress if self.pool is not None else 0.0
         return max(pool, self.side.last_progress)
 
-    def kv_report(self) -> dict[str, Any]:
+    def kv_report(self) -> KvFigures:
         """KV bytes: planned, this engine's worst case over all paths, and what was measured.
 
         `built_bytes` (the worst case) is the pool tensor as allocated plus
@@ -366,7 +367,7 @@ class Engine:
             "kv_sequences": kv["pool_sequences"] + kv["side_sequences"],
         }
 
-    def load_report(self) -> dict[str, int]:
+    def load_report(self) -> LoadFigures:
         """What the engine holds right now: sequence slots in use, live pool requests, batcher restarts."""
         batcher = self.pool.batcher if self.pool is not None else None
         return {

@@ -72,6 +72,7 @@ from deployments.engine.messages import (
     StartFailed,
     Stream,
 )
+from deployments.engine.protocol import KvFigures, LoadFigures
 from placement.config import ModelSpec
 from placement.plan import PlanEntry
 
@@ -226,10 +227,10 @@ class EngineProcess:
     def uses_pool(self, inp: GenerationInput) -> bool:
         return joins_pool(inp, pool_on=self._pool_on)
 
-    def kv_report(self) -> dict[str, Any]:
+    def kv_report(self) -> KvFigures:
         return self._wait(KvReport)
 
-    def load_report(self) -> dict[str, int]:
+    def load_report(self) -> LoadFigures:
         return self._wait(LoadReport)
 
     def memory_report(self) -> dict[str, int | str]:

@@ -10,9 +10,33 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, TypedDict, runtime_checkable
 
 from deployments.engine.generation import GenerationInput, GenerationOutput, StreamDelta
+
+
+class KvFigures(TypedDict):
+    """`kv_report`: the plan's KV bytes against what this engine built and has used."""
+
+    built_bytes: int  # the worst case over all paths: the pool as allocated + the side slots at full context
+    planned_bytes: int  # what the plan budgets; built_bytes must stay at or under it
+    pool_bytes: int
+    pool_sequences: int
+    side_sequences: int
+    side_bytes_worst: int
+    peak_kv_bytes: int  # measured
+    peak_side_bytes: int  # measured
+    context_length: int
+
+
+class LoadFigures(TypedDict):
+    """`load_report`: what the engine holds right now."""
+
+    pool_slots_in_use: int
+    side_slots_in_use: int
+    pool_requests_live: int
+    pool_requests_submitted: int
+    batcher_restarts: int
 
 
 @runtime_checkable
@@ -34,11 +58,11 @@ class EngineProtocol(Protocol):
         """Whether the request joins the continuous batch (the replica then skips its own grouping)."""
         ...
 
-    def kv_report(self) -> dict[str, Any]:
+    def kv_report(self) -> KvFigures:
         """The plan's KV bytes, what was built and the side caches' peak."""
         ...
 
-    def load_report(self) -> dict[str, int]:
+    def load_report(self) -> LoadFigures:
         """What the engine holds now: slots and live requests."""
         ...
 

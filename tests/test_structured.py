@@ -248,6 +248,46 @@ def test_logit_bias_and_min_tokens_shape_the_scores(smollm2) -> None:
     assert penalised.apply(scores)[9] == pytest.approx(-2.0)
 
 
+@pytest.mark.parametrize(
+    "cut", [{"top_k": 1}, {"min_p": 1.0}, {"top_k": 3, "repetition_penalty": 9.0, "logit_bias": ((0, -100.0),)}]
+)
+def test_top_k_and_min_p_choose_among_the_grammars_tokens(smollm2, cut: dict) -> None:
+    """The model's favourite token is one the grammar forbids: cutting to the top tokens before
+    masking would leave no token at all (NaN probabilities, a failed batch); found by the fuzz
+    benchmark with response_format + top_k / min_p."""
+    from deployments.engine.row_logits import BatchRowsProcessor
+
+    tokenizer, _ = smollm2
+    factory = RowFactory(tokenizer, [tokenizer.eos_token_id])
+    rules = RowRules(grammar=response_format_grammar({"type": "json_object"}), **cut)
+    favourite = tokenizer.encode("Hello", add_special_tokens=False)[0]
+    scores = torch.zeros(len(tokenizer))
+    scores[favourite] = 10.0
+    row = factory.row(rules)
+    assert row.matcher.validate_tokens([favourite]) == 0  # JSON cannot start with it
+
+    def chosen(shaped: torch.Tensor) -> int:
+        assert bool(torch.isfinite(shaped).any()), "no token left to sample"
+        return int(shaped.argmax())
+
+    assert row.matcher.validate_tokens([chosen(row.apply(scores))]) == 1
+    batch = BatchRowsProcessor()
+    key = batch.register(factory.row(rules))
+    shaped = batch(torch.stack([scores, scores]), torch.tensor([key, -1], dtype=torch.int32))
+    assert row.matcher.validate_tokens([chosen(shaped[0])]) == 1
+    assert torch.equal(shaped[1], scores)  # the row without rules is untouched
+
+
+def test_the_grammar_wins_when_ignore_eos_leaves_no_token(smollm2) -> None:
+    tokenizer, _ = smollm2
+    eos = tokenizer.eos_token_id
+    rules = RowRules(grammar=response_format_grammar({"type": "json_object"}), ignore_eos=True)
+    row = RowFactory(tokenizer, [eos]).row(rules)
+    row.observe(tokenizer.encode("{}", add_special_tokens=False))  # a whole object: only EOS may follow
+    shaped = row.apply(torch.zeros(len(tokenizer)))
+    assert torch.isfinite(shaped).nonzero().flatten().tolist() == [eos]
+
+
 def test_tool_grammar_rejects_an_unknown_tool_name(smollm2) -> None:
     tokenizer, _ = smollm2
     grammar = tool_call_grammar(tool_specs([WEATHER]), "required", parallel=False)

@@ -149,16 +149,24 @@ class RowLogits:
         """The grammar's allowed next tokens into row `index` of an int32 [rows, words] CPU bitmask."""
         llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, index)
 
-    def apply(self, scores: torch.Tensor, grammar: bool = True) -> torch.Tensor:
+    def apply(self, scores: torch.Tensor, grammar: bool = True, raw: torch.Tensor | None = None) -> torch.Tensor:
         """This row's scores ([vocab], float) after every rule; a new tensor (the same one when
-        the row only records logprobs). `grammar=False`: all but the grammar mask (the caller
-        masks the batch's grammar rows together)."""
+        the row only records logprobs). `grammar=False`: all but the grammar mask, because the
+        caller has already masked the batch's grammar rows together; `raw` is then the model's
+        own scores, which logprobs are of.
+
+        The grammar mask comes first: it says which tokens may follow at all, and `top_k` /
+        `min_p` then choose among those. The other way round, `top_k` could keep only tokens the
+        grammar forbids, leave no finite score, and sampling fails on NaN probabilities. Where the
+        rules still leave nothing (`ignore_eos` or `min_tokens` when the grammar allows only EOS),
+        the grammar wins: the row keeps the grammar's tokens."""
         if self.recorder is not None:
-            self.recorder.record(scores)  # the model's own scores: logprobs are of the raw logits
+            self.recorder.record(scores if raw is None else raw)  # logprobs are of the raw logits
             if not self.rules.active:
                 return scores
+        allowed = self._grammar_mask(scores) if grammar and self.masks_grammar else scores
         rules, vocab = self.rules, scores.size(-1)
-        out = scores.clone()
+        out = allowed.clone()
         if rules.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(self.prompt_ids) | set(self._seen)), dtype=torch.long)
             seen = seen[seen < vocab]
@@ -181,8 +189,8 @@ class RowLogits:
         if rules.min_p > 0:
             # p_i >= min_p · p_max  ⇔  s_i >= s_max + log(min_p)
             out = out.masked_fill(out < out.max() + torch.log(torch.tensor(rules.min_p)), float("-inf"))
-        if grammar and self.masks_grammar:
-            out = self._grammar_mask(out)
+        if not bool(torch.isfinite(out).any()):
+            return allowed.clone()
         return out
 
     def _grammar_mask(self, scores: torch.Tensor) -> torch.Tensor:
@@ -241,16 +249,13 @@ class BatchRowsProcessor(hf_internals.CBLogitsProcessor):
         if all(key < 0 for key in keys):
             return scores
         out = scores.clone()
-        grammar_rows: list[tuple[int, RowLogits]] = []
-        for index, key in enumerate(keys):
-            row = self.rows.get(key)
-            if row is not None:
-                if not row.grammar_only:
-                    out[index] = row.apply(scores[index], grammar=False)
-                if row.masks_grammar:
-                    grammar_rows.append((index, row))
-        if grammar_rows:
+        rows = [(index, row) for index, key in enumerate(keys) if (row := self.rows.get(key)) is not None]
+        grammar_rows = [(index, row) for index, row in rows if row.masks_grammar]
+        if grammar_rows:  # first, as RowLogits.apply does: the other rules choose among allowed tokens
             self._mask_grammar_rows(out, grammar_rows)
+        for index, row in rows:
+            if not row.grammar_only:
+                out[index] = row.apply(out[index], grammar=False, raw=scores[index])
         return out
 
     def _mask_grammar_rows(self, out: torch.Tensor, grammar_rows: list[tuple[int, RowLogits]]) -> None:

@@ -2,6 +2,7 @@
 
     flock /tmp/rayfit-ray.lock .venv/bin/python benchmarks/bench_fuzz.py             # 5,000 bodies
     flock /tmp/rayfit-ray.lock .venv/bin/python benchmarks/bench_fuzz.py --bodies 500 --seed 2
+    .venv/bin/python benchmarks/bench_fuzz.py --replay old/bench_fuzz.json --out /tmp/replayed   # a fix, checked
 
 Serves the offline demo the way `python -m deployments.demo` does (a local Ray, examples/demo's
 serve config and models, on a free port) with one change: each model's `max_tokens_cap` is
@@ -61,12 +62,56 @@ def capped_demo_config(directory: Path, cap: int) -> Path:
     return path
 
 
+class Tally:
+    """Every answer counted by route, kind and status class; the 5xx and the problems kept with their bodies."""
+
+    def __init__(self, url: str):
+        self.client = httpx.Client(base_url=url, timeout=60)
+        self.counts: Counter[tuple[str, str, str]] = Counter()
+        self.problems: list[dict[str, Any]] = []
+        self.server_errors: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+
+    def send(self, case: FuzzCase) -> None:
+        try:
+            response = self.client.post(case.path, content=case.body, headers={"content-type": "application/json"})
+            status, text = response.status_code, response.text
+        except httpx.HTTPError as exc:  # a hang or a dropped connection: a problem, counted as a 5xx
+            status, text = 599, f"{type(exc).__name__}: {exc}"
+        self.counts[(case.route, case.kind, f"{status // 100}xx")] += 1
+        try:
+            found = answer_problems(case, status, text)
+        except Exception as exc:  # a check that cannot read the answer: a problem too, and the run goes on
+            found = [f"answer not checkable: {type(exc).__name__}: {exc}"]
+        record = {
+            "route": case.route,
+            "kind": case.kind,
+            "field": case.field,
+            "status": status,
+            "body": case.body.decode(errors="replace"),
+        }
+        if status >= 500:
+            self.server_errors.append({**record, "answer": text[:2000]})
+        if found:
+            self.problems.append({**record, "problems": found, "answer": text[:600]})
+        done = sum(self.counts.values())
+        if done % 500 == 0:
+            seconds = time.perf_counter() - self.started
+            print(f"{done} bodies, {seconds:.0f} s, {len(self.problems)} problems", flush=True)
+
+    def result(self) -> dict[str, Any]:
+        self.client.close()
+        return {
+            "counts": {"|".join(key): n for key, n in sorted(self.counts.items())},
+            "seconds": round(time.perf_counter() - self.started, 1),
+            "problems": self.problems,
+            "server_errors": self.server_errors,
+        }
+
+
 def run(url: str, bodies: int, seed_value: int, cap: int) -> dict[str, Any]:
-    counts: Counter[tuple[str, str, str]] = Counter()
-    problems: list[dict[str, Any]] = []
-    server_errors: list[dict[str, Any]] = []
-    started = time.perf_counter()
-    client = httpx.Client(base_url=url, timeout=60)
+    """`bodies` fuzzed bodies from the suite's generator, one at a time."""
+    tally = Tally(url)
 
     @seed(seed_value)
     @settings(
@@ -78,35 +123,23 @@ def run(url: str, bodies: int, seed_value: int, cap: int) -> dict[str, Any]:
     )
     @given(fuzz_cases(dict.fromkeys(ROLES, cap), vocab=VOCAB))
     def send(case: FuzzCase) -> None:
-        try:
-            response = client.post(case.path, content=case.body, headers={"content-type": "application/json"})
-            status, text = response.status_code, response.text
-        except httpx.HTTPError as exc:  # a hang or a dropped connection: a problem, counted as a 5xx
-            status, text = 599, f"{type(exc).__name__}: {exc}"
-        counts[(case.route, case.kind, f"{status // 100}xx")] += 1
-        try:
-            found = answer_problems(case, status, text)
-        except Exception as exc:  # a check that cannot read the answer: a problem too, and the run goes on
-            found = [f"answer not checkable: {type(exc).__name__}: {exc}"]
-        record = {"route": case.route, "kind": case.kind, "status": status, "body": case.body.decode(errors="replace")}
-        if status >= 500:
-            server_errors.append({**record, "answer": text[:2000]})
-        if found:
-            problems.append({**record, "problems": found, "answer": text[:600]})
-        done = sum(counts.values())
-        if done % 500 == 0:
-            print(f"{done} bodies, {time.perf_counter() - started:.0f} s, {len(problems)} problems", flush=True)
+        tally.send(case)
 
-    try:
-        send()
-    finally:
-        client.close()
-    return {
-        "counts": {"|".join(key): n for key, n in sorted(counts.items())},
-        "seconds": round(time.perf_counter() - started, 1),
-        "problems": problems,
-        "server_errors": server_errors,
-    }
+    send()
+    return tally.result()
+
+
+def replay(url: str, earlier: Path) -> dict[str, Any]:
+    """The bodies an earlier run found problems with (its bench_fuzz.json), sent again."""
+    tally = Tally(url)
+    for record in json.loads(earlier.read_text())["problems"]:
+        body = record["body"].encode()
+        try:
+            stream = bool(json.loads(body).get("stream"))
+        except (ValueError, AttributeError):  # junk: not a JSON object
+            stream = False
+        tally.send(FuzzCase(record["route"], body, record["kind"], record.get("field"), stream))
+    return tally.result()
 
 
 def table(result: dict[str, Any]) -> list[str]:
@@ -133,10 +166,11 @@ def table(result: dict[str, Any]) -> list[str]:
 
 def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
     total = sum(result["counts"].values())
+    command = f"--replay {args.replay}" if args.replay else f"--bodies {args.bodies} --seed {args.seed}"
     lines = [
         "# Fuzzed bodies against the offline demo",
         "",
-        f"`benchmarks/bench_fuzz.py --bodies {args.bodies} --seed {args.seed} --cap {args.cap}`: {total} bodies "
+        f"`benchmarks/bench_fuzz.py {command} --cap {args.cap}`: {total} bodies "
         f"in {result['seconds']} s, one at a time ({platform.machine()}, {os.cpu_count()} CPUs; "
         f"roles {', '.join(ROLES)}, max_tokens_cap {args.cap}).",
         "",
@@ -167,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="hypothesis seed: the same bodies for the same seed")
     parser.add_argument("--cap", type=int, default=4, help="each model's max_tokens_cap")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--replay", type=Path, help="an earlier run's bench_fuzz.json: send its problem bodies again, and only those"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
@@ -176,8 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory() as directory:
             url, _ = serve_config(capped_demo_config(Path(directory), args.cap), 0)
-            print(f"demo serving at {url}; sending {args.bodies} bodies", flush=True)
-            result = run(url, args.bodies, args.seed, args.cap)
+            if args.replay:
+                print(f"demo serving at {url}; replaying the problem bodies of {args.replay}", flush=True)
+                result = replay(url, args.replay)
+            else:
+                print(f"demo serving at {url}; sending {args.bodies} bodies", flush=True)
+                result = run(url, args.bodies, args.seed, args.cap)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -185,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + report)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_fuzz.md").write_text(report)
-    (args.out / "bench_fuzz.json").write_text(
-        json.dumps({"args": vars(args) | {"out": str(args.out)}, **result}, indent=1)
-    )
+    (args.out / "bench_fuzz.json").write_text(json.dumps({"args": vars(args), **result}, indent=1, default=str))
     return 1 if result["problems"] else 0
 
 

@@ -92,8 +92,8 @@ def hook_step_ms(rows: int, steps: int = 64, repeats: int = 5) -> float:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from deployments.engine.generation import RowRules
     from deployments.engine.row_logits import BatchRowsProcessor, RowFactory
+    from deployments.engine.rules import RowRules
     from deployments.engine.structured import response_format_grammar
 
     torch.set_num_threads(1)  # a replica's one torch thread

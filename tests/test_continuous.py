@@ -271,7 +271,7 @@ def test_a_short_request_is_not_stuck_behind_long_ones(continuous: Engine) -> No
     """No head-of-line blocking: a 2-token request sent while three long ones decode (sampled at the
     OpenAI default temperature, as most clients send) joins the running batch and finishes while
     they are still going, in a small part of their time."""
-    from deployments.engine.generation import RowRules
+    from deployments.engine.rules import RowRules
 
     # ignore_eos: sampled rows that may not stop early, so the counts below are exact whatever is drawn.
     long = SamplingParams(max_tokens=200, temperature=1.0, rules=RowRules(ignore_eos=True))

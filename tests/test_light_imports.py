@@ -19,7 +19,14 @@ HEAVY = ("torch", "transformers")
 
 
 @pytest.mark.parametrize(
-    "module", ["deployments.ingress", "placement.cli", "deployments.engine.process", "deployments.model"]
+    "module",
+    [
+        "deployments.ingress",
+        "placement.cli",
+        "deployments.engine.process",
+        "deployments.model",
+        "deployments.engine.rules",
+    ],
 )
 def test_module_does_not_load_torch_or_transformers(module: str) -> None:
     code = f"import sys, {module}; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"

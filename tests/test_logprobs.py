@@ -15,9 +15,10 @@ from peak_memory import peak_allocated
 from plans import engine_plan
 
 from deployments.engine.core import Engine
-from deployments.engine.generation import GenerationInput, GenerationOutput, RowRules, SamplingParams, TokenLogprob
+from deployments.engine.generation import GenerationInput, GenerationOutput, SamplingParams, TokenLogprob
 from deployments.engine.loading import LoadedModel, load_model
 from deployments.engine.logprobs import LogprobRecorder
+from deployments.engine.rules import RowRules
 from placement.config import ModelSpec
 from placement.demo_models import smollm2_gguf
 from placement.sizing.kv_budget import side_sequence_bytes

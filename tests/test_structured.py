@@ -19,9 +19,10 @@ from peak_memory import peak_allocated
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deployments.engine.errors import BadRequestError
-from deployments.engine.generation import RowRules, StreamDelta
+from deployments.engine.generation import StreamDelta
 from deployments.engine.loading import convert_gguf
 from deployments.engine.row_logits import GenerateRowsProcessor, RowFactory
+from deployments.engine.rules import RowRules
 from deployments.engine.structured import parse_tool_calls, response_format_grammar, tool_call_grammar, tool_specs
 from deployments.engine.tool_formats import ToolFormat
 from deployments.openai_api.protocol import ChatCompletionRequest, ChatStreamConverter, CompletionRequest

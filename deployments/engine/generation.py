@@ -7,27 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.engine.errors import InvalidRequest
-
-
-@dataclass(frozen=True)
-class RowRules:
-    """What one request asks of its logits beyond temperature and top-p, all optional
-    (`active`: any is set). deployments.engine.row_logits applies them in both backends."""
-
-    grammar: str | None = None  # an llguidance grammar (deployments.engine.structured builds it)
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    top_k: int = 0
-    min_p: float = 0.0
-
-    @property
-    def active(self) -> bool:
-        return self != RowRules()
-
+from deployments.engine.rules import RowRules
 
 # max_tokens when a request names none: OpenAI's is "until the context ends"; a bounded default keeps one
 # forgotten `max_tokens` from holding a replica.
@@ -48,9 +28,11 @@ def checked_max_tokens(max_tokens: int | None, cap: int | None, model: str) -> i
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding settings: the one value both generation backends
-    (deployments.engine.pool and .side) read them from. A new setting is a
-    field here plus its translation in each backend (`pool.sampling_kwargs`,
-    `side.generation_config`)."""
+    (deployments.engine.pool and .side) read them from. Temperature, top-p and the
+    seed are transformers' own settings, translated by each backend
+    (`pool.sampling_kwargs`, `side.generation_config`); every other rule on the
+    logits is a `RowRules` field (deployments.engine.rules), applied the same way
+    in both."""
 
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 1.0  # 0 → greedy

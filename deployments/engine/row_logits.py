@@ -1,10 +1,10 @@
-"""Per-request logits processing: grammars, penalties, logit bias, EOS rules.
+"""Per-request logits processing: grammars, then the request's other rules.
 
 One `RowLogits` follows one request while it decodes. Before each sampling
 step it sees the tokens generated so far (`observe`) and edits that row's
-scores (`apply`): a grammar mask (llguidance; the output then always parses),
-`logit_bias`, presence / frequency / repetition penalties, `min_tokens` and
-`ignore_eos` (EOS masked), `top_k` and `min_p`. A row that asks for logprobs
+scores (`apply`): a grammar mask first (llguidance; the output then always
+parses), then the rules of deployments.engine.rules (penalties, `logit_bias`,
+`min_tokens` / `ignore_eos`, `top_k`, `min_p`). A row that asks for logprobs
 also hands its raw scores, before any of these edits, to its
 `LogprobRecorder` (deployments.engine.logprobs).
 
@@ -31,7 +31,7 @@ import llguidance.torch
 import torch
 from transformers import LogitsProcessor
 
-from deployments.engine.generation import RowRules
+from deployments.engine.rules import RowHistory, RowRules, apply_rules
 from placement import hf_internals
 
 # The key every continuous-batching request carries (-1: nothing to do for this row).
@@ -115,19 +115,16 @@ class RowLogits:
 
     rules: RowRules
     eos_token_ids: tuple[int, ...]
-    prompt_ids: tuple[int, ...] = ()
+    history: RowHistory = field(default_factory=RowHistory)
     matcher: Any = None
     recorder: Any = None  # a LogprobRecorder when the request asks for logprobs
-    _seen: list[int] = field(default_factory=list)
-    _counts: dict[int, int] = field(default_factory=dict)
 
     def observe(self, generated: Sequence[int]) -> None:
         """Take in the tokens generated since the last call (`generated` is all of them so far)."""
         if self.recorder is not None:
             self.recorder.observe(generated)
-        for token in generated[len(self._seen) :]:
-            self._seen.append(int(token))
-            self._counts[int(token)] = self._counts.get(int(token), 0) + 1
+        for token in generated[len(self.history.generated) :]:
+            self.history.add(int(token))
             if self.matcher is not None and not self.matcher.is_stopped():
                 self.matcher.consume_token(int(token))
 
@@ -165,30 +162,7 @@ class RowLogits:
             if not self.rules.active:
                 return scores
         allowed = self._grammar_mask(scores) if grammar and self.masks_grammar else scores
-        rules, vocab = self.rules, scores.size(-1)
-        out = allowed.clone()
-        if rules.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(self.prompt_ids) | set(self._seen)), dtype=torch.long)
-            seen = seen[seen < vocab]
-            picked = out[seen]
-            out[seen] = torch.where(picked > 0, picked / rules.repetition_penalty, picked * rules.repetition_penalty)
-        if self._counts and (rules.presence_penalty or rules.frequency_penalty):
-            ids = torch.tensor(list(self._counts), dtype=torch.long)
-            counts = torch.tensor(list(self._counts.values()), dtype=out.dtype)
-            keep = ids < vocab
-            out[ids[keep]] -= rules.presence_penalty + rules.frequency_penalty * counts[keep]
-        for token, bias in rules.logit_bias:
-            if token < vocab:
-                out[token] += bias
-        if rules.ignore_eos or len(self._seen) < rules.min_tokens:
-            eos = [t for t in self.eos_token_ids if t < vocab]
-            out[eos] = float("-inf")
-        if rules.top_k > 0 and rules.top_k < vocab:
-            threshold = torch.topk(out, rules.top_k).values[-1]
-            out = out.masked_fill(out < threshold, float("-inf"))
-        if rules.min_p > 0:
-            # p_i >= min_p · p_max  ⇔  s_i >= s_max + log(min_p)
-            out = out.masked_fill(out < out.max() + torch.log(torch.tensor(rules.min_p)), float("-inf"))
+        out = apply_rules(self.rules, allowed, self.history, self.eos_token_ids)
         if not bool(torch.isfinite(out).any()):
             return allowed.clone()
         return out
@@ -314,4 +288,4 @@ class RowFactory:
         if not rules.active and recorder is None:
             return None
         matcher = self.grammars.matcher(rules.grammar) if rules.grammar else None
-        return RowLogits(rules, self.eos_token_ids, tuple(prompt_ids), matcher, recorder)
+        return RowLogits(rules, self.eos_token_ids, RowHistory(tuple(prompt_ids)), matcher, recorder)

@@ -34,13 +34,13 @@ from deployments.engine.errors import BadRequestError, InvalidRequest, validatio
 from deployments.engine.generation import (
     GenerationInput,
     GenerationOutput,
-    RowRules,
     SamplingParams,
     StreamDelta,
     ToolRequest,
     checked_max_tokens,
 )
 from deployments.engine.images import check_image_url
+from deployments.engine.rules import RowRules
 from deployments.engine.structured import (
     ToolCall,
     ToolCallHoldBack,

@@ -40,9 +40,6 @@ logger = logging.getLogger("ray.serve")
 
 __all__ = ["CPU_FALLBACK_ENV", "ModelServer"]  # the CPU fallback's switch lives with the placement check
 
-# Requests arriving within this window join one batch: long enough to gather
-# concurrent requests, short enough to be invisible next to a forward pass.
-BATCH_WAIT_TIMEOUT_S = 0.01
 # Requests one replica holds at once (Serve's max_ongoing_requests below).
 MAX_ONGOING_REQUESTS = 32
 # check_health generates one token with this; a wedged device or engine never
@@ -58,7 +55,7 @@ MEMORY_REFRESH_S = 1.0
 
 @serve.deployment(
     # Batching needs several requests in flight per replica; the engine bounds
-    # the real concurrency (max_batch_size) below.
+    # the real concurrency (the plan's batch_sequences).
     max_ongoing_requests=MAX_ONGOING_REQUESTS,
     health_check_period_s=10,
 )
@@ -97,12 +94,10 @@ class ModelServer:
             self.engine, self.facts = build_engine(self.spec, entry, options)
         self.cpu_fallback = self.facts.cpu_fallback
         load_entry = entry.on_cpu() if self.cpu_fallback else entry
-        # Requests the pool takes skip @serve.batch (whose batches run one at a time) and
-        # wait on the event loop; a thread here only while one waits for a free sequence slot.
+        # A request waits on the event loop; a thread here only while one waits for a free sequence slot.
         self._continuous_pool = ThreadPoolExecutor(max_workers=MAX_ONGOING_REQUESTS, thread_name_prefix=role)
         self._probes = 0  # one-token health probes run (they are requests to the engine too)
         self._last_success = self._last_check = 0.0  # monotonic times: last finished generation, last health check
-        self._generate_batch.set_max_batch_size(self.plan.batch_sequences)
         import ray
 
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -183,8 +178,7 @@ class ModelServer:
         return exc
 
     async def generate(self, request: GenerationInput) -> GenerationOutput | BaseException:
-        """One request; concurrent calls are batched into one engine call. A bad request comes back
-        as its InvalidRequest (returned, not raised)."""
+        """One request. A bad request comes back as its InvalidRequest (returned, not raised)."""
 
         start = time.perf_counter()
         try:
@@ -192,10 +186,7 @@ class ModelServer:
         except InvalidRequest as exc:
             return self._rejected(exc, start)
         try:
-            if self.engine.uses_pool(request):
-                result = await self._generate_continuous(request)
-            else:
-                result = await self._generate_batch(request)
+            result = await self._generate(request)
         except asyncio.CancelledError:
             self.metrics.request_done("cancelled", time.perf_counter() - start)
             raise
@@ -212,10 +203,11 @@ class ModelServer:
         self._refresh_memory_soon()
         return result
 
-    async def _generate_continuous(self, request: GenerationInput) -> GenerationOutput | BaseException:
-        """One request through the engine's continuous batcher (joins the running batch)."""
-        # The caller gone (Serve cancels this coroutine): the engine drops the request within
-        # a decode step, also while it still waits for a slot.
+    async def _generate(self, request: GenerationInput) -> GenerationOutput | BaseException:
+        """One request through the engine, which decides how it runs: it joins the running batch, or a
+        batch of side requests that arrive with it (deployments.engine.side_batches). The caller gone
+        (Serve cancels this coroutine): the engine drops the request within a decode step, also while
+        it still waits for a slot."""
         try:
             output = await self.engine.generate_async(request, self._continuous_pool)
         except InvalidRequest as exc:
@@ -224,31 +216,6 @@ class ModelServer:
             return self._engine_failure(exc)
         self._last_success = time.monotonic()
         return output
-
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
-    async def _generate_batch(self, requests: list[GenerationInput]) -> list[GenerationOutput | BaseException]:
-        try:
-            # A thread: generate_batch holds the GIL-releasing forward passes for
-            # seconds, and the replica's event loop must keep serving meanwhile.
-            outputs = list(await asyncio.to_thread(self.engine.generate_batch, requests))
-            self._last_success = time.monotonic()
-            return outputs
-        except InvalidRequest as exc:
-            if len(requests) == 1:
-                return [exc]
-        except Exception as exc:
-            # The batch lost its memory, the weights did not: each request gets a retryable 503.
-            return [self._engine_failure(exc)] * len(requests)
-        # One bad request must not fail its batch mates: run them one by one.
-        results: list[GenerationOutput | BaseException] = []
-        for request in requests:
-            try:
-                results.extend(await asyncio.to_thread(self.engine.generate_batch, [request]))
-            except InvalidRequest as exc:
-                results.append(exc)
-            except Exception as exc:
-                results.append(self._engine_failure(exc))
-        return results
 
     async def stream(self, request: GenerationInput) -> AsyncIterator[StreamDelta]:
         """Deltas as the engine produces them (Engine.open_stream: a pooled request's tokens

@@ -74,6 +74,7 @@ from deployments.engine.prompts import PreparedPrompt, Prompter, eos_token_ids, 
 from deployments.engine.protocol import KvFigures, LoadFigures
 from deployments.engine.row_logits import RowFactory
 from deployments.engine.side import SideBackend
+from deployments.engine.side_batches import SideBatches
 from deployments.engine.text import TextRules
 from deployments.engine.tool_formats import ToolFormat
 from deployments.engine.verify import memory_report
@@ -139,6 +140,8 @@ class Engine:
             ledger=self.kv_ledger,
             rows=self.rows,
         )
+        # Side requests that arrive together run as one batch, up to the plan's batch size.
+        self.side_batches = SideBatches(self.generate_batch, plan.batch_sequences)
         # Token texts for logprobs, and the bytes logprob requests hold (as the plan states them).
         self.texts = TokenTexts(lambda: self.rows.grammars.ll_tokenizer, loaded.tokenizer)
         pool_rows = self.kv_budget.pool.sequences if self.kv_budget.pool else 0
@@ -262,17 +265,12 @@ class Engine:
 
     async def generate_async(self, inp: GenerationInput, executor: Executor | None = None) -> GenerationOutput:
         """One request for a caller on an event loop. A pooled one waits on the loop for its
-        answer; anything else (side backend, prompt scoring) runs `generate_batch` on `executor`.
-        Cancelling the caller withdraws the request within a step."""
-        loop = asyncio.get_running_loop()
+        answer; anything else (side backend, prompt scoring) runs in one `generate_batch` call with
+        the side requests that arrive with it (SideBatches). Cancelling the caller withdraws the
+        request within a step."""
         scores_prompt = inp.echo and inp.prompt_logprobs is not None
         if not self.uses_pool(inp) or scores_prompt or inp.params.max_tokens < 1:
-            cancel = threading.Event()
-            try:
-                return (await loop.run_in_executor(executor, self.generate_batch, [inp], cancel))[0]
-            except asyncio.CancelledError:
-                cancel.set()
-                raise
+            return await self.side_batches.generate(inp)
         prompt, params = await asyncio.to_thread(self._prepared, inp)
         assert self.pool is not None
         recorder = LogprobRecorder(params.logprobs) if params.logprobs is not None else None

@@ -77,7 +77,6 @@ def test_the_child_answers_as_the_engine_in_this_process_does(remote: EngineProc
     assert whole == expected and streamed == expected and batched == expected
     assert any(expected), "the tiny model generated nothing to compare"
     assert dataclasses.replace(remote.facts, load_seconds=0) == dataclasses.replace(facts, load_seconds=0)
-    assert remote.uses_pool(requests[0])
 
 
 def test_a_bad_request_is_the_callers_error_before_any_delta(remote: EngineProcess) -> None:

@@ -247,7 +247,7 @@ def test_malformed_body_is_400_in_openai_shape(base_url: str, body: Any) -> None
 
 
 def test_concurrent_requests_all_answered(client: openai.OpenAI) -> None:
-    """Several requests at once go through @serve.batch; each gets its own answer."""
+    """Several requests at once are batched by the engine; each gets its own answer."""
     prompts = ["alpha", "beta beta", "gamma gamma gamma", "delta"]
 
     def ask(prompt: str) -> str:

@@ -226,7 +226,7 @@ def main(fd: int) -> None:
     # live as long as the process, so later collections need not scan them.
     gc.collect()
     gc.freeze()
-    conn.send(Ready(facts, has_pool=getattr(engine, "pool", None) is not None))
+    conn.send(Ready(facts))
     logger.info("%s: engine serving in process %d", role, os.getpid())
     asyncio.run(_EngineServer(conn, engine, role).run())
 

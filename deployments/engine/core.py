@@ -1,12 +1,12 @@
 """The in-process engine: requests in, text out, on one loaded model.
 
 No Ray and no HTTP here; the Serve deployment (deployments.model) wraps an
-`Engine` and calls only its interface:
+`Engine` and calls only its face (deployments.engine.protocol):
 
+- `generate_async(inp)` / `open_stream(inp)`: one request from an event loop,
+  whole or as deltas; the engine decides where it runs (below);
 - `generate_batch(inputs, cancel)`: whole answers, in input order;
 - `stream(inp, cancel)`: deltas, the last with finish_reason and usage;
-- `uses_pool(inp)`: whether a request joins the running batch (the server
-  then skips its own `@serve.batch` grouping for it);
 - `prepare` / `count_tokens` / `count_prompt_tokens`: validation and counting;
 - `kv_report()`, `load_report()`, `memory_report()`, `last_progress`: KV
   bytes, what is held now, the model's memory with its KV bytes, liveness;
@@ -20,9 +20,10 @@ The modules, one concern each:
 - `side`: the classic `model.generate` backend (seeded and image requests);
 - `kv`: sequence slots (KV admission) and the KV ledger (measured bytes).
 
-Routes (decided here): text requests without a seed, greedy or sampled,
-streamed or not, join the pool. Seeded and image requests take the side
-backend, and so does everything when continuous batching is off. Per-request
+Routes (decided here, `uses_pool`): text requests without a seed, greedy or
+sampled, streamed or not, join the pool. Seeded and image requests take the side
+backend, and so does everything when continuous batching is off; whole side
+requests that arrive together run as one batch (deployments.engine.side_batches). Per-request
 sampling settings reach both backends as one `SamplingParams`.
 
 Cancellation: `generate_batch(..., cancel)` and `stream(..., cancel)` stop

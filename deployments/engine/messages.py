@@ -5,7 +5,7 @@ The replica's proxy (deployments.engine.process.EngineProcess) and the child
 nothing else; each side dispatches on the message's type to one explicit engine method.
 
     start-up   replica → child   Start(spec, entry, role, options)
-               child → replica   Ready(facts, has_pool) | StartFailed(error)
+               child → replica   Ready(facts) | StartFailed(error)
     requests   replica → child   Generate | Stream | GenerateBatch     (run on the child's event loop)
                                  KvReport | LoadReport | MemoryReport | LastProgress
                                                                       (a `Report`: cheap, answered at once
@@ -46,10 +46,9 @@ class Start:
 
 @dataclass(frozen=True)
 class Ready:
-    """The child built its engine; `has_pool`: requests may join its continuous batch."""
+    """The child built its engine and serves."""
 
     facts: ModelFacts
-    has_pool: bool
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ Measured on the CPU demo: BENCHMARKS.md, "Latest runs".
 `EngineProcess` starts `python -m deployments.engine.orphan_guard <pid> deployments.engine.child`
 (the child: it loads the model and runs the engine, deployments.engine.child) on one end of
 a socket pair, and offers what deployments.model calls on an engine:
-generate_async, open_stream, generate_batch, uses_pool, kv_report,
+generate_async, open_stream, generate_batch, kv_report,
 load_report, memory_report, last_progress. This module imports neither torch
 nor transformers: the replica does not need them to forward requests.
 
@@ -50,7 +50,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from deployments.engine.errors import RetryableGenerationError
-from deployments.engine.generation import GenerationInput, GenerationOutput, ModelFacts, StreamDelta, joins_pool
+from deployments.engine.generation import GenerationInput, GenerationOutput, ModelFacts, StreamDelta
 from deployments.engine.host import EngineOptions
 from deployments.engine.messages import (
     Answer,
@@ -117,11 +117,11 @@ class EngineProcess:
         self._futures: dict[int, Future[Any]] = {}
         self._inboxes: dict[int, _Inbox] = {}
         self._lost: EngineProcessLost | None = None
-        self.facts, self._pool_on = self._start(Start(spec, entry, role, options or EngineOptions()))
+        self.facts = self._start(Start(spec, entry, role, options or EngineOptions()))
         self.pid = self.process.pid
         threading.Thread(target=self._read, name=f"{role}-engine-reader", daemon=True).start()
 
-    def _start(self, start: Start) -> tuple[ModelFacts, bool]:
+    def _start(self, start: Start) -> ModelFacts:
         role, spec = start.role, start.spec
         try:
             self._conn.send(start)
@@ -135,8 +135,8 @@ class EngineProcess:
                 "its log is in this replica's log"
             ) from exc
         match reply:
-            case Ready(facts=facts, has_pool=has_pool):
-                return facts, has_pool
+            case Ready(facts=facts):
+                return facts
             case StartFailed(error=error):
                 self.process.wait()
                 raise error
@@ -223,9 +223,6 @@ class EngineProcess:
     def generate_batch(self, inputs: Sequence[GenerationInput]) -> list[GenerationOutput]:
         batch = tuple(inputs)
         return self._wait(lambda call_id: GenerateBatch(call_id, batch))
-
-    def uses_pool(self, inp: GenerationInput) -> bool:
-        return joins_pool(inp, pool_on=self._pool_on)
 
     def kv_report(self) -> KvFigures:
         return self._wait(KvReport)

@@ -51,11 +51,8 @@ class EngineProtocol(Protocol):
         ...
 
     def generate_batch(self, inputs: Sequence[GenerationInput]) -> list[GenerationOutput]:
-        """Whole answers in input order (the replica's `@serve.batch` path)."""
-        ...
-
-    def uses_pool(self, inp: GenerationInput) -> bool:
-        """Whether the request joins the continuous batch (the replica then skips its own grouping)."""
+        """Whole answers in input order, decoded together (the health probe's call; `generate_async`
+        batches side requests through it)."""
         ...
 
     def kv_report(self) -> KvFigures:

@@ -7,6 +7,7 @@ short. No Ray here."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -128,6 +129,25 @@ def test_cancelling_a_generate_midway_frees_its_slot(engine: EngineProtocol) -> 
 
     asyncio.run(cancel_once_batched())
     wait_until(lambda: _idle(engine), 10, "the cancelled request gives its slot back", interval_s=0.01)
+
+
+def test_cancelling_a_side_request_midway_stops_its_batch_and_frees_its_slot(engine: EngineProtocol) -> None:
+    """A seeded request runs on the side backend, in a batch of side requests (engine.side_batches):
+    its caller gone, the batch (it alone) stops and its side slot comes back."""
+    seeded = GenerationInput(params=dataclasses.replace(LONG, temperature=0.7, seed=1), prompt="Far away")
+
+    async def cancel_once_decoding() -> None:
+        task = asyncio.create_task(engine.generate_async(seeded))
+        deadline = time.monotonic() + 30
+        while (await asyncio.to_thread(engine.load_report))["side_slots_in_use"] == 0:
+            assert time.monotonic() < deadline and not task.done(), "the request never took its side slot"
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_once_decoding())
+    wait_until(lambda: _idle(engine), 10, "the cancelled side request gives its slot back", interval_s=0.01)
 
 
 def test_reports_have_the_same_keys_and_types_from_both(engines: dict[str, EngineProtocol]) -> None:

@@ -21,6 +21,7 @@ from deployments.engine.core import Engine
 from deployments.engine.errors import InvalidRequest
 from deployments.engine.generation import GenerationInput, GenerationOutput, SamplingParams
 from deployments.engine.loading import load_model
+from deployments.engine.rules import RowRules
 from deployments.engine.side_batches import SideBatches
 from placement.config import ModelSpec
 
@@ -29,27 +30,71 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0)
 BOUND_S = 60.0
 
 
-def test_concurrent_side_requests_run_as_one_batch_on_a_real_engine(tiny_text_model_dir: Path) -> None:
-    spec = ModelSpec(model=str(tiny_text_model_dir), dtype="float32")
-    engine = Engine(load_model(spec, engine_plan(spec)), engine_plan(spec, continuous_batching=False, max_batch_size=3))
+class RecordedEngine:
+    """A real engine with continuous batching off (every request on the side backend, batched by its
+    SideBatches), whose batch calls are recorded: each batch's size and how it ended."""
+
+    def __init__(self, model_dir: Path, batch: int):
+        spec = ModelSpec(model=str(model_dir), dtype="float32")
+        plan = engine_plan(spec, continuous_batching=False, max_batch_size=batch)
+        self.engine = Engine(load_model(spec, engine_plan(spec)), plan)
+        self.batches: list[int] = []
+        self.endings: list[str] = []  # "answered", or the exception's class name
+        run = self.engine.side_batches._run_batch
+
+        def recorded(inputs: Sequence[GenerationInput], cancel: threading.Event) -> list[GenerationOutput]:
+            self.batches.append(len(inputs))
+            try:
+                outputs = run(inputs, cancel)
+            except BaseException as exc:
+                self.endings.append(type(exc).__name__)
+                raise
+            self.endings.append("answered")
+            return outputs
+
+        self.engine.side_batches._run_batch = recorded
+
+
+@pytest.fixture(scope="module")
+def recorded(tiny_text_model_dir: Path) -> RecordedEngine:
+    return RecordedEngine(tiny_text_model_dir, batch=3)
+
+
+def test_concurrent_side_requests_run_as_one_batch_on_a_real_engine(recorded: RecordedEngine) -> None:
+    engine = recorded.engine
     assert engine.pool is None and engine.side_batches.size == 3  # the plan's batch size
-    batches: list[int] = []
-    run = engine.side_batches._run_batch
-
-    def recorded(inputs: Sequence[GenerationInput], cancel: threading.Event) -> list[GenerationOutput]:
-        batches.append(len(inputs))
-        return run(inputs, cancel)
-
-    engine.side_batches._run_batch = recorded
     prompts = ["Ray", "a dog", "three foxes", "zebra"]
     alone = [engine.generate_batch([GenerationInput(params=GREEDY, prompt=p)])[0] for p in prompts]
+    recorded.batches.clear()
 
     async def together() -> list[GenerationOutput]:
         calls = [engine.generate_async(GenerationInput(params=GREEDY, prompt=p)) for p in prompts]
         return await asyncio.wait_for(asyncio.gather(*calls), BOUND_S)
 
     assert asyncio.run(together()) == alone  # each its own answer, as if it ran alone
-    assert batches == [3, 1]  # the plan's 3 together, the fourth after them
+    assert recorded.batches == [3, 1]  # the plan's 3 together, the fourth after them
+
+
+def test_a_side_batch_whose_caller_left_stops_decoding(recorded: RecordedEngine) -> None:
+    """Its one caller gone, the batch stops within a step (RequestCancelled inside the batch call)
+    rather than decode its 240 tokens (~0.5 s here) for nobody, and its side slot comes back."""
+    engine = recorded.engine
+    endless = SamplingParams(max_tokens=240, temperature=0, rules=RowRules(ignore_eos=True))
+    recorded.endings.clear()
+
+    async def leave_once_decoding() -> None:
+        task = asyncio.create_task(engine.generate_async(GenerationInput(params=endless, prompt="Far")))
+        deadline = asyncio.get_running_loop().time() + BOUND_S
+        while engine.load_report()["side_slots_in_use"] == 0:
+            assert asyncio.get_running_loop().time() < deadline and not task.done(), "never took its slot"
+            await asyncio.sleep(0.002)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(leave_once_decoding())
+    assert recorded.endings == ["RequestCancelled"], recorded.endings
+    assert engine.load_report()["side_slots_in_use"] == 0
 
 
 def _output(text: str) -> GenerationOutput:

@@ -103,7 +103,8 @@ def _output(text: str) -> GenerationOutput:
 
 class Recorder:
     """A batch function: echoes each prompt, records every batch, raises on a prompt "bad" (a bad
-    request) or "boom" (the batch fails), and holds a batch while `hold` is clear."""
+    request) or "boom" (the batch fails), answers one short on "short", and holds a batch while
+    `hold` is clear."""
 
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
@@ -129,6 +130,8 @@ class Recorder:
                 raise RuntimeError("the batch lost its memory")
             if "bad" in prompts:
                 raise InvalidRequest("prompt 'bad' is refused")
+            if "short" in prompts:  # a broken batch function: one answer missing
+                return [_output(p.upper()) for p in prompts[1:]]
             return [_output(p.upper()) for p in prompts]
         finally:
             with self._lock:
@@ -165,6 +168,13 @@ def test_a_failed_batch_is_every_requests_error() -> None:
     answers = asyncio.run(_answers(SideBatches(recorder, size=2), ["a", "boom"]))
     assert all(isinstance(a, RuntimeError) and "lost its memory" in str(a) for a in answers), answers
     assert recorder.batches == [["a", "boom"]]  # not retried: the error is not one request's
+
+
+def test_a_batch_that_ends_without_answers_leaves_no_caller_waiting() -> None:
+    recorder = Recorder()
+    answers = asyncio.run(_answers(SideBatches(recorder, size=3), ["a", "short", "c"]))
+    # An error each, within the bound; nobody gets another request's answer.
+    assert all(isinstance(a, RuntimeError) and "2 answers for 3 requests" in str(a) for a in answers), answers
 
 
 @pytest.mark.parametrize("leaving", [["a"], ["a", "b"]])

@@ -69,12 +69,18 @@ class SideBatches:
                 # The batch runs as a task of its own, which releases the turn when it ends, so that a
                 # caller who goes away neither orphans its mates' answers nor lets a second batch start.
                 running = asyncio.create_task(self._next_batch())
-                running.add_done_callback(lambda _: self._turn.release())  # type: ignore[union-attr]
+                running.add_done_callback(self._batch_done)
                 await asyncio.shield(running)
             return await waiter.answer
         except asyncio.CancelledError:
             self._leave(waiter)
             raise
+
+    def _batch_done(self, running: asyncio.Task[None]) -> None:
+        assert self._turn is not None
+        self._turn.release()
+        if not running.cancelled():
+            running.exception()  # read here too: its callers have it as their answer, even if they left
 
     def _leave(self, waiter: _Waiter) -> None:
         """The caller went away: out of the queue, or out of its running batch (stopped once all have left)."""
@@ -95,22 +101,35 @@ class SideBatches:
         batch, self._waiting = self._waiting[: self.size], self._waiting[self.size :]
         if len(self._waiting) < self.size:
             self._full.clear()
+        if not batch:
+            return
         cancel = threading.Event()
         for waiter in batch:
             waiter.batch, waiter.cancel = batch, cancel
-        if not batch:
-            return
+        try:
+            await self._run(batch, cancel)
+        finally:
+            # Whatever ended the run (a bug here, the loop shutting down), no caller waits forever.
+            for waiter in batch:
+                self._answer(waiter, RuntimeError("the side batch ended without an answer for this request"))
+
+    async def _run(self, batch: list[_Waiter], cancel: threading.Event) -> None:
         try:
             outputs = await asyncio.to_thread(self._run_batch, [w.request for w in batch], cancel)
         except InvalidRequest as exc:
             if len(batch) == 1:
                 self._answer(batch[0], exc)
-                return
-            await self._one_by_one(batch, cancel)
+            else:
+                await self._one_by_one(batch, cancel)
             return
         except Exception as exc:
             for waiter in batch:
                 self._answer(waiter, exc)
+            return
+        if len(outputs) != len(batch):  # which answer is whose is unknown: nobody gets another's
+            error = RuntimeError(f"the side batch gave {len(outputs)} answers for {len(batch)} requests")
+            for waiter in batch:
+                self._answer(waiter, error)
             return
         for waiter, output in zip(batch, outputs, strict=True):
             self._answer(waiter, output)
@@ -129,8 +148,9 @@ class SideBatches:
 
     @staticmethod
     def _answer(waiter: _Waiter, answer: GenerationOutput | BaseException) -> None:
+        """`answer` to the waiter's caller, unless it has gone or already has its answer."""
         if waiter.gone or waiter.answer.done():
-            return  # nobody reads it
+            return
         if isinstance(answer, BaseException):
             waiter.answer.set_exception(answer)
         else:

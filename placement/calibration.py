@@ -33,6 +33,7 @@ from placement.cache import rayfit_cache_dir
 from placement.config import ModelSpec
 from placement.estimate import MemoryEstimate
 from placement.inventory import Inventory
+from placement.placement_document import PlacementDocument, PlannedRole, ReplicaReport
 
 CALIBRATION_ENV = "RAYFIT_CALIBRATION"
 FILE_VERSION = 1
@@ -149,61 +150,65 @@ def calibrated(
     return out
 
 
-def _gpu_name(placement: Mapping[str, Any], plan: Mapping[str, Any]) -> str | None:
-    indices = plan.get("gpu_indices") or []
-    for gpu in placement.get("gpus") or []:
-        if gpu.get("node_id") == plan.get("node_id") and indices and gpu.get("index") == indices[0]:
-            return gpu.get("name")
+def _gpu_name(placement: PlacementDocument, plan: PlannedRole) -> str | None:
+    """The name of the first GPU the role was planned on (its card, e.g. "NVIDIA H100 80GB HBM3")."""
+    if not plan.gpu_indices:
+        return None
+    for gpu in placement.gpus:
+        if gpu.node_id == plan.node_id and gpu.index == plan.gpu_indices[0]:
+            return gpu.name
     return None
 
 
 def measurements_from_placement(
-    placement: Mapping[str, Any],
+    placement: Mapping[str, Any] | PlacementDocument,
     written: Mapping[str, ModelSpec],
     estimates: Mapping[str, MemoryEstimate],
     now: datetime | None = None,
 ) -> tuple[list[Measurement], list[str]]:
-    """(the measurements, notes on the roles skipped) from a `/v1/placement` body.
+    """(the measurements, notes on the roles skipped) from a `/v1/placement` body (read as its
+    PlacementDocument: a body that is not one raises pydantic's ValidationError, a ValueError).
 
     A role is skipped when its replica did not answer, when it was planned at another context than the
     config now gives (the running app is not this config), or when its GPU has no name."""
+    document = placement if isinstance(placement, PlacementDocument) else PlacementDocument.model_validate(placement)
     stamp = (now or datetime.now(UTC)).isoformat(timespec="seconds")
     found: list[Measurement] = []
     notes: list[str] = []
-    for role, item in sorted((placement.get("models") or {}).items()):
+    for role, item in sorted(document.models.items()):
         if role not in written:
             notes.append(f"{role}: not in this config; skipped")
             continue
-        plan, replica = item.get("plan") or {}, item.get("replica") or {}
-        actual = replica.get("actual")
-        if not actual:
-            notes.append(f"{role}: no replica report ({replica.get('error', 'no answer')}); skipped")
+        plan, replica = item.plan or PlannedRole(), item.replica
+        if not isinstance(replica, ReplicaReport):
+            notes.append(f"{role}: no replica report ({replica.error}); skipped")
             continue
         estimate = estimates[role]
-        planned_context = (plan.get("replica_plan") or {}).get("context_length")
+        planned_context = plan.replica_plan.context_length if plan.replica_plan else None
         if planned_context != estimate.context_length:
             notes.append(
                 f"{role}: the running replica was planned at context {planned_context}, the config gives "
                 f"{estimate.context_length}; skipped (redeploy, then calibrate)"
             )
             continue
-        memory = actual.get("memory") or {}
-        if actual.get("device") == CPU_KIND or str(memory.get("device", "")).startswith("cpu"):
-            kind, peak = CPU_KIND, memory.get("peak_rss_bytes")
+        actual = replica.actual
+        memory = actual.memory
+        if actual.device == CPU_KIND or str(memory.device or "").startswith("cpu"):
+            kind, peak = CPU_KIND, memory.peak_rss_bytes
         else:
-            kind = _gpu_name(placement, plan)
-            peaks = [v for k, v in memory.items() if k.startswith("cuda:") and k.endswith("_peak_reserved_bytes")]
-            peak = sum(peaks) if peaks else None
-        if kind is None or peak is None:
+            kind = _gpu_name(document, plan)
+            peaks = memory.cuda_bytes("peak_reserved")
+            peak = sum(peaks.values()) if peaks else None
+        if kind is None or peak is None or memory.weights_bytes is None:
             notes.append(f"{role}: its device has no name or its replica reports no peak; skipped")
             continue
         found.append(
             Measurement(
                 key=key_for(written[role], estimate, kind),
-                weights_bytes=int(memory["weights_bytes"]),
-                kv_bytes=int(memory.get("kv_built_bytes") or 0),
+                weights_bytes=memory.weights_bytes,
+                kv_bytes=memory.kv_built_bytes or 0,
                 peak_bytes=int(peak),
-                estimated_bytes=int(plan.get("memory_budget_bytes") or 0),
+                estimated_bytes=plan.memory_budget_bytes or 0,
                 role=role,
                 measured_at=stamp,
             )

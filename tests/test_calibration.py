@@ -119,3 +119,41 @@ def test_add_answers_fits_moves_and_no_room() -> None:
     assert huge.verdict == "no_room" and huge.needed_bytes == 40 * GIB + GIB // 2  # its budget + its CUDA context
     with pytest.raises(ValueError, match="already in the config"):
         add("summarizer", "org/new-1b", two_gpus())
+
+
+def test_measurements_are_read_from_the_placement_document() -> None:
+    """A `/v1/placement` body as the app answers it: a GPU role (its card's peak reserved, summed over
+    local GPUs), a CPU role (peak RSS), and a role whose replica did not answer (skipped, with why)."""
+    from placement.calibration import measurements_from_placement
+
+    node = "a" * 56
+    planned = {"replica_plan": {"context_length": 4096}, "node_id": node, "memory_budget_bytes": 18 * GIB}
+    gpu_memory = {"device": "cuda:0", "weights_bytes": 15 * GIB, "kv_built_bytes": GIB}
+    cpu_memory = {"device": "cpu", "weights_bytes": 3 * GIB, "peak_rss_bytes": 5 * GIB}
+    gpu_memory |= {"cuda:0_peak_reserved_bytes": 16 * GIB, "cuda:0_allocated_bytes": 15 * GIB}
+    body = {
+        "gpus": [{"node_id": node, "index": 1, "name": GPU_NAME, "total_bytes": 24 * GIB}],
+        "models": {
+            "buffer_agent": {
+                "status": "ok",
+                "reason": "",
+                "plan": {**planned, "gpu_indices": [1], "device": "cuda:1"},
+                "replica": {"actual": {"device": "cuda:0", "memory": gpu_memory}},
+            },
+            "summarizer": {
+                "status": "ok",
+                "reason": "",
+                "plan": {**planned, "device": "cpu", "memory_budget_bytes": 4 * GIB},
+                "replica": {"actual": {"device": "cpu", "memory": cpu_memory}},
+            },
+            "other": {"status": "unavailable", "reason": "x", "plan": None, "replica": {"error": "no replica"}},
+        },
+    }
+    written = {**MODELS, "other": ModelSpec(model="org/new-1b")}
+    estimates = {role: SIZES[spec.model] for role, spec in written.items()}
+    found, notes = measurements_from_placement(body, written, estimates)
+    by_role = {m.role: m for m in found}
+    assert by_role["buffer_agent"].key.device_kind == GPU_NAME and by_role["buffer_agent"].peak_bytes == 16 * GIB
+    assert by_role["buffer_agent"].kv_bytes == GIB and by_role["buffer_agent"].estimated_bytes == 18 * GIB
+    assert by_role["summarizer"].key.device_kind == CPU_KIND and by_role["summarizer"].peak_bytes == 5 * GIB
+    assert notes == ["other: no replica report (no replica); skipped"]

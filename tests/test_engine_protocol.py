@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import get_type_hints
@@ -113,21 +113,27 @@ def test_leaving_a_stream_midway_frees_its_slot(engine: EngineProtocol) -> None:
     assert engine.load_report()["pool_requests_submitted"] == submitted + 1
 
 
-def test_cancelling_a_generate_midway_frees_its_slot(engine: EngineProtocol) -> None:
-    submitted = engine.load_report()["pool_requests_submitted"]
+def _cancel_once(engine: EngineProtocol, request: GenerationInput, started: Callable[[LoadFigures], bool]) -> None:
+    """Sends `request` and cancels its caller once the engine's own load report says `started`
+    (bounded), not after a guessed delay; the caller sees CancelledError."""
 
-    async def cancel_once_batched() -> None:
-        task = asyncio.create_task(engine.generate_async(GenerationInput(params=LONG, prompt="Far away")))
-        # Cancelled once the engine has handed it to its batch (its own count), not after a guess.
+    async def cancel_when_started() -> None:
+        task = asyncio.create_task(engine.generate_async(request))
         deadline = time.monotonic() + 30
-        while (await asyncio.to_thread(engine.load_report))["pool_requests_submitted"] == submitted:
-            assert time.monotonic() < deadline and not task.done(), "the request never reached the batch"
+        while not started(await asyncio.to_thread(engine.load_report)):
+            assert time.monotonic() < deadline and not task.done(), "the request never started"
             await asyncio.sleep(0.005)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    asyncio.run(cancel_once_batched())
+    asyncio.run(cancel_when_started())
+
+
+def test_cancelling_a_generate_midway_frees_its_slot(engine: EngineProtocol) -> None:
+    submitted = engine.load_report()["pool_requests_submitted"]
+    request = GenerationInput(params=LONG, prompt="Far away")
+    _cancel_once(engine, request, lambda load: load["pool_requests_submitted"] > submitted)  # in the batch
     wait_until(lambda: _idle(engine), 10, "the cancelled request gives its slot back", interval_s=0.01)
 
 
@@ -135,18 +141,7 @@ def test_cancelling_a_side_request_midway_stops_its_batch_and_frees_its_slot(eng
     """A seeded request runs on the side backend, in a batch of side requests (engine.side_batches):
     its caller gone, the batch (it alone) stops and its side slot comes back."""
     seeded = GenerationInput(params=dataclasses.replace(LONG, temperature=0.7, seed=1), prompt="Far away")
-
-    async def cancel_once_decoding() -> None:
-        task = asyncio.create_task(engine.generate_async(seeded))
-        deadline = time.monotonic() + 30
-        while (await asyncio.to_thread(engine.load_report))["side_slots_in_use"] == 0:
-            assert time.monotonic() < deadline and not task.done(), "the request never took its side slot"
-            await asyncio.sleep(0.005)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(cancel_once_decoding())
+    _cancel_once(engine, seeded, lambda load: load["side_slots_in_use"] > 0)  # decoding on its slot
     wait_until(lambda: _idle(engine), 10, "the cancelled side request gives its slot back", interval_s=0.01)
 
 

@@ -64,8 +64,8 @@ from deployments.engine.generation import (
     SamplingParams,
     StreamDelta,
     image_count,
-    joins_pool,
     pool_takes,
+    requests_images,
 )
 from deployments.engine.kv import KvLedger, RequestCancelled
 from deployments.engine.loading import LoadedModel
@@ -185,7 +185,7 @@ class Engine:
 
     def uses_pool(self, inp: GenerationInput) -> bool:
         """Whether `inp` runs in the continuous-batching pool (text, unseeded) or on the side backend."""
-        return joins_pool(inp, pool_on=self.pool is not None)
+        return self.pool is not None and pool_takes(inp.params) and not requests_images(inp)
 
     def _pooled(self, prompt: PreparedPrompt, params: SamplingParams) -> bool:
         return self.pool is not None and not prompt.extra_inputs and pool_takes(params)

@@ -158,11 +158,6 @@ def pool_takes(params: SamplingParams) -> bool:
     return params.greedy or params.seed is None
 
 
-def joins_pool(inp: GenerationInput, *, pool_on: bool) -> bool:
-    """Whether `inp` runs in the pool of an engine whose pool is on (text, unseeded) or on the side backend."""
-    return pool_on and pool_takes(inp.params) and not requests_images(inp)
-
-
 @dataclass(frozen=True)
 class ModelFacts:
     """What a replica reports about its loaded model, wherever its engine runs (in the replica, or in

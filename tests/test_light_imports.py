@@ -33,3 +33,14 @@ def test_module_does_not_load_torch_or_transformers(module: str) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]", f"{module} loads {done.stdout.strip()}"
+
+
+def test_the_engine_process_compiles_nothing_when_it_starts() -> None:
+    """The engine's own process imports what it runs, not torch's compiler back end: a module that calls
+    torch.compile at import (llguidance.torch does) loads inductor, ~2 s of CPU on every replica start."""
+    # The child's own module, then the engine core it builds (imported when the engine is built).
+    imports = "import sys, deployments.engine.child, deployments.engine.core"
+    code = f"{imports}; print('torch._inductor.compile_fx' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False", "importing the engine loads torch._inductor.compile_fx"

@@ -27,7 +27,6 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
 import torch
 from transformers import LogitsProcessor
 
@@ -144,7 +143,12 @@ class RowLogits:
 
     def fill_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
         """The grammar's allowed next tokens into row `index` of an int32 [rows, words] CPU bitmask."""
-        llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, index)
+        # What llguidance.torch.fill_next_token_bitmask does. That module is not imported: it runs
+        # torch.compile on a kernel at import, which loads inductor (~2 s of CPU in every engine process)
+        # for a kernel rayfit never calls.
+        row = bitmask[index]
+        assert bitmask.dtype == torch.int32 and bitmask.device.type == "cpu" and row.is_contiguous()
+        self.matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
 
     def apply(self, scores: torch.Tensor, grammar: bool = True, raw: torch.Tensor | None = None) -> torch.Tensor:
         """This row's scores ([vocab], float) after every rule; a new tensor (the same one when

@@ -69,17 +69,18 @@ def vision_twin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def twin_hub_cache(tmp_path_factory: pytest.TempPathFactory, text_twin_dir: Path, vision_twin_dir: Path) -> Path:
+def twin_hub_cache(text_twin_dir: Path, vision_twin_dir: Path) -> Path:
     """A hub cache directory (give it as HF_HUB_CACHE) holding both twins, as a download leaves them, under
-    the hub ids that the repo's model_configs.yaml names."""
+    the hub ids that the repo's model_configs.yaml names. The shared cluster's replicas read this one."""
     import yaml
+    from shared_cluster import HUB_CACHE
     from twins import TEXT_REPO_ID, VISION_REPO_ID, install_in_hub_cache
 
     config = yaml.safe_load((Path(__file__).resolve().parent.parent / "model_configs.yaml").read_text())
     named = {role["model"] for role in config.values()}
     twins = {TEXT_REPO_ID: text_twin_dir, VISION_REPO_ID: vision_twin_dir}
     assert named == set(twins), f"model_configs.yaml names {sorted(named)}; tests/twins.py has twins of {sorted(twins)}"
-    hub = tmp_path_factory.mktemp("hf-home") / "hub"
+    hub = HUB_CACHE  # the one the shared cluster's replicas were started with (tests/shared_cluster.py)
     for repo_id, built in twins.items():
         install_in_hub_cache(hub, repo_id, built)
     return hub

@@ -2,7 +2,8 @@
 
 Starting and stopping a local Ray costs 10-20 s on 2 cores, and most serving modules ask for the same
 kind: CPU models, two declared GPUs with one `gpu_slot_<i>` each, the CPU fallback for replicas
-planned on those (declared, not real) GPUs, one start attempt per replica. A module marked
+planned on those (declared, not real) GPUs, one start attempt per replica, and a Hugging Face hub
+cache of the run's own (`HUB_CACHE`, where conftest's `twin_hub_cache` lays out the MedGemma twins). A module marked
 `shared_serve` takes that cluster with `shared_serve()` in its module fixture; when the module
 ends, every Serve application on it is deleted (and checked gone), so the next module starts from
 an empty Serve on a warm Ray.
@@ -14,8 +15,11 @@ own Ray, and a process holds one Ray at a time) and at the end of the run.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,8 +30,11 @@ from serve_support import ONE_START_ATTEMPT, local_serve
 from deployments.engine.verify import CPU_FALLBACK_ENV
 
 MARKER = "shared_serve"
+# The replicas' hub cache (HF_HUB_CACHE), fixed before the cluster starts: a process reads it when it
+# imports huggingface_hub. Empty until a module asks for the twins; removed when the run ends.
+HUB_CACHE = Path(tempfile.mkdtemp(prefix="rf-hub-")) / "hub"
 # What every shared module gets: the union of what each of them asked for on its own cluster.
-SHARED_ENV = {CPU_FALLBACK_ENV: "1", **ONE_START_ATTEMPT}
+SHARED_ENV = {CPU_FALLBACK_ENV: "1", "HF_HUB_CACHE": str(HUB_CACHE), **ONE_START_ATTEMPT}
 SHARED_RAY = {"num_cpus": 4, "num_gpus": 2, "resources": {"gpu_slot_0": 1.0, "gpu_slot_1": 1.0}}
 
 
@@ -104,6 +111,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     _cluster.stop()
+    shutil.rmtree(HUB_CACHE.parent, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -1,11 +1,12 @@
 """The ingress under models that are not there yet, under overload, and under bad requests
 (real local Ray, real Serve, real HTTP over loopback, the tiny text model).
 
-One Ray declares 2 GPUs but only GPU 0's `gpu_slot_0` resource. The main app
-plans `stuck` (15 GB declared) on GPU 1: its replica asks for `gpu_slot_1`,
-which no node has, so Serve keeps it pending forever (deployment UPDATING, no
-replica RUNNING), as a model still loading, or one whose node left, looks from
-the ingress. `ready` (the same tiny model, 1 GB) runs on GPU 0 (on CPU: the
+On the session's shared Ray (tests/shared_cluster.py: 2 declared GPUs, each with
+its `gpu_slot_<i>`). For this module an actor holds all of `gpu_slot_1`, as a
+model already there would. The main app plans `stuck` (15 GB declared) on GPU 1:
+its replica asks for part of `gpu_slot_1`, which stays taken, so Serve keeps it
+pending (deployment UPDATING, no replica RUNNING), as a model still loading, or
+one whose node left, looks from the ingress. `ready` (the same tiny model, 1 GB) runs on GPU 0 (on CPU: the
 CPU fallback switch, as in test_serving.py). The app gives up on a role with no
 running replica after `UNAVAILABLE_S`.
 
@@ -27,15 +28,16 @@ import pytest
 import ray
 from ray import serve
 from serve_support import SIZE_RULES as RULES
-from serve_support import local_serve, model_config, wait_until
+from serve_support import model_config, wait_until
+from shared_cluster import delete_every_app, shared_serve
 
 from deployments.app import AppArgs, build_app
 from deployments.client import get_model
 from deployments.engine.errors import BadRequestError, OverloadedError
-from deployments.model import CPU_FALLBACK_ENV
 from deployments.status_watch import REFRESH_S, StatusWatch, read_states, wait_for_role
+from placement.ray_options import gpu_slot_resource
 
-pytestmark = pytest.mark.slow  # starts a Ray cluster of its own
+pytestmark = [pytest.mark.slow, pytest.mark.shared_serve]
 
 APP, TIGHT = "status", "tight"
 STUCK, READY = "stuck", "ready"
@@ -50,10 +52,24 @@ WAITERS = 48
 QUICK_STOP = {"graceful_shutdown_timeout_s": 2, "ingress_graceful_shutdown_timeout_s": 2}
 
 
+@ray.remote(num_cpus=0)
+class SlotHolder:
+    """Holds the resources it was created with, as a replica already on that GPU would."""
+
+    def ready(self) -> bool:
+        return True
+
+
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
-    with local_serve(env={CPU_FALLBACK_ENV: "1"}, num_gpus=2, resources={"gpu_slot_0": 1}) as port:
-        yield port
+    with shared_serve() as port:
+        holder = SlotHolder.options(resources={gpu_slot_resource(1): 1.0}).remote()
+        assert ray.get(holder.ready.remote(), timeout=60)
+        try:
+            yield port
+        finally:
+            delete_every_app()  # `stuck` first, so it cannot start on the slot freed next
+            ray.kill(holder)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,11 @@
 """rayfit's Serve metrics, scraped from Ray's Prometheus endpoint as Prometheus would.
 
-A fresh local Ray exports metrics on a free port (`_metrics_export_port`); one
-tiny model is served on CPU through the real app and HTTP, then the node's
-metrics endpoint is polled until every rayfit metric shows up with the model
-and GPU tags. Ray pushes metrics every few seconds, hence the bounded poll.
+On the session's shared local Ray (tests/shared_cluster.py), whose node exports
+metrics on a port the OS picked (read back from the node); one tiny model is
+served on CPU through the real app and HTTP, then the node's metrics endpoint is
+polled until every rayfit metric shows up with the model and GPU tags (the
+role's name is this module's own, so other modules' series do not count).
+Ray pushes metrics every few seconds, hence the bounded poll.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
+from shared_cluster import shared_serve
 
 from deployments.app import AppArgs, build_app
 from deployments.metrics import GPU_ONLY_METRIC_NAMES, METRIC_NAMES, ModelMetrics
-from deployments.ports import free_port
 from placement.config import ModelSpec
 from placement.sizing import estimate_memory
 
@@ -29,22 +31,19 @@ SCRAPE_TIMEOUT_S = 60.0
 GREEDY = {"temperature": 0, "max_tokens": 6}
 
 
+# On the session's shared Ray: its replicas' CPU fallback and declared GPUs do not matter to a CPU plan.
+pytestmark = pytest.mark.shared_serve
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, tiny_text_model_dir: Path) -> Iterator[tuple[str, int]]:
     """(base URL, metrics port) of the app serving ROLE on CPU."""
     config = tmp_path_factory.mktemp("metrics") / "models.yaml"
     config.write_text(f"{ROLE}:\n  model: {tiny_text_model_dir}\n  dtype: float32\n  num_cpus: 0.2\n")
-    metrics_port, http_port = free_port(), free_port()
-    ray.init(
-        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    try:
+    with shared_serve() as http_port:
+        metrics_port = ray._private.worker.global_worker.node.metrics_export_port
         serve.run(build_app(AppArgs(model_config=str(config), gpus="none")), name="metrics", route_prefix="/")
         yield f"http://127.0.0.1:{http_port}", metrics_port
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def _samples(port: int) -> list:

@@ -191,25 +191,6 @@ def test_a_reserved_port_is_only_for_a_reuseport_server() -> None:
 
 
 @pytest.mark.slow
-def test_local_serve_has_its_own_temp_dir_agent_port_and_http_port() -> None:
-    import ray
-    import serve_support
-
-    with serve_support.local_serve(num_cpus=1) as port:
-        node = ray._private.worker.global_worker.node
-        temp_dir = node.get_temp_dir_path()
-        assert Path(temp_dir).parent == Path("/tmp") and Path(temp_dir).name.startswith("rf-")
-        assert len(node.get_session_dir_path()) + len("/sockets/plasma_store") < 107  # AF_UNIX limit
-        assert node.dashboard_agent_listen_port not in (0, 52365)  # bound by the OS, read back by Ray
-        assert node.metrics_export_port not in (0, 52365)
-        listeners = listening_pids(port)
-        assert listeners and listeners <= serve_support.this_node_pids()
-        with socket.create_connection(("127.0.0.1", port), timeout=10):
-            pass  # the proxy accepts (it answers 503 until an app gives it routes)
-    assert not ray.is_initialized() and not Path(temp_dir).exists()
-
-
-@pytest.mark.slow
 def test_start_serve_leaves_a_port_another_server_also_listens_on(monkeypatch: pytest.MonkeyPatch) -> None:
     """Another process's SO_REUSEPORT server on the held port (it picked the port free before it was held):
     the listeners read back show it, and Serve starts again on a port of its own."""
@@ -259,7 +240,7 @@ def test_start_serve_leaves_a_port_another_server_also_listens_on(monkeypatch: p
 
 
 @pytest.mark.slow
-def test_a_failed_serve_start_leaves_no_ray_running(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_serve_start_leaves_no_ray_running_and_the_next_starts_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
     import serve_support
 
@@ -285,7 +266,17 @@ def test_a_failed_serve_start_leaves_no_ray_running(monkeypatch: pytest.MonkeyPa
     assert dict(os.environ) == before  # the replicas' environment is not left in this process
     assert Path(started[0]).is_dir()  # kept: its logs say why the start failed
     shutil.rmtree(started[0], ignore_errors=True)
-    # The next module's cluster starts as usual.
+    # The next module's cluster starts as usual, with state of its own: its temp dir, its agents' ports
+    # (bound by the OS, read back by Ray), an HTTP port only its proxy listens on.
     with serve_support.local_serve(num_cpus=1) as port:
-        assert listening_pids(port)
-    assert not ray.is_initialized()
+        node = ray._private.worker.global_worker.node
+        temp_dir = node.get_temp_dir_path()
+        assert Path(temp_dir).parent == Path("/tmp") and Path(temp_dir).name.startswith("rf-")
+        assert len(node.get_session_dir_path()) + len("/sockets/plasma_store") < 107  # AF_UNIX limit
+        assert node.dashboard_agent_listen_port not in (0, 52365)
+        assert node.metrics_export_port not in (0, 52365)
+        listeners = listening_pids(port)
+        assert listeners and listeners <= serve_support.this_node_pids()
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            pass  # the proxy accepts (it answers 503 until an app gives it routes)
+    assert not ray.is_initialized() and not Path(temp_dir).exists()

@@ -4,8 +4,9 @@ The two hub ids resolve, offline, to tests/twins.py's miniatures laid out in a
 Hugging Face cache: the same classes (Gemma3ForCausalLM; Gemma3ForConditionalGeneration
 with a SigLIP tower and Gemma3Processor), layer pattern, 131072 positions, sliding
 window, Gemma's token ids and chat template, pre-quantized bnb NF4. Real Ray with two
-declared GPUs and their slots; the replicas load on CPU (RAYFIT_ALLOW_CPU_FALLBACK,
-the pin itself still checked). Both roles answer chat, the 4B twin answers an image,
+declared GPUs and their slots (the session's shared one, tests/shared_cluster.py, whose
+replicas read that cache); the replicas load on CPU (RAYFIT_ALLOW_CPU_FALLBACK, the pin
+itself still checked). Both roles answer chat, the 4B twin answers an image,
 and /v1/placement shows each replica within its replica plan.
 """
 
@@ -23,13 +24,12 @@ import pytest
 from huggingface_hub import constants
 from PIL import Image
 from ray import serve
-from serve_support import ONE_START_ATTEMPT, local_serve
+from shared_cluster import SHARED_ENV, shared_serve
 
 from deployments.app import AppArgs, build_app
-from deployments.engine.verify import CPU_FALLBACK_ENV
 from placement.config import load_model_configs
 
-pytestmark = pytest.mark.slow  # starts a Ray cluster of its own
+pytestmark = [pytest.mark.slow, pytest.mark.shared_serve]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 USER_CONFIG = REPO_ROOT / "model_configs.yaml"
@@ -39,12 +39,12 @@ GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 6}
 @pytest.fixture(scope="module")
 def served(twin_hub_cache: Path) -> Iterator[str]:
     """The app of the user's file on 2 declared 24 GB GPUs; yields its base URL."""
-    env = {CPU_FALLBACK_ENV: "1", "HF_HUB_CACHE": str(twin_hub_cache), "HF_HUB_OFFLINE": "1", **ONE_START_ATTEMPT}
+    assert SHARED_ENV["HF_HUB_CACHE"] == str(twin_hub_cache)  # where the replicas look for the hub ids
     patch = pytest.MonkeyPatch()
     # The driver plans too: huggingface_hub read HF_HUB_CACHE when it was imported.
     patch.setattr(constants, "HF_HUB_CACHE", str(twin_hub_cache))
     try:
-        with local_serve(env=env, num_gpus=2, resources={"gpu_slot_0": 1, "gpu_slot_1": 1}) as port:
+        with shared_serve() as port:
             args = AppArgs(model_config=str(USER_CONFIG), gpus="2x24GB")
             serve.run(build_app(args), name="rayfit", route_prefix="/")
             yield f"http://127.0.0.1:{port}"

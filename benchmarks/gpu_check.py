@@ -550,6 +550,13 @@ PEER_SHAPE = {"stream": False, "temperature": 0}  # greedy: the peer's default d
 # pool is 0.7 GiB of CPU memory to allocate for a step that makes no speed claim).
 PEER_ROLE = {"context_length": 2048, "max_batch_size": 16}
 SMOKE_PEER_ROLE = {"context_length": 256, "max_batch_size": 8}
+# Both servers at the same dtype: bf16 on a GPU; float32 for the smoke, where CPU bf16 matmuls (emulated on
+# most CPUs) only make the step slower and it makes no speed claim.
+PEER_DTYPE, SMOKE_PEER_DTYPE = "bfloat16", "float32"
+
+
+def _peer_dtype(gpu: bool) -> str:
+    return PEER_DTYPE if gpu else SMOKE_PEER_DTYPE
 
 
 def _start_rayfit(model_dir: Path, workdir: Path, gpu: bool) -> str:
@@ -562,7 +569,7 @@ def _start_rayfit(model_dir: Path, workdir: Path, gpu: bool) -> str:
     from deployments.app import AppArgs, build_app
 
     config = workdir / "peer_models.yaml"
-    role = {"model": str(model_dir), **(PEER_ROLE if gpu else SMOKE_PEER_ROLE), "dtype": "bfloat16"}
+    role = {"model": str(model_dir), **(PEER_ROLE if gpu else SMOKE_PEER_ROLE), "dtype": _peer_dtype(gpu)}
     config.write_text(yaml.safe_dump({"summarizer": role}))
     if gpu:
         ray.init(num_gpus=1, resources={"gpu_slot_0": 1}, include_dashboard=False, log_to_driver=False)
@@ -605,7 +612,7 @@ def peer_comparison(ns: argparse.Namespace, workdir: Path, gpu: bool) -> dict[st
         serve.shutdown()
         ray.shutdown()
     # The peer with its CUDA graphs on a GPU; on CPU a small KV cache (it sizes one from free memory).
-    extra = ("--dtype", "bfloat16", "--cb-use-cuda-graph") if gpu else ("--dtype", "bfloat16", "--cb-num-blocks", "32")
+    extra = ("--dtype", _peer_dtype(gpu), *(("--cb-use-cuda-graph",) if gpu else ("--cb-num-blocks", "32")))
     peer, port = start_peer(model_dir, extra)
     try:
         theirs = _measure(f"http://127.0.0.1:{port}", str(model_dir), ns)
@@ -625,7 +632,7 @@ def peer_comparison(ns: argparse.Namespace, workdir: Path, gpu: bool) -> dict[st
         }
     return {
         "gpu_figure": gpu,
-        "model": f"{model_dir.name} (bf16)",
+        "model": f"{model_dir.name} ({_peer_dtype(gpu)})",
         "max_tokens": ns.peer_max_tokens,
         "rounds": ns.peer_rounds,
         "peer_options": list(extra),

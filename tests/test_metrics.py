@@ -3,8 +3,8 @@
 On the session's shared local Ray (tests/shared_cluster.py), whose node exports
 metrics on a port the OS picked (read back from the node); one tiny model is
 served on CPU through the real app and HTTP, then the node's metrics endpoint is
-polled until every rayfit metric shows up with the model and GPU tags (the
-role's name is this module's own, so other modules' series do not count).
+polled until every rayfit metric shows up with the model and GPU tags (only
+this module's app and role count: earlier modules' series stay on the node).
 Ray pushes metrics every few seconds, hence the bounded poll.
 """
 
@@ -26,7 +26,7 @@ from deployments.metrics import GPU_ONLY_METRIC_NAMES, METRIC_NAMES, ModelMetric
 from placement.config import ModelSpec
 from placement.sizing import estimate_memory
 
-ROLE = "scribe"
+ROLE, APP = "metered", "metrics"  # names no other module on the shared cluster uses
 SCRAPE_TIMEOUT_S = 60.0
 GREEDY = {"temperature": 0, "max_tokens": 6}
 
@@ -42,7 +42,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_text_model_dir: Path) 
     config.write_text(f"{ROLE}:\n  model: {tiny_text_model_dir}\n  dtype: float32\n  num_cpus: 0.2\n")
     with shared_serve() as http_port:
         metrics_port = ray._private.worker.global_worker.node.metrics_export_port
-        serve.run(build_app(AppArgs(model_config=str(config), gpus="none")), name="metrics", route_prefix="/")
+        serve.run(build_app(AppArgs(model_config=str(config), gpus="none")), name=APP, route_prefix="/")
         yield f"http://127.0.0.1:{http_port}", metrics_port
 
 
@@ -71,7 +71,7 @@ def test_metrics_are_exported_with_model_and_gpu_tags(served: tuple[str, int], t
         found = {}
         for sample in _samples(metrics_port):
             base = sample.name.removesuffix("_total").removesuffix("_count")
-            if base in wanted and sample.labels.get("model") == ROLE:
+            if base in wanted and sample.labels.get("model") == ROLE and sample.labels.get("application") == APP:
                 found.setdefault(base, []).append(sample)
         # Counters must include all three requests: Ray may export part of them first.
         requests = sum(s.value for s in found.get("ray_rayfit_requests", []) if s.labels.get("status") == "ok")

@@ -42,8 +42,8 @@ on a GPU): a step that would start with too little time left is skipped and list
    just above what the process holds and a 1 GiB allocation must fail in this
    process (what a replica gets from its plan's budget).
 4. Serving: the two models are saved (pre-quantized NF4 + a small offline
-   tokenizer), Ray is started on this machine with the GPU and its gpu_slot,
-   the rayfit app plans both onto GPU 0 with fractions, and each replica reports
+   tokenizer), on the Ray of this machine with the GPU and its gpu_slot (one
+   Ray for steps 0b and 4, started by the first), the rayfit app plans both onto GPU 0 with fractions, and each replica reports
    its GPU UUID and memory from inside; their sum must stay within the card.
    The summarizer runs as configured by default (its engine in a child
    process), the buffer agent with `engine_process: false` (its engine in its
@@ -57,6 +57,7 @@ Writes a Markdown table and JSON to `--out` (default benchmarks/results/).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -73,6 +74,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The role served with its engine in a process of its own (deployments.engine.process).
 ENGINE_PROCESS_ROLE = "summarizer"
+PEER_APP = "rayfit"  # the peer step's app; the serve step's is "gpucheck"
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # tiny_models: the offline tokenizer
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -80,6 +82,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from deployments.engine.verify import CPU_FALLBACK_ENV  # noqa: E402
 from deployments.ports import start_serve_on_a_free_port  # noqa: E402
 from placement.sizing import estimate_from_config  # noqa: E402
 from placement.sizing.reference_configs import MEDGEMMA_4B, MEDGEMMA_27B_TEXT  # noqa: E402
@@ -433,10 +436,9 @@ def gpu_memory_by_pid() -> dict[int, float]:
         return {}
 
 
-def serve_both(dirs: dict[str, Path], ns: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Ray on this machine, the app planned onto its one GPU, each replica's own report."""
+def serve_both(dirs: dict[str, Path], ns: argparse.Namespace, workdir: Path, local_ray: LocalRay) -> dict[str, Any]:
+    """The app planned onto this machine's one GPU, each replica's own report."""
     import httpx
-    import ray
     import yaml
     from ray import serve
 
@@ -453,11 +455,8 @@ def serve_both(dirs: dict[str, Path], ns: argparse.Namespace, workdir: Path) -> 
     }
     config_path = workdir / "model_configs.yaml"
     config_path.write_text(yaml.safe_dump(models))
-    if not torch.cuda.is_available():
-        os.environ["RAYFIT_ALLOW_CPU_FALLBACK"] = "1"  # smoke: the GPU plan loads on CPU, pin still checked
-    ray.init(num_gpus=1, resources={"gpu_slot_0": 1}, include_dashboard=False, log_to_driver=False)
+    port = local_ray.serve_port()
     try:
-        port = start_serve_on_a_free_port()
         args = AppArgs(model_config=str(config_path), gpu_memory_gb=None if torch.cuda.is_available() else 64)
         started = time.perf_counter()
         serve.run(build_app(args), name="gpucheck", route_prefix="/")
@@ -496,8 +495,35 @@ def serve_both(dirs: dict[str, Path], ns: argparse.Namespace, workdir: Path) -> 
         report["within_card"] = bool(total == 0 or report["sum_reserved_mib"] <= total)
         return report
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        serve.delete("gpucheck")
+
+
+class LocalRay:
+    """The one Ray on this machine that the peer and serve steps serve on, its GPU declared with its
+    slot; started when a step first asks (a start is 10-15 s of CPU on a small machine)."""
+
+    def __init__(self) -> None:
+        self.port: int | None = None
+
+    def serve_port(self) -> int:
+        """Serve's HTTP port, Ray and Serve started on the first call."""
+        if self.port is None:
+            import ray
+
+            if not torch.cuda.is_available():
+                os.environ[CPU_FALLBACK_ENV] = "1"  # smoke: the GPU plan loads on CPU, the pin still checked
+            ray.init(num_gpus=1, resources={"gpu_slot_0": 1}, include_dashboard=False, log_to_driver=False)
+            self.port = start_serve_on_a_free_port()
+        return self.port
+
+    def stop(self) -> None:
+        if self.port is not None:
+            import ray
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
+            self.port = None
 
 
 # ---- 0. the suite's GPU-marked tests ------------------------------------------------------------
@@ -559,10 +585,9 @@ def _peer_dtype(gpu: bool) -> str:
     return PEER_DTYPE if gpu else SMOKE_PEER_DTYPE
 
 
-def _start_rayfit(model_dir: Path, workdir: Path, gpu: bool) -> str:
-    """Ray on this machine (its one GPU declared with its slot, or none) serving the SmolLM2 as the
-    `summarizer` role, planned as the demo plans it; the base URL."""
-    import ray
+def _start_rayfit(model_dir: Path, workdir: Path, gpu: bool, local_ray: LocalRay) -> str:
+    """The SmolLM2 served as the `summarizer` role, planned as the demo plans it (onto the GPU, or on
+    CPU for the smoke); the base URL."""
     import yaml
     from ray import serve
 
@@ -571,12 +596,8 @@ def _start_rayfit(model_dir: Path, workdir: Path, gpu: bool) -> str:
     config = workdir / "peer_models.yaml"
     role = {"model": str(model_dir), **(PEER_ROLE if gpu else SMOKE_PEER_ROLE), "dtype": _peer_dtype(gpu)}
     config.write_text(yaml.safe_dump({"summarizer": role}))
-    if gpu:
-        ray.init(num_gpus=1, resources={"gpu_slot_0": 1}, include_dashboard=False, log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False)
-    port = start_serve_on_a_free_port()
-    serve.run(build_app(AppArgs(model_config=str(config), gpus=None if gpu else "none")), name="rayfit")
+    port = local_ray.serve_port()
+    serve.run(build_app(AppArgs(model_config=str(config), gpus=None if gpu else "none")), name=PEER_APP)
     return f"http://127.0.0.1:{port}"
 
 
@@ -597,20 +618,18 @@ def _measure(url: str, model: str, ns: argparse.Namespace) -> dict[str, Any]:
     return cells
 
 
-def peer_comparison(ns: argparse.Namespace, workdir: Path, gpu: bool) -> dict[str, Any]:
+def peer_comparison(ns: argparse.Namespace, workdir: Path, gpu: bool, local_ray: LocalRay) -> dict[str, Any]:
     """rayfit, then the peer, each alone on the device, on the same SmolLM2 directory."""
-    import ray
     from bench_peer import start_peer
     from ray import serve
     from served_demo import smollm2_dir
 
     model_dir = smollm2_dir()
-    url = _start_rayfit(model_dir, workdir, gpu)
+    url = _start_rayfit(model_dir, workdir, gpu, local_ray)
     try:
         rayfit = _measure(url, "summarizer", ns)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        serve.delete(PEER_APP)  # returns once its replica is gone: the device is the peer's alone
     # The peer with its CUDA graphs on a GPU; on CPU a small KV cache (it sizes one from free memory).
     extra = ("--dtype", _peer_dtype(gpu), *(("--cb-use-cuda-graph",) if gpu else ("--cb-num-blocks", "32")))
     peer, port = start_peer(model_dir, extra)
@@ -835,7 +854,9 @@ def main(argv: list[str] | None = None) -> int:
     tests: dict[str, Any] | None = None
     peer: dict[str, Any] | None = None
     cap: dict[str, Any] | None = None
-    with tempfile.TemporaryDirectory(prefix="rayfit-gpucheck-") as scratch:
+    local_ray = LocalRay()
+    with tempfile.TemporaryDirectory(prefix="rayfit-gpucheck-") as scratch, contextlib.ExitStack() as stack:
+        stack.callback(local_ray.stop)
         workdir = Path(scratch)
         if not ns.skip_tests:
             t0 = time.perf_counter()
@@ -844,7 +865,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"GPU tests: { {k: v for k, v in tests.items() if k != 'output_tail'} }", flush=True)
         if not ns.skip_peer and may_start("peer"):
             t0 = time.perf_counter()
-            peer = peer_comparison(ns, workdir, gpu=not smoke)
+            peer = peer_comparison(ns, workdir, not smoke, local_ray)
             timed("peer", t0)
             print(f"rayfit vs peer: {peer['cells']}", flush=True)
         dirs: dict[str, Path] = {}
@@ -869,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"allocator cap: {cap}", flush=True)
         if dirs and may_start("serve"):
             t0 = time.perf_counter()
-            served = serve_both(dirs, ns, workdir)
+            served = serve_both(dirs, ns, workdir, local_ray)
             timed("serve", t0)
     report = markdown(card, bw, results, served, cap, tests, peer)
     if skipped_steps:

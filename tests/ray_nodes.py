@@ -131,6 +131,8 @@ class LocalRayCluster:
         """`ray start` with `args()` (fresh ports each call); started again, after killing what the failed
         try left (`started(args)`: its processes), when it failed because a port was taken. Returns the args."""
         common = [f"--num-cpus={num_cpus}", f"--memory={NODE_MEMORY}", f"--object-store-memory={OBJECT_STORE_BYTES}"]
+        # No log monitor: it streams worker logs to drivers, and the tests' drivers do not take them.
+        common.append("--include-log-monitor=false")
         failures = []
         for _ in range(START_ATTEMPTS):
             tried = args()

@@ -94,10 +94,13 @@ def start_serve(host: str = "127.0.0.1", ours: Callable[[], set[int]] | None = N
 
 class _OwnAgentPorts(ray._private.parameter.RayParams):
     """ray.init's node with its dashboard agent on a port the OS picks: ray.init has no argument for it, and
-    Ray's default (52365) is the same for every cluster on this machine. The agent reads its port back."""
+    Ray's default (52365) is the same for every cluster on this machine. The agent reads its port back.
+    No log monitor either (ray.init has no argument for that): it streams worker logs to drivers, and
+    these drivers do not take them (log_to_driver=False); it cost ~0.6 CPU s a minute per cluster."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("dashboard_agent_listen_port", 0)
+        kwargs.setdefault("include_log_monitor", False)
         super().__init__(*args, **kwargs)
 
 

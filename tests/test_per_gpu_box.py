@@ -3,7 +3,7 @@
 `python -m placement start-box` (placement.box_start_cli) is run as the README runs it, on a declared
 box: two 24 GB RTX A5000s (`--gpus 2 --gpu-memory 24GB --accelerator`; this machine has no GPU) and a
 machine of 6 CPUs, 6 GiB of Ray memory and 384 MiB of object store, declared so the totals are known.
-The flags a test adds go to the head only (`--head-arg`: its own temp dir and ports, no dashboard), so
+The flags a test adds go to the head only (`--head-arg`: its own temp dir and ports, no dashboard or log monitor), so
 the GPU nodes start exactly as the README's. It starts a GPU-less head and one raylet per GPU, each
 with its share of the machine and its card; then the real app is served on it
 (tests/test_gpu_nodes.py serves the same app on raylets started one by one, and checks the rest of the
@@ -70,6 +70,7 @@ def start_box(nodes: LocalRayCluster) -> subprocess.CompletedProcess[str]:
         f"--dashboard-port={free_port()}",
         f"--ray-client-server-port={free_port()}",
         "--dashboard-agent-listen-port=0",
+        "--include-log-monitor=false",  # as tests/ray_nodes.py starts every test node
     ]
     command = [sys.executable, "-m", "placement", "start-box", "--host", HOST, "--address", nodes.address]
     command += ["--gpus", "2", "--gpu-memory", "24GB", "--accelerator", CARD]

@@ -43,8 +43,9 @@ on a GPU): a step that would start with too little time left is skipped and list
    process (what a replica gets from its plan's budget).
 4. Serving: the two models are saved (pre-quantized NF4 + a small offline
    tokenizer), on the Ray of this machine with the GPU and its gpu_slot (one
-   Ray for steps 0b and 4, started by the first), the rayfit app plans both onto GPU 0 with fractions, and each replica reports
-   its GPU UUID and memory from inside; their sum must stay within the card.
+   Ray for steps 0b and 4, started by the first), the rayfit app plans both
+   onto GPU 0 with fractions, and each replica reports its GPU UUID and
+   memory from inside; their sum must stay within the card.
    The summarizer runs as configured by default (its engine in a child
    process), the buffer agent with `engine_process: false` (its engine in its
    replica); the driver's per-process GPU memory (NVML) shows what each process
@@ -540,7 +541,9 @@ def run_gpu_tests(timeout_s: float, workdir: Path) -> dict[str, Any]:
     junit = workdir / "gpu-tests.xml"
     modules = gpu_test_modules()
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"]
-    command += [f"--junitxml={junit}", *modules]
+    # The suite's two workers where the tests run; without a GPU each is only skipped, and one process
+    # collecting them costs half of two.
+    command += ["-n", "2" if torch.cuda.is_available() else "0", f"--junitxml={junit}", *modules]
     started = time.perf_counter()
     try:
         done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)

@@ -23,12 +23,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Background work of every test Ray that no test reads, on 2 cores that the run keeps busy:
 # - a raylet starts one idle worker per CPU when the first driver connects, for tasks the tests never
 #   run (each imports Ray, ~1.8 s of CPU; ~30 of them per run were never used);
-# - every worker reports its task events to the GCS each second, for the dashboard's task view;
-# - Serve's controller reconciles every 0.1 s (~3 CPU s a minute per idle cluster, and the GCS
-#   answers each loop): every 0.25 s, a replica's state change is seen ~0.1 s later on average.
+# - every worker reports its task events to the GCS each second, for the dashboard's task view.
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 os.environ.setdefault("RAY_task_events_report_interval_ms", "0")
-os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.25")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -8,8 +8,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -272,14 +274,20 @@ def test_nf4_load_on_cpu(tiny_text_model_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # ~40 s on 2 cores: the first GGUF load de-quantizes every tensor
-def test_gguf_conversion_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gguf_conversion_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: Any) -> None:
     directory, name = smollm2_gguf()
     monkeypatch.setenv("RAYFIT_CACHE", str(tmp_path))
     spec = ModelSpec(model=str(directory), gguf_file=name)
+    # A replica's load and another caller ask for the conversion at once (as two replicas starting
+    # together on a fresh machine do): one converts, the other waits for it and reuses its result.
     started = time.perf_counter()
-    first = load_model(spec, replica_plan(spec))
+    both = threading.Barrier(2)
+    threads.start(lambda: (both.wait(timeout=30), load_model(spec, replica_plan(spec)))[1])
+    threads.start(lambda: (both.wait(timeout=30), convert_gguf(directory / name, tmp_path))[1])
+    first, (_, reused) = threads.join(timeout_s=300)
     first_seconds = time.perf_counter() - started
-    assert "conversion" in first.source
+    # Converted once, not twice. (The phrase, not a word: the cache's path holds this test's name.)
+    assert ("(safetensors conversion at " in first.source) != (not reused), (first.source, reused)
     cache = gguf_cache_dir(directory / name, tmp_path)
     assert (cache / "model.safetensors").is_file() and convert_gguf(directory / name, tmp_path)[1]
     started = time.perf_counter()
@@ -287,7 +295,7 @@ def test_gguf_conversion_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     plan = replica_plan(spec)
     second = load_model(spec, plan)
     second_seconds = time.perf_counter() - started
-    assert "cache" in second.source
+    assert "(safetensors cache at " in second.source, second.source
     assert second_seconds < first_seconds / 3, (first_seconds, second_seconds)
     # SmolLM2's GGUF carries its chat template; the cached tokenizer keeps it.
     assert second.tokenizer.chat_template

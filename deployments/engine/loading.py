@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -113,11 +114,24 @@ def convert_gguf(gguf_file: Path, cache_root: Path | None = None) -> tuple[Path,
     """Return (safetensors dir, reused): convert the GGUF once, reuse it after.
 
     transformers de-quantizes a GGUF at every load (15-40 s for the demo
-    models); the saved safetensors reload in about a second.
+    models); the saved safetensors reload in about a second. Callers that
+    ask for one file at once (replicas starting together) convert it once:
+    the others wait for the first, then reuse its result.
     """
     target = gguf_cache_dir(gguf_file, cache_root)
     if (target / _CONVERSION_DONE).is_file():
         return target, True
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One converter per file: a replica (or process) that starts meanwhile waits for it, then reuses its
+    # result, instead of spending the same CPU minute on a copy that loses the rename below.
+    with FileLock(f"{target}.lock"):
+        if (target / _CONVERSION_DONE).is_file():
+            return target, True
+        return _convert(gguf_file, target), False
+
+
+def _convert(gguf_file: Path, target: Path) -> Path:
+    """De-quantize `gguf_file` and save it as safetensors (+ its tokenizer) in `target`."""
     logger.info("converting %s to safetensors in %s (once; later loads reuse it)", gguf_file, target)
     started = time.perf_counter()
     directory, name = str(gguf_file.parent), gguf_file.name
@@ -143,7 +157,7 @@ def convert_gguf(gguf_file: Path, cache_root: Path | None = None) -> tuple[Path,
     (partial / _CONVERSION_DONE).write_text(
         json.dumps({"gguf_file": str(gguf_file), "seconds": round(time.perf_counter() - started, 2)})
     )
-    # Rename is atomic: a concurrent converter of the same file loses the race harmlessly.
+    # Rename is atomic: a converter killed half-way leaves only its partial directory.
     try:
         partial.rename(target)
     except OSError:
@@ -151,7 +165,7 @@ def convert_gguf(gguf_file: Path, cache_root: Path | None = None) -> tuple[Path,
         if not (target / _CONVERSION_DONE).is_file():
             raise
     logger.info("converted %s in %.1f s", gguf_file.name, time.perf_counter() - started)
-    return target, False
+    return target
 
 
 def bnb_config(quantization: QuantizationPlan) -> BitsAndBytesConfig | None:

@@ -49,6 +49,7 @@ CASES = [
     Case("stream_raises", ("tests/test_continuous.py", "-k", "batch_and_streams"), "test_batch_and_streams_match"),
     Case("decode_hangs", ("tests/test_continuous.py", "-k", "not_stuck"), "test_a_short_request_is_not_stuck"),
     Case("late_registration", ("tests/test_continuous.py", "-k", "during_the_rebuild"), "during_the_rebuild"),
+    Case("gguf_unlocked", ("tests/test_engine.py", "-k", "gguf_conversion"), "test_gguf_conversion_is_cached"),
     Case(
         "answer_short",
         ("tests/test_cancellation.py", "-k", "while_queued and replica"),

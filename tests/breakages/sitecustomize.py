@@ -87,6 +87,25 @@ def late_registration(pool: ModuleType) -> None:
     pool.ContinuousBatcher.submit = submit
 
 
+def gguf_unlocked(loading: ModuleType) -> None:
+    """GGUF conversion without its file lock (deployments.engine.loading.FileLock): callers that ask for one
+    file at once each convert it.
+
+    Caught by test_engine.py::test_gguf_conversion_is_cached: both of its concurrent callers converted."""
+
+    class NoLock:
+        def __init__(self, path: str) -> None:
+            pass
+
+        def __enter__(self) -> None:
+            return None
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    loading.FileLock = NoLock
+
+
 def replica_500_once(fault_injection: ModuleType) -> None:
     """Each replica's first request fails with an unexpected error: a 500 once (FaultyEngine.generate_async,
     which wraps every replica's engine in the tests).
@@ -153,6 +172,7 @@ BREAKAGES: dict[str, tuple[str, Callable[[ModuleType], None]]] = {
     "answer_short": ("deployments.engine.pool", answer_short),
     "decode_hangs": ("deployments.engine.pool", decode_hangs),
     "late_registration": ("deployments.engine.pool", late_registration),
+    "gguf_unlocked": ("deployments.engine.loading", gguf_unlocked),
     "replica_500_once": ("fault_injection", replica_500_once),
     "death_is_500": ("deployments.engine.errors", death_is_500),
     "engine_loss_is_500": ("deployments.engine.process", engine_loss_is_500),

@@ -58,7 +58,6 @@ Writes a Markdown table and JSON to `--out` (default benchmarks/results/).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -501,10 +500,17 @@ def serve_both(dirs: dict[str, Path], ns: argparse.Namespace, workdir: Path, loc
 
 class LocalRay:
     """The one Ray on this machine that the peer and serve steps serve on, its GPU declared with its
-    slot; started when a step first asks (a start is 10-15 s of CPU on a small machine)."""
+    slot; started when a step first asks (a start is 10-15 s of CPU on a small machine), stopped when
+    the `with` block ends."""
 
     def __init__(self) -> None:
         self.port: int | None = None
+
+    def __enter__(self) -> LocalRay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def serve_port(self) -> int:
         """Serve's HTTP port, Ray and Serve started on the first call."""
@@ -857,9 +863,7 @@ def main(argv: list[str] | None = None) -> int:
     tests: dict[str, Any] | None = None
     peer: dict[str, Any] | None = None
     cap: dict[str, Any] | None = None
-    local_ray = LocalRay()
-    with tempfile.TemporaryDirectory(prefix="rayfit-gpucheck-") as scratch, contextlib.ExitStack() as stack:
-        stack.callback(local_ray.stop)
+    with tempfile.TemporaryDirectory(prefix="rayfit-gpucheck-") as scratch, LocalRay() as local_ray:
         workdir = Path(scratch)
         if not ns.skip_tests:
             t0 = time.perf_counter()

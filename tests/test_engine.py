@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pytest
 from PIL import Image
@@ -32,6 +32,9 @@ from placement.demo_models import smollm2_gguf
 from placement.estimate import MemoryEstimate
 from placement.plan import PlanEntry
 from placement.replica import ReplicaPlan
+
+if TYPE_CHECKING:
+    from serve_support import ThreadGroup  # the `threads` fixture's type (importing it loads Ray)
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
@@ -274,16 +277,25 @@ def test_nf4_load_on_cpu(tiny_text_model_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # ~40 s on 2 cores: the first GGUF load de-quantizes every tensor
-def test_gguf_conversion_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: Any) -> None:
+def test_gguf_conversion_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: ThreadGroup) -> None:
     directory, name = smollm2_gguf()
     monkeypatch.setenv("RAYFIT_CACHE", str(tmp_path))
     spec = ModelSpec(model=str(directory), gguf_file=name)
     # A replica's load and another caller ask for the conversion at once (as two replicas starting
     # together on a fresh machine do): one converts, the other waits for it and reuses its result.
-    started = time.perf_counter()
     both = threading.Barrier(2)
-    threads.start(lambda: (both.wait(timeout=30), load_model(spec, replica_plan(spec)))[1])
-    threads.start(lambda: (both.wait(timeout=30), convert_gguf(directory / name, tmp_path))[1])
+
+    def replica_load() -> LoadedModel:
+        both.wait(timeout=30)
+        return load_model(spec, replica_plan(spec))
+
+    def other_caller() -> tuple[Path, bool]:
+        both.wait(timeout=30)
+        return convert_gguf(directory / name, tmp_path)
+
+    started = time.perf_counter()
+    threads.start(replica_load)
+    threads.start(other_caller)
     first, (_, reused) = threads.join(timeout_s=300)
     first_seconds = time.perf_counter() - started
     # Converted once, not twice. (The phrase, not a word: the cache's path holds this test's name.)

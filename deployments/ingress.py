@@ -14,7 +14,7 @@ import functools
 import json
 import logging
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -157,11 +157,44 @@ class RoleList(ModelList):
     data: list[RoleCard]
 
 
+async def relay_stream(
+    first: StreamDelta | None,
+    deltas: AsyncIterator[StreamDelta],
+    render: Callable[[StreamDelta], str],
+    role: str,
+) -> AsyncGenerator[str, None]:
+    """A replica's stream (`first`, then the rest of `deltas`, a DeploymentResponseGenerator) as
+    server-sent events, ending with [DONE]; a failure mid-way is reported in-band.
+
+    When the client leaves, Starlette cancels the task that sends this stream (wherever it waits:
+    here for the next delta, or in `send`, after which this generator is only closed) and the ASGI
+    call then ends normally. Serve cancels the child calls of a request it cancels, not of one that
+    ended, so the replica's stream is cancelled here, or it would decode on for nobody."""
+    ended = False  # the replica's stream ran out or failed; otherwise the client left
+    try:
+        if first is not None:
+            yield render(first)
+            async for delta in deltas:
+                yield render(returned(delta, role))
+        ended = True
+    except Exception as exc:
+        ended = True
+        # Headers are sent: report in-band as OpenAI-style servers do, then end.
+        error = classify(exc, role)
+        logger.warning("%s: stream failed mid-way: %s", role, error.message)
+        yield f"data: {json.dumps(error_body(error.message, type=error.type, code=error.status))}\n\n"
+    finally:
+        if not ended:
+            deltas.cancel()  # type: ignore[attr-defined]
+    yield SSE_DONE
+
+
 class HeldStream(StreamingResponse):
     """A streamed answer that holds its request's admission turn until it is sent or the client leaves."""
 
-    def __init__(self, content: AsyncIterator[str], ticket: Ticket):
+    def __init__(self, content: AsyncGenerator[str, None], ticket: Ticket):
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._content = content
         self._ticket = ticket
         ticket.handed_over = True
         weakref.finalize(self, ticket.release)  # never sent at all (cancelled in between): freed with the response
@@ -170,6 +203,8 @@ class HeldStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
+            # Stopped in `send` (the client left), the stream is closed now, not whenever it is collected.
+            await self._content.aclose()
             self._ticket.release()
 
 
@@ -267,22 +302,7 @@ class Ingress:
             deltas.cancel()  # given up or cancelled before its first delta: the replica drops it too
             raise
 
-        async def body() -> AsyncIterator[str]:
-            try:
-                if first is not None:
-                    yield render(first)
-                    async for delta in deltas:
-                        yield render(returned(delta, role))
-            except asyncio.CancelledError:
-                raise  # client went away: Serve cancels the replica's generator
-            except Exception as exc:
-                # Headers are sent: report in-band as OpenAI-style servers do, then end.
-                error = classify(exc, role)
-                logger.warning("%s: stream failed mid-way: %s", role, error.message)
-                yield f"data: {json.dumps(error_body(error.message, type=error.type, code=error.status))}\n\n"
-            yield SSE_DONE
-
-        return HeldStream(body(), ticket)
+        return HeldStream(relay_stream(first, deltas, render, role), ticket)
 
     # ------------------------------------------------------------ routes
 

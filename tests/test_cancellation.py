@@ -13,6 +13,7 @@ cancel, error and report crosses a process boundary.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -31,6 +32,8 @@ from shared_cluster import shared_serve
 
 from deployments.app import AppArgs, build_app
 from deployments.client import get_model
+from deployments.engine.generation import GenerationInput, SamplingParams
+from deployments.ingress import relay_stream
 
 APP, ROLE = "cancel", "scribe"
 # Long enough that a cancelled request would still be decoding when the check runs (the tiny
@@ -71,7 +74,17 @@ def wait_dropped(before: dict[str, Any], what: str) -> None:
     """Until the replica holds nothing AND has counted one more cancel: the slot is freed just before
     the outcome is counted, so idleness alone can be seen a moment too early."""
     cancelled = before["outcomes"].get("cancelled", 0)
-    wait_until(lambda: idle() and load()["outcomes"].get("cancelled", 0) > cancelled, 60, what)
+
+    def dropped() -> bool:
+        state = load()
+        busy = {key: state[key] for key in ("pool_slots_in_use", "side_slots_in_use", "pool_requests_live")}
+        # Raised, not returned: on timeout wait_until names the last check's error, so the state shows.
+        assert not any(busy.values()) and state["outcomes"].get("cancelled", 0) > cancelled, (
+            f"in use {busy}, outcomes {state['outcomes']} (cancelled before: {cancelled})"
+        )
+        return True
+
+    wait_until(dropped, 60, what, retry_on=AssertionError)
 
 
 def _body(**extra: Any) -> dict[str, Any]:
@@ -131,6 +144,39 @@ def test_streaming_disconnect_mid_stream(base_url: str) -> None:
     wait_dropped(before, "the replica drops the abandoned stream")
     after = load()
     assert after["outcomes"].get("cancelled", 0) == before["outcomes"].get("cancelled", 0) + 1
+    assert after["outcomes"].get("ok", 0) == before["outcomes"].get("ok", 0)
+
+
+@pytest.mark.parametrize("how", ["closed at a yield", "cancelled while it waits"])
+def test_the_ingress_relay_cancels_the_replicas_stream_when_stopped(base_url: str, how: str) -> None:
+    """The ingress's relay (deployments.ingress.relay_stream) over a real replica stream, stopped the two
+    ways Starlette stops it when the client leaves. Nothing cancels the replica's stream but the relay:
+    like an ASGI call that ended normally, this driver's call has no parent request for Serve to cancel."""
+    before = load()
+    request = GenerationInput(params=SamplingParams(temperature=0.0, max_tokens=ENDLESS["max_tokens"]), prompt="once")
+
+    async def stop_the_relay() -> None:
+        deltas = serve.get_deployment_handle(ROLE, APP).options(stream=True).stream.remote(request)
+        relay = relay_stream(await deltas.__anext__(), deltas, render=repr, role=ROLE)
+        if how == "closed at a yield":
+            assert await relay.__anext__()  # the first event is out: the relay waits at its yield
+            await relay.aclose()
+            return
+        received = asyncio.Event()
+
+        async def send_all() -> None:
+            async for _ in relay:
+                received.set()  # each event returns here at once: otherwise the task waits for a delta
+
+        sending = asyncio.create_task(send_all())
+        await asyncio.wait_for(received.wait(), 30)
+        sending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+
+    asyncio.run(stop_the_relay())
+    wait_dropped(before, f"the replica drops the stream whose relay was {how}")
+    after = load()
     assert after["outcomes"].get("ok", 0) == before["outcomes"].get("ok", 0)
 
 

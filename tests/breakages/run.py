@@ -51,6 +51,11 @@ CASES = [
     Case("late_registration", ("tests/test_continuous.py", "-k", "during_the_rebuild"), "during_the_rebuild"),
     Case("gguf_unlocked", ("tests/test_engine.py", "-k", "gguf_conversion"), "test_gguf_conversion_is_cached"),
     Case(
+        "relay_uncancelled",
+        ("tests/test_cancellation.py", "-k", "relay_cancels and yield"),
+        "test_the_ingress_relay_cancels_the_replicas_stream_when_stopped",
+    ),
+    Case(
         "answer_short",
         ("tests/test_cancellation.py", "-k", "while_queued and replica"),
         "test_streaming_disconnect_while_queued_never_starts",

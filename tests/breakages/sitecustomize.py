@@ -106,6 +106,26 @@ def gguf_unlocked(loading: ModuleType) -> None:
     loading.FileLock = NoLock
 
 
+def relay_uncancelled(ingress: ModuleType) -> None:
+    """The ingress's relay of a replica's stream no longer cancels it when stopped (relay_stream gets a
+    stream whose `cancel` does nothing): a client that leaves mid-stream leaves the replica decoding.
+
+    Caught by test_cancellation.py::test_the_ingress_relay_cancels_the_replicas_stream_when_stopped."""
+    original = ingress.relay_stream
+
+    class Uncancellable:
+        def __init__(self, deltas: Any) -> None:
+            self.deltas = deltas
+
+        def __aiter__(self) -> Any:
+            return self.deltas.__aiter__()
+
+        def cancel(self) -> None:
+            pass
+
+    ingress.relay_stream = lambda first, deltas, *rest, **named: original(first, Uncancellable(deltas), *rest, **named)
+
+
 def replica_500_once(fault_injection: ModuleType) -> None:
     """Each replica's first request fails with an unexpected error: a 500 once (FaultyEngine.generate_async,
     which wraps every replica's engine in the tests).
@@ -173,6 +193,7 @@ BREAKAGES: dict[str, tuple[str, Callable[[ModuleType], None]]] = {
     "decode_hangs": ("deployments.engine.pool", decode_hangs),
     "late_registration": ("deployments.engine.pool", late_registration),
     "gguf_unlocked": ("deployments.engine.loading", gguf_unlocked),
+    "relay_uncancelled": ("deployments.ingress", relay_uncancelled),
     "replica_500_once": ("fault_injection", replica_500_once),
     "death_is_500": ("deployments.engine.errors", death_is_500),
     "engine_loss_is_500": ("deployments.engine.process", engine_loss_is_500),

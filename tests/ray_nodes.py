@@ -49,7 +49,7 @@ def short_temp_dir(prefix: str) -> str:
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp" if os.path.isdir("/tmp") else None)
 
 
-def _ray_cli() -> str:
+def ray_cli() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
@@ -106,6 +106,13 @@ def terminate(pids: set[int], graceful: bool = True) -> None:
             time.sleep(0.2)
 
 
+def processes_under(temp_dir: str) -> set[int]:
+    """The Ray processes that name `temp_dir` (each Ray of the tests has its own), with their children."""
+    cmdlines, parents = _process_table()
+    roots = {pid for pid, cmd in cmdlines.items() if "ray" in cmd and temp_dir in cmd}
+    return _with_descendants(roots, parents)
+
+
 def _node_manager_port(args: list[str]) -> int:
     return int(next(a for a in args if a.startswith("--node-manager-port=")).split("=", 1)[1])
 
@@ -137,7 +144,7 @@ class LocalRayCluster:
         for _ in range(START_ATTEMPTS):
             tried = args()
             done = subprocess.run(
-                [_ray_cli(), "start", *tried, *common],
+                [ray_cli(), "start", *tried, *common],
                 env={**self.env, **(env or {})},
                 capture_output=True,
                 text=True,

@@ -38,7 +38,7 @@ import pytest
 import ray
 import yaml
 from ray import serve
-from ray_nodes import LocalRayCluster, _ray_cli, local_ray_cluster
+from ray_nodes import LocalRayCluster, local_ray_cluster, ray_cli
 from serve_support import ThreadGroup
 
 from deployments.app import AppArgs, build_app
@@ -163,7 +163,7 @@ def actor_options(role: str) -> dict[str, Any]:
 def ray_status_usage(address: str) -> dict[str, dict[str, float]]:
     """`ray status -v` per node: node id → resource → amount in use (GCS's accounting, as operators see it)."""
     done = subprocess.run(
-        [_ray_cli(), "status", "-v", f"--address={address}"],
+        [ray_cli(), "status", "-v", f"--address={address}"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -34,7 +34,7 @@ import pytest
 import ray
 import yaml
 from ray import serve
-from ray_nodes import LocalRayCluster, _ray_cli, local_ray_cluster
+from ray_nodes import LocalRayCluster, local_ray_cluster, ray_cli
 
 from deployments.app import AppArgs, build_app
 from deployments.ports import free_port
@@ -108,7 +108,7 @@ def replica_placement(role: str) -> dict[str, Any]:
 def ray_status_gpus(address: str) -> tuple[float, float]:
     """`ray status`'s cluster-wide GPU line, as an operator reads it: (in use, total)."""
     done = subprocess.run(
-        [_ray_cli(), "status", f"--address={address}"],
+        [ray_cli(), "status", f"--address={address}"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -24,6 +25,7 @@ import ray
 from ray import serve
 from ray.serve.schema import ApplicationStatus
 from ray_nodes import local_ray_cluster
+from serve_support import init_local_ray
 
 from placement.estimate import MemoryEstimate
 from placement.inventory import Gpu, Inventory, InventoryError, Node
@@ -78,7 +80,7 @@ def plan_entry(role: str, gpu: int, fraction: float, node_id: str) -> PlanEntry:
 def cluster() -> Iterator[Inventory]:
     """A fresh local Ray (never someone else's) with 2 declared GPUs and their slots."""
     slots = {gpu_slot_resource(i): 1.0 for i in range(2)}
-    ray.init(address="local", num_cpus=2, num_gpus=2, resources=slots, include_dashboard=False)
+    temp_dir = init_local_ray(num_cpus=2, num_gpus=2, resources=slots)
     serve.start(proxy_location="Disabled")
     node_id = ray.get_runtime_context().get_node_id()
     inventory = Inventory(nodes=(Node(node_id=node_id, gpus=(Gpu(0, 24 * GIB), Gpu(1, 24 * GIB)), has_gpu_slots=True),))
@@ -87,6 +89,7 @@ def cluster() -> Iterator[Inventory]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def deploy(entry: PlanEntry, inventory: Inventory, *, blocking: bool = True) -> None:

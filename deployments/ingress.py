@@ -170,22 +170,19 @@ async def relay_stream(
     here for the next delta, or in `send`, after which this generator is only closed) and the ASGI
     call then ends normally. Serve cancels the child calls of a request it cancels, not of one that
     ended, so the replica's stream is cancelled here, or it would decode on for nobody."""
-    ended = False  # the replica's stream ran out or failed; otherwise the client left
     try:
         if first is not None:
             yield render(first)
             async for delta in deltas:
                 yield render(returned(delta, role))
-        ended = True
     except Exception as exc:
-        ended = True
         # Headers are sent: report in-band as OpenAI-style servers do, then end.
         error = classify(exc, role)
         logger.warning("%s: stream failed mid-way: %s", role, error.message)
         yield f"data: {json.dumps(error_body(error.message, type=error.type, code=error.status))}\n\n"
-    finally:
-        if not ended:
-            deltas.cancel()  # type: ignore[attr-defined]
+    except BaseException:  # CancelledError, or GeneratorExit at a yield: the client left
+        deltas.cancel()  # type: ignore[attr-defined]
+        raise
     yield SSE_DONE
 
 

@@ -157,7 +157,8 @@ def _convert(gguf_file: Path, target: Path) -> Path:
     (partial / _CONVERSION_DONE).write_text(
         json.dumps({"gguf_file": str(gguf_file), "seconds": round(time.perf_counter() - started, 2)})
     )
-    # Rename is atomic: a converter killed half-way leaves only its partial directory.
+    # Rename is atomic: a converter killed half-way leaves only its partial directory. Losing the rename
+    # to another converter is still handled: a file lock may not hold across hosts (a shared NFS cache).
     try:
         partial.rename(target)
     except OSError:

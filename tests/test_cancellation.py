@@ -65,9 +65,13 @@ def load() -> dict[str, Any]:
     return serve.get_deployment_handle(ROLE, APP).load.remote().result(timeout_s=30)
 
 
+# What the replica's load report counts while a request holds anything.
+IN_USE = ("pool_slots_in_use", "side_slots_in_use", "pool_requests_live")
+
+
 def idle() -> bool:
     state = load()
-    return state["pool_slots_in_use"] == 0 and state["side_slots_in_use"] == 0 and state["pool_requests_live"] == 0
+    return not any(state[key] for key in IN_USE)
 
 
 def wait_dropped(before: dict[str, Any], what: str) -> None:
@@ -77,7 +81,7 @@ def wait_dropped(before: dict[str, Any], what: str) -> None:
 
     def dropped() -> bool:
         state = load()
-        busy = {key: state[key] for key in ("pool_slots_in_use", "side_slots_in_use", "pool_requests_live")}
+        busy = {key: state[key] for key in IN_USE}
         # Raised, not returned: on timeout wait_until names the last check's error, so the state shows.
         assert not any(busy.values()) and state["outcomes"].get("cancelled", 0) > cancelled, (
             f"in use {busy}, outcomes {state['outcomes']} (cancelled before: {cancelled})"

@@ -298,8 +298,10 @@ def test_gguf_conversion_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     threads.start(other_caller)
     first, (_, reused) = threads.join(timeout_s=300)
     first_seconds = time.perf_counter() - started
-    # Converted once, not twice. (The phrase, not a word: the cache's path holds this test's name.)
-    assert ("(safetensors conversion at " in first.source) != (not reused), (first.source, reused)
+    # Converted once, not twice: the load converted and the other reused, or the other way round.
+    # (The phrase, not a word: the cache's path holds this test's name.)
+    converted_by_load = "(safetensors conversion at " in first.source
+    assert converted_by_load == reused, (first.source, reused)
     cache = gguf_cache_dir(directory / name, tmp_path)
     assert (cache / "model.safetensors").is_file() and convert_gguf(directory / name, tmp_path)[1]
     started = time.perf_counter()

@@ -13,6 +13,7 @@ of results is in README.md next to this file.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.util
 import os
@@ -92,18 +93,7 @@ def gguf_unlocked(loading: ModuleType) -> None:
     file at once each convert it.
 
     Caught by test_engine.py::test_gguf_conversion_is_cached: both of its concurrent callers converted."""
-
-    class NoLock:
-        def __init__(self, path: str) -> None:
-            pass
-
-        def __enter__(self) -> None:
-            return None
-
-        def __exit__(self, *exc: object) -> None:
-            return None
-
-    loading.FileLock = NoLock
+    loading.FileLock = contextlib.nullcontext  # FileLock(path) → nullcontext(path): holds nothing
 
 
 def relay_uncancelled(ingress: ModuleType) -> None:
